@@ -1,0 +1,52 @@
+"""``kern train``: train an adapter from a job TOML and/or command-line options."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from kern import config as kconfig
+from kern.errors import UsageError
+
+
+def _pairs(values: tuple[str, ...], option: str) -> list[tuple[str, Any]]:
+    out = []
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{option} {item!r}: expected KEY=VALUE")
+        out.append((key.strip(), kconfig.parse_value(value.strip())))
+    return out
+
+
+@click.command(name="train")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Job TOML ([model], [network], [dataset], [train], ...).")
+@click.option("--arch", help="Architecture or variant alias, e.g. flux2-klein-4b (overrides model.arch).")
+@click.option("--network", help="Adapter type, e.g. lora or loha (overrides network.type).")
+@click.option("--dataset", help="Dataset TOML (overrides dataset.config).")
+@click.option("--out", help="Run folder (overrides save.out).")
+@click.option("--steps", type=int, help="Training steps (overrides train.steps).")
+@click.option("--lr", type=float, help="Learning rate (overrides train.learning_rate).")
+@click.option("--network-opt", "network_opts", multiple=True, metavar="KEY=VALUE", help="Network option, e.g. rank=16 (repeatable).")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any config key, e.g. train.seed=1 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the run folder.")
+def command(config_path, arch, network, dataset, out, steps, lr, network_opts, sets, resume) -> None:
+    """Train a LoRA / LoHa adapter.
+
+    Values come from the job file, then command-line options override them. Example:
+
+        kern train --arch flux2-klein-4b --network loha --dataset dataset.toml --out runs/x
+    """
+    overrides: dict[str, Any] = {}
+    for key, value in (("model.arch", arch), ("network.type", network), ("dataset.config", dataset),
+                       ("save.out", out), ("train.steps", steps), ("train.learning_rate", lr)):
+        if value is not None:
+            overrides[key] = value
+    overrides.update({f"network.{k}": v for k, v in _pairs(network_opts, "--network-opt")})
+    overrides.update(dict(_pairs(sets, "--set")))
+    job = kconfig.load_job(config_path, overrides)
+
+    from kern import train
+
+    train.run(job, resume=resume)

@@ -1,0 +1,27 @@
+"""kern: a plugin-based fine-tuning kernel for diffusion transformers.
+
+Plugin authors need only what this module exports: the ``hookimpl`` marker, the records they
+register, and the errors they raise. See ``docs/plugins.md``.
+"""
+
+from kern.errors import AdapterError, ConfigError, KernError, ModelFileError, PluginError, UsageError
+from kern.hookspecs import hookimpl
+from kern.records import Architecture, NetworkType, Option, TargetSpec, Variant, WeightsClaim
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "Architecture",
+    "ConfigError",
+    "KernError",
+    "ModelFileError",
+    "NetworkType",
+    "Option",
+    "PluginError",
+    "TargetSpec",
+    "UsageError",
+    "Variant",
+    "WeightsClaim",
+    "hookimpl",
+]

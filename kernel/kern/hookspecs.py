@@ -1,0 +1,171 @@
+"""Every hook of kern, in one place. Each docstring is the contract a plugin implements.
+
+A plugin is a module (found through the ``kern.plugins`` entry-point group) with functions
+decorated ``@kern.hookimpl`` and named like the specs below. It implements only what it brings.
+
+Conventions:
+
+* ``arch`` is an architecture's canonical name and ``variant`` a variant's canonical name, as
+  declared in ``register_architectures``. Architecture hooks are ``firstresult``: an
+  implementation answers for its own architecture and returns ``None`` for every other one.
+* ``network_type`` is a network's canonical name; network hooks answer only for their own type,
+  except ``detect_weights``, which every network plugin answers and the kernel arbitrates.
+* Tensors crossing hooks are ``torch.Tensor``; images are float in ``[-1, 1]``, shape (B, C, H, W).
+* Flow-matching convention: ``x_t = (1 - t) * x0 + t * noise`` with ``t`` in ``[0, 1]`` (1 = pure
+  noise); models predict the velocity ``noise - x0``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import pluggy
+
+PROJECT = "kern"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@hookspec
+def register_architectures(register: Callable[..., None]) -> None:
+    """Declare the architectures this plugin brings: call ``register(kern.Architecture(...))`` once each.
+
+    Names and aliases (of architectures and of their variants) must be unique across all installed
+    plugins; a clash is reported and the later registration is dropped.
+    """
+
+
+@hookspec
+def register_networks(register: Callable[..., None]) -> None:
+    """Declare the network (adapter) types this plugin brings: ``register(kern.NetworkType(...))``."""
+
+
+# --------------------------------------------------------------------------- architecture work
+
+
+@hookspec(firstresult=True)
+def load_model(arch: str, variant: str | None, part: str, path: str, dtype: Any, device: Any, options: Mapping[str, Any]) -> Any:
+    """Load one part of ``arch`` from ``path`` and return it ready to use, or ``None`` if not yours.
+
+    ``part`` is ``"transformer"``, ``"vae"`` or ``"text_encoder"``. ``variant`` may be ``None``: then
+    detect it from the file (shapes and keys) and set it on the returned object as ``.variant``.
+    Load straight into ``dtype`` on ``device`` without a full-precision copy of the whole model in
+    RAM. Bad files raise ``kern.errors.ModelFileError`` naming the file, the assumed variant and the
+    offending keys.
+    """
+
+
+@hookspec(firstresult=True)
+def encode_text(arch: str, variant: str, encoder: Any, prompts: list[str], options: Mapping[str, Any]) -> dict | None:
+    """Encode ``prompts`` with the loaded text ``encoder``; return what the transformer consumes.
+
+    The result is a dict of tensors with batch dimension ``len(prompts)`` (e.g. ``{"ctx": ...}`` or
+    ``{"ctx": ..., "mask": ...}``); the kernel caches it as safetensors and collates it, so keys
+    and shapes must be stable for a given architecture and variant.
+    """
+
+
+@hookspec(firstresult=True)
+def encode_latents(arch: str, variant: str, vae: Any, images: Any) -> Any:
+    """Encode ``images`` (B, C, H, W) in ``[-1, 1]`` into normalised latents, the space the model is trained in."""
+
+
+@hookspec(firstresult=True)
+def decode_latents(arch: str, variant: str, vae: Any, latents: Any) -> Any:
+    """Decode latents from ``encode_latents``' space back to images in ``[-1, 1]`` (B, C, H, W)."""
+
+
+@hookspec(firstresult=True)
+def predict_velocity(
+    arch: str,
+    variant: str,
+    model: Any,
+    latents: Any,
+    timesteps: Any,
+    text: Mapping[str, Any],
+    references: list | None,
+    options: Mapping[str, Any],
+) -> Any:
+    """Run the transformer on noisy ``latents`` at ``timesteps`` (shape (B,), in ``[0, 1]``) and return
+    the predicted velocity with the same shape as ``latents``.
+
+    ``text`` is a collated ``encode_text`` result; ``references`` is a list of clean reference/control
+    latents (one tensor per reference, batch-first) or ``None``. ``options`` carries per-call values
+    such as ``guidance`` for guidance-embedded variants. Packing, position ids and any slicing off of
+    reference tokens happen here, so the kernel's train and generate loops stay architecture-free.
+    """
+
+
+@hookspec(firstresult=True)
+def sample_timesteps(arch: str, method: str, batch_size: int, latent_shape: tuple, generator: Any, options: Mapping[str, Any]) -> Any:
+    """Draw training timesteps ``t`` in ``[0, 1]``, shape ``(batch_size,)``, with ``method``.
+
+    The kernel ships the standard methods (``kern.timesteps``) as a last-resort implementation; a
+    plugin may override a method for its architecture or add a new one. ``latent_shape`` is the
+    shape of one item's latent (resolution-dependent methods read it). Return ``None`` to decline.
+    """
+
+
+@hookspec(firstresult=True)
+def generation_schedule(arch: str, variant: str, steps: int, image_seq_len: int, options: Mapping[str, Any]) -> Any:
+    """Return the sigma schedule for ``steps`` denoising steps: a 1-D tensor of ``steps + 1`` values from
+    about 1 down to exactly 0, for an image of ``image_seq_len`` target tokens."""
+
+
+@hookspec(firstresult=True)
+def adapter_module_map(arch: str, variant: str, layout: str) -> list | None:
+    """How this architecture's native module paths map to another naming, for adapter conversion.
+
+    ``layout`` is e.g. ``"diffusers"``. Return a list of ``(native_path, [(other_path, rows)], ...)``
+    tuples where ``rows`` is the ``(start, stop)`` slice of the native module's output rows that
+    ``other_path`` holds (``None`` for the whole module): FLUX.2's fused ``img_attn.qkv`` maps to
+    three diffusers projections this way. Return ``None`` if the naming is not yours.
+    """
+
+
+# --------------------------------------------------------------------------- network work
+
+
+@hookspec(firstresult=True)
+def make_network(network_type: str, model: Any, targets: Any, options: Mapping[str, Any]) -> Any:
+    """Build a trainable adapter of ``network_type`` on ``model``'s modules selected by ``targets``
+    (a ``kern.TargetSpec``), with resolved ``options``; return a ``kern.network.Network``.
+
+    The adapter must be a no-op until trained (one factor initialised to zero).
+    """
+
+
+@hookspec
+def detect_weights(keys: frozenset, metadata: Mapping[str, str]) -> Any:
+    """Look at a weights file's tensor ``keys`` (and safetensors ``metadata``); return a
+    ``kern.WeightsClaim`` if the file is an adapter of your type, else ``None``.
+
+    Every network plugin is asked; the kernel uses the one claim, and reports a clear error when
+    there is none or more than one. Decide from keys alone: no tensor data is read.
+    """
+
+
+@hookspec(firstresult=True)
+def load_network(network_type: str, model: Any, state_dict: Mapping[str, Any], metadata: Mapping[str, str], claim: Any, multiplier: float) -> Any:
+    """Apply the adapter in ``state_dict`` (claimed by ``claim``) to ``model`` unmerged, scaled by
+    ``multiplier``; return the applied ``kern.network.Network``. Keys that match no module raise
+    ``kern.errors.AdapterError`` naming them."""
+
+
+@hookspec(firstresult=True)
+def weight_delta(network_type: str, tensors: Mapping[str, Any], base_shape: tuple) -> Any:
+    """Return the full-size weight update ``ΔW`` (float32, ``base_shape``) of one module, from its
+    tensors in kohya naming (suffix → tensor, e.g. ``{"lora_down.weight": A, "lora_up.weight": B,
+    "alpha": a}``), without the user multiplier. Used by the streaming merge."""
+
+
+@hookspec(firstresult=True)
+def convert_weights(
+    network_type: str, state_dict: Mapping[str, Any], metadata: Mapping[str, str], claim: Any, to_layout: str, module_map: list | None
+) -> Any:
+    """Rewrite an adapter into ``to_layout`` (``kohya``, ``diffusers``, ``comfyui``); return
+    ``(state_dict, metadata)``. ``module_map`` comes from ``adapter_module_map``. Convert losslessly
+    or raise ``kern.errors.AdapterError`` saying why the target layout cannot hold this adapter."""

@@ -1,0 +1,154 @@
+"""Plain records that plugins hand to the kernel and the kernel hands to hooks.
+
+Frozen attrs classes: a plugin declares what it brings with these, and the kernel never
+needs to import a plugin's own types.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+OPTION_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+@attrs.frozen
+class Option:
+    """One named option of a network type or an architecture (``rank``, ``alpha``, ``ref_images`` ...)."""
+
+    name: str
+    type: str = attrs.field(validator=attrs.validators.in_(tuple(OPTION_TYPES) + ("list",)))
+    default: Any = None
+    help: str = ""
+    choices: tuple[Any, ...] = ()
+
+    def coerce(self, value: Any, where: str) -> Any:
+        """Return ``value`` as this option's type; raise ``ValueError`` naming ``where`` if it is not one."""
+        if value is None:
+            return None
+        if self.type == "list":
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"{where}: option {self.name!r} wants a list, got {value!r}")
+            return tuple(value)
+        py = OPTION_TYPES[self.type]
+        if py is bool:
+            if isinstance(value, bool):
+                out = value
+            elif isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                out = value.lower() in ("1", "true", "yes", "on")
+            else:
+                raise ValueError(f"{where}: option {self.name!r} wants true or false, got {value!r}")
+        else:
+            try:
+                if py is int and isinstance(value, float) and not value.is_integer():
+                    raise ValueError
+                if py in (int, float) and isinstance(value, bool):
+                    raise ValueError
+                out = py(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: option {self.name!r} wants {self.type}, got {value!r}") from None
+        if self.choices and out not in self.choices:
+            raise ValueError(f"{where}: option {self.name!r} must be one of {list(self.choices)}, got {out!r}")
+        return out
+
+
+def resolve_options(schema: tuple[Option, ...], given: dict[str, Any], where: str) -> dict[str, Any]:
+    """Defaults of ``schema`` overlaid with ``given``; unknown names and bad values raise ``ValueError``."""
+    known = {o.name: o for o in schema}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {unknown}; known: {sorted(known)}")
+    out = {o.name: o.default for o in schema}
+    for name, value in given.items():
+        out[name] = known[name].coerce(value, where)
+    return out
+
+
+@attrs.frozen
+class Variant:
+    """One variant of an architecture (``dev``, ``klein-4b``, ``edit-2511`` ...) with its generation defaults.
+
+    ``guidance_mode`` says how ``guidance`` is used at generation: ``"embedded"`` (fed to the model,
+    one forward per step), ``"cfg"`` (true classifier-free guidance, two forwards per step) or
+    ``"none"`` (distilled, guidance ignored).
+    """
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    steps: int = 50
+    guidance: float = 4.0
+    guidance_mode: str = attrs.field(default="embedded", validator=attrs.validators.in_(("embedded", "cfg", "none")))
+    width: int = 1024
+    height: int = 1024
+
+
+@attrs.frozen
+class Architecture:
+    """What an architecture plugin brings, declared through ``register_architectures``.
+
+    ``default_targets`` and ``default_excludes`` are regular expressions matched with
+    ``re.fullmatch`` against dotted module paths from the model root (``double_blocks.0.img_attn.qkv``);
+    network plugins wrap the ``nn.Linear`` (and ``Conv2d``) modules they select.
+    """
+
+    name: str
+    variants: tuple[Variant, ...]
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+    default_variant: str | None = None
+    resolution_step: int = 16
+    latent_channels: int = 16
+    default_targets: tuple[str, ...] = (".*",)
+    default_excludes: tuple[str, ...] = ()
+    timestep_method: str = "uniform"
+    options: tuple[Option, ...] = ()
+
+    def variant(self, name: str | None) -> Variant:
+        """The variant called ``name`` (or one of its aliases); the default one when ``name`` is None."""
+        name = name or self.default_variant or self.variants[0].name
+        for v in self.variants:
+            if name == v.name or name in v.aliases:
+                return v
+        raise KeyError(f"architecture {self.name!r} has no variant {name!r}; variants: {[v.name for v in self.variants]}")
+
+
+@attrs.frozen
+class NetworkType:
+    """What a network (adapter) plugin brings, declared through ``register_networks``."""
+
+    name: str
+    options: tuple[Option, ...] = ()
+    aliases: tuple[str, ...] = ()
+    description: str = ""
+
+
+@attrs.frozen
+class TargetSpec:
+    """Which modules of a model an adapter wraps: regexes fullmatched on dotted module paths.
+
+    A module is wrapped if it matches ``targets`` and not ``exclude``, unless it also matches
+    ``include`` (include overrides exclude, as in musubi-tuner).
+    """
+
+    targets: tuple[str, ...] = (".*",)
+    exclude: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class WeightsClaim:
+    """A network plugin's answer to ``detect_weights``: this file is mine, in this layout.
+
+    ``layout`` is one of ``"kohya"`` (``lora_unet_*``), ``"peft"`` (``lora_A``/``lora_B``, maybe with a
+    ``transformer.`` prefix), ``"comfyui"`` (``diffusion_model.`` prefix) or ``"lycoris"``;
+    ``modules`` maps each adapted module's name as written in the file to the file's keys for it.
+    """
+
+    network_type: str
+    layout: str
+    modules: dict[str, tuple[str, ...]] = attrs.field(factory=dict, eq=False)
+    note: str = ""

@@ -1,0 +1,328 @@
+"""FLUX.2 text encoders: Mistral Small 3.x for dev, Qwen3 for klein.
+
+Both turn a batch of prompts into the context the FLUX.2 transformer consumes: 512 token positions (padding
+included, no mask), each the concatenation of three intermediate hidden states of the LLM. Tokenisation and
+layer selection follow diffusers' ``Flux2Pipeline`` / ``Flux2KleinPipeline`` (themselves ports of BFL's
+reference), so the embeddings are identical to theirs; ``tests/flux2/test_text_encoder.py`` checks that.
+
+Decoder layers past the deepest selected one do not influence the selected hidden states, so by default they
+are not loaded at all (Mistral: 30 of 40 layers kept, Qwen3: 27 of 36), which saves memory and time without
+changing a single value.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import ClassVar
+
+import structlog
+import torch
+from torch import nn
+
+from kern.errors import ModelFileError, UsageError
+from kern.fp8 import quantize_linears_
+
+__all__ = [
+    "SYSTEM_MESSAGE",
+    "TEXT_ENCODER_KINDS",
+    "Flux2TextEncoder",
+    "MistralEmbedder",
+    "Qwen3Embedder",
+    "detect_text_encoder_kind",
+    "load_text_encoder",
+]
+
+log = structlog.get_logger(__name__)
+
+# BFL's system message for dev's text encoding. The line break after "object" is part of the official string
+# and changes the tokens, so it must stay.
+SYSTEM_MESSAGE = (
+    "You are an AI that reasons about image descriptions. You give structured responses focusing on object "
+    "relationships, object\nattribution and actions without speculation."
+)
+
+MAX_LENGTH = 512
+
+
+class Flux2TextEncoder(nn.Module):
+    """A frozen LLM backbone plus its tokenizer; ``encoder(prompts)`` returns ``{"ctx": (B, L, 3*hidden)}``.
+
+    ``model`` may be the full Hugging Face model (``Mistral3ForConditionalGeneration``, ``Qwen3ForCausalLM``) or
+    its decoder; only the decoder is kept (no lm_head, no vision tower). The encoder takes ownership of it: with
+    ``drop_unused_layers`` its layers past the deepest selected one are removed in place.
+    """
+
+    kind: ClassVar[str]
+    default_layers: ClassVar[tuple[int, ...]]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        *,
+        layers: tuple[int, ...] | None = None,
+        max_length: int = MAX_LENGTH,
+        drop_unused_layers: bool = True,
+    ):
+        super().__init__()
+        self.out_layers = tuple(layers or self.default_layers)
+        self.max_length = max_length
+        self.tokenizer = tokenizer
+        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model
+        n_layers = len(backbone.layers)
+        if min(self.out_layers) < 0 or max(self.out_layers) > n_layers:
+            raise ModelFileError(
+                f"{self.kind} text encoder has {n_layers} layers but FLUX.2 reads hidden states {self.out_layers}"
+            )
+        if drop_unused_layers:
+            _drop_layers_after(backbone, max(self.out_layers))
+        self.backbone = backbone.eval().requires_grad_(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    @property
+    def ctx_dim(self) -> int:
+        return len(self.out_layers) * self.hidden_size
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backbone.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.get_input_embeddings().weight.device
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Token ids and attention mask, each (B, max_length), exactly as the official pipeline builds them."""
+        raise NotImplementedError
+
+    @torch.no_grad()  # not inference_mode: ctx must stay usable as an input to autograd in the DiT
+    def forward(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        enc = self.tokenize(list(prompts))
+        device = self.device
+        # The mask only keeps the LLM from attending to padding; the DiT gets every position, padding included.
+        out = self.backbone(
+            input_ids=enc["input_ids"].to(device),
+            attention_mask=enc["attention_mask"].to(device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        # hidden_states[0] is the embedding output, so [k] is the output of decoder layer k (1-based).
+        # Concatenating along features gives [h_a ‖ h_b ‖ h_c] per token, the official stacking order.
+        ctx = torch.cat([out.hidden_states[k] for k in self.out_layers], dim=-1)
+        return {"ctx": ctx.to(self.dtype)}
+
+
+class MistralEmbedder(Flux2TextEncoder):
+    """FLUX.2 dev: Mistral Small 3.x with BFL's system message, hidden states 10, 20 and 30."""
+
+    kind = "mistral3"
+    default_layers = (10, 20, 30)
+
+    def __init__(self, model, tokenizer, *, system_message: str = SYSTEM_MESSAGE, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        self.system_message = system_message
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        # "[IMG]" is removed because the Pixtral processor counts image tokens and rejects a text whose count
+        # changes under truncation; the official pipeline does the same.
+        conversations = [
+            [
+                {"role": "system", "content": [{"type": "text", "text": self.system_message}]},
+                {"role": "user", "content": [{"type": "text", "text": p.replace("[IMG]", "")}]},
+            ]
+            for p in prompts
+        ]
+        # One batched call through the processor's (or tokenizer's) own apply_chat_template, as the official
+        # pipeline does: that call decides whether BOS is added a second time, so it must be the same call.
+        enc = self.tokenizer.apply_chat_template(
+            conversations,
+            add_generation_prompt=False,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_length,
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class Qwen3Embedder(Flux2TextEncoder):
+    """FLUX.2 klein: Qwen3 with a single user turn and thinking disabled, hidden states 9, 18 and 27."""
+
+    kind = "qwen3"
+    default_layers = (9, 18, 27)
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        # No system message; the generation prompt with an empty <think></think> block is part of the text.
+        texts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}],
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=False,
+            )
+            for p in prompts
+        ]
+        enc = self.tokenizer(
+            texts, return_tensors="pt", padding="max_length", truncation=True, max_length=self.max_length
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+TEXT_ENCODER_KINDS: dict[str, type[Flux2TextEncoder]] = {"mistral3": MistralEmbedder, "qwen3": Qwen3Embedder}
+
+
+def _drop_layers_after(backbone: nn.Module, deepest: int) -> None:
+    """Keep decoder layers 1..``deepest``; make ``hidden_states[deepest]`` the un-normed output of the last one.
+
+    transformers replaces the last entry of ``hidden_states`` by the final-normed state, so after truncating
+    to ``deepest`` layers the final norm becomes the identity to keep that entry the raw layer output.
+    """
+    if deepest >= len(backbone.layers):
+        return  # the final (normed) state itself is requested, or nothing to drop
+    backbone.layers = backbone.layers[:deepest]
+    _set_num_layers(backbone.config, deepest)
+    backbone.norm = nn.Identity()
+
+
+def _set_num_layers(text_config, n: int) -> None:
+    text_config.num_hidden_layers = n
+    if getattr(text_config, "layer_types", None) is not None:
+        text_config.layer_types = list(text_config.layer_types)[:n]
+
+
+def _read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    try:
+        return json.loads(cfg.read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"{cfg}: not found; a text encoder folder needs config.json and safetensors") from None
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{cfg}: unreadable ({e})") from None
+
+
+def detect_text_encoder_kind(path: str | Path) -> str:
+    """Return "mistral3" or "qwen3" from the ``config.json`` in ``path``."""
+    path = Path(path)
+    cfg = _read_config(path)
+    model_type = cfg.get("model_type")
+    archs = cfg.get("architectures") or []
+    if model_type == "mistral3" or "Mistral3ForConditionalGeneration" in archs:
+        return "mistral3"
+    if model_type == "qwen3" or any(str(a).startswith("Qwen3") for a in archs):
+        return "qwen3"
+    raise ModelFileError(
+        f"{path / 'config.json'}: model_type {model_type!r} is no FLUX.2 text encoder "
+        "(expected 'mistral3' for dev or 'qwen3' for klein)"
+    )
+
+
+def _tokenizer_dir(path: Path) -> Path:
+    # Diffusers-style repos keep the tokenizer in a sibling folder of text_encoder/.
+    for cand in (path, path.parent / "tokenizer"):
+        if (cand / "tokenizer_config.json").exists() or (cand / "tokenizer.json").exists():
+            return cand
+    raise ModelFileError(
+        f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {path} or {path.parent / 'tokenizer'}; "
+        "pass tokenizer_path"
+    )
+
+
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.")
+
+
+def _check_loading_info(info: dict, path: Path, kept_layers: int | None) -> None:
+    missing = list(info.get("missing_keys") or ())
+    mismatched = list(info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        raise ModelFileError(
+            f"{path}: checkpoint does not fit the model: missing {missing[:5]}"
+            f"{' …' if len(missing) > 5 else ''}, mis-shaped {[k[0] if isinstance(k, tuple) else k for k in mismatched[:5]]}"
+        )
+    unexpected = [
+        k
+        for k in (info.get("unexpected_keys") or ())
+        if not (kept_layers is not None and (m := _LAYER_KEY.search(k)) and int(m.group(1)) >= kept_layers)
+    ]
+    if unexpected:
+        log.warning("text encoder checkpoint has unused keys", path=str(path), keys=unexpected[:10], count=len(unexpected))
+
+
+def load_text_encoder(
+    kind: str | None,
+    path: str | Path,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    fp8: bool = False,
+    *,
+    tokenizer_path: str | Path | None = None,
+    max_length: int = MAX_LENGTH,
+    layers: tuple[int, ...] | None = None,
+    drop_unused_layers: bool = True,
+) -> Flux2TextEncoder:
+    """Load a FLUX.2 text encoder from a local Hugging Face folder (config.json, safetensors, tokenizer files).
+
+    ``kind`` is "mistral3" (dev), "qwen3" (klein) or None to read it from config.json. The tokenizer is read
+    from ``tokenizer_path``, else from ``path``, else from a sibling ``tokenizer/`` folder (diffusers layout).
+    With ``fp8`` every linear layer of the LLM is stored as float8_e4m3fn and computes in ``dtype``.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoProcessor,
+        AutoTokenizer,
+        Mistral3ForConditionalGeneration,
+        Qwen3ForCausalLM,
+    )
+
+    path = Path(path)
+    detected = detect_text_encoder_kind(path)
+    if kind is None or kind == "auto":
+        kind = detected
+    elif kind not in TEXT_ENCODER_KINDS:
+        raise UsageError(f"unknown text encoder kind {kind!r}; expected one of {sorted(TEXT_ENCODER_KINDS)}")
+    elif kind != detected:
+        raise ModelFileError(f"{path}: expected a {kind} text encoder, config.json describes {detected}")
+    cls = TEXT_ENCODER_KINDS[kind]
+    out_layers = tuple(layers or cls.default_layers)
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    text_config = config.get_text_config()
+    kept = None
+    # Skip reading the weights of layers that cannot affect the selected hidden states.
+    if drop_unused_layers and max(out_layers) < text_config.num_hidden_layers:
+        kept = max(out_layers)
+        _set_num_layers(text_config, kept)
+    model_cls = Mistral3ForConditionalGeneration if kind == "mistral3" else Qwen3ForCausalLM
+    try:
+        model, info = model_cls.from_pretrained(
+            path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True
+        )
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{path}: cannot load the {kind} text encoder ({e})") from e
+    _check_loading_info(info, path, kept)
+    if kept is not None:
+        # The layers are already cut at load time; the final norm must still go (see _drop_layers_after).
+        model.get_decoder().norm = nn.Identity()
+
+    tok_dir = Path(tokenizer_path) if tokenizer_path is not None else _tokenizer_dir(path)
+    if kind == "mistral3":
+        # The official dev pipeline tokenises through the Pixtral processor; AutoProcessor returns it when the
+        # folder has one and falls back to the bare tokenizer otherwise.
+        tokenizer = AutoProcessor.from_pretrained(tok_dir, local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+
+    encoder = cls(model, tokenizer, layers=out_layers, max_length=max_length, drop_unused_layers=drop_unused_layers)
+    del model  # drops lm_head and, for Mistral, the vision tower
+    if fp8:
+        n = quantize_linears_(encoder.backbone, compute_dtype=dtype, device=device)
+        log.info("text encoder linear layers stored as fp8", kind=kind, layers=n)
+    return encoder.to(device)

@@ -1,0 +1,108 @@
+"""Job config: TOML in, command-line overrides, errors that name the key and the file."""
+
+from __future__ import annotations
+
+import pytest
+
+from kern import config
+from kern.errors import ConfigError
+from tests.conftest import run_kern
+
+GOOD = """
+[model]
+arch = "flux2-klein-4b"
+dtype = "float32"
+
+[network]
+type = "loha"
+rank = 8
+alpha = 4.0
+exclude = [".*txt_mlp.*"]
+
+[train]
+steps = 30
+learning_rate = 1e-3
+
+[timesteps]
+method = "flux2_shift"
+sigmoid_scale = 1.5
+
+[sample]
+prompts = ["a cat", "a dog"]
+"""
+
+
+def write(tmp_path, text, name="job.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_values_and_plugin_options_are_read(tmp_path):
+    job = config.load_job(write(tmp_path, GOOD))
+    assert job.model.arch == "flux2-klein-4b" and job.model.dtype == "float32"
+    assert job.network.type == "loha" and job.network.exclude == [".*txt_mlp.*"]
+    assert job.network.options == {"rank": 8, "alpha": 4.0}  # checked later against the network type's schema
+    assert job.timesteps.options == {"sigmoid_scale": 1.5}
+    assert job.train.steps == 30 and job.train.learning_rate == 1e-3
+    assert job.train.seed == 42  # default kept
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    job = config.load_job(write(tmp_path, GOOD), {"train.steps": 5, "network.rank": 16, "save.out": "runs/y"})
+    assert job.train.steps == 5 and job.network.options["rank"] == 16 and job.save.out == "runs/y"
+
+
+def test_integer_is_accepted_for_float():
+    job = config.load_job(None, {"train.learning_rate": 1})
+    assert job.train.learning_rate == 1.0 and isinstance(job.train.learning_rate, float)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[train]\nstepz = 3\n", "unknown key 'train.stepz'"),
+        ("[bogus]\nx = 1\n", "unknown key 'bogus'"),
+        ("[train]\nsteps = \"many\"\n", "train.steps: expected int"),
+        ("[train]\nsteps = 2.5\n", "train.steps: expected int"),
+        ("[train]\ngradient_checkpointing = 1\n", "train.gradient_checkpointing: expected bool"),
+        ("[model]\ndtype = \"float64\"\n", "dtype"),
+        ("[sample]\nprompts = \"one\"\n", "sample.prompts: expected a list"),
+        ("train = 3\n", "'train' must be a table"),
+        ("[train\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_key_and_file(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        config.load_job(path)
+    assert expected in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.toml: config file not found"):
+        config.load_job(tmp_path / "nope.toml")
+
+
+def test_bad_override_names_the_key():
+    with pytest.raises(ConfigError, match="train.steps: expected int"):
+        config.load_job(None, {"train.steps": "x"})
+
+
+def test_parse_value_reads_toml_scalars():
+    assert [config.parse_value(v) for v in ("3", "1e-4", "true", "[1, 2]", "hello", "a b")] == [3, 1e-4, True, [1, 2], "hello", "a b"]
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    job = config.load_job(write(tmp_path, GOOD))
+    again = config.load_job(write(tmp_path, config.dump_toml(job.to_dict()), "again.toml"))
+    assert again.to_dict() == job.to_dict()
+
+
+def test_cli_config_error_exits_2_and_names_file_and_key(tmp_path):
+    path = write(tmp_path, "[train]\nlearning_rat = 1e-4\n")
+    proc = run_kern("train", "--config", str(path))
+    assert proc.returncode == 2
+    assert str(path) in proc.stderr and "train.learning_rat" in proc.stderr
+    assert "Traceback" not in proc.stderr
