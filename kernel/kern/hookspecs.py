@@ -59,6 +59,13 @@ def load_model(arch: str, variant: str | None, part: str, path: str, dtype: Any,
 
 
 @hookspec(firstresult=True)
+def detect_variant(arch: str, path: str) -> str | None:
+    """Name the variant of the ``arch`` checkpoint at ``path`` from its keys and shapes alone (read the
+    safetensors header, not the tensors), or ``None`` if it is not yours. Raise
+    ``kern.errors.ModelFileError`` when the file is yours to judge but fits no variant."""
+
+
+@hookspec(firstresult=True)
 def encode_text(arch: str, variant: str, encoder: Any, prompts: list[str], options: Mapping[str, Any]) -> dict | None:
     """Encode ``prompts`` with the loaded text ``encoder``; return what the transformer consumes.
 
@@ -110,9 +117,10 @@ def sample_timesteps(arch: str, method: str, batch_size: int, latent_shape: tupl
 
 
 @hookspec(firstresult=True)
-def generation_schedule(arch: str, variant: str, steps: int, image_seq_len: int, options: Mapping[str, Any]) -> Any:
+def generation_schedule(arch: str, variant: str, steps: int, latent_shape: tuple, options: Mapping[str, Any]) -> Any:
     """Return the sigma schedule for ``steps`` denoising steps: a 1-D tensor of ``steps + 1`` values from
-    about 1 down to exactly 0, for an image of ``image_seq_len`` target tokens."""
+    about 1 down to exactly 0, for a target latent of ``latent_shape`` (C, h, w) — resolution-dependent
+    schedules derive their token count from it."""
 
 
 @hookspec(firstresult=True)

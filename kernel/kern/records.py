@@ -84,6 +84,7 @@ class Variant:
     guidance_mode: str = attrs.field(default="embedded", validator=attrs.validators.in_(("embedded", "cfg", "none")))
     width: int = 1024
     height: int = 1024
+    cache_id: str = ""  # id in cache file names; variants that share latents and text share it (musubi's f2k4b ...)
 
 
 @attrs.frozen
@@ -100,8 +101,9 @@ class Architecture:
     aliases: tuple[str, ...] = ()
     description: str = ""
     default_variant: str | None = None
-    resolution_step: int = 16
-    latent_channels: int = 16
+    resolution_step: int = 16  # image sides are multiples of this many pixels
+    latent_channels: int = 16  # channels of encode_latents' output
+    latent_downscale: int = 8  # pixels per latent cell of encode_latents' output
     default_targets: tuple[str, ...] = (".*",)
     default_excludes: tuple[str, ...] = ()
     timestep_method: str = "uniform"

@@ -1,22 +1,41 @@
-"""The training driver: a job config in, an adapter (and checkpoints, samples, logs) out.
+"""The training driver: a job config in; an adapter, checkpoints, samples and logs out.
 
-It asks hooks for everything architecture- or network-specific and never names either.
+It asks hooks for everything architecture- or network-specific and never names either. Phases,
+in the order that keeps peak memory at the largest single model rather than their sum:
+
+1. text: load the text encoder, fill the text cache (and encode sample prompts), free it;
+2. latents: load the VAE, fill the latent cache (the VAE stays on the CPU for sample images);
+3. train: load the transformer, wrap it with the network, run the loop.
+
+A run folder holds ``config.toml`` (the resolved job), ``metrics.jsonl``, ``tensorboard/``,
+``samples/``, ``checkpoints/step-NNNNNN/`` and the final ``<name>.safetensors`` plus ``loss.png``.
 """
 
 from __future__ import annotations
 
+import gc
+import json
+import math
+import os
+import random
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import attrs
 import structlog
+import torch
+from torch import nn
 
-from kern.config import JobConfig
-from kern.errors import ConfigError, UsageError
+from kern.config import JobConfig, dump_toml
+from kern.errors import ConfigError, KernError, UsageError
 from kern.plugins import KernPluginManager, get_manager
-from kern.records import Architecture, NetworkType, resolve_options
+from kern.records import Architecture, NetworkType, TargetSpec, Variant, resolve_options
 
 log = structlog.get_logger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @attrs.define
@@ -25,15 +44,23 @@ class Plan:
 
     job: JobConfig
     arch: Architecture
-    variant: str | None  # None: detected from the checkpoint when the model loads
+    variant: str | None  # None: detected from the checkpoint before anything loads
     network: NetworkType
     network_options: dict[str, Any]
     timestep_method: str
+    timestep_options: Any
     out: Path
+    manager: KernPluginManager
+
+    @property
+    def hook(self) -> Any:
+        return self.manager.hook
 
 
 def prepare(job: JobConfig, manager: KernPluginManager | None = None) -> Plan:
     """Resolve architecture, variant, network type and their options; errors name the key and file."""
+    from kern import timesteps
+
     manager = manager or get_manager()
     if not job.model.arch:
         raise ConfigError(f"{job.source}: model.arch is not set; pass --arch or set [model] arch (see `kern plugins`)")
@@ -48,21 +75,467 @@ def prepare(job: JobConfig, manager: KernPluginManager | None = None) -> Plan:
         options = resolve_options(network.options, job.network.options, f"{job.source}: [network] ({network.name})")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    return Plan(
-        job=job,
-        arch=arch,
-        variant=variant,
-        network=network,
-        network_options=options,
-        timestep_method=job.timesteps.method or arch.timestep_method,
-        out=Path(job.save.out),
-    )
+    known = {f.name for f in attrs.fields(timesteps.TimestepOptions)}
+    unknown = sorted(set(job.timesteps.options) - known)
+    if unknown:
+        raise ConfigError(f"{job.source}: unknown key(s) {['timesteps.' + k for k in unknown]}; known: {sorted(known)}")
+    method = job.timesteps.method or arch.timestep_method
+    try:
+        ts_options = timesteps.TimestepOptions.from_mapping(job.timesteps.options)
+    except (UsageError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{job.source}: [timesteps]: {exc}") from None
+    if job.train.steps < 1:
+        raise ConfigError(f"{job.source}: train.steps must be at least 1, got {job.train.steps}")
+    return Plan(job=job, arch=arch, variant=variant, network=network, network_options=options, timestep_method=method,
+                timestep_options=ts_options, out=Path(job.save.out), manager=manager)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _release_memory() -> None:
+    """Return freed model memory to the system/driver (call after dropping the last reference)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _variant(plan: Plan) -> Variant:
+    if plan.variant is None and plan.job.model.transformer:
+        detected = plan.hook.detect_variant(arch=plan.arch.name, path=plan.job.model.transformer)
+        if detected:
+            plan.variant = detected
+            log.info("variant detected", arch=plan.arch.name, variant=detected, file=plan.job.model.transformer)
+    return plan.arch.variant(plan.variant)
+
+
+def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """AdamW, AdamW 8-bit (bitsandbytes), Adafactor (transformers) or Prodigy (prodigyopt)."""
+    name = name.lower().replace("-", "").replace("_", "")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UsageError("train.optimizer = 'adamw8bit' needs bitsandbytes: pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(groups, lr=lr, weight_decay=0.01)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if name == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise UsageError("train.optimizer = 'prodigy' needs prodigyopt: pip install prodigyopt") from None
+        return Prodigy(groups, lr=lr, weight_decay=0.01)
+    raise UsageError(f"unknown train.optimizer {name!r}; known: adamw, adamw8bit, adafactor, prodigy")
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    """Multiplier of the base LR at optimizer step ``s``: linear warmup, then constant/linear/cosine decay."""
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f
+
+
+class Trainee(nn.Module):
+    """Transformer plus network as one module, so DDP syncs the network's gradients."""
+
+    def __init__(self, plan: Plan, variant: str, transformer: nn.Module, network: nn.Module) -> None:
+        super().__init__()
+        self.transformer, self.network = transformer, network
+        self._call = plan.hook.predict_velocity
+        self._arch, self._variant = plan.arch.name, variant
+
+    def forward(self, latents, timesteps, text, references, options):
+        return self._call(arch=self._arch, variant=self._variant, model=self.transformer, latents=latents,
+                          timesteps=timesteps, text=text, references=references, options=options)
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    root = out / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.pt").is_file()) if root.is_dir() else []
+
+
+def save_checkpoint(out: Path, step: int, network: nn.Module, state: dict[str, Any], keep_last: int, save_adapter) -> Path:
+    """Write ``checkpoints/step-NNNNNN/`` (adapter + full state) atomically, then prune to ``keep_last``."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_adapter(tmp / "adapter.safetensors")
+        torch.save({**state, "network": network.state_dict()}, tmp / "state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(out)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _metadata(plan: Plan, variant: str, step: int, started: float) -> dict[str, str]:
+    job = plan.job
+    return {
+        "kern.arch": plan.arch.name,
+        "kern.variant": variant,
+        "ss_base_model_version": f"{plan.arch.name}_{variant}".replace("-", "_"),
+        "ss_network_module": plan.network.name,
+        "ss_network_dim": str(plan.network_options.get("rank", "")),
+        "ss_network_alpha": str(plan.network_options.get("alpha", "")),
+        "ss_network_args": json.dumps({k: v for k, v in plan.network_options.items() if k not in ("rank", "alpha")}, default=str),
+        "ss_learning_rate": str(job.train.learning_rate),
+        "ss_lr_scheduler": job.train.lr_scheduler,
+        "ss_lr_warmup_steps": str(job.train.warmup_steps),
+        "ss_max_train_steps": str(job.train.steps),
+        "ss_steps": str(step),
+        "ss_seed": str(job.train.seed),
+        "ss_optimizer": job.train.optimizer,
+        "ss_mixed_precision": job.train.mixed_precision,
+        "ss_gradient_checkpointing": str(job.train.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(job.train.gradient_accumulation),
+        "ss_max_grad_norm": str(job.train.max_grad_norm),
+        "ss_timestep_sampling": plan.timestep_method,
+        "ss_training_started_at": str(started),
+        "ss_output_name": job.save.name,
+    }
+
+
+# --------------------------------------------------------------------------- caching phases
+
+
+def _cache_id(plan: Plan, variant: Variant) -> str:
+    return variant.cache_id or f"{plan.arch.name}-{variant.name}"
+
+
+def load_items(plan: Plan) -> tuple[list[Any], list[Any]]:
+    from kern import data
+
+    job = plan.job
+    if not job.dataset.config:
+        raise UsageError(f"{job.source}: dataset.config is not set; pass --dataset dataset.toml")
+    specs = data.load_dataset_config(job.dataset.config)
+    items = data.scan_items(specs, plan.arch.resolution_step)
+    log.info("dataset", items=len(items), datasets=len(specs))
+    return specs, items
+
+
+def text_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, extra_prompts: list[str], write: bool = True):
+    """Load the text encoder, fill the text cache (when ``write``), encode ``extra_prompts``, free it.
+
+    Returns (number of items encoded, {extra prompt: encoding on the CPU}).
+    """
+    from kern import cache
+
+    job, hook = plan.job, plan.hook
+    encoder = hook.load_model(arch=plan.arch.name, variant=variant.name, part="text_encoder", path=job.model.text_encoder,
+                              dtype=DTYPES[job.model.dtype], device=device, options={"fp8": job.model.fp8_text_encoder})
+
+    def encode(prompts: list[str]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            result = hook.encode_text(arch=plan.arch.name, variant=variant.name, encoder=encoder, prompts=prompts, options={})
+        return {k: v.detach().to("cpu") for k, v in result.items()}
+
+    encoded = 0
+    if write:
+        encoded = cache.ensure_text_cache(items, _cache_id(plan, variant), encode,
+                                          settings={"text_encoder": str(job.model.text_encoder), "dtype": job.model.dtype,
+                                                    "fp8": job.model.fp8_text_encoder})
+        log.info("text cache ready", encoded=encoded, reused=len(items) - encoded)
+    extra = {p: encode([p]) for p in dict.fromkeys(extra_prompts)}
+    del encoder, encode
+    _release_memory()
+    return encoded, extra
+
+
+def latent_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, write: bool = True):
+    """Load the VAE and fill the latent cache; return (number encoded, the VAE moved to the CPU)."""
+    from kern import cache
+
+    job, hook = plan.job, plan.hook
+    vae = hook.load_model(arch=plan.arch.name, variant=variant.name, part="vae", path=job.model.vae, dtype=torch.float32,
+                          device=device, options={})
+    encoded = 0
+    if write:
+        def encode(images: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return hook.encode_latents(arch=plan.arch.name, variant=variant.name, vae=vae, images=images.to(device)).cpu()
+
+        encoded = cache.ensure_latent_cache(items, _cache_id(plan, variant), encode, dtype=torch.float32,
+                                            settings={"vae": str(job.model.vae)})
+        log.info("latent cache ready", encoded=encoded, reused=len(items) - encoded)
+    if isinstance(vae, nn.Module):
+        vae = vae.to("cpu")
+    return encoded, vae
+
+
+def cache_only(job: JobConfig, text: bool = True, latents: bool = True) -> dict[str, tuple[int, int]]:
+    """``kern cache``: fill the caches a training run would, without training."""
+    plan = prepare(job)
+    variant = _variant(plan)
+    _, items = load_items(plan)
+    device = torch.device(job.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out = {}
+    if text:
+        out["text"] = (text_phase(plan, variant, items, device, [])[0], len(items))
+    if latents:
+        out["latents"] = (latent_phase(plan, variant, items, device)[0], len(items))
+    return out
+
+
+# --------------------------------------------------------------------------- the run
 
 
 def run(job: JobConfig, resume: bool = False) -> Path:
     """Train as ``job`` says; return the path of the final adapter."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    from kern import cache, data, timesteps
+    from kern.sampling import euler_denoise, seeded_noise, to_pil
+
     plan = prepare(job)
-    log.info("training", arch=plan.arch.name, variant=plan.variant, network=plan.network.name, out=str(plan.out))
+    hook, arch = plan.hook, plan.arch
     if not job.dataset.config:
         raise UsageError(f"{job.source}: dataset.config is not set; pass --dataset dataset.toml")
-    raise UsageError("the training loop is not installed in this build")
+    variant = _variant(plan)
+    cache_id = _cache_id(plan, variant)
+    base_dtype = DTYPES[job.model.dtype]
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(plan.network_options.get("module_dropout")))
+    acc = Accelerator(
+        mixed_precision=job.train.mixed_precision,
+        gradient_accumulation_steps=job.train.gradient_accumulation,
+        cpu=job.train.device == "cpu",
+        kwargs_handlers=[ddp],
+    )
+    device = acc.device
+    out = plan.out
+    checkpoints = checkpoint_dirs(out)
+    if resume and not checkpoints:
+        raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = job.to_dict()
+        resolved["model"]["variant"] = variant.name
+        from kern.io import write_text
+
+        write_text(out / "config.toml", dump_toml(resolved))
+
+    specs, items = load_items(plan)
+    sample_prompts = list(job.sample.prompts)
+    extra = sample_prompts + ([""] if variant.guidance_mode == "cfg" else [])
+    _, encodings = text_phase(plan, variant, items, device, extra, write=acc.is_main_process)
+    sample_text = [encodings[p] for p in sample_prompts]
+    sample_negative = encodings[""] if variant.guidance_mode == "cfg" else None
+    _, vae = latent_phase(plan, variant, items, device, write=acc.is_main_process)
+    acc.wait_for_everyone()
+
+    # Phase 3: the transformer and the network.
+    transformer = hook.load_model(arch=arch.name, variant=variant.name, part="transformer", path=job.model.transformer,
+                                  dtype=base_dtype, device=device, options={})
+    transformer.requires_grad_(False)
+    transformer.eval()  # the frozen base never uses dropout; the network's own modules go to train mode below
+    if hasattr(transformer, "gradient_checkpointing"):
+        transformer.gradient_checkpointing = job.train.gradient_checkpointing
+    targets = TargetSpec(targets=arch.default_targets, exclude=tuple(arch.default_excludes) + tuple(job.network.exclude),
+                         include=tuple(job.network.include))
+    torch.manual_seed(job.train.seed)  # network init is part of what a seed fixes
+    network = hook.make_network(network_type=plan.network.name, model=transformer, targets=targets, options=plan.network_options)
+    if network is None:
+        raise KernError(f"no plugin built a {plan.network.name!r} network (see `kern plugins`)")
+    network.to(device)
+    network.train()
+    groups = network.optimizer_param_groups(job.train.learning_rate)
+    optimizer = make_optimizer(job.train.optimizer, groups, job.train.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.train.lr_scheduler, job.train.warmup_steps, job.train.steps))
+    trainee = Trainee(plan, variant.name, transformer, network)
+    trainee, optimizer, scheduler = acc.prepare(trainee, optimizer, scheduler)
+
+    generator = torch.Generator().manual_seed(job.train.seed + acc.process_index)
+    step, epoch, batch_pos, history = 0, 0, 0, []
+    started = time.time()
+
+    def save_adapter(path: Path, at_step: int) -> None:
+        acc.unwrap_model(trainee).network.save(path, dtype=DTYPES[job.save.precision], metadata=_metadata(plan, variant.name, at_step, started))
+
+    if resume:
+        state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=False)
+        acc.unwrap_model(trainee).network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, batch_pos, history = state["step"], state["epoch"], state["batch_pos"], state["history"]
+        _set_rng_state(generator, state["rng"][acc.process_index])
+        log.info("resumed", checkpoint=str(checkpoints[-1]), step=step, epoch=epoch, batch=batch_pos)
+
+    writer = _tensorboard(out / "tensorboard") if acc.is_main_process else None
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if acc.is_main_process else None
+    progress = _progress(job.train.steps, step, acc.is_main_process)
+    rate_start, rate_step = time.time(), step
+
+    def make_samples(at_step: int) -> None:
+        if not sample_prompts or not acc.is_main_process:
+            return
+        model = acc.unwrap_model(trainee).transformer
+        latent_h = (job.sample.height or variant.height) // arch.latent_downscale
+        latent_w = (job.sample.width or variant.width) // arch.latent_downscale
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+        for i, text in enumerate(sample_text):
+            noise = seeded_noise([job.sample.seed + i], (arch.latent_channels, latent_h, latent_w))
+            with acc.autocast():
+                latents = euler_denoise(hook, arch.name, variant, model, {k: v.to(device) for k, v in text.items()},
+                                        noise, job.sample.steps or variant.steps,
+                                        job.sample.guidance if job.sample.guidance is not None else variant.guidance,
+                                        negative_text={k: v.to(device) for k, v in sample_negative.items()} if sample_negative else None,
+                                        device=device, dtype=base_dtype)
+            with torch.no_grad():
+                images = hook.decode_latents(arch=arch.name, variant=variant.name, vae=vae, latents=latents.float().cpu())
+            to_pil(images)[0].save(out / "samples" / f"step-{at_step:06d}_{i:02d}.png")
+
+    trainee.train()
+    acc.unwrap_model(trainee).transformer.eval()
+    while step < job.train.steps:
+        order = data.batch_order(items, specs, job.train.seed, epoch)
+        mine = order[acc.process_index :: acc.num_processes]
+        if not mine:
+            raise KernError(f"{job.dataset.config}: too few batches for {acc.num_processes} processes")
+        while batch_pos < len(mine) and step < job.train.steps:
+            batch = cache.load_batch([items[i] for i in mine[batch_pos]], cache_id, generator=generator,
+                                     caption_dropout_rate=specs[items[mine[batch_pos][0]].dataset_index].caption_dropout_rate)
+            batch_pos += 1
+            x0 = batch["latents"].to(device, torch.float32)
+            b = x0.shape[0]
+            t = hook.sample_timesteps(arch=arch.name, method=plan.timestep_method, batch_size=b, latent_shape=tuple(x0.shape[1:]),
+                                      generator=generator, options=plan.timestep_options)
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            t = t.to(device)
+            tb = t.view(-1, *([1] * (x0.dim() - 1)))
+            noisy = (1 - tb) * x0 + tb * noise
+            text = {k: v.to(device) for k, v in batch["text"].items()}
+            refs = [r.to(device, base_dtype) for r in batch["references"]] if batch["references"] else None
+            with acc.accumulate(trainee):
+                with acc.autocast():
+                    pred = trainee(noisy.to(base_dtype), t, text, refs, {"guidance": 1.0})
+                weight = timesteps.loss_weighting(plan.timestep_options.weighting_scheme, t).view_as(tb)
+                loss = (weight * (pred.float() - (noise - x0)) ** 2).mean()
+                if not torch.isfinite(loss):
+                    kept = checkpoint_dirs(out)
+                    raise KernError(
+                        f"loss became {loss.item()} at step {step + 1} (batch {batch['keys']}); stopping. "
+                        f"Last good checkpoint: {kept[-1] if kept else 'none yet'}. Lower train.learning_rate or check the data."
+                    )
+                acc.backward(loss)
+                if acc.sync_gradients and job.train.max_grad_norm > 0:
+                    acc.clip_grad_norm_(acc.unwrap_model(trainee).network.parameters(), job.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not acc.sync_gradients:
+                continue
+            step += 1
+            loss_value = acc.gather(loss.detach()).mean().item()
+            history.append(loss_value)
+            lr = scheduler.get_last_lr()[0]
+            if acc.is_main_process:
+                metrics.write(json.dumps({"step": step, "loss": loss_value, "lr": lr, "t": t.cpu().tolist()}) + "\n")
+                metrics.flush()
+                if writer is not None:
+                    writer.add_scalar("loss", loss_value, step)
+                    writer.add_scalar("lr", lr, step)
+                    writer.add_histogram("timesteps", t.float().cpu(), step)
+                rate = (step - rate_step) / max(1e-9, time.time() - rate_start)
+                progress.update(1, loss=loss_value, rate=rate)
+            if job.save.every_n_steps and step % job.save.every_n_steps == 0 and step < job.train.steps:
+                states = [None] * acc.num_processes
+                if acc.num_processes > 1:
+                    torch.distributed.all_gather_object(states, _rng_state(generator))
+                else:
+                    states = [_rng_state(generator)]
+                if acc.is_main_process:
+                    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                             "epoch": epoch, "batch_pos": batch_pos, "history": history, "rng": states}
+                    path = save_checkpoint(out, step, acc.unwrap_model(trainee).network, state, job.save.keep_last,
+                                           lambda p: save_adapter(p, step))
+                    log.info("checkpoint saved", path=str(path), step=step)
+                acc.wait_for_everyone()
+            if job.sample.every_n_steps and step % job.sample.every_n_steps == 0 and step < job.train.steps:
+                make_samples(step)
+        if batch_pos >= len(mine):
+            epoch, batch_pos = epoch + 1, 0
+
+    progress.close()
+    final = out / f"{job.save.name}.safetensors"
+    if acc.is_main_process:
+        save_adapter(final, step)
+        make_samples(step)
+        from kern.plot import loss_plot
+
+        loss_plot(history, out / "loss.png")
+        metrics.close()
+        if writer is not None:
+            writer.close()
+        log.info("training done", adapter=str(final), steps=step, final_loss=history[-1] if history else None,
+                 seconds=round(time.time() - started, 1))
+    acc.wait_for_everyone()
+    acc.end_training()
+    return final
+
+
+def _tensorboard(path: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # optional: metrics.jsonl always has the same scalars
+        log.info("tensorboard not installed; scalars go to metrics.jsonl only (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(path))
+
+
+class _progress:
+    """A tqdm bar with step, loss, it/s and ETA, or nothing on non-main processes."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+    def update(self, n: int, loss: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

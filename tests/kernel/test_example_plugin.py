@@ -52,5 +52,5 @@ def test_the_kernel_flows_drive_the_example(toy_site, monkeypatch):
     v = hook.predict_velocity(arch="toy", variant="base", model=model, latents=latents, timesteps=torch.rand(2),
                               text=text, references=None, options={})
     assert v.shape == latents.shape
-    sigmas = hook.generation_schedule(arch="toy", variant="base", steps=8, image_seq_len=24, options={})
+    sigmas = hook.generation_schedule(arch="toy", variant="base", steps=8, latent_shape=(4, 4, 6), options={})
     assert sigmas[0] == 1 and sigmas[-1] == 0 and len(sigmas) == 9

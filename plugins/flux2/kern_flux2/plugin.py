@@ -39,6 +39,7 @@ def register_architectures(register):
             default_variant="dev",
             resolution_step=16,
             latent_channels=128,
+            latent_downscale=16,  # 8x VAE, then 2x2 patchify into channels
             default_targets=DEFAULT_TARGETS,
             timestep_method="flux2_shift",
         )

@@ -23,6 +23,7 @@ def register_architectures(register):
             description="A tiny diffusion transformer (example plugin)",
             variants=(kern.Variant(name="base", steps=8, guidance=1.0, guidance_mode="none", width=64, height=64),),
             resolution_step=STEP,
+            latent_downscale=STEP,
             latent_channels=CHANNELS,
             default_targets=(r"blocks\.\d+\.(qkv|proj|mlp\.0|mlp\.2)",),
             timestep_method="uniform",
@@ -83,7 +84,7 @@ def predict_velocity(arch, variant, model, latents, timesteps, text, references,
 
 
 @kern.hookimpl
-def generation_schedule(arch, variant, steps, image_seq_len, options):
+def generation_schedule(arch, variant, steps, latent_shape, options):
     if arch != ARCH:
         return None
     return torch.linspace(1.0, 0.0, steps + 1)
