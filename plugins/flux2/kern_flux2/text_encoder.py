@@ -12,7 +12,9 @@ changing a single value.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import ClassVar
@@ -120,13 +122,28 @@ class Flux2TextEncoder(nn.Module):
 
 
 class MistralEmbedder(Flux2TextEncoder):
-    """FLUX.2 dev: Mistral Small 3.x with BFL's system message, hidden states 10, 20 and 30."""
+    """FLUX.2 dev: Mistral Small 3.x with BFL's system message, hidden states 10, 20 and 30.
+
+    ``tokenizer`` may be the Pixtral processor the official pipeline uses or its bare tokenizer; either way the
+    text is encoded as the processor's ``apply_chat_template`` does it, without needing its image half (which
+    requires torchvision): render the processor's chat template, then tokenise, adding special tokens only if
+    the rendered text does not already start with BOS.
+    """
 
     kind = "mistral3"
     default_layers = (10, 20, 30)
 
-    def __init__(self, model, tokenizer, *, system_message: str = SYSTEM_MESSAGE, **kwargs):
+    def __init__(self, model, tokenizer, *, system_message: str = SYSTEM_MESSAGE, chat_template=None, **kwargs):
+        # A processor's own template wins over its tokenizer's, as inside the processor.
+        template = chat_template or getattr(tokenizer, "chat_template", None)
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        template = template or tokenizer.chat_template
+        if template is None:
+            raise ModelFileError(
+                "the Mistral tokenizer has no chat template (chat_template.jinja or chat_template.json)"
+            )
         super().__init__(model, tokenizer, **kwargs)
+        self.chat_template = template
         self.system_message = system_message
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -139,13 +156,14 @@ class MistralEmbedder(Flux2TextEncoder):
             ]
             for p in prompts
         ]
-        # One batched call through the processor's (or tokenizer's) own apply_chat_template, as the official
-        # pipeline does: that call decides whether BOS is added a second time, so it must be the same call.
-        enc = self.tokenizer.apply_chat_template(
-            conversations,
-            add_generation_prompt=False,
-            tokenize=True,
-            return_dict=True,
+        texts = self.tokenizer.apply_chat_template(
+            conversations, chat_template=self.chat_template, add_generation_prompt=False, tokenize=False
+        )
+        # The processor adds BOS only when the template did not write it; it decides once, from the first text.
+        bos = self.tokenizer.bos_token
+        enc = self.tokenizer(
+            texts,
+            add_special_tokens=not (bos is not None and texts[0].startswith(bos)),
             return_tensors="pt",
             padding="max_length",
             truncation=True,
@@ -236,6 +254,40 @@ def _tokenizer_dir(path: Path) -> Path:
     )
 
 
+def _legacy_processor_chat_template(tok_dir: Path) -> str | None:
+    # Processors saved by older transformers keep their template in chat_template.json, which the bare tokenizer
+    # does not read but the processor prefers over everything else. chat_template.jinja is read by both.
+    legacy = tok_dir / "chat_template.json"
+    if not legacy.exists():
+        return None
+    try:
+        return json.loads(legacy.read_text())["chat_template"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelFileError(f"{legacy}: unreadable chat template ({e})") from None
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "LOAD REPORT" not in msg and "were not used when initializing" not in msg
+
+
+@contextlib.contextmanager
+def _without_transformers_load_report(active: bool):
+    # Skipping layers on purpose makes transformers list every weight of those layers as unused. That report
+    # is replaced by _check_loading_info, which raises on missing or mis-shaped weights and logs other unused ones.
+    if not active:
+        yield
+        return
+    target = logging.getLogger("transformers.modeling_utils")
+    f = _DropLoadReport()
+    target.addFilter(f)
+    try:
+        yield
+    finally:
+        target.removeFilter(f)
+
+
 _LAYER_KEY = re.compile(r"layers\.(\d+)\.")
 
 
@@ -243,9 +295,10 @@ def _check_loading_info(info: dict, path: Path, kept_layers: int | None) -> None
     missing = list(info.get("missing_keys") or ())
     mismatched = list(info.get("mismatched_keys") or ())
     if missing or mismatched:
+        misshaped = [k[0] if isinstance(k, tuple) else k for k in mismatched]
         raise ModelFileError(
-            f"{path}: checkpoint does not fit the model: missing {missing[:5]}"
-            f"{' …' if len(missing) > 5 else ''}, mis-shaped {[k[0] if isinstance(k, tuple) else k for k in mismatched[:5]]}"
+            f"{path}: checkpoint does not fit the model: {len(missing)} missing weights {sorted(missing)[:5]}, "
+            f"{len(misshaped)} mis-shaped {misshaped[:5]}"
         )
     unexpected = [
         k
@@ -253,7 +306,9 @@ def _check_loading_info(info: dict, path: Path, kept_layers: int | None) -> None
         if not (kept_layers is not None and (m := _LAYER_KEY.search(k)) and int(m.group(1)) >= kept_layers)
     ]
     if unexpected:
-        log.warning("text encoder checkpoint has unused keys", path=str(path), keys=unexpected[:10], count=len(unexpected))
+        log.warning(
+            "text encoder checkpoint has unused keys", path=str(path), keys=unexpected[:10], count=len(unexpected)
+        )
 
 
 def load_text_encoder(
@@ -274,13 +329,7 @@ def load_text_encoder(
     from ``tokenizer_path``, else from ``path``, else from a sibling ``tokenizer/`` folder (diffusers layout).
     With ``fp8`` every linear layer of the LLM is stored as float8_e4m3fn and computes in ``dtype``.
     """
-    from transformers import (
-        AutoConfig,
-        AutoProcessor,
-        AutoTokenizer,
-        Mistral3ForConditionalGeneration,
-        Qwen3ForCausalLM,
-    )
+    from transformers import AutoConfig, AutoTokenizer, Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
     path = Path(path)
     detected = detect_text_encoder_kind(path)
@@ -302,10 +351,11 @@ def load_text_encoder(
         _set_num_layers(text_config, kept)
     model_cls = Mistral3ForConditionalGeneration if kind == "mistral3" else Qwen3ForCausalLM
     try:
-        model, info = model_cls.from_pretrained(
-            path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True
-        )
-    except (OSError, ValueError) as e:
+        with _without_transformers_load_report(kept is not None):
+            model, info = model_cls.from_pretrained(
+                path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True
+            )
+    except (OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{path}: cannot load the {kind} text encoder ({e})") from e
     _check_loading_info(info, path, kept)
     if kept is not None:
@@ -313,14 +363,12 @@ def load_text_encoder(
         model.get_decoder().norm = nn.Identity()
 
     tok_dir = Path(tokenizer_path) if tokenizer_path is not None else _tokenizer_dir(path)
-    if kind == "mistral3":
-        # The official dev pipeline tokenises through the Pixtral processor; AutoProcessor returns it when the
-        # folder has one and falls back to the bare tokenizer otherwise.
-        tokenizer = AutoProcessor.from_pretrained(tok_dir, local_files_only=True)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    extra = {"chat_template": _legacy_processor_chat_template(tok_dir)} if kind == "mistral3" else {}
 
-    encoder = cls(model, tokenizer, layers=out_layers, max_length=max_length, drop_unused_layers=drop_unused_layers)
+    encoder = cls(
+        model, tokenizer, layers=out_layers, max_length=max_length, drop_unused_layers=drop_unused_layers, **extra
+    )
     del model  # drops lm_head and, for Mistral, the vision tower
     if fp8:
         n = quantize_linears_(encoder.backbone, compute_dtype=dtype, device=device)
