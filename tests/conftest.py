@@ -26,6 +26,20 @@ def _fresh_plugin_manager(monkeypatch):
     plugins.reset_manager()
 
 
+@pytest.fixture(scope="session")
+def toy_site(tmp_path_factory):
+    """pip-install examples/plugins/kern-toy into a private folder (the test venv stays untouched)."""
+    target = tmp_path_factory.mktemp("site")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
+         "-q", "--target", str(target), str(REPO / "examples" / "plugins" / "kern-toy")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert list(target.glob("kern_toy-0.1.0.dist-info/entry_points.txt")), "pip did not install the entry point"
+    return target
+
+
 def make_dist(root: Path, dist: str, version: str, ep_name: str, module: str, source: str) -> Path:
     """Write an installed-looking distribution (dist-info with an entry point) plus its module under ``root``."""
     root.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,7 @@ class KernPluginManager:
         try:
             impl(register=declared.append)
         except Exception as exc:
-            self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}")
+            self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}", registered=module)
             return
         for record in declared:
             try:
@@ -141,10 +141,11 @@ class KernPluginManager:
                 info.error = "; ".join(filter(None, [info.error, str(exc)]))
                 log.warning("plugin registration dropped", plugin=info.name, distribution=info.distribution, error=str(exc))
 
-    def _fail(self, info: PluginInfo, error: str) -> None:
+    def _fail(self, info: PluginInfo, error: str, registered: object | None = None) -> None:
+        """Mark ``info`` failed; ``registered`` is its plugin object if it already made it into pluggy."""
         info.status, info.error = "failed", error
-        if self.pm.get_plugin(info.name) is not None:
-            self.pm.unregister(name=info.name)
+        if registered is not None and self.pm.is_registered(registered):
+            self.pm.unregister(registered)
         log.warning("plugin failed to load", plugin=info.name, distribution=info.distribution, version=info.version, error=error)
 
     def _owner(self, table: dict[str, Any], name: str) -> str:

@@ -337,7 +337,7 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     acc = Accelerator(
         mixed_precision=job.train.mixed_precision,
         gradient_accumulation_steps=job.train.gradient_accumulation,
-        cpu=job.train.device == "cpu",
+        cpu=job.train.device == "cpu" or not torch.cuda.is_available(),  # CPU-only: gloo DDP under torchrun
         kwargs_handlers=[ddp],
     )
     device = acc.device
@@ -495,6 +495,8 @@ def run(job: JobConfig, resume: bool = False) -> Path:
             epoch, batch_pos = epoch + 1, 0
 
     progress.close()
+    if acc.num_processes > 1:
+        _check_replicas_agree(acc.unwrap_model(trainee).network)
     final = out / f"{job.save.name}.safetensors"
     if acc.is_main_process:
         save_adapter(final, step)
@@ -510,6 +512,16 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     acc.wait_for_everyone()
     acc.end_training()
     return final
+
+
+def _check_replicas_agree(network: nn.Module) -> None:
+    """DDP keeps every process's adapter identical; a mismatch means a broken set-up, so fail loudly."""
+    digest = sum(float(p.detach().double().sum()) * (i + 1) for i, p in enumerate(network.parameters()))
+    digests: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        raise KernError(f"data-parallel processes ended with different adapter weights: {digests}")
+    log.info("replicas agree", processes=len(digests), digest=digest)
 
 
 def _tensorboard(path: Path) -> Any:

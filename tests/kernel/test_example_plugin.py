@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
-import pytest
 import torch
 
 from kern import plugins
-from tests.conftest import REPO, plugins_json
-
-
-@pytest.fixture(scope="module")
-def toy_site(tmp_path_factory):
-    """pip-install examples/plugins/kern-toy into a private folder (the test venv stays untouched)."""
-    target = tmp_path_factory.mktemp("site")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-         "-q", "--target", str(target), str(REPO / "examples" / "plugins" / "kern-toy")],
-        capture_output=True, text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert list(target.glob("kern_toy-0.1.0.dist-info/entry_points.txt")), "pip did not install the entry point"
-    return target
+from tests.conftest import plugins_json
 
 
 def test_kern_plugins_lists_the_installed_example(toy_site):

@@ -36,7 +36,9 @@ def load_model(arch, variant, part, path, dtype, device, options):
     if arch != ARCH:
         return None
     if part == "transformer":
-        model = ToyTransformer(channels=CHANNELS, text_dim=TEXT_DIM)
+        with torch.random.fork_rng():  # without a checkpoint, the same fixed random weights every time
+            torch.manual_seed(0)
+            model = ToyTransformer(channels=CHANNELS, text_dim=TEXT_DIM)
         if path:
             from kern.io import load_file
 

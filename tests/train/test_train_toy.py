@@ -1,0 +1,79 @@
+"""The training driver end to end on the example toy architecture: loss falls, resume is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kern import config, train
+from kern.io import load_file
+from tests.train.conftest import make_dataset
+
+
+def job(tmp_path, dataset, out, **over):
+    base = {
+        "model.arch": "toy", "model.dtype": "float32", "network.type": "lora", "network.rank": 4, "network.alpha": 4.0,
+        "dataset.config": str(dataset), "save.out": str(out), "train.steps": 12, "train.learning_rate": 3e-3,
+        "train.mixed_precision": "no", "train.device": "cpu", "train.gradient_checkpointing": False,
+        "train.lr_scheduler": "cosine", "train.warmup_steps": 2,
+    }
+    base.update(over)
+    return config.load_job(None, base)
+
+
+def test_loss_falls_and_adapter_reloads(tmp_path, toy_plugin):
+    dataset = make_dataset(tmp_path / "data", n=2)
+    out = tmp_path / "run"
+    adapter = train.run(job(tmp_path, dataset, out, **{"train.steps": 60, "sample.prompts": ["a red square"], "sample.steps": 2}))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in lines]
+    assert len(losses) == 60
+    assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:10]) / 10, losses
+    tensors, meta = load_file(adapter)
+    assert any(k.endswith("lora_down.weight") for k in tensors)
+    assert meta["ss_network_module"] == "lora" and meta["ss_steps"] == "60"
+    assert (out / "loss.png").is_file() and (out / "config.toml").is_file()
+    assert list((out / "samples").glob("step-000060_00.png"))
+
+
+def test_resume_ends_with_the_same_weights(tmp_path, toy_plugin, monkeypatch):
+    dataset = make_dataset(tmp_path / "data", n=3)
+    steps = {"train.steps": 10, "save.every_n_steps": 4, "save.keep_last": 5, "network.dropout": 0.1}
+    full = train.run(job(tmp_path, dataset, tmp_path / "full", **steps))
+
+    # The interrupted run: killed right after the step-4 checkpoint is written.
+    real_save = train.save_checkpoint
+
+    def save_then_die(out, step, *args, **kwargs):
+        path = real_save(out, step, *args, **kwargs)
+        if step == 4:
+            raise KeyboardInterrupt
+        return path
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(job(tmp_path, dataset, part, **steps))
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert [p.name for p in train.checkpoint_dirs(part)] == ["step-000004"]
+    assert not (part / "adapter.safetensors").exists()
+
+    resumed = train.run(job(tmp_path, dataset, part, **steps), resume=True)
+    a, _ = load_file(full)
+    b, _ = load_file(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    losses = [json.loads(line)["loss"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    full_losses = [json.loads(line)["loss"] for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert losses == full_losses  # steps 1-4 from the first attempt, 5-10 from the resumed one
+
+
+def test_resume_without_checkpoint_is_a_usage_error(tmp_path, toy_plugin):
+    from kern.errors import UsageError
+
+    dataset = make_dataset(tmp_path / "data", n=1)
+    with pytest.raises(UsageError, match="no checkpoint"):
+        train.run(job(tmp_path, dataset, tmp_path / "nothing"), resume=True)
