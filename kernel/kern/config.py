@@ -209,11 +209,21 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_job(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> JobConfig:
-    """Read a job TOML (or start from defaults) and apply ``overrides`` (dotted key → value).
+# Keys holding paths: relative values in a job file are taken relative to that file's folder,
+# so a job file works from any working directory; command-line values stay relative to the cwd.
+PATH_KEYS = ("model.transformer", "model.vae", "model.text_encoder", "dataset.config", "save.out")
 
-    Relative paths inside the file stay as written; the caller resolves them against the file's folder.
-    """
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            data[section][key] = str((base / value).resolve())
+
+
+def load_job(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> JobConfig:
+    """Read a job TOML (or start from defaults) and apply ``overrides`` (dotted key → value)."""
     data: dict[str, Any] = {}
     where = "<defaults>"
     if path is not None:
@@ -225,6 +235,7 @@ def load_job(path: str | Path | None = None, overrides: Mapping[str, Any] | None
             raise ConfigError(f"{p}: config file not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        _resolve_paths(data, p.parent)
     for dotted, value in (overrides or {}).items():
         apply_override(data, dotted, value)
     where_all = where if not overrides else f"{where} (with command-line overrides {sorted(overrides)})"

@@ -28,7 +28,7 @@ import structlog
 import torch
 from torch import nn
 
-from kern.config import JobConfig, dump_toml
+from kern.config import PATH_KEYS, JobConfig, dump_toml
 from kern.errors import ConfigError, KernError, UsageError
 from kern.plugins import KernPluginManager, get_manager
 from kern.records import Architecture, NetworkType, TargetSpec, Variant, resolve_options
@@ -349,6 +349,10 @@ def run(job: JobConfig, resume: bool = False) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         resolved = job.to_dict()
         resolved["model"]["variant"] = variant.name
+        for dotted in PATH_KEYS:  # absolute, so the stored config reruns from anywhere
+            section, key = dotted.split(".")
+            if resolved.get(section, {}).get(key):
+                resolved[section][key] = str(Path(resolved[section][key]).resolve())
         from kern.io import write_text
 
         write_text(out / "config.toml", dump_toml(resolved))

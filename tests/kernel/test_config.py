@@ -95,7 +95,7 @@ def test_parse_value_reads_toml_scalars():
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
-    job = config.load_job(write(tmp_path, GOOD))
+    job = config.load_job(write(tmp_path, GOOD), {"save.out": str(tmp_path / "out")})
     again = config.load_job(write(tmp_path, config.dump_toml(job.to_dict()), "again.toml"))
     assert again.to_dict() == job.to_dict()
 
@@ -106,3 +106,14 @@ def test_cli_config_error_exits_2_and_names_file_and_key(tmp_path):
     assert proc.returncode == 2
     assert str(path) in proc.stderr and "train.learning_rat" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_relative_paths_in_a_job_file_are_relative_to_it(tmp_path):
+    sub = tmp_path / "jobs"
+    sub.mkdir()
+    path = write(sub, '[model]\ntransformer = "models/t.safetensors"\nvae = "/abs/ae.safetensors"\n[dataset]\nconfig = "../data.toml"\n')
+    job = config.load_job(path, {"save.out": "runs/x"})
+    assert job.model.transformer == str(sub / "models" / "t.safetensors")
+    assert job.model.vae == "/abs/ae.safetensors"
+    assert job.dataset.config == str(tmp_path / "data.toml")
+    assert job.save.out == "runs/x"  # command-line values stay relative to the working directory

@@ -48,6 +48,7 @@ def toy_plugin(monkeypatch):
     """The example plugin importable in-process and registered with the global manager."""
     from kern import plugins
 
+    monkeypatch.setenv(plugins.ENV_DENY, "toy")  # an in-tree build may have left an entry point for it
     monkeypatch.syspath_prepend(str(REPO / "examples" / "plugins" / "kern-toy"))
     import kern_toy.plugin as toy
 
