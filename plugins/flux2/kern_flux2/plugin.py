@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 import kern
 
 ARCH = "flux2"
@@ -16,15 +18,15 @@ DEFAULT_TARGETS = (
 
 VARIANTS = (
     kern.Variant(name="dev", aliases=("flux2-dev",), description="FLUX.2 [dev] 32B, guidance-distilled",
-                 steps=50, guidance=4.0, guidance_mode="embedded"),
+                 steps=50, guidance=4.0, guidance_mode="embedded", cache_id="f2d"),
     kern.Variant(name="klein-4b", aliases=("flux2-klein-4b",), description="FLUX.2 [klein] 4B, step-distilled",
-                 steps=4, guidance=1.0, guidance_mode="none"),
+                 steps=4, guidance=1.0, guidance_mode="none", cache_id="f2k4b"),
     kern.Variant(name="klein-9b", aliases=("flux2-klein-9b",), description="FLUX.2 [klein] 9B, step-distilled",
-                 steps=4, guidance=1.0, guidance_mode="none"),
+                 steps=4, guidance=1.0, guidance_mode="none", cache_id="f2k9b"),
     kern.Variant(name="klein-base-4b", aliases=("flux2-klein-base-4b",), description="FLUX.2 [klein] base 4B, undistilled",
-                 steps=50, guidance=4.0, guidance_mode="cfg"),
+                 steps=50, guidance=4.0, guidance_mode="cfg", cache_id="f2k4b"),
     kern.Variant(name="klein-base-9b", aliases=("flux2-klein-base-9b",), description="FLUX.2 [klein] base 9B, undistilled",
-                 steps=50, guidance=4.0, guidance_mode="cfg"),
+                 steps=50, guidance=4.0, guidance_mode="cfg", cache_id="f2k9b"),
 )
 
 
@@ -44,3 +46,88 @@ def register_architectures(register):
             timestep_method="flux2_shift",
         )
     )
+
+
+def _path(path, part):
+    if not path:
+        flag = {"transformer": "model.transformer (--transformer)", "vae": "model.vae (--vae)",
+                "text_encoder": "model.text_encoder (--text-encoder)"}[part]
+        raise kern.UsageError(f"FLUX.2 needs a {part.replace('_', ' ')} checkpoint: set {flag}")
+    return path
+
+
+@kern.hookimpl
+def detect_variant(arch, path):
+    if arch != ARCH:
+        return None
+    from kern_flux2 import loader
+
+    return loader.detect_variant(path)
+
+
+@kern.hookimpl
+def load_model(arch, variant, part, path, dtype, device, options):
+    if arch != ARCH:
+        return None
+    from kern_flux2 import loader
+
+    if part == "transformer":
+        return loader.load_transformer(_path(path, part), variant, dtype, device)
+    if part == "vae":
+        return loader.load_vae(_path(path, part), dtype, device)
+    if part == "text_encoder":
+        from kern_flux2.text_encoder import load_text_encoder
+
+        kind = loader.text_encoder_kind(variant or "dev")
+        return load_text_encoder(kind, _path(path, part), dtype=dtype, device=device, fp8=bool(options.get("fp8")))
+    raise kern.UsageError(f"FLUX.2 has no model part {part!r}")
+
+
+@kern.hookimpl
+def encode_text(arch, variant, encoder, prompts, options):
+    if arch != ARCH:
+        return None
+    return encoder(list(prompts))
+
+
+@kern.hookimpl
+def encode_latents(arch, variant, vae, images):
+    if arch != ARCH:
+        return None
+    return vae.encode(images.to(dtype=next(vae.parameters()).dtype))
+
+
+@kern.hookimpl
+def decode_latents(arch, variant, vae, latents):
+    if arch != ARCH:
+        return None
+    return vae.decode(latents.to(dtype=next(vae.parameters()).dtype))
+
+
+@kern.hookimpl
+def predict_velocity(arch, variant, model, latents, timesteps, text, references, options):
+    if arch != ARCH:
+        return None
+    from kern_flux2 import geometry
+
+    b, _, h, w = latents.shape
+    dtype = next(model.parameters()).dtype
+    img, img_ids, n_target = geometry.prepare_tokens(latents.to(dtype), [r.to(dtype) for r in references or []])
+    txt = text["ctx"].to(dtype)
+    txt_ids = geometry.text_ids(txt.shape[1])
+    guidance = None
+    if getattr(model, "params", None) is not None and model.params.guidance_embed:
+        g = options.get("guidance")
+        guidance = torch.full((b,), 1.0 if g is None else float(g), device=latents.device)
+    out = model(img, img_ids.to(latents.device), txt, txt_ids.to(latents.device), timesteps.to(latents.device), guidance)
+    return geometry.unpack(out[:, :n_target], h, w)
+
+
+@kern.hookimpl
+def generation_schedule(arch, variant, steps, latent_shape, options):
+    if arch != ARCH:
+        return None
+    from kern_flux2 import schedule
+
+    h, w = latent_shape[-2:]
+    return schedule.sigmas(steps, h * w, shift=options.get("shift"))
