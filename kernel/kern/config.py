@@ -40,6 +40,7 @@ class ModelConfig:
 @attrs.define(kw_only=True)
 class NetworkConfig:
     type: str = "lora"
+    targets: list[str] = attrs.Factory(list)  # regexes replacing the architecture's default targets
     include: list[str] = attrs.Factory(list)  # regexes (fullmatch on dotted module paths) that override exclude
     exclude: list[str] = attrs.Factory(list)
     options: dict[str, Any] = attrs.Factory(dict)  # rank, alpha, dropout ...: checked against the network type

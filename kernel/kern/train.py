@@ -373,7 +373,7 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     transformer.eval()  # the frozen base never uses dropout; the network's own modules go to train mode below
     if hasattr(transformer, "gradient_checkpointing"):
         transformer.gradient_checkpointing = job.train.gradient_checkpointing
-    targets = TargetSpec(targets=arch.default_targets, exclude=tuple(arch.default_excludes) + tuple(job.network.exclude),
+    targets = TargetSpec(targets=tuple(job.network.targets) or arch.default_targets, exclude=tuple(arch.default_excludes) + tuple(job.network.exclude),
                          include=tuple(job.network.include))
     torch.manual_seed(job.train.seed)  # network init is part of what a seed fixes
     network = hook.make_network(network_type=plan.network.name, model=transformer, targets=targets, options=plan.network_options)
