@@ -16,7 +16,7 @@ import attrs
 import structlog
 import torch
 
-from kern.errors import AdapterError, UsageError
+from kern.errors import AdapterError, KernError, UsageError
 from kern.plugins import KernPluginManager, get_manager
 from kern.prompts import Request, Wildcards, expand_request
 from kern.records import Architecture, Variant
@@ -96,8 +96,11 @@ class Generator:
 
     def _load(self, part: str, path: str | None, dtype: torch.dtype) -> Any:
         options = {"fp8": self.setup.fp8_text_encoder} if part == "text_encoder" else {}
-        return self.hook.load_model(arch=self.arch.name, variant=self.variant.name, part=part, path=path, dtype=dtype,
-                                    device=self.device, options=options)
+        model = self.hook.load_model(arch=self.arch.name, variant=self.variant.name, part=part, path=path, dtype=dtype,
+                                     device=self.device, options=options)
+        if model is None:
+            raise KernError(f"no installed plugin loads the {self.arch.name} {part.replace('_', ' ')} (see `kern plugins`)")
+        return model
 
     def load_text_encoder(self) -> None:
         if self.text_encoder is None:

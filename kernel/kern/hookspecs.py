@@ -130,7 +130,8 @@ def adapter_module_map(arch: str, variant: str, layout: str) -> list | None:
     ``layout`` is e.g. ``"diffusers"``. Return a list of ``(native_path, [(other_path, rows)], ...)``
     tuples where ``rows`` is the ``(start, stop)`` slice of the native module's output rows that
     ``other_path`` holds (``None`` for the whole module): FLUX.2's fused ``img_attn.qkv`` maps to
-    three diffusers projections this way. Return ``None`` if the naming is not yours.
+    three diffusers projections this way; an empty list says the module exists but the other naming
+    cannot hold an adapter on it. Return ``None`` if the naming is not yours.
     """
 
 

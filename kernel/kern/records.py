@@ -85,6 +85,7 @@ class Variant:
     width: int = 1024
     height: int = 1024
     cache_id: str = ""  # id in cache file names; variants that share latents and text share it (musubi's f2k4b ...)
+    modelspec: str = ""  # modelspec.architecture name in adapter metadata, e.g. "Flux.2-klein-4b"
 
 
 @attrs.frozen
@@ -107,6 +108,7 @@ class Architecture:
     default_targets: tuple[str, ...] = (".*",)
     default_excludes: tuple[str, ...] = ()
     timestep_method: str = "uniform"
+    implementation: str = ""  # modelspec.implementation: where the reference implementation lives
     options: tuple[Option, ...] = ()
 
     def variant(self, name: str | None) -> Variant:

@@ -206,8 +206,17 @@ def save_checkpoint(out: Path, step: int, network: nn.Module, state: dict[str, A
 
 
 def _metadata(plan: Plan, variant: str, step: int, started: float) -> dict[str, str]:
+    from kern.network import modelspec_metadata
+
     job = plan.job
-    return {
+    v = plan.arch.variant(variant)
+    spec = modelspec_metadata(
+        architecture=v.modelspec or f"{plan.arch.name}-{variant}",
+        implementation=plan.arch.implementation,
+        title=job.save.name,
+        resolution=(job.sample.width or v.width, job.sample.height or v.height),
+    )
+    return spec | {
         "kern.arch": plan.arch.name,
         "kern.variant": variant,
         "ss_base_model_version": f"{plan.arch.name}_{variant}".replace("-", "_"),
@@ -369,6 +378,8 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     # Phase 3: the transformer and the network.
     transformer = hook.load_model(arch=arch.name, variant=variant.name, part="transformer", path=job.model.transformer,
                                   dtype=base_dtype, device=device, options={})
+    if transformer is None:
+        raise KernError(f"no installed plugin loads the {arch.name} transformer (see `kern plugins`)")
     transformer.requires_grad_(False)
     transformer.eval()  # the frozen base never uses dropout; the network's own modules go to train mode below
     if hasattr(transformer, "gradient_checkpointing"):

@@ -1,7 +1,33 @@
+"""``kern convert``: rewrite an adapter in another layout (kohya, ComfyUI, diffusers)."""
+
+from __future__ import annotations
+
 import click
+import structlog
+
+log = structlog.get_logger(__name__)
 
 
 @click.command(name="convert")
-def command() -> None:
-    """(being written)"""
-    raise click.UsageError("not available yet")
+@click.argument("in_path", metavar="IN", type=click.Path(dir_okay=False))
+@click.option("--to", "to_layout", required=True, type=click.Choice(["kohya", "comfyui", "diffusers"]), help="Target layout.")
+@click.option("--arch", "arch", required=True, help="Architecture or variant alias (for its module names), e.g. flux2-klein-4b.")
+@click.option("--variant", default=None, help="Variant, if --arch does not say it (default: detected from the file).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="File to write.")
+def command(in_path, to_layout, arch, variant, out) -> None:
+    """Convert an adapter between layouts.
+
+    kohya: lora_unet_* with lora_down/lora_up and alpha (musubi-tuner; ComfyUI and diffusers load it).
+    comfyui: diffusion_model.<native name>.lora_A/lora_B with alpha folded in (the safest export).
+    diffusers: transformer.<diffusers name>.lora_A/lora_B (FLUX.2 qkv split into q/k/v). LoHa cannot go to
+    diffusers. Example:
+
+        kern convert my_lora.safetensors --to comfyui --arch flux2-klein-4b --out my_lora_comfy.safetensors
+    """
+    from kern.convert import convert
+
+    result = convert(in_path, out, to_layout, arch, variant)
+    click.echo(
+        f"converted {result['network_type']} {result['from_layout']} → {result['to_layout']} "
+        f"({result['tensors']} tensors, variant {result['variant']}): {result['out']}"
+    )

@@ -1,7 +1,48 @@
+"""``kern merge``: bake one or more adapters into a base checkpoint (streaming, one tensor at a time)."""
+
+from __future__ import annotations
+
 import click
+import structlog
+
+from kern.errors import UsageError
+
+log = structlog.get_logger(__name__)
 
 
 @click.command(name="merge")
-def command() -> None:
-    """(being written)"""
-    raise click.UsageError("not available yet")
+@click.option("--model", "model", required=True, type=click.Path(dir_okay=False), help="Base checkpoint (.safetensors).")
+@click.option(
+    "--weights",
+    "weights",
+    multiple=True,
+    metavar="FILE[:MULT]",
+    help="Adapter file with an optional multiplier, e.g. style.safetensors:0.8 (repeatable; LoRA and LoHa mix).",
+)
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Merged checkpoint to write.")
+@click.option(
+    "--dtype",
+    "dtype",
+    default=None,
+    help="Output dtype of floating-point tensors: float32, bfloat16, float16, float8_e4m3fn. Default: keep each (fp8 → bfloat16).",
+)
+@click.option("--allow-unmatched", is_flag=True, help="Warn about adapter modules that match no base weight instead of failing.")
+@click.option("--arch", default=None, help="Architecture (or variant alias): maps adapters in another naming (diffusers) onto the base.")
+@click.option("--variant", default=None, help="Variant of --arch, if the alias does not say it.")
+def command(model, weights, out, dtype, allow_unmatched, arch, variant) -> None:
+    """Merge adapters into a base model: W' = W + Σ mult · ΔW, computed in float32.
+
+    Reads and writes one tensor at a time, so memory stays near one weight whatever the model size. Base
+    files may carry a model.diffusion_model. / diffusion_model. prefix; adapters may be kohya, ComfyUI or
+    diffusers files. Example:
+
+        kern merge --model flux2-klein-4b.safetensors --weights a.safetensors --weights b.safetensors:0.5 --out merged.safetensors
+    """
+    from kern.merge import merge, parse_dtype
+    from kern.weights import parse_weights_arg
+
+    if not weights:
+        raise UsageError("give at least one adapter with --weights FILE[:MULT]")
+    adapters = [parse_weights_arg(w) for w in weights]
+    result = merge(model, adapters, out, out_dtype=parse_dtype(dtype), allow_unmatched=allow_unmatched, arch=arch, variant=variant)
+    click.echo(f"merged {result['merged']} weights from {len(adapters)} adapter(s) into {result['out']}")

@@ -18,15 +18,15 @@ DEFAULT_TARGETS = (
 
 VARIANTS = (
     kern.Variant(name="dev", aliases=("flux2-dev",), description="FLUX.2 [dev] 32B, guidance-distilled",
-                 steps=50, guidance=4.0, guidance_mode="embedded", cache_id="f2d"),
+                 steps=50, guidance=4.0, guidance_mode="embedded", cache_id="f2d", modelspec="Flux.2-dev"),
     kern.Variant(name="klein-4b", aliases=("flux2-klein-4b",), description="FLUX.2 [klein] 4B, step-distilled",
-                 steps=4, guidance=1.0, guidance_mode="none", cache_id="f2k4b"),
+                 steps=4, guidance=1.0, guidance_mode="none", cache_id="f2k4b", modelspec="Flux.2-klein-4b"),
     kern.Variant(name="klein-9b", aliases=("flux2-klein-9b",), description="FLUX.2 [klein] 9B, step-distilled",
-                 steps=4, guidance=1.0, guidance_mode="none", cache_id="f2k9b"),
+                 steps=4, guidance=1.0, guidance_mode="none", cache_id="f2k9b", modelspec="Flux.2-klein-9b"),
     kern.Variant(name="klein-base-4b", aliases=("flux2-klein-base-4b",), description="FLUX.2 [klein] base 4B, undistilled",
-                 steps=50, guidance=4.0, guidance_mode="cfg", cache_id="f2k4b"),
+                 steps=50, guidance=4.0, guidance_mode="cfg", cache_id="f2k4b", modelspec="Flux.2-klein-4b"),
     kern.Variant(name="klein-base-9b", aliases=("flux2-klein-base-9b",), description="FLUX.2 [klein] base 9B, undistilled",
-                 steps=50, guidance=4.0, guidance_mode="cfg", cache_id="f2k9b"),
+                 steps=50, guidance=4.0, guidance_mode="cfg", cache_id="f2k9b", modelspec="Flux.2-klein-9b"),
 )
 
 
@@ -44,6 +44,7 @@ def register_architectures(register):
             latent_downscale=16,  # 8x VAE, then 2x2 patchify into channels
             default_targets=DEFAULT_TARGETS,
             timestep_method="flux2_shift",
+            implementation="https://github.com/black-forest-labs/flux2",
         )
     )
 
@@ -131,3 +132,14 @@ def generation_schedule(arch, variant, steps, latent_shape, options):
 
     h, w = latent_shape[-2:]
     return schedule.sigmas(steps, h * w, shift=options.get("shift"))
+
+
+@kern.hookimpl
+def adapter_module_map(arch, variant, layout):
+    if arch != ARCH or layout != "diffusers":
+        return None
+    from kern_flux2.adapter_map import flux2_module_map
+    from kern_flux2.params import PARAMS_BY_VARIANT
+
+    p = PARAMS_BY_VARIANT[variant or "dev"]
+    return flux2_module_map(p.depth, p.depth_single, p.hidden_size)

@@ -1,0 +1,142 @@
+"""Convert an adapter file between layouts: ``kohya``, ``comfyui`` and ``diffusers``.
+
+===========  ===============================================================  =====================================
+layout       keys                                                             alpha
+===========  ===============================================================  =====================================
+kohya        ``lora_unet_<native path, . → _>.lora_down/lora_up.weight``      ``.alpha`` scalar per module
+             (LoHa: ``.hada_w1_a`` ...)
+comfyui      ``diffusion_model.<native path>.lora_A/lora_B.weight``           folded in (√(α/r) into each factor),
+             (LoHa: ``diffusion_model.<native path>.hada_*`` + ``.alpha``)    no ``.alpha`` keys (LoRA)
+diffusers    ``transformer.<diffusers path>.lora_A/lora_B.weight``            folded in; ``lora_adapter_metadata``
+                                                                              (PEFT LoraConfig, α = r) in the header
+===========  ===============================================================  =====================================
+
+The network plugin does the rewrite (``convert_weights``) with the architecture's module map
+(``adapter_module_map``): e.g. FLUX.2's fused ``img_attn.qkv`` ↔ diffusers ``to_q/to_k/to_v`` (A duplicated, B
+chunked; back as one rank-3r module with a block-diagonal B, or rank r when the three A are equal — exact
+both ways). LoHa cannot be written for diffusers (it has no LoHa loader); that is an ``AdapterError``.
+
+``variant`` may be left out: the variants of the architecture are tried in order and the first whose module
+map holds every module of the file with fitting row counts is used.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from kern.errors import AdapterError, PluginError, UsageError
+from kern.io import save_file
+from kern.network import ModuleMap, group_by_module
+from kern.weights import detect, read_adapter
+
+log = structlog.get_logger(__name__)
+
+LAYOUTS = ("kohya", "comfyui", "diffusers")
+
+
+def _fits(module_map: ModuleMap, modules: dict[str, dict[str, torch.Tensor]]) -> tuple[bool, str]:
+    """Whether every module resolves in the map and row-sliced modules have a tensor with that many rows."""
+    table = module_map.table()
+    for name, tensors in modules.items():
+        hit = table.resolve(name)
+        if hit is None:
+            return False, f"{name!r} is not in the module map"
+        naming, path = hit
+        rows = None
+        if naming == "native" and path in module_map.native_rows:
+            rows = module_map.native_rows[path]
+        elif naming == "other" and module_map.to_native.get(path, (None, None))[1] is not None:
+            start, stop = module_map.to_native[path][1]
+            rows = stop - start
+        if rows is not None and not any(t.dim() >= 2 and t.shape[0] == rows for t in tensors.values()):
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+            return False, f"{name!r} does not have {rows} output rows ({shapes})"
+    return True, ""
+
+
+def convert(
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    to_layout: str,
+    arch: str,
+    variant: str | None = None,
+    manager: Any = None,
+) -> dict[str, Any]:
+    """Rewrite the adapter ``in_path`` in ``to_layout`` for ``arch`` (and ``variant``) and write ``out_path`` atomically.
+
+    Returns a summary (``network_type``, ``from_layout``, ``to_layout``, ``variant``, ``tensors``, ``out``).
+    """
+    from kern.plugins import get_manager
+
+    manager = manager or get_manager()
+    if to_layout not in LAYOUTS:
+        raise UsageError(f"unknown layout {to_layout!r}; choose one of {list(LAYOUTS)}")
+    if not arch:
+        raise UsageError("convert needs the architecture (--arch) for its module names")
+    in_path, out_path = Path(in_path), Path(out_path)
+    if out_path.exists() and out_path.resolve() == in_path.resolve():
+        raise UsageError(f"{out_path}: the output would overwrite the input; choose another --out")
+    architecture, alias_variant = manager.resolve_arch(arch)
+    named_by_alias = arch not in (architecture.name, *architecture.aliases)
+    if variant:
+        try:
+            candidates = [architecture.variant(variant).name]
+        except KeyError as exc:
+            raise UsageError(str(exc.args[0])) from None
+    elif named_by_alias:
+        candidates = [alias_variant]
+    else:
+        candidates = [v.name for v in architecture.variants]
+
+    tensors, metadata = read_adapter(in_path)
+    claim = detect(tensors.keys(), metadata, manager, path=in_path)
+    modules = group_by_module(tensors, claim.modules)
+    chosen, raw, reasons = None, None, []
+    for v in candidates:
+        entries = manager.hook.adapter_module_map(arch=architecture.name, variant=v, layout="diffusers")
+        if entries is None:
+            reasons.append(f"{v}: no module map")
+            continue
+        ok, why = _fits(ModuleMap(entries), modules)
+        if ok:
+            chosen, raw = v, entries
+            break
+        reasons.append(f"{v}: {why}")
+    if chosen is None:
+        if all(r.endswith("no module map") for r in reasons):
+            raise PluginError(f"architecture {architecture.name!r} provides no adapter module map (adapter_module_map hook)")
+        raise AdapterError(f"{in_path}: does not fit {architecture.name} ({'; '.join(reasons)}); check --arch / --variant")
+    try:
+        result = manager.hook.convert_weights(
+            network_type=claim.network_type, state_dict=tensors, metadata=metadata, claim=claim, to_layout=to_layout, module_map=raw
+        )
+    except AdapterError as exc:
+        raise AdapterError(f"{in_path}: {exc}") from None
+    if result is None:
+        raise PluginError(f"no plugin converts {claim.network_type!r} adapters (convert_weights)")
+    out_tensors, out_metadata = result
+    out_metadata = {str(k): str(v) for k, v in dict(out_metadata or {}).items()}
+    out_metadata["kern.converted_from"] = claim.layout
+    save_file(out_tensors, out_path, out_metadata)
+    log.info(
+        "converted adapter",
+        file=str(in_path),
+        out=str(out_path),
+        network=claim.network_type,
+        from_layout=claim.layout,
+        to_layout=to_layout,
+        variant=chosen,
+    )
+    return {
+        "network_type": claim.network_type,
+        "from_layout": claim.layout,
+        "to_layout": to_layout,
+        "variant": chosen,
+        "tensors": len(out_tensors),
+        "out": str(out_path),
+    }

@@ -1,0 +1,210 @@
+"""Adapter files: read them, find out what they are, apply them to a model unmerged.
+
+* :func:`read_adapter` — tensors and metadata of a safetensors adapter, with errors that name the file.
+* :func:`detect` — ask every network plugin (``detect_weights``) and return the single claim; when no plugin
+  claims the file, say what it is if recognisable (LoKr, DoRA, a full model checkpoint, a file mixing adapter
+  kinds) or show a few of its keys.
+* :func:`apply_adapters` — apply several adapter files (LoRA and LoHa mixed) with their multipliers to a model,
+  unmerged; diffusers-named files are mapped onto the architecture's native module names through its
+  ``adapter_module_map`` when ``arch`` is given.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import structlog
+import torch
+
+from kern.errors import AdapterError, KernError, PluginError
+from kern.network import CHECKPOINT_PREFIXES, ModuleMap, NameTable, Network, candidate_paths
+from kern.records import WeightsClaim
+
+log = structlog.get_logger(__name__)
+
+ADAPTER_MARKERS = ("lora_", "hada_", "lokr_", ".alpha", "dora_scale", "lora.")
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of the adapter file ``path``; ``AdapterError`` names the file on failure."""
+    from kern.io import load_file
+
+    p = Path(path)
+    try:
+        tensors, metadata = load_file(p)
+    except KernError as exc:
+        raise AdapterError(str(exc)) from None
+    except Exception as exc:  # safetensors' own errors (bad dtype, overlapping offsets ...)
+        raise AdapterError(f"{p}: unreadable safetensors file: {exc}") from None
+    if not tensors:
+        raise AdapterError(f"{p}: holds no tensors; not an adapter")
+    return tensors, dict(metadata or {})
+
+
+def describe_unclaimed(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
+    """What a file no network plugin claimed looks like, in words (for the error message)."""
+    keys = sorted(keys)
+    sample = keys[:5]
+    kinds = []
+    if any("lora_down" in k or "lora_up" in k or ".lora_A" in k or ".lora_B" in k for k in keys):
+        kinds.append("LoRA")
+    if any(".hada_" in k for k in keys):
+        kinds.append("LoHa")
+    if any(".lokr_" in k for k in keys):
+        kinds.append("LoKr")
+    dora = [k for k in keys if k.endswith("dora_scale")]
+    plain = [k for k in keys if not any(m in k for m in ADAPTER_MARKERS)]
+    if len(kinds) > 1:
+        return f"a mixed adapter file holding {' and '.join(kinds)} modules; kern applies one network type per file: split it"
+    if dora:
+        return f"a DoRA adapter ({len(dora)} dora_scale keys, e.g. {dora[0]!r}); kern has no DoRA support"
+    if kinds == ["LoKr"]:
+        lk = [k for k in keys if ".lokr_" in k]
+        return f"a LoKr adapter (keys like {lk[0]!r}); no installed kern plugin handles LoKr (ComfyUI loads it)"
+    if kinds and plain:
+        return f"an adapter ({kinds[0]}) mixed with {len(plain)} non-adapter tensors such as {plain[:3]}; remove those"
+    if plain and len(plain) == len(keys):
+        w = [k for k in keys if k.endswith(".weight")]
+        if w:
+            return (
+                f"a full model checkpoint ({len(keys)} tensors like {w[0]!r}), not an adapter; "
+                "pass it as the base model (--model), not as adapter weights"
+            )
+    return f"not an adapter format kern knows ({len(keys)} keys, e.g. {sample})"
+
+
+def detect(keys: Iterable[str], metadata: Mapping[str, str] | None = None, manager: Any = None, path: Any = None) -> WeightsClaim:
+    """The one network plugin's claim on an adapter file with these ``keys``; ``AdapterError`` otherwise."""
+    from kern.plugins import get_manager
+
+    manager = manager or get_manager()
+    keys = frozenset(keys)
+    metadata = dict(metadata or {})
+    where = f"{path}: " if path is not None else ""
+    claims: list[tuple[str, WeightsClaim]] = []
+    for impl in manager.hook.detect_weights.get_hookimpls():
+        try:
+            claim = impl.function(keys=keys, metadata=metadata)
+        except Exception as exc:
+            raise PluginError(f"{where}plugin {impl.plugin_name!r} failed in detect_weights: {type(exc).__name__}: {exc}") from exc
+        if claim is None:
+            continue
+        if not isinstance(claim, WeightsClaim):
+            raise PluginError(f"plugin {impl.plugin_name!r}: detect_weights returned {type(claim).__name__}, expected kern.WeightsClaim")
+        claims.append((impl.plugin_name, claim))
+    if not claims:
+        raise AdapterError(f"{where}{describe_unclaimed(keys, metadata)}")
+    if len(claims) > 1:
+        who = ", ".join(f"{name} ({c.network_type}, {c.layout})" for name, c in claims)
+        raise AdapterError(f"{where}claimed by more than one network plugin: {who}; disable one (KERN_DISABLE_PLUGINS)")
+    return claims[0][1]
+
+
+def module_map_for(manager: Any, arch: str, variant: str | None, layout: str = "diffusers") -> ModuleMap | None:
+    """The architecture's ``adapter_module_map`` for ``variant`` (canonicalised), or ``None`` if it has none."""
+    architecture, default_variant = manager.resolve_arch(arch)
+    variant = architecture.variant(variant).name if variant else default_variant
+    raw = manager.hook.adapter_module_map(arch=architecture.name, variant=variant, layout=layout)
+    return None if raw is None else ModuleMap(raw, source=f"{architecture.name}/{variant} adapter_module_map")
+
+
+def to_kohya(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    claim: WeightsClaim,
+    manager: Any,
+    module_map: ModuleMap | list | None = None,
+) -> dict[str, torch.Tensor]:
+    """The adapter rewritten in kohya naming by its plugin (``convert_weights``), mapped to native names if a map is given."""
+    raw = None
+    if module_map is not None:
+        raw = [(n, o) for n, o in module_map.to_other.items()] if isinstance(module_map, ModuleMap) else module_map
+    result = manager.hook.convert_weights(
+        network_type=claim.network_type, state_dict=tensors, metadata=metadata, claim=claim, to_layout="kohya", module_map=raw
+    )
+    if result is None:
+        raise PluginError(f"no plugin converts {claim.network_type!r} adapters (convert_weights)")
+    return dict(result[0])
+
+
+def apply_adapters(
+    model: torch.nn.Module,
+    adapters: Sequence[tuple[str | os.PathLike, float]],
+    arch: str | None = None,
+    variant: str | None = None,
+    manager: Any = None,
+    merge: bool = False,
+) -> list[Network]:
+    """Apply adapter files to ``model`` unmerged, each with its multiplier; return the attached networks.
+
+    With ``merge=True`` every network is then baked into the weights (``Network.merge_into_model``: "merged for
+    speed" generation; the returned networks are detached and their multipliers fixed).
+
+    Files may be LoRA or LoHa (any layout a plugin detects) and may target the same layers: their outputs add
+    up. With ``arch`` set, a file whose module names are not the model's own (e.g. diffusers names on kern's
+    BFL-named FLUX.2) is first mapped through the architecture's module map. On any error the networks
+    applied so far are removed again.
+    """
+    from kern.plugins import get_manager
+
+    manager = manager or get_manager()
+    layers = candidate_paths(model)
+    table = NameTable(layers)
+    networks: list[Network] = []
+    try:
+        for path, multiplier in adapters:
+            tensors, metadata = read_adapter(path)
+            claim = detect(tensors.keys(), metadata, manager, path=path)
+            foreign = [m for m in claim.modules if table.resolve(m) is None]
+            if foreign and arch is not None:
+                mm = module_map_for(manager, arch, variant)
+                if mm is not None:
+                    log.debug("mapping adapter names through the module map", file=str(path), arch=arch, unmatched=len(foreign))
+                    try:
+                        tensors = to_kohya(tensors, metadata, claim, manager, mm)
+                    except AdapterError as exc:
+                        raise AdapterError(f"{path}: {exc}") from None
+                    claim = detect(tensors.keys(), {}, manager, path=path)
+                    metadata = {}
+            try:
+                net = manager.hook.load_network(
+                    network_type=claim.network_type, model=model, state_dict=tensors, metadata=metadata, claim=claim, multiplier=float(multiplier)
+                )
+            except AdapterError as exc:
+                hint = ""
+                if arch is None and "match no layer" in str(exc):
+                    hint = " (if the file uses another naming, e.g. diffusers names on a natively named model, give the architecture)"
+                raise AdapterError(f"{path}: {exc}{hint}") from None
+            if net is None:
+                raise PluginError(f"{path}: no plugin loads {claim.network_type!r} adapters (load_network)")
+            log.info("applied adapter", file=str(path), network=claim.network_type, layout=claim.layout, modules=len(net), multiplier=float(multiplier))
+            networks.append(net)
+    except BaseException:
+        for net in reversed(networks):
+            net.remove()
+        raise
+    if merge:
+        for net in networks:
+            net.merge_into_model()
+        log.info("merged adapters into the model", count=len(networks))
+    return networks
+
+
+def parse_weights_arg(value: str) -> tuple[str, float]:
+    """``"file.safetensors:0.8"`` → ``("file.safetensors", 0.8)``; no ``:number`` suffix means multiplier 1."""
+    path, sep, tail = value.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return value, 1.0
+
+
+def strip_checkpoint_prefix(key: str) -> str:
+    for prefix in CHECKPOINT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix):]
+    return key
