@@ -53,6 +53,7 @@ class Setup:
     count: int = 1
     negative: str | None = None
     fp8_text_encoder: bool = False
+    references: list[str] = attrs.Factory(list)  # reference / control images for every prompt
 
 
 @attrs.define
@@ -68,6 +69,7 @@ class Image:
     seed: int
     source: str
     index: int  # position in the run, for file names
+    references: tuple[str, ...] = ()
     latents: torch.Tensor | None = None
 
 
@@ -165,6 +167,7 @@ class Generator:
                     steps=expanded.steps or s.steps or v.steps,
                     guidance=expanded.guidance if expanded.guidance is not None else (s.guidance if s.guidance is not None else v.guidance),
                     seed=seed, source=request.source, index=self.counter,
+                    references=tuple(request.extra.get("ci", ())) or tuple(s.references),
                 ))
                 self.counter += 1
         return images
@@ -182,22 +185,55 @@ class Generator:
                 out[prompt] = {k: v.detach().cpu() for k, v in enc.items()}
         return out
 
-    def denoise(self, images: list[Image], texts: dict[str, dict[str, torch.Tensor]], on_image: Callable[[Image], None] | None = None) -> None:
+    def encode_references(self, images: list[Image]) -> dict[tuple[str, ...], list[torch.Tensor]]:
+        """Latents of every distinct set of reference images (loaded, sized by the architecture, encoded)."""
+        sets = {im.references for im in images if im.references}
+        if not sets:
+            return {}
+        from PIL import Image as PILImage
+
+        from kern.data import load_image
+
+        self.load_vae()
+        out = {}
+        for refs in sorted(sets):
+            sizes = []
+            for path in refs:
+                try:
+                    with PILImage.open(path) as pic:
+                        sizes.append(pic.size)
+                except (OSError, ValueError) as exc:
+                    raise UsageError(f"reference image {path}: cannot read it ({exc})") from None
+            step = self.arch.resolution_step
+            wanted = self.hook.reference_sizes(arch=self.arch.name, variant=self.variant.name, sizes=sizes) or \
+                [(w // step * step, h // step * step) for w, h in sizes]
+            latents = []
+            with torch.no_grad():
+                for path, size in zip(refs, wanted):
+                    pixels = load_image(path, tuple(size))[None].to(self.device)
+                    latents.append(self.hook.encode_latents(arch=self.arch.name, variant=self.variant.name, vae=self.vae, images=pixels).cpu())
+            out[refs] = latents
+        return out
+
+    def denoise(self, images: list[Image], texts: dict[str, dict[str, torch.Tensor]], on_image: Callable[[Image], None] | None = None,
+                references: dict[tuple[str, ...], list[torch.Tensor]] | None = None) -> None:
+        references = references or {}
         self.load_transformer()
         # Batches: same size, steps and guidance, and text tensors of the same shapes, up to batch_size.
         groups: dict[tuple, list[Image]] = {}
         for im in images:
             shapes = tuple((k, tuple(v.shape)) for k, v in texts[im.prompt].items())
-            groups.setdefault((im.width, im.height, im.steps, im.guidance, shapes), []).append(im)
-        for (width, height, steps, guidance, _), members in groups.items():
+            groups.setdefault((im.width, im.height, im.steps, im.guidance, shapes, im.references), []).append(im)
+        for (width, height, steps, guidance, _, refs), members in groups.items():
             for start in range(0, len(members), max(1, self.setup.batch_size)):
                 batch = members[start : start + max(1, self.setup.batch_size)]
                 shape = (self.arch.latent_channels, height // self.arch.latent_downscale, width // self.arch.latent_downscale)
                 noise = seeded_noise([im.seed for im in batch], shape)
                 text = _collate([texts[im.prompt] for im in batch], self.device)
                 negative = _collate([texts[im.negative or ""] for im in batch], self.device) if self.variant.guidance_mode == "cfg" else None
+                ref_latents = [r.expand(len(batch), *r.shape[1:]).to(self.device) for r in references[refs]] if refs else None
                 latents = euler_denoise(self.hook, self.arch.name, self.variant, self.transformer, text, noise, steps, guidance,
-                                        negative_text=negative, device=self.device, dtype=self.dtype,
+                                        negative_text=negative, references=ref_latents, device=self.device, dtype=self.dtype,
                                         on_step=_progress(batch, steps))
                 for im, lat in zip(batch, latents.cpu()):
                     im.latents = lat
@@ -227,6 +263,7 @@ class Generator:
             "prompt": im.prompt, "negative_prompt": im.negative or "", "seed": im.seed, "steps": im.steps,
             "guidance": im.guidance, "width": im.width, "height": im.height, "model": f"{self.arch.name}/{self.variant.name}",
             "transformer": self.setup.transformer or "", "adapters": [f"{p}:{m}" for p, m in self.setup.weights],
+            "references": list(im.references),
             "source": im.source,
         }
         for key, value in meta.items():
@@ -288,7 +325,8 @@ def run_batch(setup: Setup, requests: list[Request], manager: KernPluginManager 
     log.info("generating", images=len(images), arch=gen.arch.name, variant=gen.variant.name)
     texts = gen.encode(images)
     gen.free("text_encoder")
-    gen.denoise(images, texts)
+    references = gen.encode_references(images)
+    gen.denoise(images, texts, references=references)
     gen.free("transformer")
     paths = gen.decode_and_save(images)
     if setup.grid and len(paths) > 1:
@@ -311,7 +349,7 @@ def run_interactive(setup: Setup, stream: Iterable[str], base_prompt: str | None
         try:
             images = gen.plan([item])
             texts = gen.encode(images)
-            gen.denoise(images, texts)
+            gen.denoise(images, texts, references=gen.encode_references(images))
             paths = gen.decode_and_save(images)
         except UsageError as exc:  # a bad line (missing wildcard, bad size) must not end the session
             echo(f"error: {exc}")

@@ -117,6 +117,13 @@ def sample_timesteps(arch: str, method: str, batch_size: int, latent_shape: tupl
 
 
 @hookspec(firstresult=True)
+def reference_sizes(arch: str, variant: str, sizes: list) -> list | None:
+    """The (width, height) each reference/control image is resized to before ``encode_latents``, given
+    their original sizes, for generation. Sizes must be multiples of the architecture's resolution step.
+    The kernel resizes to cover and centre-crops; without an answer it only crops to the step."""
+
+
+@hookspec(firstresult=True)
 def generation_schedule(arch: str, variant: str, steps: int, latent_shape: tuple, options: Mapping[str, Any]) -> Any:
     """Return the sigma schedule for ``steps`` denoising steps: a 1-D tensor of ``steps + 1`` values from
     about 1 down to exactly 0, for a target latent of ``latent_shape`` (C, h, w) — resolution-dependent

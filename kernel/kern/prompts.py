@@ -27,6 +27,8 @@ LINE_OPTIONS: dict[str, tuple[str, type]] = {
     "n": ("negative", str),
     "f": ("count", int),
 }
+# Options that may repeat and collect into Request.extra: control / reference images.
+LIST_OPTIONS: dict[str, type] = {"ci": str}
 
 WILDCARD = re.compile(r"__([A-Za-z0-9_\-./]+?)__")
 MAX_WILDCARD_DEPTH = 16
@@ -93,6 +95,7 @@ def _apply_options(request: Request, tokens: list[str], where: str, extra_option
             raise UsageError(f"{where}: option --{name} needs a value")
         raw = tokens[i + 1]
         i += 2
+        extra_options = {**LIST_OPTIONS, **extra_options}
         if name in LINE_OPTIONS:
             field, kind = LINE_OPTIONS[name]
         elif name in extra_options:

@@ -43,6 +43,8 @@ def parse_weights(values: tuple[str, ...]) -> list[tuple[str, float]]:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first image; later images count up.")
 @click.option("--count", type=int, default=1, show_default=True, help="Images per prompt.")
 @click.option("--out", type=click.Path(file_okay=False), default="outputs", show_default=True, help="Output folder.")
+@click.option("--ref", "references", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="Reference / control image (FLUX.2 references, Qwen-Image edit controls); repeatable. Per line: --ci PATH.")
 @click.option("--weights", multiple=True, metavar="FILE[:MULT]", help="Adapter (LoRA or LoHa, detected) with an optional multiplier; repeatable.")
 @click.option("--merge", is_flag=True, help="Merge adapters into the weights (faster steps, no per-step adapter cost).")
 @click.option("--from-file", type=click.Path(dir_okay=False), help="Prompt file: one prompt per line with --w --h --d --s --g --n --f options.")
@@ -54,7 +56,7 @@ def parse_weights(values: tuple[str, ...]) -> list[tuple[str, float]]:
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--fp8-text-encoder", is_flag=True, help="Store text-encoder weights in float8 (less memory).")
 def command(arch, variant, transformer, vae, text_encoder, prompt, negative_prompt, width, height, steps, guidance, seed,
-            count, out, weights, merge, from_file, wildcards, interactive, grid, batch_size, dtype, device, fp8_text_encoder) -> None:
+            count, out, references, weights, merge, from_file, wildcards, interactive, grid, batch_size, dtype, device, fp8_text_encoder) -> None:
     """Generate images, with adapters, from a prompt, a prompt file or interactively.
 
     \b
@@ -73,7 +75,7 @@ def command(arch, variant, transformer, vae, text_encoder, prompt, negative_prom
         arch=arch, variant=variant, transformer=transformer, vae=vae, text_encoder=text_encoder, dtype=dtype, device=device,
         weights=parse_weights(weights), merge=merge, out=Path(out), wildcards=wildcards, grid=grid, batch_size=batch_size,
         width=width, height=height, steps=steps, guidance=guidance, seed=seed, count=count, negative=negative_prompt,
-        fp8_text_encoder=fp8_text_encoder,
+        fp8_text_encoder=fp8_text_encoder, references=list(references),
     )
     if interactive:
         generate.run_interactive(setup, sys.stdin, prompt, lambda s: click.echo(s))

@@ -143,3 +143,19 @@ def adapter_module_map(arch, variant, layout):
 
     p = PARAMS_BY_VARIANT[variant or "dev"]
     return flux2_module_map(p.depth, p.depth_single, p.hidden_size)
+
+
+# The official preprocessing caps references at 2024² pixels for one image and 1024² each for several.
+REFERENCE_AREA_ONE, REFERENCE_AREA_MANY = 2024 * 2024, 1024 * 1024
+
+
+@kern.hookimpl
+def reference_sizes(arch, variant, sizes):
+    if arch != ARCH:
+        return None
+    cap = REFERENCE_AREA_ONE if len(sizes) == 1 else REFERENCE_AREA_MANY
+    out = []
+    for w, h in sizes:
+        scale = min(1.0, (cap / (w * h)) ** 0.5)
+        out.append((max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)))
+    return out
