@@ -77,3 +77,49 @@ def test_resume_without_checkpoint_is_a_usage_error(tmp_path, toy_plugin):
     dataset = make_dataset(tmp_path / "data", n=1)
     with pytest.raises(UsageError, match="no checkpoint"):
         train.run(job(tmp_path, dataset, tmp_path / "nothing"), resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, toy_plugin, monkeypatch):
+    from kern.errors import KernError
+
+    dataset = make_dataset(tmp_path / "data", n=2)
+    out = tmp_path / "run"
+    real = toy_plugin.hook.predict_velocity
+    calls = {"n": 0}
+
+    def poisoned(**kw):
+        calls["n"] += 1
+        v = real(**kw)
+        return v * float("nan") if calls["n"] > 4 else v  # steps 1-4 fine, then NaN
+
+    monkeypatch.setattr(toy_plugin.hook, "predict_velocity", poisoned)
+    with pytest.raises(KernError, match=r"loss became nan at step 5 .*Last good checkpoint: .*step-000004"):
+        train.run(job(tmp_path, dataset, out, **{"train.steps": 8, "save.every_n_steps": 2}))
+    assert [p.name for p in train.checkpoint_dirs(out)] == ["step-000002", "step-000004"]
+    state = torch.load(out / "checkpoints" / "step-000004" / "state.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["network"].values())
+    assert not (out / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_optimizers_train(tmp_path, toy_plugin, optimizer):
+    dataset = make_dataset(tmp_path / "data", n=1)
+    adapter = train.run(job(tmp_path, dataset, tmp_path / optimizer, **{"train.steps": 3, "train.optimizer": optimizer}))
+    tensors, _ = load_file(adapter)
+    assert any(float(v.abs().sum()) > 0 for k, v in tensors.items() if "lora_up" in k)  # B moved away from zero
+
+
+def test_unknown_optimizer_and_missing_extras_are_usage_errors(tmp_path, toy_plugin):
+    from kern.errors import UsageError
+
+    dataset = make_dataset(tmp_path / "data", n=1)
+    with pytest.raises(UsageError, match="unknown train.optimizer 'sgdx'"):
+        train.run(job(tmp_path, dataset, tmp_path / "r", **{"train.optimizer": "sgdx"}))
+
+
+def test_lr_schedule_warmup_and_decay():
+    f = train.lr_lambda("cosine", warmup=4, total=14)
+    assert [round(f(s), 3) for s in (0, 1, 3)] == [0.25, 0.5, 1.0]
+    assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0)
+    assert train.lr_lambda("linear", 0, 10)(5) == pytest.approx(0.5)
+    assert train.lr_lambda("constant", 2, 10)(7) == 1.0
