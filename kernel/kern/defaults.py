@@ -15,3 +15,8 @@ def sample_timesteps(arch: str, method: str, batch_size: int, latent_shape: tupl
     from kern import timesteps
 
     return timesteps.sample(method, batch_size, latent_shape, generator, options)
+
+
+@hookimpl(trylast=True)
+def combine_guidance(arch: str, variant: str, cond: Any, uncond: Any, scale: float, options: Mapping[str, Any]) -> Any:
+    return uncond + scale * (cond - uncond)

@@ -177,7 +177,7 @@ class Generator:
         self.load_text_encoder()
         wanted = {im.prompt for im in images}
         if self.variant.guidance_mode == "cfg":
-            wanted |= {im.negative or "" for im in images}
+            wanted |= {self._negative(im) for im in images}
         out = {}
         with torch.no_grad():
             for prompt in sorted(wanted):
@@ -230,7 +230,7 @@ class Generator:
                 shape = (self.arch.latent_channels, height // self.arch.latent_downscale, width // self.arch.latent_downscale)
                 noise = seeded_noise([im.seed for im in batch], shape)
                 text = _collate([texts[im.prompt] for im in batch], self.device)
-                negative = _collate([texts[im.negative or ""] for im in batch], self.device) if self.variant.guidance_mode == "cfg" else None
+                negative = _collate([texts[self._negative(im)] for im in batch], self.device) if self.variant.guidance_mode == "cfg" else None
                 ref_latents = [r.expand(len(batch), *r.shape[1:]).to(self.device) for r in references[refs]] if refs else None
                 latents = euler_denoise(self.hook, self.arch.name, self.variant, self.transformer, text, noise, steps, guidance,
                                         negative_text=negative, references=ref_latents, device=self.device, dtype=self.dtype,
@@ -239,6 +239,9 @@ class Generator:
                     im.latents = lat
                     if on_image:
                         on_image(im)
+
+    def _negative(self, im: Image) -> str:
+        return im.negative if im.negative is not None else self.variant.negative_prompt
 
     def decode_and_save(self, images: list[Image]) -> list[Path]:
         self.load_vae()
@@ -260,7 +263,8 @@ class Generator:
 
         info = PngInfo()
         meta = {
-            "prompt": im.prompt, "negative_prompt": im.negative or "", "seed": im.seed, "steps": im.steps,
+            "prompt": im.prompt, "negative_prompt": self._negative(im) if self.variant.guidance_mode == "cfg" else (im.negative or ""),
+            "seed": im.seed, "steps": im.steps,
             "guidance": im.guidance, "width": im.width, "height": im.height, "model": f"{self.arch.name}/{self.variant.name}",
             "transformer": self.setup.transformer or "", "adapters": [f"{p}:{m}" for p, m in self.setup.weights],
             "references": list(im.references),

@@ -131,6 +131,13 @@ def generation_schedule(arch: str, variant: str, steps: int, latent_shape: tuple
 
 
 @hookspec(firstresult=True)
+def combine_guidance(arch: str, variant: str, cond: Any, uncond: Any, scale: float, options: Mapping[str, Any]) -> Any:
+    """Combine the conditional and unconditional velocities of a true-CFG step (same shape as the
+    latents). The kernel's own answer, tried last, is ``uncond + scale * (cond - uncond)``; an
+    architecture overrides it for extra steps such as Qwen-Image's per-token norm rescale."""
+
+
+@hookspec(firstresult=True)
 def adapter_module_map(arch: str, variant: str, layout: str) -> list | None:
     """How this architecture's native module paths map to another naming, for adapter conversion.
 

@@ -86,6 +86,7 @@ class Variant:
     height: int = 1024
     cache_id: str = ""  # id in cache file names; variants that share latents and text share it (musubi's f2k4b ...)
     modelspec: str = ""  # modelspec.architecture name in adapter metadata, e.g. "Flux.2-klein-4b"
+    negative_prompt: str = ""  # the unconditional prompt of true CFG when the user gives none
 
 
 @attrs.frozen

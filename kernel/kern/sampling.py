@@ -33,7 +33,7 @@ def euler_denoise(
 
     Draw the noise on the CPU with ``seeded_noise`` so the same seed gives the same image on any device.
     ``guidance_mode`` "embedded" passes ``guidance`` to the model, "cfg" combines a conditional and
-    an unconditional forward (``negative_text``) as ``v_u + g (v_c - v_u)`` when ``g != 1``.
+    an unconditional forward (``negative_text``) through the ``combine_guidance`` hook when ``g != 1``.
     """
     options = dict(options or {})
     sigmas = hook.generation_schedule(arch=arch, variant=variant.name, steps=steps, latent_shape=tuple(noise.shape[1:]), options=options)
@@ -54,7 +54,7 @@ def euler_denoise(
             v = velocity(text, t)
             if use_cfg:
                 v_uncond = velocity(negative_text, t)
-                v = v_uncond + guidance * (v - v_uncond)
+                v = hook.combine_guidance(arch=arch, variant=variant.name, cond=v, uncond=v_uncond, scale=guidance, options=options)
             x = x + (sigmas[i + 1] - sigmas[i]).to(device) * v
             if on_step is not None:
                 on_step(i)

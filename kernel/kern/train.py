@@ -368,10 +368,10 @@ def run(job: JobConfig, resume: bool = False) -> Path:
 
     specs, items = load_items(plan)
     sample_prompts = list(job.sample.prompts)
-    extra = sample_prompts + ([""] if variant.guidance_mode == "cfg" else [])
+    extra = sample_prompts + ([variant.negative_prompt] if variant.guidance_mode == "cfg" else [])
     _, encodings = text_phase(plan, variant, items, device, extra, write=acc.is_main_process)
     sample_text = [encodings[p] for p in sample_prompts]
-    sample_negative = encodings[""] if variant.guidance_mode == "cfg" else None
+    sample_negative = encodings[variant.negative_prompt] if variant.guidance_mode == "cfg" else None
     _, vae = latent_phase(plan, variant, items, device, write=acc.is_main_process)
     acc.wait_for_everyone()
 

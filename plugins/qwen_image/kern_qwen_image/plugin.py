@@ -20,16 +20,16 @@ DEFAULT_TARGETS = (r"transformer_blocks\.\d+\.(attn|img_mlp|txt_mlp)\..*",)
 
 VARIANTS = (
     kern.Variant(name="t2i", aliases=("qwen-image-t2i",), description="Qwen-Image text-to-image (2508 and 2512)",
-                 steps=50, guidance=4.0, guidance_mode="cfg", width=1328, height=1328, cache_id="qi", modelspec="Qwen-Image"),
+                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", width=1328, height=1328, cache_id="qi", modelspec="Qwen-Image"),
     kern.Variant(name="edit", aliases=("qwen-image-edit",), description="Qwen-Image-Edit (2508), one control image",
-                 steps=50, guidance=4.0, guidance_mode="cfg", cache_id="qie", modelspec="Qwen-Image-Edit"),
+                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit"),
     kern.Variant(name="edit-2509", aliases=("qwen-image-edit-plus", "qwen-image-edit-2509"),
                  description="Qwen-Image-Edit-2509 (Edit-Plus), several control images",
-                 steps=40, guidance=4.0, guidance_mode="cfg", cache_id="qie", modelspec="Qwen-Image-Edit-Plus"),
+                 steps=40, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit-Plus"),
     kern.Variant(name="edit-2511", aliases=("qwen-image-edit-2511",), description="Qwen-Image-Edit-2511 (zero_cond_t)",
-                 steps=40, guidance=4.0, guidance_mode="cfg", cache_id="qie", modelspec="Qwen-Image-Edit-2511"),
+                 steps=40, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit-2511"),
     kern.Variant(name="layered", aliases=("qwen-image-layered",), description="Qwen-Image-Layered (RGBA layers)",
-                 steps=50, guidance=4.0, guidance_mode="cfg", width=640, height=640, cache_id="qil", modelspec="Qwen-Image-Layered"),
+                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", width=640, height=640, cache_id="qil", modelspec="Qwen-Image-Layered"),
 )
 
 
