@@ -796,3 +796,53 @@ def rank_for(path: str, rank: int, patterns: Sequence[str]) -> int:
             return r
     return rank
 
+
+
+# --------------------------------------------------------------------------- plugin scaffolding
+
+
+def build_network(name: str, model: nn.Module, targets: TargetSpec, options: Mapping[str, Any], module_cls: type,
+                  **network_kwargs: Any) -> Network:
+    """``make_network`` for a rank-based adapter type: check the common options, wrap every selected layer
+    with ``module_cls(kohya_name, path, layer, rank, alpha, use_rslora=, device=, dropout=, rank_dropout=,
+    module_dropout=)`` and attach. Used by the LoRA and LoHa plugins; open to any network plugin."""
+    rank = int(options.get("rank") or 16)
+    if rank < 1:
+        raise UsageError(f"{name} option 'rank' must be at least 1, got {rank}")
+    drop = {}
+    for key in ("dropout", "rank_dropout", "module_dropout"):
+        p = float(options.get(key) or 0.0)
+        if not 0.0 <= p < 1.0:
+            raise UsageError(f"{name} option {key!r} must be in [0, 1), got {p}")
+        drop[key] = p
+    selected = select_targets(model, targets, conv=True)
+    if not selected:
+        raise UsageError(
+            f"{name}: no Linear/Conv2d module of the model matches targets {list(targets.targets)} "
+            f"(exclude {list(targets.exclude)}, include {list(targets.include)})"
+        )
+    patterns = tuple(options.get("rank_pattern") or ())
+    modules = [
+        module_cls(kohya_name(path), path, org, rank_for(path, rank, patterns), options.get("alpha"),
+                   use_rslora=bool(options.get("use_rslora")), device=layer_device(org), **drop)
+        for path, org in selected
+    ]
+    log.info(f"{name} network", modules=len(modules), rank=rank, alpha=options.get("alpha"))
+    return Network(name, modules, options=options, **network_kwargs).attach()
+
+
+def load_network_modules(name: str, model: nn.Module, modules: Mapping[str, Mapping[str, torch.Tensor]], module_cls: type,
+                         multiplier: float) -> Network:
+    """``load_network`` for an adapter whose tensors are already grouped by module name (kohya suffixes):
+    resolve every name against the model's layers (an unmatched one is an ``AdapterError`` listing them),
+    build ``module_cls.from_tensors`` for each and attach unmerged with ``multiplier``."""
+    layers = candidate_paths(model)
+    resolved, unmatched = resolve_modules(modules, NameTable(layers))
+    if unmatched:
+        names = [n for n, _ in unmatched]
+        label = module_cls.__name__.removesuffix("Module")  # LoRA, LoHa
+        raise AdapterError(f"{len(names)} of {len(modules)} {label} modules match no layer of the model: {names[:12]}")
+    adapters = [module_cls.from_tensors(kohya_name(p), p, layers[p], t) for p, t in resolved.items()]
+    ranks = sorted({a.rank for a in adapters})
+    net = Network(name, adapters, multiplier=multiplier, options={"rank": ranks[0] if len(ranks) == 1 else ranks})
+    return net.attach()

@@ -283,7 +283,7 @@ def text_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, extr
                                                     "fp8": job.model.fp8_text_encoder})
         log.info("text cache ready", encoded=encoded, reused=len(items) - encoded)
     extra = {p: encode([p]) for p in dict.fromkeys(extra_prompts)}
-    del encoder, encode
+    encoder = None  # the last reference: the encoder's memory goes back before the next phase loads
     _release_memory()
     return encoded, extra
 

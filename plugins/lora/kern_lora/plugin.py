@@ -6,7 +6,7 @@ and nothing else).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import structlog
 import torch
@@ -14,17 +14,13 @@ import torch
 import kern
 from kern.errors import AdapterError, UsageError
 from kern.network import (
+    build_network,
+    load_network_modules,
     KOHYA_PREFIX,
     ModuleMap,
-    NameTable,
-    Network,
-    candidate_paths,
     kohya_name,
-    layer_device,
     layout_of,
-    rank_for,
     resolve_modules,
-    select_targets,
     split_keys,
     strip_layout_prefix,
 )
@@ -63,45 +59,11 @@ def register_networks(register):
     )
 
 
-def _check_probability(options: Mapping[str, Any], name: str) -> float:
-    p = float(options.get(name) or 0.0)
-    if not 0.0 <= p < 1.0:
-        raise UsageError(f"lora option {name!r} must be in [0, 1), got {p}")
-    return p
-
-
 @kern.hookimpl
 def make_network(network_type, model, targets, options):
     if network_type != NAME:
         return None
-    rank = int(options.get("rank") or 16)
-    if rank < 1:
-        raise UsageError(f"lora option 'rank' must be at least 1, got {rank}")
-    drop = {k: _check_probability(options, k) for k in ("dropout", "rank_dropout", "module_dropout")}
-    selected = select_targets(model, targets, conv=True)
-    if not selected:
-        raise UsageError(
-            f"lora: no Linear/Conv2d module of the model matches targets {list(targets.targets)} "
-            f"(exclude {list(targets.exclude)}, include {list(targets.include)})"
-        )
-    patterns = tuple(options.get("rank_pattern") or ())
-    modules = []
-    for path, org in selected:
-        modules.append(
-            LoRAModule(
-                kohya_name(path),
-                path,
-                org,
-                rank_for(path, rank, patterns),
-                options.get("alpha"),
-                use_rslora=bool(options.get("use_rslora")),
-                device=layer_device(org),
-                **drop,
-            )
-        )
-    net = Network(NAME, modules, loraplus_lr_ratio=options.get("loraplus_lr_ratio"), options=options)
-    log.info("lora network", modules=len(modules), rank=rank, alpha=options.get("alpha"))
-    return net.attach()
+    return build_network(NAME, model, targets, options, LoRAModule, loraplus_lr_ratio=options.get("loraplus_lr_ratio"))
 
 
 @kern.hookimpl
@@ -121,15 +83,7 @@ def load_network(network_type, model, state_dict, metadata, claim, multiplier):
     if network_type != NAME:
         return None
     modules = normalise(state_dict, metadata, claim.modules)
-    layers = candidate_paths(model)
-    resolved, unmatched = resolve_modules(modules, NameTable(layers))
-    if unmatched:
-        names = [n for n, _ in unmatched]
-        raise AdapterError(f"{len(names)} of {len(modules)} LoRA modules match no layer of the model: {names[:12]}")
-    adapters = [LoRAModule.from_tensors(kohya_name(p), p, layers[p], t) for p, t in resolved.items()]
-    ranks = sorted({a.rank for a in adapters})
-    net = Network(NAME, adapters, multiplier=multiplier, options={"rank": ranks[0] if len(ranks) == 1 else ranks})
-    return net.attach()
+    return load_network_modules(NAME, model, modules, LoRAModule, multiplier)
 
 
 @kern.hookimpl

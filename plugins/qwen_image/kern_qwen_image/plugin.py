@@ -69,3 +69,26 @@ def adapter_module_map(arch, variant, layout):
     from kern_qwen_image.adapter_map import qwen_module_map
 
     return qwen_module_map(NUM_LAYERS)
+
+
+@kern.hookimpl
+def generation_schedule(arch, variant, steps, latent_shape, options):
+    if arch != ARCH:
+        return None
+    from kern_qwen_image import schedule
+
+    h, w = latent_shape[-2:]
+    tokens = (h // 2) * (w // 2)  # 2x2 patches of the 8x latent: target tokens only
+    if variant == "layered":
+        return schedule.layered_sigmas(steps, tokens)
+    return schedule.sigmas(steps, tokens, shift=options.get("shift"))
+
+
+@kern.hookimpl
+def combine_guidance(arch, variant, cond, uncond, scale, options):
+    if arch != ARCH:
+        return None
+    from kern_qwen_image import schedule
+
+    # Layered's pipeline defaults cfg_normalize to False; every other variant rescales.
+    return schedule.true_cfg(cond, uncond, scale, normalize=bool(options.get("cfg_normalize", variant != "layered")))
