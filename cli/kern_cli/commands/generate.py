@@ -11,17 +11,10 @@ from kern.errors import UsageError
 
 
 def parse_weights(values: tuple[str, ...]) -> list[tuple[str, float]]:
-    """``FILE[:multiplier]`` items; a Windows drive letter or a colon in the name stays part of the path."""
-    out = []
-    for item in values:
-        path, sep, mult = item.rpartition(":")
-        if sep and path and not Path(item).exists():
-            try:
-                out.append((path, float(mult)))
-                continue
-            except ValueError:
-                pass
-        out.append((item, 1.0))
+    """``FILE[:multiplier]`` items, each checked to exist; a file whose name has a colon stays whole."""
+    from kern.weights import parse_weights_arg
+
+    out = [(item, 1.0) if Path(item).is_file() else parse_weights_arg(item) for item in values]
     for path, _ in out:
         if not Path(path).is_file():
             raise UsageError(f"--weights {path}: no such file")
