@@ -13,39 +13,14 @@ from typing import Any
 
 import torch
 
+from kern.checkpoint import check_shapes, load_tensors, read_shapes, safetensors_files, strip_prefixes
 from kern.errors import ModelFileError
-from kern.io import read_header
 
 from kern_flux2 import keys
 from kern_flux2.params import PARAMS_BY_VARIANT, Flux2Params
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 SIGNATURE = "double_blocks.0.img_attn.qkv.weight"  # present in every BFL FLUX.2 transformer
 HIDDEN_TO_VARIANT = {6144: "dev", 4096: "klein-9b", 3072: "klein-4b"}
-
-
-def _safetensors_files(path: Path, subfolder: str) -> list[Path]:
-    """The weight files of a checkpoint path: one file, or a diffusers folder (maybe sharded)."""
-    if path.is_file():
-        return [path]
-    for folder in (path / subfolder, path):
-        files = sorted(folder.glob("*.safetensors"))
-        if files:
-            return files
-    raise ModelFileError(f"{path}: no .safetensors files here or in {path / subfolder}; point at the checkpoint file or a diffusers folder")
-
-
-def _shapes(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    shapes: dict[str, tuple[int, ...]] = {}
-    metadata: dict[str, str] = {}
-    for f in files:
-        try:
-            header, meta = read_header(f)
-        except Exception as exc:
-            raise ModelFileError(str(exc)) from None
-        shapes.update({k: tuple(v["shape"]) for k, v in header.items()})
-        metadata.update(meta)
-    return shapes, metadata
 
 
 def _is_diffusers(shapes: dict[str, Any]) -> bool:
@@ -62,13 +37,7 @@ def _bfl_shapes(shapes: dict[str, tuple[int, ...]], where: Path) -> dict[str, tu
                 f"this is not a FLUX.2 checkpoint (Qwen-Image or FLUX.1?). Pass it with the matching --arch."
             )
         return _diffusers_bfl_shapes(shapes)
-    stripped = {}
-    for k, v in shapes.items():
-        for p in PREFIXES:
-            if k.startswith(p):
-                k = k[len(p):]
-                break
-        stripped[k] = v
+    stripped = strip_prefixes(shapes)
     if SIGNATURE not in stripped or "single_stream_modulation.lin.weight" not in stripped:
         hint = _what_is_it(stripped)
         raise ModelFileError(f"{where}: not a FLUX.2 transformer checkpoint (no {SIGNATURE!r}){hint}")
@@ -122,7 +91,7 @@ def detect_variant(path: str | Path) -> str:
     metadata, and otherwise the distilled variant is assumed (force it with --variant).
     """
     p = Path(path)
-    shapes, metadata = _shapes(_safetensors_files(p, "transformer"))
+    shapes, metadata = read_shapes(safetensors_files(p, "transformer"))
     bfl = _bfl_shapes(shapes, p)
     if metadata.get("kern.variant") in PARAMS_BY_VARIANT:
         return metadata["kern.variant"]
@@ -135,27 +104,12 @@ def detect_variant(path: str | Path) -> str:
     return variant
 
 
-def _check_against(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], variant: str, where: Path) -> None:
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(f"{k}: file {found[k]} vs model {expected[k]}" for k in set(found) & set(expected) if found[k] != expected[k])
-    if missing or unexpected or misshaped:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                shown = ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
-                parts.append(f"{len(items)} {label}: {shown}")
-        raise ModelFileError(f"{where}: does not fit FLUX.2 {variant} (variant assumed from the file; force one with --variant): " + "; ".join(parts))
-
-
 def load_transformer(path: str | Path, variant: str | None, dtype: torch.dtype, device: Any) -> torch.nn.Module:
-    from safetensors import safe_open
-
     from kern_flux2.transformer import Flux2Transformer
 
     p = Path(path)
-    files = _safetensors_files(p, "transformer")
-    shapes, _ = _shapes(files)
+    files = safetensors_files(p, "transformer")
+    shapes, _ = read_shapes(files)
     bfl_shapes = _bfl_shapes(shapes, p)
     detected = detect_variant(p)
     variant = variant or detected
@@ -165,13 +119,9 @@ def load_transformer(path: str | Path, variant: str | None, dtype: torch.dtype, 
     with torch.device("meta"):
         model = Flux2Transformer(params)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_against(expected, bfl_shapes, variant, p)
+    check_shapes(expected, bfl_shapes, f"FLUX.2 {variant}", p)
 
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
-            for k in handle.keys():
-                state[k] = handle.get_tensor(k).to(device=device, dtype=dtype)
+    state = load_tensors(files, dtype, device)
     if _is_diffusers(shapes):
         state = keys.diffusers_to_bfl(state)
     else:
@@ -182,22 +132,13 @@ def load_transformer(path: str | Path, variant: str | None, dtype: torch.dtype, 
 
 
 def load_vae(path: str | Path, dtype: torch.dtype, device: Any) -> torch.nn.Module:
-    from safetensors import safe_open
-
     from kern_flux2.vae import AutoEncoder
     from kern_flux2.vae_keys import diffusers_to_bfl_vae, vae_params_from_state_dict
 
     p = Path(path)
-    files = _safetensors_files(p, "vae")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            read_header(f)
-        except Exception as exc:
-            raise ModelFileError(str(exc)) from None
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
-            for k in handle.keys():
-                state[k] = handle.get_tensor(k)
+    files = safetensors_files(p, "vae")
+    read_shapes(files)  # a truncated or foreign file fails here, naming it
+    state = load_tensors(files, None, "cpu")
     if not any(k.startswith(("encoder.", "decoder.")) for k in state):
         raise ModelFileError(f"{p}: not a VAE (no encoder.* / decoder.* keys); pass FLUX.2's ae.safetensors or its diffusers vae/ folder")
     if any(".down_blocks." in k or k.startswith("quant_conv.") for k in state):
@@ -209,7 +150,7 @@ def load_vae(path: str | Path, dtype: torch.dtype, device: Any) -> torch.nn.Modu
     with torch.device("meta"):
         vae = AutoEncoder(params)
     expected = {k: tuple(v.shape) for k, v in vae.state_dict().items() if not k.endswith("num_batches_tracked")}
-    _check_against(expected, {k: tuple(v.shape) for k, v in state.items()}, "VAE", p)
+    check_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, "the FLUX.2 VAE", p)
     vae.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=False)
     return vae.eval()
 

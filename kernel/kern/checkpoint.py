@@ -1,0 +1,87 @@
+"""Reading model checkpoints, for architecture plugins: files of a path, headers, key checks, streamed loads.
+
+Every architecture needs the same few steps around its own key names: find the safetensors files of
+a single file or a diffusers folder, look at shapes without reading tensors, compare them with the
+model it is about to build (one error listing everything wrong), and load tensor by tensor straight
+into the target dtype and device.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from kern.errors import KernError, ModelFileError
+from kern.io import read_header
+
+MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def safetensors_files(path: str | Path, subfolder: str) -> list[Path]:
+    """The weight files of ``path``: the file itself, or the ``*.safetensors`` of a diffusers folder
+    (``path/subfolder/`` or ``path/``), sharded or not."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    for folder in (p / subfolder, p):
+        files = sorted(folder.glob("*.safetensors"))
+        if files:
+            return files
+    if not p.exists():
+        raise ModelFileError(f"{p}: no such file or folder")
+    raise ModelFileError(f"{p}: no .safetensors files here or in {p / subfolder}; point at the checkpoint file or a diffusers folder")
+
+
+def read_shapes(files: Iterable[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Tensor shapes and metadata of all ``files`` (headers only)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    metadata: dict[str, str] = {}
+    for f in files:
+        try:
+            header, meta = read_header(f)
+        except KernError as exc:
+            raise ModelFileError(str(exc)) from None
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items()})
+        metadata.update(meta)
+    return shapes, metadata
+
+
+def strip_prefixes(names: dict[str, Any], prefixes: tuple[str, ...] = MODEL_PREFIXES) -> dict[str, Any]:
+    """``names`` with a ComfyUI-style ``model.diffusion_model.`` / ``diffusion_model.`` prefix removed."""
+    out = {}
+    for k, v in names.items():
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+                break
+        out[k] = v
+    return out
+
+
+def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str, where: Path) -> None:
+    """One ``ModelFileError`` naming every missing, unexpected and mis-shaped key (first dozen of each)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(f"{k}: file {found[k]} vs model {expected[k]}" for k in set(found) & set(expected) if found[k] != expected[k])
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
+            parts.append(f"{len(items)} {label}: {shown}")
+    if parts:
+        raise ModelFileError(f"{where}: does not fit {what} (variant assumed from the file; force one with --variant): " + "; ".join(parts))
+
+
+def load_tensors(files: Iterable[Path], dtype: torch.dtype | None, device: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of ``files``, each cast to ``dtype`` (floating tensors only) on ``device`` as it is read."""
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as handle:
+            for k in handle.keys():
+                t = handle.get_tensor(k)
+                state[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+    return state
