@@ -355,7 +355,17 @@ def _collate_text(texts: Sequence[Mapping[str, torch.Tensor]], items: Sequence[I
     names = set(texts[0])
     if any(set(t) != names for t in texts):
         raise KernError(f"text caches of batch {[i.key for i in items]} have different tensors; re-run text caching with one encoder")
-    return {n: [t[n] for t in texts] if n.startswith("varlen_") else _stack([t[n] for t in texts], n, items) for n in sorted(names)}
+    return {n: [t[n] for t in texts] if n.startswith("varlen_") else _stack(pad_sequences([t[n] for t in texts]), n, items)
+            for n in sorted(names)}
+
+
+def pad_sequences(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-item text tensors that differ only in their first (sequence) length, right-padded with zeros to
+    the longest: the batching rule for variable-length text (a mask's zeros then mark the padding)."""
+    if len({tuple(t.shape) for t in tensors}) == 1 or len({(t.dim(), tuple(t.shape[1:])) for t in tensors}) != 1:
+        return list(tensors)
+    longest = max(t.shape[0] for t in tensors)
+    return [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, longest - t.shape[0])) for t in tensors]
 
 
 def _stack(tensors: Sequence[torch.Tensor], what: str, items: Sequence[Item]) -> torch.Tensor:

@@ -70,8 +70,10 @@ def encode_text(arch: str, variant: str, encoder: Any, prompts: list[str], optio
     """Encode ``prompts`` with the loaded text ``encoder``; return what the transformer consumes.
 
     The result is a dict of tensors with batch dimension ``len(prompts)`` (e.g. ``{"ctx": ...}`` or
-    ``{"ctx": ..., "mask": ...}``); the kernel caches it as safetensors and collates it, so keys
-    and shapes must be stable for a given architecture and variant.
+    ``{"ctx": ..., "mask": ...}``); the kernel caches each prompt's slice as safetensors and batches
+    them again. Keys must be stable for an architecture; a sequence length may differ between
+    prompts: when batching, the kernel right-pads such tensors with zeros, so a mask marks padding
+    with 0.
     """
 
 

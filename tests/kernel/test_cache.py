@@ -313,3 +313,15 @@ def test_missing_cache_at_load_names_the_file(tmp_path):
     items = scan_items(specs, STEP)
     with pytest.raises(KernError, match="a_0064x0064_toy4.safetensors.*run the caching step again"):
         cache.load_batch(items, ARCH)
+
+
+def test_variable_length_text_is_right_padded_with_zeros():
+    from kern.cache import pad_sequences
+
+    a, b = torch.ones(3, 4), torch.ones(5, 4)
+    pa, pb = pad_sequences([a, b])
+    assert pa.shape == pb.shape == (5, 4) and pa[3:].abs().sum() == 0 and torch.equal(pb, b)
+    ma, mb = pad_sequences([torch.ones(3, dtype=torch.long), torch.ones(5, dtype=torch.long)])
+    assert ma.tolist() == [1, 1, 1, 0, 0]
+    same = [torch.ones(2, 3), torch.ones(2, 4)]  # trailing dims differ: left alone (stacking then names them)
+    assert [t.shape for t in pad_sequences(same)] == [(2, 3), (2, 4)]
