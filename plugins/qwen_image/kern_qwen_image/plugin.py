@@ -1,10 +1,4 @@
-"""Entry point of the Qwen-Image plugin.
-
-This release declares the architecture (names, variants, defaults, adapter targets) and its module
-naming, so Qwen-Image adapters can be detected, converted and merged. The model itself (transformer,
-VAE, text encoder) lands with the Qwen-Image architecture work; until then `load_model` answers
-with a clear error instead of silently declining.
-"""
+"""Entry point of the Qwen-Image plugin: the hook implementations kern calls for ``arch == "qwen-image"``."""
 
 from __future__ import annotations
 
@@ -52,14 +46,54 @@ def register_architectures(register):
     )
 
 
+def _path(path, part):
+    if not path:
+        flag = {"transformer": "model.transformer (--transformer)", "vae": "model.vae (--vae)",
+                "text_encoder": "model.text_encoder (--text-encoder)"}[part]
+        raise kern.UsageError(f"Qwen-Image needs a {part.replace('_', ' ')} checkpoint: set {flag}")
+    return path
+
+
+@kern.hookimpl
+def detect_variant(arch, path):
+    if arch != ARCH:
+        return None
+    from kern_qwen_image import loader
+
+    return loader.detect_variant(path)
+
+
 @kern.hookimpl
 def load_model(arch, variant, part, path, dtype, device, options):
     if arch != ARCH:
         return None
-    raise kern.UsageError(
-        "this kern-qwen-image release declares Qwen-Image for adapter detection, conversion and merging; "
-        "its model code (training and generation) is not in this release yet"
-    )
+    from kern_qwen_image import loader
+
+    if part == "transformer":
+        return loader.load_transformer(_path(path, part), variant, dtype, device)
+    if part == "vae":
+        return loader.load_vae(_path(path, part), dtype, device)
+    if part == "text_encoder":
+        from kern_qwen_image.text_encoder import load_text_encoder
+
+        need_vision = (variant or "t2i") != "t2i"
+        return load_text_encoder(_path(path, part), dtype=dtype, device=device, fp8=bool(options.get("fp8")), need_vision=need_vision)
+    raise kern.UsageError(f"Qwen-Image has no model part {part!r}")
+
+
+@kern.hookimpl
+def predict_velocity(arch, variant, model, latents, timesteps, text, references, options):
+    if arch != ARCH:
+        return None
+    from kern_qwen_image import geometry
+
+    b, _, h, w = latents.shape
+    dtype = next(model.parameters()).dtype
+    img, shapes, n_target = geometry.prepare_tokens(latents.to(dtype), [r.to(dtype) for r in references or []])
+    mask = text.get("mask")
+    extra = 0 if model.params.use_additional_t_cond else None  # Layered: is_rgb = 0, as the pipelines pass
+    out = model(img, text["ctx"].to(dtype), mask, timesteps.to(latents.device), shapes, additional_t_cond=extra)
+    return geometry.unpack(out[:, :n_target], h, w)
 
 
 @kern.hookimpl

@@ -1,0 +1,104 @@
+"""Loading Qwen-Image transformers: ComfyUI / diffusers single files and diffusers folders.
+
+Qwen-Image's own naming is the diffusers naming, so both layouts carry the same keys (ComfyUI's
+single files may add a ``model.diffusion_model.`` prefix). The weights say whether the model is
+Layered (it has ``addition_t_embedding``); T2I, Edit 2508, Edit-Plus 2509 and Edit 2511 share every
+shape, so the variant comes from the ``kern.variant`` metadata, the file name (as the official files
+are named) or ``--variant``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kern.checkpoint import check_shapes, load_tensors, read_shapes, safetensors_files, strip_prefixes
+from kern.errors import ModelFileError
+
+from kern_qwen_image.params import QwenImageParams
+
+SIGNATURE = "transformer_blocks.0.img_mod.1.weight"
+LAYERED_KEY = "time_text_embed.addition_t_embedding.weight"
+REAL_HEAD_DIM, REAL_AXES = 128, (16, 56, 56)
+VARIANTS = ("t2i", "edit", "edit-2509", "edit-2511", "layered")
+
+
+def _native_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], list[Path]]:
+    files = safetensors_files(path, "transformer")
+    shapes, metadata = read_shapes(files)
+    shapes = strip_prefixes(shapes)
+    if SIGNATURE not in shapes or "txt_norm.weight" not in shapes:
+        hint = ""
+        if any(k.startswith(("double_blocks.", "single_blocks.")) for k in shapes):
+            hint = "; it looks like FLUX (double_blocks / single_blocks): use --arch flux2"
+        elif any(k.startswith(("encoder.", "decoder.")) for k in shapes):
+            hint = "; it looks like a VAE: pass it as the VAE"
+        elif any("lora" in k or "hada_" in k for k in shapes):
+            hint = "; it looks like an adapter: pass it with --weights"
+        raise ModelFileError(f"{path}: not a Qwen-Image transformer checkpoint (no {SIGNATURE!r}){hint}")
+    return shapes, metadata, files
+
+
+def detect_variant(path: str | Path) -> str:
+    p = Path(path)
+    shapes, metadata, _ = _native_shapes(p)
+    if metadata.get("kern.variant") in VARIANTS:
+        return metadata["kern.variant"]
+    if LAYERED_KEY in shapes:
+        return "layered"
+    name = p.name.lower() if p.is_file() else str(p).lower()
+    if re.search(r"2511", name):
+        return "edit-2511"
+    if re.search(r"2509|edit[_-]?plus", name):
+        return "edit-2509"
+    if "edit" in name:
+        return "edit"
+    return "t2i"
+
+
+def params_from_shapes(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str], variant: str) -> QwenImageParams:
+    """Hyper-parameters read off the shapes; the RoPE split of head_dim is the real one at head_dim 128,
+    and otherwise comes from the file's ``kern.axes_dim`` metadata (tiny test models write it)."""
+    hidden = shapes["img_in.weight"][0]
+    head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
+    if "kern.axes_dim" in metadata:
+        axes = tuple(int(x) for x in metadata["kern.axes_dim"].split(","))
+    elif head_dim == REAL_HEAD_DIM:
+        axes = REAL_AXES
+    else:
+        raise ModelFileError(f"head_dim {head_dim} is not Qwen-Image's 128 and the file has no kern.axes_dim metadata")
+    layered = LAYERED_KEY in shapes
+    return QwenImageParams(
+        num_layers=1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"transformer_blocks\.(\d+)\.", k))),
+        num_heads=hidden // head_dim,
+        head_dim=head_dim,
+        in_channels=shapes["img_in.weight"][1],
+        out_channels=shapes["proj_out.weight"][0] // 4,
+        joint_attention_dim=shapes["txt_in.weight"][1],
+        axes_dim=axes,
+        mlp_ratio=shapes["transformer_blocks.0.img_mlp.net.0.proj.weight"][0] / hidden,
+        zero_cond_t=variant == "edit-2511",
+        use_additional_t_cond=layered,
+        use_layer3d_rope=layered,
+    )
+
+
+def load_transformer(path: str | Path, variant: str | None, dtype: torch.dtype, device: Any) -> torch.nn.Module:
+    from kern_qwen_image.transformer import QwenImageTransformer
+
+    p = Path(path)
+    shapes, metadata, files = _native_shapes(p)
+    variant = variant or detect_variant(p)
+    if (variant == "layered") != (LAYERED_KEY in shapes):
+        raise ModelFileError(f"{p}: variant {variant!r} does not fit this file (layered weights: {LAYERED_KEY in shapes})")
+    params = params_from_shapes(shapes, metadata, variant)
+    with torch.device("meta"):
+        model = QwenImageTransformer(params)
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, f"Qwen-Image {variant}", p)
+    state = strip_prefixes(load_tensors(files, dtype, device))
+    model.load_state_dict(state, assign=True, strict=True)
+    model.variant = variant
+    return model
