@@ -18,7 +18,7 @@ mode                    user turn                                        drop  i
 
 Only the template prefix is dropped, so in the edit modes the kept context starts with the image labels and
 the image tokens themselves (e.g. 196 tokens per 384² Edit-Plus image, 1369 for a 1024² Edit image), and in
-every mode it ends with the 5 template tokens ``<|im_end|>\\n<|im_start|>assistant\\n``.
+every mode it ends with the 5 template tokens ``<|im_end|>\\n<|im_start|>assistant\\n`` (unless truncated).
 
 Lengths, as in diffusers' ``encode_prompt``: ``t2i`` truncates the token sequence at 1024 + 34 and then keeps
 at most ``max_sequence_length`` (default 1024; ``QwenImagePipeline.__call__`` passes 512) context rows;
@@ -68,8 +68,8 @@ __all__ = [
     "EDIT_IMAGE_AREA",
     "IMAGE_LABEL",
     "MODES",
-    "QwenImageTextEncoder",
     "TEMPLATES",
+    "QwenImageTextEncoder",
     "calculate_dimensions",
     "load_text_encoder",
     "vlm_image_size",
@@ -218,9 +218,9 @@ class QwenImageTextEncoder(nn.Module):
     ``images`` is one entry per prompt: for ``edit`` one PIL image, for ``edit_plus`` a list of PIL images
     (labelled "Picture 1:", "Picture 2:", … in order; an empty list gives no labels). With ``resize_images``
     (default) each is first resized as the pipeline's ``__call__`` does (:func:`vlm_image_size`, Lanczos);
-    pass False for images already at that size. Unlike diffusers' ``encode_prompt`` (whose Edit and Edit-Plus
-    pipelines handle one prompt at a time), a batch may mix prompts with different images and image counts;
-    each row then equals its single-prompt encoding up to float rounding.
+    pass False for images already at that size. diffusers' edit ``encode_prompt`` takes one image set for the
+    whole batch (so in practice one prompt at a time); here a batch may mix prompts with different images and
+    image counts, and each row then equals its single-prompt encoding up to float rounding.
     """
 
     def __init__(
