@@ -7,17 +7,15 @@ A tiny random diffusers VAE (widths 8..32, the real 8x downscale and 16 latent c
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
 import torch
-
-pytest.importorskip("diffusers")
-from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline, QwenImageLayeredPipeline  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # noqa: E402
-
-from kern.errors import ModelFileError  # noqa: E402
-from kern_qwen_image.vae import (  # noqa: E402
+from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline, QwenImageLayeredPipeline
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from kern.errors import ModelFileError
+from kern_qwen_image.vae import (
     QWEN_IMAGE_LAYERED_VAE,
     QWEN_IMAGE_VAE,
     QwenImageVAE,
@@ -25,7 +23,7 @@ from kern_qwen_image.vae import (  # noqa: E402
     _ramp,
     tiny_vae_params,
 )
-from kern_qwen_image.vae_keys import (  # noqa: E402
+from kern_qwen_image.vae_keys import (
     comfy_to_diffusers_vae,
     diffusers_to_comfy_vae,
     is_comfy_vae,
@@ -59,22 +57,26 @@ def tiny_diffusers_vae(p: QwenImageVAEParams, seed: int = 0) -> AutoencoderKLQwe
             elif name.endswith("bias"):
                 t.copy_(0.1 * torch.randn(t.shape, generator=g))
         # Outputs past [-1, 1] in places, so the decoder's clamp is exercised (RMS norms make the latent scale moot).
-        vae.decoder.conv_out.weight.mul_(6.0)
+        vae.decoder.conv_out.weight.mul_(3.0)  # ~2-3 % of pixels clamped
     return vae.eval()
 
 
 CONFIGS = {"rgb": tiny_vae_params(), "rgba": tiny_vae_params(input_channels=4, dim_mult=(1, 2, 2, 4))}
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
-def pair(request) -> tuple[AutoencoderKLQwenImage, QwenImageVAE, str]:
-    p = CONFIGS[request.param]
-    ref = tiny_diffusers_vae(p)
+@functools.cache
+def load_pair(kind: str) -> tuple[AutoencoderKLQwenImage, QwenImageVAE, str]:
+    ref = tiny_diffusers_vae(CONFIGS[kind])
     sd = ref.state_dict()
     with torch.device("meta"):
         ours = QwenImageVAE(vae_params_from_state_dict(sd))
     ours.load_state_dict(sd, assign=True, strict=True)
-    return ref, ours.eval(), request.param
+    return ref, ours.eval(), kind
+
+
+@pytest.fixture(params=list(CONFIGS))
+def pair(request) -> tuple[AutoencoderKLQwenImage, QwenImageVAE, str]:
+    return load_pair(request.param)
 
 
 def pipeline_decode(vae: AutoencoderKLQwenImage, z: torch.Tensor) -> torch.Tensor:
@@ -173,21 +175,22 @@ def test_params_inferred_from_state_dict(pair):
 
 
 @torch.no_grad()
-def test_tiled_decode_is_close_to_untiled(pair):
-    _, ours, _ = pair
-    z = torch.randn(1, 16, 24, 40, generator=torch.Generator().manual_seed(3))
+def test_tiled_decode_is_close_to_untiled():
+    _, ours, _ = load_pair("rgb")  # tiling does not depend on the channel count; one config keeps this quick
+    z = torch.randn(1, 16, 20, 32, generator=torch.Generator().manual_seed(3))
     full = ours.decode(z, tiled=False)
     # A tile covering everything is exactly the untiled decode.
-    assert torch.equal(ours.decode_tiled(z, tile=40, overlap=4), full)
-    # 3 x 5 tiles of 12 cells overlapping by 4 (the last ones flush with the edge, overlapping more).
-    tiled = ours.decode_tiled(z, tile=12, overlap=4)
+    assert torch.equal(ours.decode_tiled(z, tile=32, overlap=4), full)
+    # 2 x 3 tiles of 16 cells overlapping by 6 (the last ones flush with the edge, overlapping more).
+    tiled = ours.decode_tiled(z, tile=16, overlap=6)
     assert tiled.shape == full.shape and tiled.abs().max() <= 1
     # Not exact: each tile's mid-block attention sees only that tile, and its convs see zero padding at tile
-    # borders (the RMS norms are per pixel, so they add nothing). This tiny random model is a harsh case (96 px
-    # tiles); measured max / mean error about 0.11-0.13 / 0.005-0.008 of the image's max |value| for these
-    # configs. Larger tiles shrink it.
-    assert rel_err(tiled, full) < 0.2
-    assert ((tiled - full).abs().mean() / full.abs().max()).item() < 0.015
+    # borders (the RMS norms are per pixel, so they add nothing). This tiny random model is a harsh case (128 px
+    # tiles, random attention weights): measured max / mean error 0.26 / 0.018 of the image's max |value|, against
+    # 0.51 / 0.028 with 12-cell tiles and 0.22 / 0.014 with 20-cell ones, so the gap shrinks as tiles grow. The
+    # real model's default tiles are 128 cells (1024 px).
+    assert rel_err(tiled, full) < 0.35
+    assert ((tiled - full).abs().mean() / full.abs().max()).item() < 0.025
 
 
 @torch.no_grad()

@@ -102,3 +102,25 @@ def load_transformer(path: str | Path, variant: str | None, dtype: torch.dtype, 
     model.load_state_dict(state, assign=True, strict=True)
     model.variant = variant
     return model
+
+
+def load_vae(path: str | Path, dtype: torch.dtype, device: Any) -> torch.nn.Module:
+    """The Qwen-Image VAE from a diffusers file or folder (``vae/``) or a Wan / ComfyUI single file."""
+    from kern_qwen_image.vae import QwenImageVAE
+    from kern_qwen_image.vae_keys import comfy_to_diffusers_vae, is_comfy_vae, vae_params_from_state_dict
+
+    p = Path(path)
+    files = safetensors_files(p, "vae")
+    read_shapes(files)  # a truncated or foreign file fails here, naming it
+    state = strip_prefixes(load_tensors(files, None, "cpu"), ("vae.", "first_stage_model."))
+    if not any(k.startswith(("encoder.", "decoder.", "conv1.")) for k in state):
+        raise ModelFileError(f"{p}: not a VAE (no encoder.* / decoder.* keys); pass Qwen-Image's vae or qwen_image_vae.safetensors")
+    if is_comfy_vae(state):
+        state = comfy_to_diffusers_vae(state)
+    params = vae_params_from_state_dict(state)
+    with torch.device("meta"):
+        vae = QwenImageVAE(params)
+    check_shapes({k: tuple(v.shape) for k, v in vae.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()},
+                 "the Qwen-Image VAE", p)
+    vae.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=True)
+    return vae.eval()

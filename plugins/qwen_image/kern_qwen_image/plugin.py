@@ -82,6 +82,31 @@ def load_model(arch, variant, part, path, dtype, device, options):
 
 
 @kern.hookimpl
+def encode_text(arch, variant, encoder, prompts, options):
+    if arch != ARCH:
+        return None
+    mode = {"t2i": "t2i", "layered": "layered", "edit": "edit"}.get(variant, "edit_plus")
+    images = options.get("images")  # per-prompt lists of control images for the edit modes
+    if mode.startswith("edit") and not images:
+        raise kern.UsageError(f"Qwen-Image {variant} encodes prompts together with their control images; none were given")
+    return encoder(list(prompts), images=images, mode=mode)
+
+
+@kern.hookimpl
+def encode_latents(arch, variant, vae, images):
+    if arch != ARCH:
+        return None
+    return vae.encode(images.to(dtype=next(vae.parameters()).dtype))
+
+
+@kern.hookimpl
+def decode_latents(arch, variant, vae, latents):
+    if arch != ARCH:
+        return None
+    return vae.decode(latents.to(dtype=next(vae.parameters()).dtype))
+
+
+@kern.hookimpl
 def predict_velocity(arch, variant, model, latents, timesteps, text, references, options):
     if arch != ARCH:
         return None
