@@ -244,6 +244,11 @@ def _metadata(plan: Plan, variant: str, step: int, started: float) -> dict[str, 
 # --------------------------------------------------------------------------- caching phases
 
 
+def _abs(path: str | None) -> str:
+    """A model path as the cache fingerprint sees it: the same file named two ways is one setting."""
+    return str(Path(path).resolve()) if path else ""
+
+
 def _cache_id(plan: Plan, variant: Variant) -> str:
     return variant.cache_id or f"{plan.arch.name}-{variant.name}"
 
@@ -279,7 +284,7 @@ def text_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, extr
     encoded = 0
     if write:
         encoded = cache.ensure_text_cache(items, _cache_id(plan, variant), encode,
-                                          settings={"text_encoder": str(job.model.text_encoder), "dtype": job.model.dtype,
+                                          settings={"text_encoder": _abs(job.model.text_encoder), "dtype": job.model.dtype,
                                                     "fp8": job.model.fp8_text_encoder})
         log.info("text cache ready", encoded=encoded, reused=len(items) - encoded)
     extra = {p: encode([p]) for p in dict.fromkeys(extra_prompts)}
@@ -302,7 +307,7 @@ def latent_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, wr
                 return hook.encode_latents(arch=plan.arch.name, variant=variant.name, vae=vae, images=images.to(device)).cpu()
 
         encoded = cache.ensure_latent_cache(items, _cache_id(plan, variant), encode, dtype=torch.float32,
-                                            settings={"vae": str(job.model.vae)})
+                                            settings={"vae": _abs(job.model.vae)})
         log.info("latent cache ready", encoded=encoded, reused=len(items) - encoded)
     if isinstance(vae, nn.Module):
         vae = vae.to("cpu")
@@ -354,6 +359,8 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     checkpoints = checkpoint_dirs(out)
     if resume and not checkpoints:
         raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+    if checkpoints and not resume:
+        raise UsageError(f"{out} holds checkpoints of an earlier run: continue it with --resume, or pick another save.out (--out)")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         resolved = job.to_dict()
@@ -415,7 +422,10 @@ def run(job: JobConfig, resume: bool = False) -> Path:
         log.info("resumed", checkpoint=str(checkpoints[-1]), step=step, epoch=epoch, batch=batch_pos)
 
     writer = _tensorboard(out / "tensorboard") if acc.is_main_process else None
-    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if acc.is_main_process else None
+    # A fresh run starts its metrics anew; a resumed one appends after the checkpoint's step.
+    if resume and acc.is_main_process:
+        _truncate_metrics(out / "metrics.jsonl", step)
+    metrics = open(out / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") if acc.is_main_process else None
     progress = _progress(job.train.steps, step, acc.is_main_process)
     rate_start, rate_step = time.time(), step
 
@@ -527,6 +537,14 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     acc.wait_for_everyone()
     acc.end_training()
     return final
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
 def _check_replicas_agree(network: nn.Module) -> None:

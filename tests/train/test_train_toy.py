@@ -123,3 +123,22 @@ def test_lr_schedule_warmup_and_decay():
     assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.5) and f(14) == pytest.approx(0.0)
     assert train.lr_lambda("linear", 0, 10)(5) == pytest.approx(0.5)
     assert train.lr_lambda("constant", 2, 10)(7) == 1.0
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(tmp_path, toy_plugin):
+    from kern.errors import UsageError
+
+    dataset = make_dataset(tmp_path / "data", n=1)
+    out = tmp_path / "run"
+    train.run(job(tmp_path, dataset, out, **{"train.steps": 4, "save.every_n_steps": 2}))
+    with pytest.raises(UsageError, match="holds checkpoints of an earlier run: continue it with --resume"):
+        train.run(job(tmp_path, dataset, out, **{"train.steps": 4, "save.every_n_steps": 2}))
+
+
+def test_a_fresh_run_starts_its_metrics_anew(tmp_path, toy_plugin):
+    dataset = make_dataset(tmp_path / "data", n=1)
+    out = tmp_path / "run"
+    train.run(job(tmp_path, dataset, out, **{"train.steps": 3}))
+    train.run(job(tmp_path, dataset, out, **{"train.steps": 2}))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
