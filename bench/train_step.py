@@ -338,7 +338,7 @@ def _result(impl: str, s: Setup, family: Family, p: Any, times: list[float], los
 def run_kern(s: Setup, cfg: Config) -> dict:
     """One config with kern's own pieces, in the order kern.train.run uses them (data loading and logging left out)."""
     from accelerate import Accelerator
-    from kern import timesteps, train
+    from kern import train
     from kern.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
     from kern.records import TargetSpec
 
@@ -386,30 +386,11 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     x0, text = family.kern_inputs(p, s.batch, h, w, s.n_txt(family), dev, base_dtype)
     generator = torch.Generator().manual_seed(job.train.seed)
     before = [q.detach().clone() for q in params] if s.tiny else None
-    timer, times, finite = Timer(dev), [], True
+    timer, times = Timer(dev), []
     for i in range(s.warmup + s.steps):
         timer.start()
-        # ---- the body of kern.train.run's loop, from timestep sampling to zero_grad
-        b = x0.shape[0]
-        t = hook.sample_timesteps(arch=arch.name, method=plan.timestep_method, batch_size=b, latent_shape=tuple(x0.shape[1:]),
-                                  generator=generator, options=plan.timestep_options)
-        noise = torch.randn(x0.shape, generator=generator).to(dev)
-        t = t.to(dev)
-        tb = t.view(-1, *([1] * (x0.dim() - 1)))
-        noisy = (1 - tb) * x0 + tb * noise
-        with acc.accumulate(trainee):
-            with acc.autocast():
-                pred = trainee(noisy.to(base_dtype), t, text, None, {"guidance": 1.0})
-            weight = timesteps.loss_weighting(plan.timestep_options.weighting_scheme, t).view_as(tb)
-            loss = (weight * (pred.float() - (noise - x0)) ** 2).mean()
-            finite = finite and bool(torch.isfinite(loss))  # the loop checks (and stops) here: a host sync
-            acc.backward(loss)
-            if acc.sync_gradients and job.train.max_grad_norm > 0:
-                acc.clip_grad_norm_(acc.unwrap_model(trainee).network.parameters(), job.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        # ----
+        # kern's own training step, the one kern.train.run's loop calls
+        loss, _ = train.train_step(acc, trainee, optimizer, scheduler, plan, x0, text, None, generator, base_dtype)
         dt = timer.stop()
         if i >= s.warmup:
             times.append(dt)
@@ -421,9 +402,8 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     if s.tiny:
         extra["lora_updated"] = sum(not torch.equal(a, q) for a, q in zip(before, params)) / len(params)
     out = _result("kern", s, family, p, times, loss, **extra)
-    out["loss_finite"] = out["loss_finite"] and finite
     acc.free_memory()  # accelerate keeps references to what it prepared
-    del trainee, optimizer, scheduler, network, transformer, params, groups, pred, loss, before, acc
+    del trainee, optimizer, scheduler, network, transformer, params, groups, loss, before, acc
     free_memory(dev)
     return out
 

@@ -328,6 +328,51 @@ def cache_only(job: JobConfig, text: bool = True, latents: bool = True) -> dict[
     return out
 
 
+# --------------------------------------------------------------------------- one step
+
+
+class NonFiniteLoss(KernError):
+    def __init__(self, value: float) -> None:
+        super().__init__(f"loss became {value}")
+        self.value = value
+
+
+def train_step(acc: Any, trainee: nn.Module, optimizer: Any, scheduler: Any, plan: Plan, x0: torch.Tensor,
+               text: dict[str, torch.Tensor], references: list[torch.Tensor] | None, generator: torch.Generator,
+               base_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One flow-matching micro-step on clean latents ``x0``: sample t, noise, predict, weighted MSE to the
+    velocity, backward, and (on accumulation boundaries) clip, optimizer and scheduler step.
+
+    Returns (loss, t). Noise and t come from ``generator`` on the CPU, so runs are reproducible on any
+    device. Raises ``NonFiniteLoss`` before backward, so a NaN never reaches the weights. The training
+    loop and ``bench/train_step.py`` both run exactly this.
+    """
+    from kern import timesteps
+
+    device = x0.device
+    t = plan.hook.sample_timesteps(arch=plan.arch.name, method=plan.timestep_method, batch_size=x0.shape[0],
+                                   latent_shape=tuple(x0.shape[1:]), generator=generator, options=plan.timestep_options)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    t = t.to(device)
+    tb = t.view(-1, *([1] * (x0.dim() - 1)))
+    noisy = (1 - tb) * x0 + tb * noise
+    max_grad_norm = plan.job.train.max_grad_norm
+    with acc.accumulate(trainee):
+        with acc.autocast():
+            pred = trainee(noisy.to(base_dtype), t, text, references, {"guidance": 1.0})
+        weight = timesteps.loss_weighting(plan.timestep_options.weighting_scheme, t).view_as(tb)
+        loss = (weight * (pred.float() - (noise - x0)) ** 2).mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(loss.item())
+        acc.backward(loss)
+        if acc.sync_gradients and max_grad_norm > 0:
+            acc.clip_grad_norm_(acc.unwrap_model(trainee).network.parameters(), max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, t
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -336,7 +381,7 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from kern import cache, data, timesteps
+    from kern import cache, data
     from kern.sampling import euler_denoise, seeded_noise, to_pil
 
     plan = prepare(job)
@@ -460,32 +505,16 @@ def run(job: JobConfig, resume: bool = False) -> Path:
                                      caption_dropout_rate=specs[items[mine[batch_pos][0]].dataset_index].caption_dropout_rate)
             batch_pos += 1
             x0 = batch["latents"].to(device, torch.float32)
-            b = x0.shape[0]
-            t = hook.sample_timesteps(arch=arch.name, method=plan.timestep_method, batch_size=b, latent_shape=tuple(x0.shape[1:]),
-                                      generator=generator, options=plan.timestep_options)
-            noise = torch.randn(x0.shape, generator=generator).to(device)
-            t = t.to(device)
-            tb = t.view(-1, *([1] * (x0.dim() - 1)))
-            noisy = (1 - tb) * x0 + tb * noise
             text = {k: v.to(device) for k, v in batch["text"].items()}
             refs = [r.to(device, base_dtype) for r in batch["references"]] if batch["references"] else None
-            with acc.accumulate(trainee):
-                with acc.autocast():
-                    pred = trainee(noisy.to(base_dtype), t, text, refs, {"guidance": 1.0})
-                weight = timesteps.loss_weighting(plan.timestep_options.weighting_scheme, t).view_as(tb)
-                loss = (weight * (pred.float() - (noise - x0)) ** 2).mean()
-                if not torch.isfinite(loss):
-                    kept = checkpoint_dirs(out)
-                    raise KernError(
-                        f"loss became {loss.item()} at step {step + 1} (batch {batch['keys']}); stopping. "
-                        f"Last good checkpoint: {kept[-1] if kept else 'none yet'}. Lower train.learning_rate or check the data."
-                    )
-                acc.backward(loss)
-                if acc.sync_gradients and job.train.max_grad_norm > 0:
-                    acc.clip_grad_norm_(acc.unwrap_model(trainee).network.parameters(), job.train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            try:
+                loss, t = train_step(acc, trainee, optimizer, scheduler, plan, x0, text, refs, generator, base_dtype)
+            except NonFiniteLoss as exc:
+                kept = checkpoint_dirs(out)
+                raise KernError(
+                    f"loss became {exc.value} at step {step + 1} (batch {batch['keys']}); stopping. "
+                    f"Last good checkpoint: {kept[-1] if kept else 'none yet'}. Lower train.learning_rate or check the data."
+                ) from None
             if not acc.sync_gradients:
                 continue
             step += 1
