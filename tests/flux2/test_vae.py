@@ -11,13 +11,17 @@ import types
 
 import pytest
 import torch
+from kern.tiling import ramp
 
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLFlux2, Flux2Pipeline  # noqa: E402
-
 from kern.errors import ModelFileError  # noqa: E402
-from kern_flux2.vae import FLUX2_AE, AutoEncoder, AutoEncoderParams, _ramp, tiny_ae_params  # noqa: E402
-from kern_flux2.vae_keys import bfl_to_diffusers_vae, diffusers_to_bfl_vae, vae_params_from_state_dict  # noqa: E402
+from kern_flux2.vae import FLUX2_AE, AutoEncoder, AutoEncoderParams, tiny_ae_params  # noqa: E402
+from kern_flux2.vae_keys import (  # noqa: E402
+    bfl_to_diffusers_vae,
+    diffusers_to_bfl_vae,
+    vae_params_from_state_dict,
+)
 
 TOL = 1e-5
 
@@ -184,7 +188,7 @@ def test_tiled_decode_blends_to_the_untiled_result_for_a_local_decoder(monkeypat
         assert torch.allclose(ae.decode_tiled(z, tile=tile, overlap=overlap), expected, rtol=0, atol=1e-6)
     # Where tiles disagree, the ramps hand over from one to the next: complementary over an aligned overlap,
     # and near zero at a tile's edge, so neither tile's border shows.
-    rise, fall = _ramp(64, 16, rise=True, fall=False), _ramp(64, 16, rise=False, fall=True)
+    rise, fall = ramp(64, 16, rise=True, fall=False), ramp(64, 16, rise=False, fall=True)
     assert torch.allclose(fall[-16:] + rise[:16], torch.ones(16))
     assert rise[0] < 0.05 and fall[-1] < 0.05 and rise[16:].eq(1).all()
 

@@ -12,15 +12,19 @@ import types
 
 import pytest
 import torch
-from diffusers import AutoencoderKLQwenImage, QwenImageEditPipeline, QwenImageLayeredPipeline
+from diffusers import (
+    AutoencoderKLQwenImage,
+    QwenImageEditPipeline,
+    QwenImageLayeredPipeline,
+)
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from kern.errors import ModelFileError
+from kern.tiling import ramp
 from kern_qwen_image.vae import (
     QWEN_IMAGE_LAYERED_VAE,
     QWEN_IMAGE_VAE,
     QwenImageVAE,
     QwenImageVAEParams,
-    _ramp,
     tiny_vae_params,
 )
 from kern_qwen_image.vae_keys import (
@@ -204,7 +208,7 @@ def test_tiled_decode_blends_to_the_untiled_result_for_a_local_decoder(monkeypat
     expected = torch.nn.functional.interpolate(z[:, :3], scale_factor=s)
     for tile, overlap in ((8, 3), (12, 4), (16, 0), (38, 37)):
         assert torch.allclose(vae.decode_tiled(z, tile=tile, overlap=overlap), expected, rtol=0, atol=1e-6)
-    rise, fall = _ramp(64, 16, rise=True, fall=False), _ramp(64, 16, rise=False, fall=True)
+    rise, fall = ramp(64, 16, rise=True, fall=False), ramp(64, 16, rise=False, fall=True)
     assert torch.allclose(fall[-16:] + rise[:16], torch.ones(16))
     assert rise[0] < 0.05 and fall[-1] < 0.05 and rise[16:].eq(1).all()
 

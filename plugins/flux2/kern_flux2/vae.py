@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kern.tiling import decode_tiled
+
 __all__ = [
     "FLUX2_AE",
     "AutoEncoder",
@@ -260,26 +262,6 @@ class LatentNorm(nn.Module):
             unexpected_keys.remove(prefix + "num_batches_tracked")
 
 
-def _ramp(n_px: int, overlap_px: int, rise: bool, fall: bool) -> torch.Tensor:
-    """Per-pixel weights along one side of a tile: linear 0 -> 1 over the overlap where a neighbour precedes
-    (``rise``), 1 -> 0 where one follows (``fall``), 1 elsewhere. Half-pixel offsets keep every weight > 0."""
-    w = torch.ones(n_px)
-    if overlap_px:
-        edge = (torch.arange(overlap_px) + 0.5) / overlap_px
-        if rise:
-            w[:overlap_px] = torch.minimum(w[:overlap_px], edge)
-        if fall:
-            w[-overlap_px:] = torch.minimum(w[-overlap_px:], edge.flip(0))
-    return w
-
-
-def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
-    """Starts of tiles of ``tile`` cells covering ``n``; the last one is flush with the end (overlapping more)."""
-    if n <= tile:
-        return [0]
-    return list(range(0, n - tile, tile - overlap)) + [n - tile]
-
-
 class AutoEncoder(nn.Module):
     def __init__(self, params: AutoEncoderParams = FLUX2_AE):
         super().__init__()
@@ -317,33 +299,9 @@ class AutoEncoder(nn.Module):
 
     @torch.no_grad()
     def decode_tiled(self, latents: torch.Tensor, tile: int = TILE, overlap: int = OVERLAP) -> torch.Tensor:
-        """Decode overlapping ``tile`` x ``tile`` latent windows one at a time and cross-fade them, so activation
-        memory is bounded by the tile, not the image (the output itself is still whole).
+        """Decode overlapping ``tile`` x ``tile`` latent windows and cross-fade them (``kern.tiling``), so activation
+        memory is bounded by the tile. Not bit-equal to ``decode``: each tile normalises with its own GroupNorm
+        statistics, attends only within itself in the mid block, and sees zero padding at its borders."""
+        return decode_tiled(lambda z: self.decode(z, tiled=False), latents, self.params.downscale, tile, overlap,
+                            where="AutoEncoder.decode_tiled").to(self.dtype)
 
-        Not bit-equal to ``decode``: each tile normalises with its own GroupNorm statistics, attends only within
-        itself in the mid block, and sees zero padding at its borders, so the difference is spread over whole
-        tiles, not only their edges. Neighbouring tiles disagree a little where they overlap; linear ramps
-        (weights normalised to sum to one) fade one into the other, so there is no hard seam, but faint
-        tile-sized tone shifts can remain. Larger tiles shrink the difference; larger ``overlap`` (latent cells,
-        < ``tile``) widens the cross-fade, at the cost of more decoding.
-        """
-        if not 0 <= overlap < tile:
-            raise ValueError(f"AutoEncoder.decode_tiled: need 0 <= overlap < tile, got overlap={overlap}, tile={tile}")
-        b, _, h, w = latents.shape
-        s = self.params.downscale
-        out = weight = None
-        for y in _tile_starts(h, tile, overlap):
-            for x in _tile_starts(w, tile, overlap):
-                window = latents[..., y : y + tile, x : x + tile]
-                th, tw = window.shape[-2:]
-                image = self.decode(window, tiled=False).float()
-                if out is None:
-                    out = image.new_zeros(b, image.shape[1], h * s, w * s)
-                    weight = image.new_zeros(1, 1, h * s, w * s)
-                mask = (
-                    _ramp(th * s, overlap * s, rise=y > 0, fall=y + th < h)[:, None]
-                    * _ramp(tw * s, overlap * s, rise=x > 0, fall=x + tw < w)[None, :]
-                ).to(image.device)
-                out[..., y * s : (y + th) * s, x * s : (x + tw) * s] += image * mask
-                weight[..., y * s : (y + th) * s, x * s : (x + tw) * s] += mask
-        return (out / weight).to(self.dtype)
