@@ -19,6 +19,19 @@ from kern.io import read_header
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
+PART_OPTIONS = {"transformer": "model.transformer (--transformer)", "vae": "model.vae (--vae)",
+                "text_encoder": "model.text_encoder (--text-encoder)"}
+
+
+def require_path(path: str | None, part: str, arch_label: str) -> str:
+    """``path``, or a ``UsageError`` saying which option to set for the ``part`` of ``arch_label``."""
+    if not path:
+        from kern.errors import UsageError
+
+        raise UsageError(f"{arch_label} needs a {part.replace('_', ' ')} checkpoint: set {PART_OPTIONS.get(part, part)}")
+    return path
+
+
 def safetensors_files(path: str | Path, subfolder: str) -> list[Path]:
     """The weight files of ``path``: the file itself, or the ``*.safetensors`` of a diffusers folder
     (``path/subfolder/`` or ``path/``), sharded or not."""

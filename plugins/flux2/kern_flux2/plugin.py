@@ -50,11 +50,9 @@ def register_architectures(register):
 
 
 def _path(path, part):
-    if not path:
-        flag = {"transformer": "model.transformer (--transformer)", "vae": "model.vae (--vae)",
-                "text_encoder": "model.text_encoder (--text-encoder)"}[part]
-        raise kern.UsageError(f"FLUX.2 needs a {part.replace('_', ' ')} checkpoint: set {flag}")
-    return path
+    from kern.checkpoint import require_path
+
+    return require_path(path, part, "FLUX.2")
 
 
 @kern.hookimpl

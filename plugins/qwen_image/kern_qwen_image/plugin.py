@@ -47,11 +47,9 @@ def register_architectures(register):
 
 
 def _path(path, part):
-    if not path:
-        flag = {"transformer": "model.transformer (--transformer)", "vae": "model.vae (--vae)",
-                "text_encoder": "model.text_encoder (--text-encoder)"}[part]
-        raise kern.UsageError(f"Qwen-Image needs a {part.replace('_', ' ')} checkpoint: set {flag}")
-    return path
+    from kern.checkpoint import require_path
+
+    return require_path(path, part, "Qwen-Image")
 
 
 @kern.hookimpl
