@@ -32,7 +32,6 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as d_edit  # n
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as d_edit_plus  # noqa: E402
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as d_layered  # noqa: E402
 from PIL import Image  # noqa: E402
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 from transformers import (  # noqa: E402
     AutoImageProcessor,
     AutoTokenizer,
@@ -45,6 +44,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from kern.errors import ModelFileError, UsageError  # noqa: E402
 from kern.fp8 import Float8Linear  # noqa: E402
+from kern_qwen_image import tiny
 from kern_qwen_image.text_encoder import (  # noqa: E402
     CAPTION_PROMPTS,
     DROP_TOKENS,
@@ -57,14 +57,6 @@ from kern_qwen_image.text_encoder import (  # noqa: E402
 
 HIDDEN = 32
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen2.5-VL), followed by byte-level mapping.
-QWEN_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>",
-]
 PROMPTS = [
     "a red fox jumping over the lazy dog",
     "Picture 1 in the style of an oil painting, very long prompt about many colorful things",
@@ -73,44 +65,12 @@ PROMPTS = [
 
 
 def _tokenizer(padding_side: str = "right") -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = [TEMPLATES["t2i"], TEMPLATES["edit"], CAPTION_PROMPTS["en"], *PROMPTS]
-    tok.train_from_iterator(corpus * 5, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side=padding_side
-    )
+    # The same tiny tokenizer the demo bundle uses, also trained on this file's prompts.
+    return tiny.tokenizer(padding_side, extra_corpus=tuple(PROMPTS))
 
 
 def _config(tok) -> Qwen2_5_VLConfig:
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
-    text = {
-        "vocab_size": len(tok), "hidden_size": HIDDEN, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
-        "initializer_range": 0.2,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
-        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
-    }
-    # The real tower's patching (14 px, 2×2 merge, 2 frames) and window size; tiny width and depth.
-    vision = {
-        "depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "patch_size": 14,
-        "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": HIDDEN,
-        "fullatt_block_indexes": [1], "initializer_range": 0.2,
-    }
-    return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
-    )
+    return tiny.te_config(tok, HIDDEN)
 
 
 def _repo(root, padding_side: str = "right"):
