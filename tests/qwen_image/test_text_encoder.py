@@ -56,7 +56,6 @@ from kern_qwen_image.text_encoder import (  # noqa: E402
 )
 
 HIDDEN = 32
-# Qwen2's pre-tokenizer split (tokenizer.json of Qwen2.5-VL), followed by byte-level mapping.
 PROMPTS = [
     "a red fox jumping over the lazy dog",
     "Picture 1 in the style of an oil painting, very long prompt about many colorful things",
