@@ -39,7 +39,7 @@ RESIZE_RULE = "rgb-on-white/exif/lanczos-cover/centre-crop/trim-below-step-is-cr
 _DTYPE_NAMES = sorted({str(v).removeprefix("torch.") for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=len, reverse=True)
 
 LatentEncode = Callable[[torch.Tensor], torch.Tensor]
-TextEncode = Callable[[list[str]], Mapping[str, Any]]
+TextEncode = Callable[..., Mapping[str, Any]]  # (prompts) -> tensors; (prompts, images) with ``images``
 
 
 # --------------------------------------------------------------------------- names
@@ -231,6 +231,7 @@ def ensure_text_cache(
     batch_size: int = 8,
     *,
     arch_name: str | None = None,
+    images: Callable[[Item], list] | None = None,
 ) -> int:
     """Encode the captions of every item whose text cache is missing, stale or corrupt; return how many.
 
@@ -238,27 +239,52 @@ def ensure_text_cache(
     variable-length output, a list of one tensor per prompt; name it ``varlen_...``). A cache is
     stale when its caption or ``settings`` (the text encoder, its options ...) differ. The empty
     caption is also cached once per cache folder, for caption dropout; it is not counted.
+
+    With ``images`` (for encoders that read the control images, e.g. Qwen-Image-Edit) the call is
+    ``encode(prompts, [images(item) for each prompt])``, each cache is also keyed on its item's control
+    files, and no empty-caption cache is written: without its images it would mean something else.
     """
     items = list({item.key: item for item in items}.values())
-    fingerprint = settings_fingerprint(settings)
-    stale = [i for i in items if not _text_is_current(text_cache_path(i, arch_id), i.caption, fingerprint)]
+
+    def fingerprint(item: Item | None) -> str:
+        return text_fingerprint(item, settings, controls=images is not None)
+
+    stale = [i for i in items if not _text_is_current(text_cache_path(i, arch_id), i.caption, fingerprint(i))]
     log.info("text cache", items=len(items), to_encode=len(stale), arch=arch_id)
     name = arch_name or arch_id
     for chunk in _chunks(stale, max(1, batch_size)):
-        outputs = _encode_texts(encode, [i.caption for i in chunk])
+        prompts = [i.caption for i in chunk]
+        outputs = _encode_texts(encode, prompts) if images is None else _encode_texts(encode, prompts, [images(i) for i in chunk])
         for j, item in enumerate(chunk):
-            _save_text(text_cache_path(item, arch_id), {k: v[j] for k, v in outputs.items()}, item.caption, fingerprint, name, item.key)
+            _save_text(text_cache_path(item, arch_id), {k: v[j] for k, v in outputs.items()}, item.caption, fingerprint(item), name, item.key)
+    if images is not None:
+        return len(stale)
     for folder in sorted({item.cache_dir for item in items}):
         path = empty_text_cache_path(folder, arch_id)
-        if not _text_is_current(path, "", fingerprint):
+        if not _text_is_current(path, "", fingerprint(None)):
             outputs = _encode_texts(encode, [""])
-            _save_text(path, {k: v[0] for k, v in outputs.items()}, "", fingerprint, name, "<empty caption>")
+            _save_text(path, {k: v[0] for k, v in outputs.items()}, "", fingerprint(None), name, "<empty caption>")
     return len(stale)
 
 
-def _encode_texts(encode: TextEncode, prompts: list[str]) -> dict[str, Any]:
+def text_fingerprint(item: Item | None, settings: Mapping[str, Any] | None, *, controls: bool = False) -> str:
+    """The ``kern.settings`` of a text cache: the encoder settings, plus the item's control files when
+    the encoder reads them. ``item=None``: the empty caption's."""
+    extra = {"controls": [_file_stamp(p) for p in item.control_paths]} if controls and item is not None else {}
+    return settings_fingerprint({**dict(settings or {}), **extra})
+
+
+def text_cache_is_current(items: Sequence[Item], arch_id: str, settings: Mapping[str, Any] | None = None, *, controls: bool = False) -> bool:
+    """Whether ``ensure_text_cache`` with these arguments would encode nothing (so the encoder need not load)."""
+    if any(not _text_is_current(text_cache_path(i, arch_id), i.caption, text_fingerprint(i, settings, controls=controls)) for i in items):
+        return False
+    folders = set() if controls else {i.cache_dir for i in items}
+    return all(_text_is_current(empty_text_cache_path(f, arch_id), "", text_fingerprint(None, settings)) for f in folders)
+
+
+def _encode_texts(encode: TextEncode, prompts: list[str], *images: list) -> dict[str, Any]:
     with torch.no_grad():
-        out = encode(prompts)
+        out = encode(prompts, *images)
     if not isinstance(out, Mapping) or not out:
         raise KernError(f"the text encode function returned {type(out).__name__}; it must return a dict of tensors")
     for name, value in out.items():

@@ -649,22 +649,28 @@ def batch_order(items: Sequence[Item], specs: Sequence[DatasetSpec], seed: int, 
 # --------------------------------------------------------------------------- images
 
 
-def load_image(path: str | os.PathLike, size: Size, *, crop_below: int = 0) -> torch.Tensor:
-    """``path`` as a (3, H, W) float32 tensor in [-1, 1] at ``size`` = (W, H).
-
-    EXIF orientation is applied; transparent pixels are composited on white (a transparent PNG
-    shows as on a white page, not the arbitrary colour hidden under alpha). The image is scaled
-    (Lanczos) to cover ``size`` and centre-cropped. When it already covers ``size`` and exceeds it by
-    less than ``crop_below`` pixels on each side, it is only cropped: resampling by 0.99 just blurs.
-    """
+def open_picture(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+    """``path`` as a Pillow image, EXIF orientation applied, in ``mode``: RGB composites transparent pixels
+    on white (a transparent PNG shows as on a white page, not the arbitrary colour hidden under alpha);
+    RGBA keeps the alpha. Unreadable files raise ``DatasetError`` naming the file."""
     try:
         with Image.open(path) as img:
-            img = _to_rgb(ImageOps.exif_transpose(img))
+            img = ImageOps.exif_transpose(img)
+            return img.convert("RGBA") if mode == "RGBA" else _to_rgb(img)
     except Exception as exc:
         raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc}); fix or remove it") from None
-    img = _cover_crop(img, size, crop_below)
+
+
+def load_image(path: str | os.PathLike, size: Size, *, crop_below: int = 0, mode: str = "RGB") -> torch.Tensor:
+    """``path`` (read by ``open_picture``) as a (3, H, W) float32 tensor in [-1, 1] at ``size`` = (W, H);
+    (4, H, W) with ``mode="RGBA"``.
+
+    The image is scaled (Lanczos) to cover ``size`` and centre-cropped. When it already covers ``size`` and exceeds it by
+    less than ``crop_below`` pixels on each side, it is only cropped: resampling by 0.99 just blurs.
+    """
+    img = _cover_crop(open_picture(path, mode), size, crop_below)
     data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
-    return data.view(size[1], size[0], 3).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return data.view(size[1], size[0], len(mode)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

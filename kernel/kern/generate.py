@@ -54,6 +54,8 @@ class Setup:
     negative: str | None = None
     fp8_text_encoder: bool = False
     references: list[str] = attrs.Factory(list)  # reference / control images for every prompt
+    layers: int | None = None  # layered variants: output layers besides the composite (default: the plugin's)
+    auto_caption: str | None = None  # "en" / "zh": prompts left empty are written by the text encoder from the image
 
 
 @attrs.define
@@ -70,6 +72,9 @@ class Image:
     source: str
     index: int  # position in the run, for file names
     references: tuple[str, ...] = ()
+    reference_sizes: tuple[tuple[int, int], ...] = ()  # (W, H) each reference is encoded at
+    options: dict[str, Any] = attrs.Factory(dict)  # architecture options of the denoising calls, e.g. layers
+    caption: str | None = None  # language of the automatic caption that replaced an empty prompt
     latents: torch.Tensor | None = None
 
 
@@ -147,7 +152,8 @@ class Generator:
     # ------------------------------------------------------------------ steps
 
     def plan(self, requests: Iterable[Request]) -> list[Image]:
-        """Expand requests into images: defaults filled in, one seed per image, wildcards expanded."""
+        """Expand requests into images: defaults filled in, one seed per image, wildcards expanded, references
+        checked and sized. Every error here names the prompt's source, before any model runs."""
         s, v = self.setup, self.variant
         images = []
         for request in requests:
@@ -155,11 +161,21 @@ class Generator:
             for j in range(request.count or s.count):
                 seed = base_seed + j
                 expanded = expand_request(request, self.wildcards, seed)
-                width = expanded.width or s.width or v.width
-                height = expanded.height or s.height or v.height
+                references = tuple(request.extra.get("ci", ())) or tuple(s.references)
+                self._check_references(references, request.source)
+                width = expanded.width or s.width
+                height = expanded.height or s.height
+                sizes = self._reference_sizes(references, (width or v.width, height or v.height), request.source)
+                if sizes and v.references == "required" and not (width or height):
+                    width, height = sizes[-1]  # the edit pipelines' default: the last control's size
+                width, height = width or v.width, height or v.height
                 step = self.arch.resolution_step
                 if width % step or height % step:
                     raise UsageError(f"{request.source}: size {width}x{height} is not a multiple of {step} for {self.arch.name}")
+                caption = s.auto_caption if not expanded.prompt.strip() and s.auto_caption else None
+                if caption and not references:
+                    raise UsageError(f"{request.source}: --auto-caption-lang captions the input image, but this prompt has none; give --ref")
+                layers = request.extra.get("layers", s.layers)
                 images.append(Image(
                     prompt=expanded.prompt,
                     negative=expanded.negative if expanded.negative is not None else s.negative,
@@ -167,74 +183,123 @@ class Generator:
                     steps=expanded.steps or s.steps or v.steps,
                     guidance=expanded.guidance if expanded.guidance is not None else (s.guidance if s.guidance is not None else v.guidance),
                     seed=seed, source=request.source, index=self.counter,
-                    references=tuple(request.extra.get("ci", ())) or tuple(s.references),
+                    references=references, reference_sizes=tuple(sizes), caption=caption,
+                    options={"layers": layers} if layers is not None else {},
                 ))
                 self.counter += 1
         return images
 
-    def encode(self, images: list[Image]) -> dict[str, dict[str, torch.Tensor]]:
-        """Text encodings of every distinct prompt and negative prompt, on the CPU."""
-        self.load_text_encoder()
-        wanted = {im.prompt for im in images}
-        if self.variant.guidance_mode == "cfg":
-            wanted |= {self._negative(im) for im in images}
-        out = {}
-        with torch.no_grad():
-            for prompt in sorted(wanted):
-                enc = self.hook.encode_text(arch=self.arch.name, variant=self.variant.name, encoder=self.text_encoder, prompts=[prompt], options={})
-                out[prompt] = {k: v.detach().cpu() for k, v in enc.items()}
-        return out
+    def _check_references(self, references: tuple[str, ...], source: str) -> None:
+        v = self.variant
+        if references and v.references == "none":
+            raise UsageError(f"{source}: {self.arch.name} {v.name} takes no reference images; drop --ref / --ci or pick an edit variant")
+        if not references and v.references == "required":
+            what = "the image to split into layers" if v.image_mode == "RGBA" else "its control image(s)"
+            raise UsageError(f"{source}: {self.arch.name} {v.name} needs {what}; give --ref IMAGE (or --ci IMAGE on the prompt line)")
 
-    def encode_references(self, images: list[Image]) -> dict[tuple[str, ...], list[torch.Tensor]]:
-        """Latents of every distinct set of reference images (loaded, sized by the architecture, encoded)."""
-        sets = {im.references for im in images if im.references}
-        if not sets:
-            return {}
+    def _reference_sizes(self, references: tuple[str, ...], target: tuple[int, int], source: str) -> list[tuple[int, int]]:
+        """The (W, H) each reference is encoded at, from the files' sizes (read here, so a bad path fails early)."""
+        if not references:
+            return []
         from PIL import Image as PILImage
 
+        sizes = []
+        for path in references:
+            try:
+                with PILImage.open(path) as pic:
+                    sizes.append(pic.size)
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"{source}: reference image {path}: cannot read it ({exc})") from None
+        step = self.arch.resolution_step
+        wanted = self.hook.reference_sizes(arch=self.arch.name, variant=self.variant.name, sizes=sizes, target=target) or \
+            [(w // step * step, h // step * step) for w, h in sizes]
+        return [tuple(size) for size in wanted]
+
+    def _text_key(self, prompt: str, im: Image) -> tuple[str, tuple[str, ...]]:
+        # A variant whose text encoder reads the controls encodes each prompt once per control set.
+        return (prompt, im.references if self.variant.text_images else ())
+
+    def encode(self, images: list[Image]) -> dict[tuple[str, tuple[str, ...]], dict[str, torch.Tensor]]:
+        """Text encodings of every distinct prompt and negative prompt (with its control images, for the
+        variants that read them), on the CPU. Empty prompts under ``auto_caption`` are captioned first."""
+        from kern.data import open_picture
+
+        self.load_text_encoder()
+        self._caption(images)
+        wanted = {self._text_key(im.prompt, im): im for im in images}
+        if self.variant.guidance_mode == "cfg":
+            wanted |= {self._text_key(self._negative(im), im): im for im in images}
+        out = {}
+        with torch.no_grad():
+            for key in sorted(wanted):
+                prompt, refs = key
+                options = {"images": [[open_picture(p) for p in refs]]} if self.variant.text_images else {}
+                enc = self.hook.encode_text(arch=self.arch.name, variant=self.variant.name, encoder=self.text_encoder, prompts=[prompt], options=options)
+                out[key] = {k: v.detach().cpu() for k, v in enc.items()}
+        return out
+
+    def _caption(self, images: list[Image]) -> None:
+        """Replace each empty prompt marked for automatic captioning by the text encoder's caption of its
+        (first) input image, sized as the model will see it."""
+        from kern.data import open_picture
+
+        done: dict[tuple, str] = {}
+        for im in images:
+            if not im.caption:
+                continue
+            key = (im.references[0], im.reference_sizes[0], im.caption)
+            if key not in done:
+                picture = open_picture(im.references[0], self.variant.image_mode).resize(im.reference_sizes[0], resample=3)  # Lanczos
+                text = self.hook.caption_image(arch=self.arch.name, variant=self.variant.name, encoder=self.text_encoder,
+                                               image=picture, language=im.caption)
+                if text is None:
+                    raise UsageError(f"{im.source}: {self.arch.name} cannot caption images; write the prompt (drop --auto-caption-lang)")
+                done[key] = text
+                log.info("caption", image=im.references[0], caption=text)
+            im.prompt = done[key]
+
+    def encode_references(self, images: list[Image]) -> dict[tuple, list[torch.Tensor]]:
+        """Latents of every distinct set of reference images at its sizes (loaded, resized, encoded)."""
+        sets = {(im.references, im.reference_sizes) for im in images if im.references}
+        if not sets:
+            return {}
         from kern.data import load_image
 
         self.load_vae()
         out = {}
-        for refs in sorted(sets):
-            sizes = []
-            for path in refs:
-                try:
-                    with PILImage.open(path) as pic:
-                        sizes.append(pic.size)
-                except (OSError, ValueError) as exc:
-                    raise UsageError(f"reference image {path}: cannot read it ({exc})") from None
-            step = self.arch.resolution_step
-            wanted = self.hook.reference_sizes(arch=self.arch.name, variant=self.variant.name, sizes=sizes) or \
-                [(w // step * step, h // step * step) for w, h in sizes]
+        for refs, sizes in sorted(sets):
             latents = []
             with torch.no_grad():
-                for path, size in zip(refs, wanted):
-                    pixels = load_image(path, tuple(size))[None].to(self.device)
+                for path, size in zip(refs, sizes):
+                    pixels = load_image(path, size, mode=self.variant.image_mode)[None].to(self.device)
                     latents.append(self.hook.encode_latents(arch=self.arch.name, variant=self.variant.name, vae=self.vae, images=pixels).cpu())
-            out[refs] = latents
+            out[(refs, sizes)] = latents
         return out
 
-    def denoise(self, images: list[Image], texts: dict[str, dict[str, torch.Tensor]], on_image: Callable[[Image], None] | None = None,
-                references: dict[tuple[str, ...], list[torch.Tensor]] | None = None) -> None:
+    def denoise(self, images: list[Image], texts: dict[tuple, dict[str, torch.Tensor]], on_image: Callable[[Image], None] | None = None,
+                references: dict[tuple, list[torch.Tensor]] | None = None) -> None:
         references = references or {}
         self.load_transformer()
-        # Batches: same size, steps and guidance, and text tensors of the same shapes, up to batch_size.
+        # Batches: same size, steps, guidance, references and options, text tensors of the same shapes, up to batch_size.
         groups: dict[tuple, list[Image]] = {}
         for im in images:
-            shapes = tuple((k, tuple(v.shape)) for k, v in texts[im.prompt].items())
-            groups.setdefault((im.width, im.height, im.steps, im.guidance, shapes, im.references), []).append(im)
-        for (width, height, steps, guidance, _, refs), members in groups.items():
+            shapes = tuple((k, tuple(v.shape)) for k, v in texts[self._text_key(im.prompt, im)].items())
+            options = tuple(sorted(im.options.items()))
+            groups.setdefault((im.width, im.height, im.steps, im.guidance, shapes, (im.references, im.reference_sizes), options), []).append(im)
+        for (width, height, steps, guidance, _, refs, options), members in groups.items():
+            options = dict(options)
+            shape = self.hook.latent_shape(arch=self.arch.name, variant=self.variant.name, width=width, height=height, options=options) or \
+                (self.arch.latent_channels, height // self.arch.latent_downscale, width // self.arch.latent_downscale)
             for start in range(0, len(members), max(1, self.setup.batch_size)):
                 batch = members[start : start + max(1, self.setup.batch_size)]
-                shape = (self.arch.latent_channels, height // self.arch.latent_downscale, width // self.arch.latent_downscale)
-                noise = seeded_noise([im.seed for im in batch], shape)
-                text = _collate([texts[im.prompt] for im in batch], self.device)
-                negative = _collate([texts[self._negative(im)] for im in batch], self.device) if self.variant.guidance_mode == "cfg" else None
-                ref_latents = [r.expand(len(batch), *r.shape[1:]).to(self.device) for r in references[refs]] if refs else None
+                noise = seeded_noise([im.seed for im in batch], tuple(shape))
+                text = _collate([texts[self._text_key(im.prompt, im)] for im in batch], self.device)
+                negative = _collate([texts[self._text_key(self._negative(im), im)] for im in batch], self.device) \
+                    if self.variant.guidance_mode == "cfg" else None
+                ref_latents = [r.expand(len(batch), *r.shape[1:]).to(self.device) for r in references[refs]] if refs[0] else None
                 latents = euler_denoise(self.hook, self.arch.name, self.variant, self.transformer, text, noise, steps, guidance,
                                         negative_text=negative, references=ref_latents, device=self.device, dtype=self.dtype,
-                                        on_step=_progress(batch, steps))
+                                        options=options, on_step=_progress(batch, steps))
                 for im, lat in zip(batch, latents.cpu()):
                     im.latents = lat
                     if on_image:
@@ -244,6 +309,7 @@ class Generator:
         return im.negative if im.negative is not None else self.variant.negative_prompt
 
     def decode_and_save(self, images: list[Image]) -> list[Path]:
+        """Decode and save every image; a layered latent gives one PNG per frame (``_layer0`` the composite)."""
         self.load_vae()
         self.setup.out.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -253,10 +319,13 @@ class Generator:
                                                   latents=im.latents[None].to(self.device))
                 if pixels.shape[-2:] != (im.height, im.width):
                     raise UsageError(f"{im.source}: decoded {tuple(pixels.shape[-2:])}, expected {(im.height, im.width)}")
-                paths.append(self._save(to_pil(pixels)[0], im))
+                if pixels.ndim == 5:
+                    paths.extend(self._save(picture, im, layer=f) for f, picture in enumerate(to_pil(pixels[0])))
+                else:
+                    paths.append(self._save(to_pil(pixels)[0], im))
         return paths
 
-    def _save(self, picture: Any, im: Image) -> Path:
+    def _save(self, picture: Any, im: Image, layer: int | None = None) -> Path:
         from PIL.PngImagePlugin import PngInfo
 
         from kern.io import atomic_path
@@ -270,10 +339,15 @@ class Generator:
             "references": list(im.references),
             "source": im.source,
         }
+        if im.caption:
+            meta["auto_caption"] = im.caption
+        if layer is not None:
+            meta["layer"] = layer  # 0: the composite (the input's reconstruction), then the layers
+        meta.update({k: v for k, v in im.options.items() if k not in meta})
         for key, value in meta.items():
             info.add_text(key, value if isinstance(value, str) else json.dumps(value))
         info.add_text("parameters", json.dumps(meta))
-        path = self.setup.out / f"{im.index:05d}_{im.seed}.png"
+        path = self.setup.out / (f"{im.index:05d}_{im.seed}" + (f"_layer{layer}" if layer is not None else "") + ".png")
         with atomic_path(path) as tmp:
             picture.save(tmp, format="PNG", pnginfo=info)
         log.info("image saved", path=str(path), source=im.source)

@@ -73,13 +73,15 @@ def encode_text(arch: str, variant: str, encoder: Any, prompts: list[str], optio
     ``{"ctx": ..., "mask": ...}``); the kernel caches each prompt's slice as safetensors and batches
     them again. Keys must be stable for an architecture; a sequence length may differ between
     prompts: when batching, the kernel right-pads such tensors with zeros, so a mask marks padding
-    with 0.
+    with 0. For a variant with ``text_images``, ``options["images"]`` holds one list of Pillow images
+    (the prompt's control images, in order) per prompt.
     """
 
 
 @hookspec(firstresult=True)
 def encode_latents(arch: str, variant: str, vae: Any, images: Any) -> Any:
-    """Encode ``images`` (B, C, H, W) in ``[-1, 1]`` into normalised latents, the space the model is trained in."""
+    """Encode ``images`` (B, C, H, W) in ``[-1, 1]`` into normalised latents, the space the model is trained in.
+    C is 3, or 4 for a variant whose ``image_mode`` is ``"RGBA"``."""
 
 
 @hookspec(firstresult=True)
@@ -119,10 +121,27 @@ def sample_timesteps(arch: str, method: str, batch_size: int, latent_shape: tupl
 
 
 @hookspec(firstresult=True)
-def reference_sizes(arch: str, variant: str, sizes: list) -> list | None:
+def reference_sizes(arch: str, variant: str, sizes: list, target: tuple) -> list | None:
     """The (width, height) each reference/control image is resized to before ``encode_latents``, given
-    their original sizes, for generation. Sizes must be multiples of the architecture's resolution step.
-    The kernel resizes to cover and centre-crops; without an answer it only crops to the step."""
+    their original sizes and the (width, height) asked for the output, for generation. Sizes must be
+    multiples of the architecture's resolution step. The kernel resizes to cover and centre-crops;
+    without an answer it only crops to the step. When the variant requires references and the request
+    sets no size, the output takes the last reference's size from here (as the edit pipelines do)."""
+
+
+@hookspec(firstresult=True)
+def latent_shape(arch: str, variant: str, width: int, height: int, options: Mapping[str, Any]) -> tuple | None:
+    """The shape, without batch, of the latents one image of ``width`` x ``height`` is denoised in, when it
+    is not ``(latent_channels, height / latent_downscale, width / latent_downscale)``: e.g. Qwen-Image-Layered's
+    ``(layers + 1, 16, h, w)``. ``decode_latents`` then returns one more dimension, (B, frames, C, H, W), and
+    the kernel saves every frame."""
+
+
+@hookspec(firstresult=True)
+def caption_image(arch: str, variant: str, encoder: Any, image: Any, language: str) -> str | None:
+    """Describe ``image`` (a Pillow image) in ``language`` (``"en"`` or ``"zh"``) with the loaded text encoder,
+    for prompts left empty under ``kern generate --auto-caption-lang`` (Qwen-Image-Layered captions the image
+    it splits). ``None``: this architecture cannot caption."""
 
 
 @hookspec(firstresult=True)

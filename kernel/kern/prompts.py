@@ -29,6 +29,8 @@ LINE_OPTIONS: dict[str, tuple[str, type]] = {
 }
 # Options that may repeat and collect into Request.extra: control / reference images.
 LIST_OPTIONS: dict[str, type] = {"ci": str}
+# Architecture options kept in Request.extra as one value: the output layers of layered variants.
+EXTRA_OPTIONS: dict[str, type] = {"layers": int}
 
 WILDCARD = re.compile(r"__([A-Za-z0-9_\-./]+?)__")
 MAX_WILDCARD_DEPTH = 16
@@ -64,7 +66,7 @@ def parse_line(
     head, sep, tail = (text, "", "") if not text.startswith("--") and " --" not in text else _split(text)
     prompt = head.strip()
     if not prompt:
-        if not base_prompt:
+        if base_prompt is None:  # "" is a base prompt too: the image is captioned (--auto-caption-lang)
             raise UsageError(f"{where}: this line has only options and there is no --prompt to apply them to")
         prompt = base_prompt
     request = Request(prompt=prompt, source=where)
@@ -98,18 +100,20 @@ def _apply_options(request: Request, tokens: list[str], where: str, extra_option
         extra_options = {**LIST_OPTIONS, **extra_options}
         if name in LINE_OPTIONS:
             field, kind = LINE_OPTIONS[name]
-        elif name in extra_options:
-            field, kind = name, extra_options[name]
+        elif name in extra_options or name in EXTRA_OPTIONS:
+            field, kind = name, extra_options.get(name) or EXTRA_OPTIONS[name]
         else:
-            known = " ".join(f"--{k}" for k in [*LINE_OPTIONS, *extra_options])
+            known = " ".join(f"--{k}" for k in [*LINE_OPTIONS, *extra_options, *EXTRA_OPTIONS])
             raise UsageError(f"{where}: unknown option --{name}; known: {known}")
         try:
             value = kind(raw)
         except ValueError:
             raise UsageError(f"{where}: --{name} wants {kind.__name__}, got {raw!r}") from None
-        if field in ("width", "height", "steps", "count") and value < 1:
+        if field in ("width", "height", "steps", "count", "layers") and value < 1:
             raise UsageError(f"{where}: --{name} must be at least 1, got {value}")
-        if name in extra_options:
+        if name in EXTRA_OPTIONS:
+            request.extra[field] = value
+        elif name in extra_options:
             request.extra.setdefault(field, []).append(value)
         else:
             setattr(request, field, value)

@@ -74,6 +74,12 @@ class Variant:
     ``guidance_mode`` says how ``guidance`` is used at generation: ``"embedded"`` (fed to the model,
     one forward per step), ``"cfg"`` (true classifier-free guidance, two forwards per step) or
     ``"none"`` (distilled, guidance ignored).
+
+    ``references`` says whether generation takes reference/control images: ``"optional"`` (FLUX.2),
+    ``"required"`` (an edit model needs its control images, Layered the image it splits) or ``"none"``.
+    ``text_images``: the text encoder reads the control images too (Qwen-Image-Edit), so the kernel passes
+    each prompt's images to ``encode_text`` as ``options["images"]`` and keys text caches on them.
+    ``image_mode`` is the pixel format the VAE takes: ``"RGB"`` or ``"RGBA"`` (Layered).
     """
 
     name: str
@@ -87,6 +93,9 @@ class Variant:
     cache_id: str = ""  # id in cache file names; variants that share latents and text share it (musubi's f2k4b ...)
     modelspec: str = ""  # modelspec.architecture name in adapter metadata, e.g. "Flux.2-klein-4b"
     negative_prompt: str = ""  # the unconditional prompt of true CFG when the user gives none
+    references: str = attrs.field(default="optional", validator=attrs.validators.in_(("none", "optional", "required")))
+    text_images: bool = False
+    image_mode: str = attrs.field(default="RGB", validator=attrs.validators.in_(("RGB", "RGBA")))
 
 
 @attrs.frozen

@@ -67,8 +67,8 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def to_pil(images: torch.Tensor) -> list[Any]:
-    """Images in [-1, 1] (B, 3, H, W) to Pillow RGB images."""
+    """Images in [-1, 1] (B, 3, H, W) to Pillow RGB images; (B, 4, H, W) to RGBA."""
     from PIL import Image
 
     pixels = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(p, mode="RGB") for p in pixels]
+    return [Image.fromarray(p, mode="RGBA" if p.shape[-1] == 4 else "RGB") for p in pixels]

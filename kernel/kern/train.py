@@ -266,31 +266,60 @@ def load_items(plan: Plan) -> tuple[list[Any], list[Any]]:
 
 
 def text_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, extra_prompts: list[str], write: bool = True):
-    """Load the text encoder, fill the text cache (when ``write``), encode ``extra_prompts``, free it.
+    """Fill the text cache (when ``write``) and encode ``extra_prompts``, loading the text encoder only when
+    something is to be encoded, and freeing it afterwards.
 
-    Returns (number of items encoded, {extra prompt: encoding on the CPU}).
+    Returns (number of items encoded, {extra prompt: encoding on the CPU}). For a variant whose text
+    encoder reads the control images (``Variant.text_images``), each item is encoded with its controls.
     """
     from kern import cache
+    from kern.data import open_picture
 
     job, hook = plan.job, plan.hook
-    encoder = hook.load_model(arch=plan.arch.name, variant=variant.name, part="text_encoder", path=job.model.text_encoder,
-                              dtype=DTYPES[job.model.dtype], device=device, options={"fp8": job.model.fp8_text_encoder})
+    settings = {"text_encoder": _abs(job.model.text_encoder), "dtype": job.model.dtype, "fp8": job.model.fp8_text_encoder}
+    if variant.text_images:
+        _check_text_images(variant, items)
+    loaded: list[Any] = []
 
-    def encode(prompts: list[str]) -> dict[str, torch.Tensor]:
+    def encode(prompts: list[str], images: list[list[Any]] | None = None) -> dict[str, torch.Tensor]:
+        if not loaded:
+            loaded.append(hook.load_model(arch=plan.arch.name, variant=variant.name, part="text_encoder", path=job.model.text_encoder,
+                                          dtype=DTYPES[job.model.dtype], device=device, options={"fp8": job.model.fp8_text_encoder}))
+        options = {"images": images} if images is not None else {}
         with torch.no_grad():
-            result = hook.encode_text(arch=plan.arch.name, variant=variant.name, encoder=encoder, prompts=prompts, options={})
+            result = hook.encode_text(arch=plan.arch.name, variant=variant.name, encoder=loaded[0], prompts=prompts, options=options)
         return {k: v.detach().to("cpu") for k, v in result.items()}
 
     encoded = 0
     if write:
-        encoded = cache.ensure_text_cache(items, _cache_id(plan, variant), encode,
-                                          settings={"text_encoder": _abs(job.model.text_encoder), "dtype": job.model.dtype,
-                                                    "fp8": job.model.fp8_text_encoder})
+        controls = (lambda item: [open_picture(p) for p in item.control_paths]) if variant.text_images else None
+        encoded = cache.ensure_text_cache(items, _cache_id(plan, variant), encode, settings=settings, images=controls)
         log.info("text cache ready", encoded=encoded, reused=len(items) - encoded)
     extra = {p: encode([p]) for p in dict.fromkeys(extra_prompts)}
-    encoder = None  # the last reference: the encoder's memory goes back before the next phase loads
+    loaded.clear()  # the last reference: the encoder's memory goes back before the next phase loads
     _release_memory()
     return encoded, extra
+
+
+def _check_variant_inputs(variant: Variant, specs: list[Any], sample_prompts: list[str]) -> None:
+    """What a variant that encodes text with control images cannot do yet, refused before anything loads."""
+    if not variant.text_images:
+        return
+    dropping = [s.where for s in specs if s.caption_dropout_rate > 0]
+    if dropping:
+        raise UsageError(f"{dropping[0]}: caption_dropout_rate is not supported for {variant.name}, whose text encoding includes the"
+                         " control images; set it to 0")
+    if sample_prompts:
+        raise UsageError(f"[sample] prompts: in-training samples of {variant.name} would need control images, which [sample] does"
+                         " not take; remove sample.prompts and run `kern generate --ref CONTROL` on the saved checkpoints")
+
+
+def _check_text_images(variant: Variant, items: list[Any]) -> None:
+    """Edit variants encode every caption with its control images: a target without any cannot be trained."""
+    missing = [i for i in items if not i.control_paths]
+    if missing:
+        raise UsageError(f"{variant.name} trains on target images with control images, but {len(missing)} item(s) have none, e.g. "
+                         f"{missing[0].image_path}; set control_directory (or control_path in the JSONL) in the dataset config")
 
 
 def latent_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, write: bool = True):
@@ -420,10 +449,12 @@ def run(job: JobConfig, resume: bool = False) -> Path:
 
     specs, items = load_items(plan)
     sample_prompts = list(job.sample.prompts)
-    extra = sample_prompts + ([variant.negative_prompt] if variant.guidance_mode == "cfg" else [])
+    _check_variant_inputs(variant, specs, sample_prompts)
+    sampling_cfg = bool(sample_prompts) and variant.guidance_mode == "cfg"
+    extra = sample_prompts + ([variant.negative_prompt] if sampling_cfg else [])
     _, encodings = text_phase(plan, variant, items, device, extra, write=acc.is_main_process)
     sample_text = [encodings[p] for p in sample_prompts]
-    sample_negative = encodings[variant.negative_prompt] if variant.guidance_mode == "cfg" else None
+    sample_negative = encodings[variant.negative_prompt] if sampling_cfg else None
     _, vae = latent_phase(plan, variant, items, device, write=acc.is_main_process)
     acc.wait_for_everyone()
 

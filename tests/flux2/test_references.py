@@ -13,9 +13,9 @@ from kern.prompts import Request, parse_line
 
 def test_reference_sizes_follow_the_official_caps():
     hook = get_manager().hook
-    one = hook.reference_sizes(arch="flux2", variant="dev", sizes=[(4000, 3000)])
+    one = hook.reference_sizes(arch="flux2", variant="dev", sizes=[(4000, 3000)], target=(1024, 1024))
     assert one[0][0] * one[0][1] <= 2024 * 2024 and all(v % 16 == 0 for v in one[0])
-    many = hook.reference_sizes(arch="flux2", variant="dev", sizes=[(4000, 3000), (100, 70)])
+    many = hook.reference_sizes(arch="flux2", variant="dev", sizes=[(4000, 3000), (100, 70)], target=(1024, 1024))
     assert many[0][0] * many[0][1] <= 1024 * 1024 and many[1] == (96, 64)  # small ones are only cropped to 16
 
 

@@ -48,8 +48,12 @@ def parse_weights(values: tuple[str, ...]) -> list[tuple[str, float]]:
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")
 @click.option("--fp8-text-encoder", is_flag=True, help="Store text-encoder weights in float8 (less memory).")
+@click.option("--layers", type=click.IntRange(min=1), help="Layered variants: output layers besides the composite (default 4). Per line: --layers N.")
+@click.option("--auto-caption-lang", type=click.Choice(["en", "zh"]),
+              help="Caption the input image with the text encoder for prompts left empty (Qwen-Image-Layered).")
 def command(arch, variant, transformer, vae, text_encoder, prompt, negative_prompt, width, height, steps, guidance, seed,
-            count, out, references, weights, merge, from_file, wildcards, interactive, grid, batch_size, dtype, device, fp8_text_encoder) -> None:
+            count, out, references, weights, merge, from_file, wildcards, interactive, grid, batch_size, dtype, device, fp8_text_encoder,
+            layers, auto_caption_lang) -> None:
     """Generate images, with adapters, from a prompt, a prompt file or interactively.
 
     \b
@@ -60,15 +64,17 @@ def command(arch, variant, transformer, vae, text_encoder, prompt, negative_prom
 
     if sum(bool(x) for x in (from_file, interactive)) > 1:
         raise UsageError("use either --from-file or --interactive, not both")
-    if not (prompt or from_file or interactive):
-        raise UsageError("give --prompt, --from-file or --interactive")
+    if prompt is None and auto_caption_lang:
+        prompt = ""  # every prompt is written from its image
+    if prompt is None and not (from_file or interactive):
+        raise UsageError("give --prompt, --from-file, --interactive or --auto-caption-lang")
     if count < 1:
         raise UsageError("--count must be at least 1")
     setup = generate.Setup(
         arch=arch, variant=variant, transformer=transformer, vae=vae, text_encoder=text_encoder, dtype=dtype, device=device,
         weights=parse_weights(weights), merge=merge, out=Path(out), wildcards=wildcards, grid=grid, batch_size=batch_size,
         width=width, height=height, steps=steps, guidance=guidance, seed=seed, count=count, negative=negative_prompt,
-        fp8_text_encoder=fp8_text_encoder, references=list(references),
+        fp8_text_encoder=fp8_text_encoder, references=list(references), layers=layers, auto_caption=auto_caption_lang,
     )
     if interactive:
         generate.run_interactive(setup, sys.stdin, prompt, lambda s: click.echo(s))

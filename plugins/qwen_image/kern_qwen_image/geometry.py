@@ -8,6 +8,7 @@ reference; references are told apart only by their RoPE frame index (1, 2, ...),
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -59,3 +60,15 @@ def prepare_tokens(target_latents: Tensor, references: Sequence[Tensor] = ()) ->
     tokens = [pack(target_latents)] + [pack(r).expand(b, -1, -1) for r in refs]
     shapes = img_shapes((h, w), [tuple(r.shape[-2:]) for r in refs])
     return torch.cat(tokens, dim=1), shapes, (h // 2) * (w // 2)
+
+
+def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int]:
+    """(width, height) of about ``target_area`` pixels with aspect ``ratio`` = w/h, each a multiple of 32.
+
+    The pipelines' arithmetic: ``w = sqrt(area·ratio)``, ``h = w/ratio``, each rounded to the nearest multiple
+    of 32 with Python's ``round`` (ties to even). Edit and Edit-Plus size their VAE references (and the
+    default output) at 1024² area, Layered its input image and output at ``resolution``² (640 or 1024).
+    """
+    width = math.sqrt(target_area * ratio)
+    height = width / ratio
+    return round(width / 32) * 32, round(height / 32) * 32

@@ -12,19 +12,24 @@ NUM_LAYERS = 60
 # by default; add them with [network] targets (musubi trains them in practice, see docs/adapters.md).
 DEFAULT_TARGETS = (r"transformer_blocks\.\d+\.(attn|img_mlp|txt_mlp)\..*",)
 
+_EDIT = {"references": "required", "text_images": True}  # the VLM reads the control images with the prompt
 VARIANTS = (
     kern.Variant(name="t2i", aliases=("qwen-image-t2i",), description="Qwen-Image text-to-image (2508 and 2512)",
-                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", width=1328, height=1328, cache_id="qi", modelspec="Qwen-Image"),
+                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", width=1328, height=1328, cache_id="qi",
+                 modelspec="Qwen-Image", references="none"),
     kern.Variant(name="edit", aliases=("qwen-image-edit",), description="Qwen-Image-Edit (2508), one control image",
-                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit"),
+                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit", **_EDIT),
     kern.Variant(name="edit-2509", aliases=("qwen-image-edit-plus", "qwen-image-edit-2509"),
                  description="Qwen-Image-Edit-2509 (Edit-Plus), several control images",
-                 steps=40, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit-Plus"),
+                 steps=40, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit-Plus", **_EDIT),
     kern.Variant(name="edit-2511", aliases=("qwen-image-edit-2511",), description="Qwen-Image-Edit-2511 (zero_cond_t)",
-                 steps=40, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit-2511"),
+                 steps=40, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit-2511", **_EDIT),
     kern.Variant(name="layered", aliases=("qwen-image-layered",), description="Qwen-Image-Layered (RGBA layers)",
-                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", width=640, height=640, cache_id="qil", modelspec="Qwen-Image-Layered"),
+                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", width=640, height=640, cache_id="qil",
+                 modelspec="Qwen-Image-Layered", references="required", image_mode="RGBA"),
 )
+DEFAULT_LAYERS = 4  # Layered: output layers besides the composite (the pipelines' default)
+EDIT_VAE_AREA = 1024 * 1024  # Edit / Edit-Plus: the VAE sees each control at about this area
 
 
 @kern.hookimpl
@@ -79,15 +84,27 @@ def load_model(arch, variant, part, path, dtype, device, options):
     raise kern.UsageError(f"Qwen-Image has no model part {part!r}")
 
 
+def _mode(variant: str | None) -> str:
+    return {"t2i": "t2i", "layered": "layered", "edit": "edit"}.get(variant or "t2i", "edit_plus")
+
+
 @kern.hookimpl
 def encode_text(arch, variant, encoder, prompts, options):
     if arch != ARCH:
         return None
-    mode = {"t2i": "t2i", "layered": "layered", "edit": "edit"}.get(variant, "edit_plus")
-    images = options.get("images")  # per-prompt lists of control images for the edit modes
-    if mode.startswith("edit") and not images:
-        raise kern.UsageError(f"Qwen-Image {variant} encodes prompts together with their control images; none were given")
-    return encoder(list(prompts), images=images, mode=mode)
+    mode = _mode(variant)
+    if not mode.startswith("edit"):
+        return encoder(list(prompts), mode=mode)
+    images = options.get("images")  # one list of control images per prompt
+    if not images or any(not i for i in images):
+        raise kern.UsageError(f"Qwen-Image {variant} encodes each prompt together with its control images; give them"
+                              " (--ref / --ci when generating, control_directory when training)")
+    if mode == "edit":
+        if any(len(i) != 1 for i in images):
+            raise kern.UsageError(f"Qwen-Image-Edit (2508) takes one control image per prompt, got {max(len(i) for i in images)};"
+                                  " for several use the Edit-Plus variants (edit-2509, edit-2511)")
+        images = [i[0] for i in images]
+    return encoder(list(prompts), images=list(images), mode=mode)
 
 
 @kern.hookimpl
@@ -101,21 +118,67 @@ def encode_latents(arch, variant, vae, images):
 def decode_latents(arch, variant, vae, latents):
     if arch != ARCH:
         return None
-    return vae.decode(latents.to(dtype=next(vae.parameters()).dtype))
+    dtype = next(vae.parameters()).dtype
+    if latents.ndim == 5:  # Layered (B, frames, 16, h, w): every frame is an image
+        b, f = latents.shape[:2]
+        pixels = vae.decode(latents.flatten(0, 1).to(dtype=dtype))
+        return pixels.unflatten(0, (b, f))
+    return vae.decode(latents.to(dtype=dtype))
+
+
+@kern.hookimpl
+def latent_shape(arch, variant, width, height, options):
+    if arch != ARCH or variant != "layered":
+        return None
+    layers = int(options.get("layers") or DEFAULT_LAYERS)
+    if layers < 1:
+        raise kern.UsageError(f"Qwen-Image-Layered: layers must be at least 1, got {layers}")
+    return (layers + 1, 16, height // 8, width // 8)  # the composite first, then the layers
+
+
+@kern.hookimpl
+def reference_sizes(arch, variant, sizes, target):
+    if arch != ARCH or variant == "t2i":
+        return None
+    from kern_qwen_image.geometry import calculate_dimensions
+
+    # Layered sizes its input to the requested area (the pipelines' 640² or 1024² "resolution"); the edit
+    # pipelines give the VAE every control at about 1024², whatever the output size.
+    area = target[0] * target[1] if variant == "layered" else EDIT_VAE_AREA
+    return [calculate_dimensions(area, w / h) for w, h in sizes]
+
+
+@kern.hookimpl
+def caption_image(arch, variant, encoder, image, language):
+    if arch != ARCH:
+        return None
+    return encoder.caption_image(image, lang=language, resolution=None)
 
 
 @kern.hookimpl
 def predict_velocity(arch, variant, model, latents, timesteps, text, references, options):
     if arch != ARCH:
         return None
+    import torch
+
     from kern_qwen_image import geometry
 
-    b, _, h, w = latents.shape
     dtype = next(model.parameters()).dtype
-    img, shapes, n_target = geometry.prepare_tokens(latents.to(dtype), [r.to(dtype) for r in references or []])
-    mask = text.get("mask")
+    refs = [r.to(dtype) for r in references or []]
     extra = 0 if model.params.use_additional_t_cond else None  # Layered: is_rgb = 0, as the pipelines pass
-    out = model(img, text["ctx"].to(dtype), mask, timesteps.to(latents.device), shapes, additional_t_cond=extra)
+    if latents.ndim == 5:  # Layered: (B, frames, 16, h, w), the input image as the one reference
+        b, frames, _, h, w = latents.shape
+        if len(refs) != 1:
+            raise kern.UsageError(f"Qwen-Image-Layered splits one input image; got {len(refs)}")
+        cond = refs[0] if refs[0].ndim == 4 else refs[0][None]
+        img = torch.cat([geometry.pack(latents.to(dtype)), geometry.pack(cond).expand(b, -1, -1)], dim=1)
+        shapes = geometry.layered_img_shapes((h, w), frames - 1, tuple(cond.shape[-2:]))
+        n_target = frames * (h // 2) * (w // 2)
+        out = model(img, text["ctx"].to(dtype), text.get("mask"), timesteps.to(latents.device), shapes, additional_t_cond=extra)
+        return geometry.unpack(out[:, :n_target], h, w, frames=frames)
+    b, _, h, w = latents.shape
+    img, shapes, n_target = geometry.prepare_tokens(latents.to(dtype), refs)
+    out = model(img, text["ctx"].to(dtype), text.get("mask"), timesteps.to(latents.device), shapes, additional_t_cond=extra)
     return geometry.unpack(out[:, :n_target], h, w)
 
 

@@ -43,16 +43,18 @@ def layered_sigmas(num_steps: int, condition_tokens: int) -> torch.Tensor:
 def true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float, normalize: bool = True) -> torch.Tensor:
     """``uncond + scale (cond - uncond)``, rescaled per token to the conditional velocity's norm.
 
-    ``cond`` / ``uncond`` are latents (B, 16, h, w); a token is a 2x2 patch of all 16 channels (64
-    values), as in the transformer's packed layout, and the norm is taken over those 64 values.
+    ``cond`` / ``uncond`` are latents (B, 16, h, w), or (B, frames, 16, h, w) for Layered; a token is a 2x2
+    patch of all 16 channels of one frame (64 values), as in the transformer's packed layout, and the
+    norm is taken over those 64 values.
     """
     comb = uncond + scale * (cond - uncond)
     if not normalize:
         return comb
 
     def token_norm(x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        patches = x.float().reshape(b, c, h // 2, 2, w // 2, 2).pow(2).sum(dim=(1, 3, 5), keepdim=True).sqrt()
-        return patches.expand(b, 1, h // 2, 2, w // 2, 2).reshape(b, 1, h, w)
+        c, h, w = x.shape[-3:]
+        n = x[..., 0, 0, 0].numel()  # images: batch, or batch x frames
+        patches = x.float().reshape(n, c, h // 2, 2, w // 2, 2).pow(2).sum(dim=(1, 3, 5), keepdim=True).sqrt()
+        return patches.expand(n, 1, h // 2, 2, w // 2, 2).reshape(*x.shape[:-3], 1, h, w)
 
     return (comb.float() * (token_norm(cond) / token_norm(comb))).to(comb.dtype)

@@ -60,6 +60,7 @@ from torch import nn
 
 from kern.errors import ModelFileError, UsageError
 from kern.fp8 import quantize_linears_
+from kern_qwen_image.geometry import calculate_dimensions
 
 __all__ = [
     "CAPTION_PROMPTS",
@@ -168,17 +169,6 @@ CAPTION_PROMPTS: dict[str, str] = {
     ),
 }
 CAPTION_MAX_NEW_TOKENS = 512
-
-
-def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int]:
-    """(width, height) of about ``target_area`` pixels with aspect ``ratio`` = w/h, each a multiple of 32.
-
-    The pipelines' arithmetic: ``w = sqrt(area·ratio)``, ``h = w/ratio``, each rounded to the nearest multiple
-    of 32 with Python's ``round`` (ties to even).
-    """
-    width = math.sqrt(target_area * ratio)
-    height = width / ratio
-    return round(width / 32) * 32, round(height / 32) * 32
 
 
 def vlm_image_size(width: int, height: int, mode: str) -> tuple[int, int]:

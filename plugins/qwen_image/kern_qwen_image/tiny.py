@@ -130,27 +130,32 @@ def _init_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
                 p.copy_(std * torch.randn(p.shape, generator=g))
 
 
-def write_transformer(path: str | Path, seed: int = 0) -> Path:
+def write_transformer(path: str | Path, seed: int = 0, variant: str = "t2i") -> Path:
+    """A tiny transformer of ``variant``: ``edit-2511`` sets ``zero_cond_t``, ``layered`` the Layered
+    timestep condition and 3D RoPE (and writes its extra weight, by which the loader tells it apart)."""
     from kern.io import save_file
 
     from kern_qwen_image.params import tiny_params
     from kern_qwen_image.transformer import QwenImageTransformer
 
-    params = tiny_params(joint_attention_dim=TE_HIDDEN)
+    layered = variant == "layered"
+    params = tiny_params(joint_attention_dim=TE_HIDDEN, zero_cond_t=variant == "edit-2511", use_additional_t_cond=layered,
+                         use_layer3d_rope=layered)
     model = QwenImageTransformer(params)
     _init_(model, seed)
-    metadata = {"kern.axes_dim": ",".join(str(d) for d in params.axes_dim), "kern.variant": "t2i",
+    metadata = {"kern.axes_dim": ",".join(str(d) for d in params.axes_dim), "kern.variant": variant,
                 "kern.note": "tiny random Qwen-Image for tests and the demo"}
     save_file(model.state_dict(), Path(path), metadata=metadata)
     return Path(path)
 
 
-def write_vae(path: str | Path, seed: int = 1) -> Path:
+def write_vae(path: str | Path, seed: int = 1, rgba: bool = False) -> Path:
+    """A tiny VAE, RGB or (``rgba``, as Layered's) RGBA."""
     from kern.io import save_file
 
     from kern_qwen_image.vae import QwenImageVAE, tiny_vae_params
 
-    params = tiny_vae_params()
+    params = tiny_vae_params(input_channels=4 if rgba else 3)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         vae = QwenImageVAE(params).eval()
@@ -158,7 +163,7 @@ def write_vae(path: str | Path, seed: int = 1) -> Path:
     # (mean(E(x)) - latents_mean) / latents_std is about N(0, 1) per channel, and undo it in post_quant_conv so
     # the decoder sees what it saw before.
     g = torch.Generator().manual_seed(seed + 1)
-    coarse = torch.rand(16, 3, 8, 8, generator=g) * 2 - 1
+    coarse = torch.rand(16, params.input_channels, 8, 8, generator=g) * 2 - 1
     images = torch.nn.functional.interpolate(coarse, size=(64, 64), mode="bilinear", align_corners=False)
     z = params.z_dim
     with torch.no_grad():
