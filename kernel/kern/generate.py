@@ -308,8 +308,9 @@ class Generator:
     def _negative(self, im: Image) -> str:
         return im.negative if im.negative is not None else self.variant.negative_prompt
 
-    def decode_and_save(self, images: list[Image]) -> list[Path]:
-        """Decode and save every image; a layered latent gives one PNG per frame (``_layer0`` the composite)."""
+    def decode_and_save(self, images: list[Image], name: Callable[[Image, int | None], str] | None = None) -> list[Path]:
+        """Decode and save every image; a layered latent gives one PNG per frame (``_layer0`` the composite).
+        ``name(image, layer)`` gives the file name without ``.png`` (default ``NNNNN_SEED[_layerF]``)."""
         self.load_vae()
         self.setup.out.mkdir(parents=True, exist_ok=True)
         paths = []
@@ -320,12 +321,12 @@ class Generator:
                 if pixels.shape[-2:] != (im.height, im.width):
                     raise UsageError(f"{im.source}: decoded {tuple(pixels.shape[-2:])}, expected {(im.height, im.width)}")
                 if pixels.ndim == 5:
-                    paths.extend(self._save(picture, im, layer=f) for f, picture in enumerate(to_pil(pixels[0])))
+                    paths.extend(self._save(picture, im, f, name) for f, picture in enumerate(to_pil(pixels[0])))
                 else:
-                    paths.append(self._save(to_pil(pixels)[0], im))
+                    paths.append(self._save(to_pil(pixels)[0], im, None, name))
         return paths
 
-    def _save(self, picture: Any, im: Image, layer: int | None = None) -> Path:
+    def _save(self, picture: Any, im: Image, layer: int | None, name: Callable[[Image, int | None], str] | None) -> Path:
         from PIL.PngImagePlugin import PngInfo
 
         from kern.io import atomic_path
@@ -347,7 +348,8 @@ class Generator:
         for key, value in meta.items():
             info.add_text(key, value if isinstance(value, str) else json.dumps(value))
         info.add_text("parameters", json.dumps(meta))
-        path = self.setup.out / (f"{im.index:05d}_{im.seed}" + (f"_layer{layer}" if layer is not None else "") + ".png")
+        stem = name(im, layer) if name else f"{im.index:05d}_{im.seed}" + (f"_layer{layer}" if layer is not None else "")
+        path = self.setup.out / f"{stem}.png"
         with atomic_path(path) as tmp:
             picture.save(tmp, format="PNG", pnginfo=info)
         log.info("image saved", path=str(path), source=im.source)

@@ -21,7 +21,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 import structlog
@@ -265,12 +265,13 @@ def load_items(plan: Plan) -> tuple[list[Any], list[Any]]:
     return specs, items
 
 
-def text_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, extra_prompts: list[str], write: bool = True):
-    """Fill the text cache (when ``write``) and encode ``extra_prompts``, loading the text encoder only when
-    something is to be encoded, and freeing it afterwards.
+def text_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, with_encoder: Callable[[Any], None] | None = None,
+               write: bool = True) -> int:
+    """Fill the text cache (when ``write``) and call ``with_encoder(encoder)`` (the sample prompts' encoding),
+    loading the text encoder only when something is to be encoded, and freeing it afterwards.
 
-    Returns (number of items encoded, {extra prompt: encoding on the CPU}). For a variant whose text
-    encoder reads the control images (``Variant.text_images``), each item is encoded with its controls.
+    Returns the number of items encoded. For a variant whose text encoder reads the control images
+    (``Variant.text_images``), each item is encoded with its controls.
     """
     from kern import cache
     from kern.data import open_picture
@@ -281,13 +282,16 @@ def text_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, extr
         _check_text_images(variant, items)
     loaded: list[Any] = []
 
-    def encode(prompts: list[str], images: list[list[Any]] | None = None) -> dict[str, torch.Tensor]:
+    def encoder() -> Any:
         if not loaded:
             loaded.append(hook.load_model(arch=plan.arch.name, variant=variant.name, part="text_encoder", path=job.model.text_encoder,
                                           dtype=DTYPES[job.model.dtype], device=device, options={"fp8": job.model.fp8_text_encoder}))
+        return loaded[0]
+
+    def encode(prompts: list[str], images: list[list[Any]] | None = None) -> dict[str, torch.Tensor]:
         options = {"images": images} if images is not None else {}
         with torch.no_grad():
-            result = hook.encode_text(arch=plan.arch.name, variant=variant.name, encoder=loaded[0], prompts=prompts, options=options)
+            result = hook.encode_text(arch=plan.arch.name, variant=variant.name, encoder=encoder(), prompts=prompts, options=options)
         return {k: v.detach().to("cpu") for k, v in result.items()}
 
     encoded = 0
@@ -295,13 +299,14 @@ def text_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, extr
         controls = (lambda item: [open_picture(p) for p in item.control_paths]) if variant.text_images else None
         encoded = cache.ensure_text_cache(items, _cache_id(plan, variant), encode, settings=settings, images=controls)
         log.info("text cache ready", encoded=encoded, reused=len(items) - encoded)
-    extra = {p: encode([p]) for p in dict.fromkeys(extra_prompts)}
+    if with_encoder is not None:
+        with_encoder(encoder())
     loaded.clear()  # the last reference: the encoder's memory goes back before the next phase loads
     _release_memory()
-    return encoded, extra
+    return encoded
 
 
-def _check_variant_inputs(variant: Variant, specs: list[Any], sample_prompts: list[str]) -> None:
+def _check_variant_inputs(variant: Variant, specs: list[Any]) -> None:
     """What a variant that encodes text with control images cannot do yet, refused before anything loads."""
     if not variant.text_images:
         return
@@ -309,9 +314,6 @@ def _check_variant_inputs(variant: Variant, specs: list[Any], sample_prompts: li
     if dropping:
         raise UsageError(f"{dropping[0]}: caption_dropout_rate is not supported for {variant.name}, whose text encoding includes the"
                          " control images; set it to 0")
-    if sample_prompts:
-        raise UsageError(f"[sample] prompts: in-training samples of {variant.name} would need control images, which [sample] does"
-                         " not take; remove sample.prompts and run `kern generate --ref CONTROL` on the saved checkpoints")
 
 
 def _check_text_images(variant: Variant, items: list[Any]) -> None:
@@ -351,7 +353,7 @@ def cache_only(job: JobConfig, text: bool = True, latents: bool = True) -> dict[
     device = torch.device(job.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = {}
     if text:
-        out["text"] = (text_phase(plan, variant, items, device, [])[0], len(items))
+        out["text"] = (text_phase(plan, variant, items, device), len(items))
     if latents:
         out["latents"] = (latent_phase(plan, variant, items, device)[0], len(items))
     return out
@@ -402,6 +404,53 @@ def train_step(acc: Any, trainee: nn.Module, optimizer: Any, scheduler: Any, pla
     return loss, t
 
 
+# --------------------------------------------------------------------------- samples
+
+
+class Sampler:
+    """The ``[sample]`` images of a run, made by ``kern.generate.Generator`` with the models the run holds.
+
+    Sample prompts are prompt lines (``--w --h --d --s --g --n --ci``, wildcards not expanded): parsed and
+    checked when the run starts, encoded while the text encoder is loaded for the cache, and denoised
+    with the training transformer (adapters active) whenever samples are due.
+    """
+
+    def __init__(self, plan: Plan, variant: Variant, device: Any, dtype: torch.dtype) -> None:
+        from kern.generate import Generator, Setup
+        from kern.prompts import parse_line
+
+        job = plan.job
+        s = job.sample
+        names = {v: k for k, v in DTYPES.items()}
+        setup = Setup(arch=plan.arch.name, variant=variant.name, vae=job.model.vae, text_encoder=job.model.text_encoder,
+                      dtype=names[dtype], device=str(device), width=s.width, height=s.height, steps=s.steps, guidance=s.guidance,
+                      seed=s.seed, fp8_text_encoder=job.model.fp8_text_encoder)
+        self.generator = Generator(setup, plan.manager)
+        requests = [parse_line(p, f"{job.source}: sample.prompts[{i}]") for i, p in enumerate(job.sample.prompts)]
+        self.images = self.generator.plan([r for r in requests if r is not None])
+        self.texts: dict[Any, Any] = {}
+        self.references: dict[Any, Any] | None = None
+
+    def encode(self, encoder: Any) -> None:
+        self.generator.text_encoder = encoder
+        self.texts = self.generator.encode(self.images)
+        self.generator.text_encoder = None
+
+    def run(self, transformer: nn.Module, vae: Any, folder: Path, step: int) -> list[Path]:
+        gen = self.generator
+        gen.setup.out = folder
+        gen.transformer, gen.vae = transformer, vae.to(gen.device) if isinstance(vae, nn.Module) else vae
+        try:
+            if self.references is None:
+                self.references = gen.encode_references(self.images)
+            gen.denoise(self.images, self.texts, references=self.references)
+            return gen.decode_and_save(self.images, name=lambda im, layer: f"step-{step:06d}_{im.index:02d}" + (f"_layer{layer}" if layer is not None else ""))
+        finally:
+            if isinstance(vae, nn.Module):
+                vae.to("cpu")
+            gen.transformer = gen.vae = None
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -411,7 +460,6 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     from accelerate.utils import DistributedDataParallelKwargs
 
     from kern import cache, data
-    from kern.sampling import euler_denoise, seeded_noise, to_pil
 
     plan = prepare(job)
     hook, arch = plan.hook, plan.arch
@@ -448,13 +496,9 @@ def run(job: JobConfig, resume: bool = False) -> Path:
         write_text(out / "config.toml", dump_toml(resolved))
 
     specs, items = load_items(plan)
-    sample_prompts = list(job.sample.prompts)
-    _check_variant_inputs(variant, specs, sample_prompts)
-    sampling_cfg = bool(sample_prompts) and variant.guidance_mode == "cfg"
-    extra = sample_prompts + ([variant.negative_prompt] if sampling_cfg else [])
-    _, encodings = text_phase(plan, variant, items, device, extra, write=acc.is_main_process)
-    sample_text = [encodings[p] for p in sample_prompts]
-    sample_negative = encodings[variant.negative_prompt] if sampling_cfg else None
+    _check_variant_inputs(variant, specs)
+    sampler = Sampler(plan, variant, device, base_dtype) if job.sample.prompts and acc.is_main_process else None
+    text_phase(plan, variant, items, device, sampler.encode if sampler else None, write=acc.is_main_process)
     _, vae = latent_phase(plan, variant, items, device, write=acc.is_main_process)
     acc.wait_for_everyone()
 
@@ -506,23 +550,9 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     rate_start, rate_step = time.time(), step
 
     def make_samples(at_step: int) -> None:
-        if not sample_prompts or not acc.is_main_process:
-            return
-        model = acc.unwrap_model(trainee).transformer
-        latent_h = (job.sample.height or variant.height) // arch.latent_downscale
-        latent_w = (job.sample.width or variant.width) // arch.latent_downscale
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        for i, text in enumerate(sample_text):
-            noise = seeded_noise([job.sample.seed + i], (arch.latent_channels, latent_h, latent_w))
+        if sampler is not None:
             with acc.autocast():
-                latents = euler_denoise(hook, arch.name, variant, model, {k: v.to(device) for k, v in text.items()},
-                                        noise, job.sample.steps or variant.steps,
-                                        job.sample.guidance if job.sample.guidance is not None else variant.guidance,
-                                        negative_text={k: v.to(device) for k, v in sample_negative.items()} if sample_negative else None,
-                                        device=device, dtype=base_dtype)
-            with torch.no_grad():
-                images = hook.decode_latents(arch=arch.name, variant=variant.name, vae=vae, latents=latents.float().cpu())
-            to_pil(images)[0].save(out / "samples" / f"step-{at_step:06d}_{i:02d}.png")
+                sampler.run(acc.unwrap_model(trainee).transformer, vae, out / "samples", at_step)
 
     trainee.train()
     acc.unwrap_model(trainee).transformer.eval()

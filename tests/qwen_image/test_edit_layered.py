@@ -74,17 +74,24 @@ def test_edit_training_then_batch_generation(tiny_variants, tmp_path, monkeypatc
     encodes = _spy(monkeypatch, "encode_text")
     velocities = _spy(monkeypatch, "predict_velocity")
     dataset = make_dataset(tmp_path / "data", n=2, size=(32, 32), refs=1)
-    adapter = train.run(_edit_job(tiny_variants, dataset, tmp_path / "run"))
+    sample_control = tmp_path / "data" / "controls" / "img0_0.png"
+    adapter = train.run(_edit_job(tiny_variants, dataset, tmp_path / "run", **{
+        "sample.prompts": [f"make it blue --ci {sample_control} --w 32 --h 32"], "sample.steps": 1}))
+    # The in-training sample takes its control image like `kern generate` does.
+    sample = Image.open(tmp_path / "run" / "samples" / "step-000003_00.png")
+    assert sample.size == (32, 32) and json.loads(sample.text["references"]) == [str(sample_control)]
 
     # Training: the variant is detected from the file, each caption is encoded with its control image, and
     # the transformer sees the control latents as references.
     tensors, meta = load_file(adapter)
     assert meta["kern.variant"] == "edit-2511" and meta["modelspec.architecture"] == "Qwen-Image-Edit-2511/lora"
     assert any("lora_up" in k for k in tensors)
-    cached = [c for c in encodes if c["prompts"] != [" "]]
-    assert cached and all(len(c["options"]["images"]) == len(c["prompts"]) for c in cached)
+    cached = [c for c in encodes if c["prompts"] not in ([" "], ["make it blue"])]
+    assert len(cached) == 1 and all(len(c["options"]["images"]) == len(c["prompts"]) for c in cached)
     assert all(len(images) == 1 and images[0].size == (32, 32) for c in cached for images in c["options"]["images"])
-    assert velocities and all(v["references"] and v["references"][0].shape[-2:] == (4, 4) for v in velocities)
+    trained = velocities[:3]  # then the sample's two forwards (true CFG) at the edit pipelines' 1024² control size
+    assert all(v["references"] and v["references"][0].shape[-2:] == (4, 4) for v in trained)
+    assert [v["references"][0].shape[-2:] for v in velocities[3:]] == [(128, 128)] * 2
     text_files = sorted((tmp_path / "data" / "cache").glob("*_qie_te.safetensors"))
     assert [f.name for f in text_files] == ["img0_qie_te.safetensors", "img1_qie_te.safetensors"]  # no shared empty caption
 
