@@ -97,7 +97,9 @@ def test_edit_training_then_batch_generation(tiny_variants, tmp_path, monkeypatc
 
     # The text cache is keyed on the control files: a changed control re-encodes its caption only.
     job = _edit_job(tiny_variants, dataset, tmp_path / "run2")
+    loads = _spy(monkeypatch, "load_model")
     assert train.cache_only(job, latents=False)["text"] == (0, 2)
+    assert not loads  # everything cached: the text encoder is not even loaded
     control = tmp_path / "data" / "controls" / "img1_0.png"
     Image.new("RGB", (32, 32), (1, 2, 3)).save(control)
     os.utime(control, ns=(1, 1))  # a different stamp even on coarse file-system clocks
