@@ -64,6 +64,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = attrs.field(default="bf16", validator=_choice("no", "bf16", "fp16"))
     gradient_checkpointing: bool = True
+    shard_base: bool = False  # several processes: FSDP2-shard the frozen base across them (kern.distributed)
     seed: int = 42
     device: str | None = None  # default: what accelerate picks
 

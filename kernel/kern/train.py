@@ -436,7 +436,8 @@ class Sampler:
         self.texts = self.generator.encode(self.images)
         self.generator.text_encoder = None
 
-    def run(self, transformer: nn.Module, vae: Any, folder: Path, step: int) -> list[Path]:
+    def run(self, transformer: nn.Module, vae: Any, folder: Path, step: int, save: bool = True) -> list[Path]:
+        """Denoise every sample with ``transformer`` and, when ``save``, decode and write them."""
         gen = self.generator
         gen.setup.out = folder
         gen.transformer, gen.vae = transformer, vae.to(gen.device) if isinstance(vae, nn.Module) else vae
@@ -444,6 +445,8 @@ class Sampler:
             if self.references is None:
                 self.references = gen.encode_references(self.images)
             gen.denoise(self.images, self.texts, references=self.references)
+            if not save:
+                return []
             return gen.decode_and_save(self.images, name=lambda im, layer: f"step-{step:06d}_{im.index:02d}" + (f"_layer{layer}" if layer is not None else ""))
         finally:
             if isinstance(vae, nn.Module):
@@ -459,7 +462,7 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from kern import cache, data
+    from kern import cache, data, distributed
 
     plan = prepare(job)
     hook, arch = plan.hook, plan.arch
@@ -477,6 +480,8 @@ def run(job: JobConfig, resume: bool = False) -> Path:
         kwargs_handlers=[ddp],
     )
     device = acc.device
+    distributed.check_launch(acc)
+    sharded = job.train.shard_base
     out = plan.out
     checkpoints = checkpoint_dirs(out)
     if resume and not checkpoints:
@@ -497,14 +502,16 @@ def run(job: JobConfig, resume: bool = False) -> Path:
 
     specs, items = load_items(plan)
     _check_variant_inputs(variant, specs)
-    sampler = Sampler(plan, variant, device, base_dtype) if job.sample.prompts and acc.is_main_process else None
+    # A sharded base needs every process in each forward, so then every process runs the samples' loop.
+    sampler = Sampler(plan, variant, device, base_dtype) if job.sample.prompts and (acc.is_main_process or sharded) else None
     text_phase(plan, variant, items, device, sampler.encode if sampler else None, write=acc.is_main_process)
     _, vae = latent_phase(plan, variant, items, device, write=acc.is_main_process)
     acc.wait_for_everyone()
 
     # Phase 3: the transformer and the network.
+    # Sharded: load on the CPU, each process then moves only its shard to the device.
     transformer = hook.load_model(arch=arch.name, variant=variant.name, part="transformer", path=job.model.transformer,
-                                  dtype=base_dtype, device=device, options={})
+                                  dtype=base_dtype, device="cpu" if sharded else device, options={})
     if transformer is None:
         raise KernError(f"no installed plugin loads the {arch.name} transformer (see `kern plugins`)")
     transformer.requires_grad_(False)
@@ -523,6 +530,8 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     optimizer = make_optimizer(job.train.optimizer, groups, job.train.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.train.lr_scheduler, job.train.warmup_steps, job.train.steps))
     trainee = Trainee(plan, variant.name, transformer, network)
+    if sharded:
+        distributed.shard_base(trainee, transformer, device)
     trainee, optimizer, scheduler = acc.prepare(trainee, optimizer, scheduler)
 
     generator = torch.Generator().manual_seed(job.train.seed + acc.process_index)
@@ -552,7 +561,7 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     def make_samples(at_step: int) -> None:
         if sampler is not None:
             with acc.autocast():
-                sampler.run(acc.unwrap_model(trainee).transformer, vae, out / "samples", at_step)
+                sampler.run(acc.unwrap_model(trainee).transformer, vae, out / "samples", at_step, save=acc.is_main_process)
 
     trainee.train()
     acc.unwrap_model(trainee).transformer.eval()
@@ -615,7 +624,8 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     final = out / f"{job.save.name}.safetensors"
     if acc.is_main_process:
         save_adapter(final, step)
-        make_samples(step)
+    make_samples(step)  # after the save: a failing sample loses no training
+    if acc.is_main_process:
         from kern.plot import loss_plot
 
         loss_plot(history, out / "loss.png")

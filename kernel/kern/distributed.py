@@ -1,0 +1,66 @@
+"""Several processes, one adapter: data parallel for the adapter, and optionally the frozen base sharded.
+
+Plain data parallel (``accelerate launch --multi_gpu``) gives every process a whole base model; only the
+adapter's gradients are averaged. With ``train.shard_base`` each process keeps 1/N of the frozen base
+weights (FSDP2 ``fully_shard`` per repeated block, all-gathered just for that block's forward and its
+checkpoint recompute), so a model larger than one card trains across several; the adapter stays whole on
+every process and DDP still averages its gradients. The adapter is small, so replicating it costs
+little, and it keeps saving, resuming and the replica check exactly as without sharding.
+
+The kernel knows no architecture: the repeated blocks are found as the entries of every ``nn.ModuleList``
+whose members share one class (``double_blocks``, ``single_blocks``, ``transformer_blocks`` ...).
+"""
+
+from __future__ import annotations
+
+import structlog
+import torch
+from torch import nn
+
+from kern.errors import UsageError
+
+log = structlog.get_logger(__name__)
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every entry of every ``nn.ModuleList`` in ``model`` whose entries are all of one class, in model order."""
+    blocks: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
+            blocks.extend(module)
+    return blocks
+
+
+def check_launch(accelerator) -> None:
+    """kern shards the base itself (``train.shard_base``): accelerate's own FSDP would shard the adapter too."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UsageError(f"accelerate is configured for {accelerator.distributed_type.value}; kern trains adapters with data parallel"
+                         " (launch with --multi_gpu or examples/accelerate/multi_gpu.yaml) and shards the frozen base itself:"
+                         " set train.shard_base = true")
+
+
+def shard_base(trainee: nn.Module, transformer: nn.Module, device: torch.device) -> int:
+    """Shard ``transformer`` (frozen, on the CPU or the device) across the process group with FSDP2, one unit per
+    repeated block plus the rest at the top, and tell DDP to leave its parameters alone. Returns the number of
+    block units. Call after the adapter is built (it wraps the base Linears) and before ``accelerate.prepare``."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise UsageError("train.shard_base needs several processes: launch with `accelerate launch --multi_gpu --num_processes N kern train ...`")
+    if any(p.requires_grad for p in transformer.parameters()):
+        raise UsageError("train.shard_base shards the frozen base only; the transformer has trainable parameters")
+    blocks = repeated_blocks(transformer)
+    if not blocks:
+        raise UsageError(f"train.shard_base: {type(transformer).__name__} has no nn.ModuleList of repeated blocks to shard")
+    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)  # gathered for its forward (and checkpoint recompute), freed after
+    fully_shard(transformer, mesh=mesh)  # embedders, modulation, final layer
+    prefix = next(name for name, module in trainee.named_children() if module is transformer)
+    ignored = [f"{prefix}.{name}" for name, _ in transformer.named_parameters()] + [f"{prefix}.{name}" for name, _ in transformer.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trainee, ignored)
+    log.info("base sharded", blocks=len(blocks), processes=torch.distributed.get_world_size())
+    return len(blocks)
