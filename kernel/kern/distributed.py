@@ -42,11 +42,17 @@ def check_launch(accelerator) -> None:
 
 
 def shard_base(trainee: nn.Module, transformer: nn.Module, device: torch.device) -> int:
-    """Shard ``transformer`` (frozen, on the CPU or the device) across the process group with FSDP2, one unit per
-    repeated block plus the rest at the top, and tell DDP to leave its parameters alone. Returns the number of
-    block units. Call after the adapter is built (it wraps the base Linears) and before ``accelerate.prepare``."""
+    """Shard ``transformer`` (frozen, on the CPU or the device) across the process group and tell DDP to leave its
+    parameters alone. Returns the number of block units. Call before ``accelerate.prepare``."""
+    n = shard_frozen(transformer, device)
+    keep_out_of_ddp(trainee, transformer)
+    return n
+
+
+def shard_frozen(transformer: nn.Module, device: torch.device) -> int:
+    """FSDP2 over the process group: one unit per repeated block plus the rest at the top. Parameters on the CPU
+    move to ``device`` shard by shard; on the meta device they stay there (``to_empty`` then allocates shards)."""
     from torch.distributed.fsdp import fully_shard
-    from torch.nn.parallel import DistributedDataParallel
 
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         raise UsageError("train.shard_base needs several processes: launch with `accelerate launch --multi_gpu --num_processes N kern train ...`")
@@ -59,8 +65,14 @@ def shard_base(trainee: nn.Module, transformer: nn.Module, device: torch.device)
     for block in blocks:
         fully_shard(block, mesh=mesh)  # gathered for its forward (and checkpoint recompute), freed after
     fully_shard(transformer, mesh=mesh)  # embedders, modulation, final layer
+    log.info("base sharded", blocks=len(blocks), processes=torch.distributed.get_world_size())
+    return len(blocks)
+
+
+def keep_out_of_ddp(trainee: nn.Module, transformer: nn.Module) -> None:
+    """DDP (which ``accelerate.prepare`` wraps ``trainee`` in) syncs the adapter only, not the sharded base."""
+    from torch.nn.parallel import DistributedDataParallel
+
     prefix = next(name for name, module in trainee.named_children() if module is transformer)
     ignored = [f"{prefix}.{name}" for name, _ in transformer.named_parameters()] + [f"{prefix}.{name}" for name, _ in transformer.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trainee, ignored)
-    log.info("base sharded", blocks=len(blocks), processes=torch.distributed.get_world_size())
-    return len(blocks)
