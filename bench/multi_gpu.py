@@ -102,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = train.make_optimizer("adamw", groups, job.train.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     trainee = train.Trainee(plan, variant.name, transformer, network)
-    if args.shard_base:
+    if args.shard_base:  # as kern.train.run does it: the base is sharded already, DDP for the adapter
         distributed.keep_out_of_ddp(trainee, transformer)
-    trainee, optimizer, scheduler = acc.prepare(trainee, optimizer, scheduler)
+        trainee = torch.nn.parallel.DistributedDataParallel(trainee, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+        optimizer, scheduler = acc.prepare(optimizer, scheduler)
+    else:
+        trainee, optimizer, scheduler = acc.prepare(trainee, optimizer, scheduler)
     trainee.train()
     acc.unwrap_model(trainee).transformer.eval()
 

@@ -41,12 +41,16 @@ def check_launch(accelerator) -> None:
                          " set train.shard_base = true")
 
 
-def shard_base(trainee: nn.Module, transformer: nn.Module, device: torch.device) -> int:
-    """Shard ``transformer`` (frozen, on the CPU or the device) across the process group and tell DDP to leave its
-    parameters alone. Returns the number of block units. Call before ``accelerate.prepare``."""
-    n = shard_frozen(transformer, device)
+def shard_base(trainee: nn.Module, transformer: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """Shard ``transformer`` (frozen, on the CPU or the device; a child of ``trainee``) across the process group
+    and return ``trainee`` wrapped in DDP for the adapter alone. accelerate refuses to wrap a model holding
+    sharded (DTensor) parameters, so prepare only the optimizer and scheduler with it."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    shard_frozen(transformer, device)
     keep_out_of_ddp(trainee, transformer)
-    return n
+    return DistributedDataParallel(trainee, device_ids=[device.index or 0] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused)
 
 
 def shard_frozen(transformer: nn.Module, device: torch.device) -> int:

@@ -531,8 +531,10 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.train.lr_scheduler, job.train.warmup_steps, job.train.steps))
     trainee = Trainee(plan, variant.name, transformer, network)
     if sharded:
-        distributed.shard_base(trainee, transformer, device)
-    trainee, optimizer, scheduler = acc.prepare(trainee, optimizer, scheduler)
+        trainee = distributed.shard_base(trainee, transformer, device, find_unused=ddp.find_unused_parameters)
+        optimizer, scheduler = acc.prepare(optimizer, scheduler)
+    else:
+        trainee, optimizer, scheduler = acc.prepare(trainee, optimizer, scheduler)
 
     generator = torch.Generator().manual_seed(job.train.seed + acc.process_index)
     step, epoch, batch_pos, history = 0, 0, 0, []
