@@ -18,15 +18,7 @@ from tests.train.conftest import make_dataset
 def test_two_process_ddp_trains_and_replicas_agree(tmp_path, toy_site):
     dataset = make_dataset(tmp_path / "data", n=4)
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KERN_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(toy_site), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kern_cli.main",
-           "train", "--arch", "toy", "--network", "lora", "--dataset", str(dataset), "--out", str(out), "--steps", "6",
-           "--set", "model.dtype=\"float32\"", "--set", "train.mixed_precision=\"no\"", "--set", "save.every_n_steps=3",
-           "--network-opt", "rank=4"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    proc = _launch(toy_site, dataset, out, "--set", "save.every_n_steps=3", steps=6)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "replicas agree" in proc.stdout + proc.stderr
     tensors, meta = load_file(out / "adapter.safetensors")
@@ -34,13 +26,13 @@ def test_two_process_ddp_trains_and_replicas_agree(tmp_path, toy_site):
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000003"]
 
 
-def _launch(tmp_path, toy_site, dataset, out, *extra):
+def _launch(toy_site, dataset, out, *extra, steps=4):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERN_")}
     env["PYTHONPATH"] = os.pathsep.join([str(toy_site), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kern_cli.main",
-           "train", "--arch", "toy", "--network", "lora", "--dataset", str(dataset), "--out", str(out), "--steps", "4",
+           "train", "--arch", "toy", "--network", "lora", "--dataset", str(dataset), "--out", str(out), "--steps", str(steps),
            "--set", "model.dtype=\"float32\"", "--set", "train.mixed_precision=\"no\"", "--network-opt", "rank=4", *extra]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
@@ -51,9 +43,9 @@ def test_sharded_base_trains_the_same_adapter_as_plain_ddp(tmp_path, toy_site):
     import torch
 
     dataset = make_dataset(tmp_path / "data", n=4)
-    plain = _launch(tmp_path, toy_site, dataset, tmp_path / "plain")
+    plain = _launch(toy_site, dataset, tmp_path / "plain")
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
-    sharded = _launch(tmp_path, toy_site, dataset, tmp_path / "sharded", "--set", "train.shard_base=true",
+    sharded = _launch(toy_site, dataset, tmp_path / "sharded", "--set", "train.shard_base=true",
                       "--set", 'sample.prompts=["a red square"]', "--set", "sample.steps=2")
     assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-3000:]
     log = sharded.stdout + sharded.stderr
