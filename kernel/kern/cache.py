@@ -69,6 +69,11 @@ def empty_text_cache_path(cache_dir: str | os.PathLike, arch_id: str) -> Path:
     return Path(cache_dir) / f"{EMPTY_STEM}_{arch_id}_te.safetensors"
 
 
+def item_empty_text_cache_path(item: Item, arch_id: str) -> Path:
+    """The empty caption encoded with this item's control images (encoders that read them; caption dropout)."""
+    return item.cache_dir / f"{item.stem}_{arch_id}{EMPTY_STEM}_te.safetensors"
+
+
 def _latent_key(prefix: str, latent: torch.Tensor) -> str:
     # The shape after the channel dim: "64x64" for (C, h, w), "1x64x64" for (C, F, h, w).
     return f"{prefix}_{'x'.join(str(d) for d in latent.shape[1:])}_{dtype_name(latent.dtype)}"
@@ -232,6 +237,7 @@ def ensure_text_cache(
     *,
     arch_name: str | None = None,
     images: Callable[[Item], list] | None = None,
+    empty_per_item: bool = False,
 ) -> int:
     """Encode the captions of every item whose text cache is missing, stale or corrupt; return how many.
 
@@ -242,7 +248,8 @@ def ensure_text_cache(
 
     With ``images`` (for encoders that read the control images, e.g. Qwen-Image-Edit) the call is
     ``encode(prompts, [images(item) for each prompt])``, each cache is also keyed on its item's control
-    files, and no empty-caption cache is written: without its images it would mean something else.
+    files, and the empty caption, which means something else with each item's images, is cached per item
+    (``item_empty_text_cache_path``) when ``empty_per_item`` (caption dropout) asks for it.
     """
     items = list({item.key: item for item in items}.values())
 
@@ -258,6 +265,13 @@ def ensure_text_cache(
         for j, item in enumerate(chunk):
             _save_text(text_cache_path(item, arch_id), {k: v[j] for k, v in outputs.items()}, item.caption, fingerprint(item), name, item.key)
     if images is not None:
+        if empty_per_item:
+            todo = [i for i in items if not _text_is_current(item_empty_text_cache_path(i, arch_id), "", fingerprint(i))]
+            for chunk in _chunks(todo, max(1, batch_size)):
+                outputs = _encode_texts(encode, [""] * len(chunk), [images(i) for i in chunk])
+                for j, item in enumerate(chunk):
+                    _save_text(item_empty_text_cache_path(item, arch_id), {k: v[j] for k, v in outputs.items()}, "", fingerprint(item),
+                               name, f"{item.key} <empty caption>")
         return len(stale)
     for folder in sorted({item.cache_dir for item in items}):
         path = empty_text_cache_path(folder, arch_id)
@@ -272,14 +286,6 @@ def text_fingerprint(item: Item | None, settings: Mapping[str, Any] | None, *, c
     the encoder reads them. ``item=None``: the empty caption's."""
     extra = {"controls": [_file_stamp(p) for p in item.control_paths]} if controls and item is not None else {}
     return settings_fingerprint({**dict(settings or {}), **extra})
-
-
-def text_cache_is_current(items: Sequence[Item], arch_id: str, settings: Mapping[str, Any] | None = None, *, controls: bool = False) -> bool:
-    """Whether ``ensure_text_cache`` with these arguments would encode nothing (so the encoder need not load)."""
-    if any(not _text_is_current(text_cache_path(i, arch_id), i.caption, text_fingerprint(i, settings, controls=controls)) for i in items):
-        return False
-    folders = set() if controls else {i.cache_dir for i in items}
-    return all(_text_is_current(empty_text_cache_path(f, arch_id), "", text_fingerprint(None, settings)) for f in folders)
 
 
 def _encode_texts(encode: TextEncode, prompts: list[str], *images: list) -> dict[str, Any]:
@@ -322,7 +328,7 @@ def load_batch(items: Sequence[Item], arch_id: str, generator: torch.Generator |
         target, controls = _load_latents(latent_cache_path(item, arch_id))
         latents.append(target)
         references.append(controls)
-        path = empty_text_cache_path(item.cache_dir, arch_id) if drop else text_cache_path(item, arch_id)
+        path = _empty_text(item, arch_id) if drop else text_cache_path(item, arch_id)
         texts.append(_load_text(*_stamp(path)))
     n_refs = {len(r) for r in references}
     if len(n_refs) != 1:
@@ -335,6 +341,11 @@ def load_batch(items: Sequence[Item], arch_id: str, generator: torch.Generator |
         "keys": [i.key for i in items],
         "captions": ["" if d else i.caption for i, d in zip(items, dropped)],
     }
+
+
+def _empty_text(item: Item, arch_id: str) -> Path:
+    own = item_empty_text_cache_path(item, arch_id)  # written only for encoders that read the controls
+    return own if own.exists() else empty_text_cache_path(item.cache_dir, arch_id)
 
 
 def _dropout(n: int, rate: float, generator: torch.Generator | None) -> list[bool]:

@@ -266,12 +266,13 @@ def load_items(plan: Plan) -> tuple[list[Any], list[Any]]:
 
 
 def text_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, with_encoder: Callable[[Any], None] | None = None,
-               write: bool = True) -> int:
+               write: bool = True, caption_dropout: bool = False) -> int:
     """Fill the text cache (when ``write``) and call ``with_encoder(encoder)`` (the sample prompts' encoding),
     loading the text encoder only when something is to be encoded, and freeing it afterwards.
 
     Returns the number of items encoded. For a variant whose text encoder reads the control images
-    (``Variant.text_images``), each item is encoded with its controls.
+    (``Variant.text_images``), each item is encoded with its controls, and with ``caption_dropout`` its
+    empty caption too (with the same controls).
     """
     from kern import cache
     from kern.data import open_picture
@@ -297,23 +298,14 @@ def text_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, with
     encoded = 0
     if write:
         controls = (lambda item: [open_picture(p) for p in item.control_paths]) if variant.text_images else None
-        encoded = cache.ensure_text_cache(items, _cache_id(plan, variant), encode, settings=settings, images=controls)
+        encoded = cache.ensure_text_cache(items, _cache_id(plan, variant), encode, settings=settings, images=controls,
+                                          empty_per_item=caption_dropout)
         log.info("text cache ready", encoded=encoded, reused=len(items) - encoded)
     if with_encoder is not None:
         with_encoder(encoder())
     loaded.clear()  # the last reference: the encoder's memory goes back before the next phase loads
     _release_memory()
     return encoded
-
-
-def _check_variant_inputs(variant: Variant, specs: list[Any]) -> None:
-    """What a variant that encodes text with control images cannot do yet, refused before anything loads."""
-    if not variant.text_images:
-        return
-    dropping = [s.where for s in specs if s.caption_dropout_rate > 0]
-    if dropping:
-        raise UsageError(f"{dropping[0]}: caption_dropout_rate is not supported for {variant.name}, whose text encoding includes the"
-                         " control images; set it to 0")
 
 
 def _check_text_images(variant: Variant, items: list[Any]) -> None:
@@ -349,11 +341,11 @@ def cache_only(job: JobConfig, text: bool = True, latents: bool = True) -> dict[
     """``kern cache``: fill the caches a training run would, without training."""
     plan = prepare(job)
     variant = _variant(plan)
-    _, items = load_items(plan)
+    specs, items = load_items(plan)
     device = torch.device(job.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = {}
     if text:
-        out["text"] = (text_phase(plan, variant, items, device), len(items))
+        out["text"] = (text_phase(plan, variant, items, device, caption_dropout=any(s.caption_dropout_rate > 0 for s in specs)), len(items))
     if latents:
         out["latents"] = (latent_phase(plan, variant, items, device)[0], len(items))
     return out
@@ -501,10 +493,10 @@ def run(job: JobConfig, resume: bool = False) -> Path:
         write_text(out / "config.toml", dump_toml(resolved))
 
     specs, items = load_items(plan)
-    _check_variant_inputs(variant, specs)
     # A sharded base needs every process in each forward, so then every process runs the samples' loop.
     sampler = Sampler(plan, variant, device, base_dtype) if job.sample.prompts and (acc.is_main_process or sharded) else None
-    text_phase(plan, variant, items, device, sampler.encode if sampler else None, write=acc.is_main_process)
+    text_phase(plan, variant, items, device, sampler.encode if sampler else None, write=acc.is_main_process,
+               caption_dropout=any(s.caption_dropout_rate > 0 for s in specs))
     _, vae = latent_phase(plan, variant, items, device, write=acc.is_main_process)
     acc.wait_for_everyone()
 

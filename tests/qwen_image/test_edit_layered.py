@@ -165,10 +165,6 @@ def test_edit_errors(tiny_variants, tmp_path):
     plain = make_dataset(tmp_path / "plain", n=1, size=(32, 32))
     with pytest.raises(UsageError, match=r"1 item\(s\) have none.*control_directory"):
         train.run(_edit_job(tiny_variants, plain, tmp_path / "r1"))
-    dropping = make_dataset(tmp_path / "drop", n=1, size=(32, 32), refs=1)
-    dropping.write_text(dropping.read_text() + "caption_dropout_rate = 0.1\n")
-    with pytest.raises(UsageError, match="caption_dropout_rate is not supported for edit-2511"):
-        train.run(_edit_job(tiny_variants, dropping, tmp_path / "r2"))
 
 
 def test_cli_edit_without_control_is_a_usage_error(tiny_variants, tmp_path):
@@ -177,6 +173,27 @@ def test_cli_edit_without_control_is_a_usage_error(tiny_variants, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "needs its control image(s); give --ref IMAGE" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_edit_caption_dropout_uses_each_items_empty_caption_with_its_controls(tiny_variants, tmp_path, monkeypatch):
+    from kern import cache
+
+    encodes = _spy(monkeypatch, "encode_text")
+    dataset = make_dataset(tmp_path / "drop", n=2, size=(32, 32), refs=1)
+    dataset.write_text(dataset.read_text() + "caption_dropout_rate = 0.5\n")
+    train.run(_edit_job(tiny_variants, dataset, tmp_path / "run"))
+    empties = [c for c in encodes if c["prompts"] == ["", ""]]
+    assert len(empties) == 1 and [len(i) for i in empties[0]["options"]["images"]] == [1, 1]
+    names = sorted(p.name for p in (tmp_path / "drop" / "cache").glob("*_te.safetensors"))
+    assert names == ["img0_qie_empty_te.safetensors", "img0_qie_te.safetensors", "img1_qie_empty_te.safetensors", "img1_qie_te.safetensors"]
+    # A dropped item's text is its own empty-caption encoding (the controls differ per item, so must the text).
+    from kern.data import load_dataset_config, scan_items
+
+    items = scan_items(load_dataset_config(dataset), 16)
+    always = cache.load_batch([items[0]], "qie", torch.Generator().manual_seed(0), caption_dropout_rate=1.0)
+    own, _ = load_file(tmp_path / "drop" / "cache" / "img0_qie_empty_te.safetensors")
+    ctx = next(v for k, v in own.items() if k.startswith("ctx_"))
+    assert always["captions"] == [""] and torch.equal(always["text"]["ctx"][0, : ctx.shape[0]], ctx)
 
 
 # --------------------------------------------------------------------------- layered
