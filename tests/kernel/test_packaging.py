@@ -5,6 +5,7 @@ once someone installs the built wheel (as the device machine did: ``No module na
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,8 +21,12 @@ DISTS = {".": "kern_tuner", "plugins/lora": "kern_lora", "plugins/loha": "kern_l
 
 @pytest.mark.parametrize("folder", sorted(DISTS))
 def test_wheel_holds_every_python_package_of_its_source(folder, tmp_path):
+    # Build from a clean copy: setuptools reuses an in-tree build/ folder, which would hide a missing package.
+    src = tmp_path / "src"
+    shutil.copytree(REPO / folder, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", ".venv", "runs", ".*",
+                                                                      "tests", "examples", "bench", "docs", "plugins", "requirements"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-                           str(REPO / folder)], capture_output=True, text=True, timeout=300)
+                           str(src)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = tmp_path.glob(f"{DISTS[folder]}-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
