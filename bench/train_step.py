@@ -6,11 +6,12 @@ batch 1, random weights, median (and min) of 8 timed steps after 3 warm-up steps
 ``torch.cuda.max_memory_allocated`` over build + steps.
 
 kern side: the transformer is built directly on the GPU in bf16, the LoRA comes from the plugin manager's
-``make_network`` hook with the architecture's default targets, and each step runs the way ``kern.train.run``
-does it: ``kern.train.prepare`` resolves the job, ``Trainee`` calls the ``predict_velocity`` hook,
-``make_optimizer`` builds kern's AdamW, accelerate wraps model and optimizer, timesteps come from the
+``make_network`` hook with the architecture's default targets, ``kern.accel.apply`` applies the job's fast paths
+(compiled blocks, attention backend, checkpointing; ``--kern`` varies them), and each step runs the way
+``kern.train.run`` does it: ``kern.train.prepare`` resolves the job, ``Trainee`` calls the ``predict_velocity``
+hook, ``make_optimizer`` builds kern's AdamW, accelerate wraps model and optimizer, timesteps come from the
 ``sample_timesteps`` hook, noise is mixed into the latents and the loss is the (weighted) MSE to the velocity
-``noise - x0``.
+``noise - x0`` (``kern.train.train_step`` itself).
 
 Anchor side (when diffusers and peft import): diffusers' transformer of the same configuration with a peft
 LoRA on the same layers (diffusers splits q / k / v, so it holds more, thinner LoRA modules), autocast bf16,
@@ -27,14 +28,15 @@ anchor peak), a header line, and a table; with --json-out the JSON lines also go
     python3 bench/train_step.py --configs klein4b klein9b dev            # on the device machine
     python3 bench/train_step.py --tiny --only both --json-out /tmp/t.jsonl  # CPU smoke test of this harness
 
-Adding an architecture (Qwen-Image, 128 text tokens): write a ``Family`` for it (kern params, kern model, kern
-inputs, forward FLOPs, the diffusers anchor) and add its configs to ``CONFIGS``.
+Adding an architecture (as Qwen-Image, 128 text tokens, is added): write a ``Family`` for it (kern params, kern
+model, kern inputs, forward FLOPs, the diffusers anchor) and add its configs to ``CONFIGS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import statistics
@@ -48,7 +50,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # The checkout's own code, whether or not it is pip-installed: kernel, CLI (logging set-up), the plugins used here.
-for _p in (ROOT / "plugins" / "lora", ROOT / "plugins" / "flux2", ROOT / "cli", ROOT / "kernel"):
+for _p in (ROOT / "plugins" / "lora", ROOT / "plugins" / "flux2", ROOT / "plugins" / "qwen_image", ROOT / "cli", ROOT / "kernel"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
@@ -64,6 +66,7 @@ ISSUE_ANCHOR = {
     ("klein9b", True): (0.736, 20.1),
     ("dev", True): (2.219, 66.5),
     ("klein4b", False): (0.277, 23.4),
+    ("qwen_image", True): (1.83, 42.0),
 }
 
 
@@ -169,6 +172,79 @@ FLUX2 = Family(
 )
 
 
+def _qwen_params(variant: str, tiny: bool):
+    from kern_qwen_image.params import QWEN_IMAGE, tiny_params
+
+    return tiny_params() if tiny else QWEN_IMAGE
+
+
+def _qwen_build(p):
+    from kern_qwen_image.transformer import QwenImageTransformer
+
+    return QwenImageTransformer(p)
+
+
+def _qwen_inputs(p, batch, h, w, n_txt, dev, dtype):
+    x0 = torch.randn(batch, p.out_channels, 2 * h, 2 * w, device=dev)  # (B, 16, H/8, W/8): packed 2x2 into h*w tokens
+    text = {"ctx": torch.randn(batch, n_txt, p.joint_attention_dim, device=dev, dtype=dtype),
+            "mask": torch.ones(batch, n_txt, device=dev, dtype=torch.bool)}
+    return x0, text
+
+
+def _qwen_flops(p, n_img, n_txt):
+    d, n = p.hidden_size, n_img + n_txt
+    # Per block and token: q, k, v, out 4 D² + GELU MLP 2·D·4D = 12 D², each stream's weights on its own tokens.
+    macs = p.num_layers * (4 * d * d + 2 * p.mlp_hidden * d) * n
+    macs += p.in_channels * d * n_img + p.joint_attention_dim * d * n_txt + d * p.out_dim * n_img
+    return 2.0 * macs, 4.0 * p.num_layers * n * n * d
+
+
+# The anchor's LoRA targets (anchor_diffusers.py QWEN_TARGETS): attention projections and both MLP Linears of every block.
+QWEN_ANCHOR_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+                       r"|(img|txt)_mlp\.net\.(0\.proj|2))$")
+
+
+def _qwen_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype):
+    from diffusers import QwenImageTransformer2DModel
+    from peft import LoraConfig
+
+    with _default_dtype(dtype), torch.device(dev):
+        model = QwenImageTransformer2DModel(
+            patch_size=p.patch_size, in_channels=p.in_channels, out_channels=p.out_channels, num_layers=p.num_layers,
+            attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.joint_attention_dim,
+            axes_dims_rope=tuple(p.axes_dim),
+        )
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=QWEN_ANCHOR_TARGETS, init_lora_weights="gaussian"))
+    for q in model.parameters():
+        if q.requires_grad:
+            q.data = q.data.float()
+    if ckpt:
+        model.enable_gradient_checkpointing()
+    x = torch.randn(batch, h * w, p.in_channels, device=dev, dtype=dtype)
+    ctx = torch.randn(batch, n_txt, p.joint_attention_dim, device=dev, dtype=dtype)
+    mask = torch.ones(batch, n_txt, device=dev, dtype=dtype)
+    t = torch.rand(batch, device=dev, dtype=dtype)
+
+    def forward():
+        return model(hidden_states=x, encoder_hidden_states=ctx, encoder_hidden_states_mask=mask, timestep=t,
+                     img_shapes=[[(1, h, w)]] * batch, return_dict=False)[0]
+
+    return model, forward, torch.randn_like(x)
+
+
+QWEN = Family(
+    name="qwen_image",
+    plugins=(("qwen_image", "kern_qwen_image.plugin"),),
+    n_txt=128,
+    params=_qwen_params,
+    build_kern=_qwen_build,
+    kern_inputs=_qwen_inputs,
+    forward_flops=_qwen_flops,
+    anchor=_qwen_anchor,
+)
+
+
 @dataclass(frozen=True)
 class Config:
     family: Family
@@ -180,6 +256,7 @@ CONFIGS: dict[str, Config] = {
     "klein4b": Config(FLUX2, "flux2-klein-4b", "klein-4b"),
     "klein9b": Config(FLUX2, "flux2-klein-9b", "klein-9b"),
     "dev": Config(FLUX2, "flux2-dev", "dev"),
+    "qwen_image": Config(QWEN, "qwen-image", "t2i"),
 }
 
 
@@ -309,6 +386,8 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     max_grad_norm: float
+    fast: dict[str, Any] = None  # TrainConfig overrides of this kern run: compile, attention, gradient_checkpointing
+    profile: Path | None = None  # append a torch.profiler table of one extra step here
 
     @property
     def latent_hw(self) -> tuple[int, int]:
@@ -335,10 +414,59 @@ def _result(impl: str, s: Setup, family: Family, p: Any, times: list[float], los
     )
 
 
+def kern_label(fast: dict[str, Any]) -> str:
+    """``kern`` for the job defaults, ``kern[key=value,...]`` for a run with fast-path overrides."""
+    short = {"gradient_checkpointing": "ckpt", "base_precision": "base", "blocks_to_swap": "swap"}
+    return "kern" + (f"[{','.join(f'{short.get(k, k)}={v}' for k, v in fast.items())}]" if fast else "")
+
+
+def parse_fast(text: str) -> dict[str, Any]:
+    """``--kern`` value: ``default`` or ``key=value,...`` over compile, attention, ckpt (gradient_checkpointing)."""
+    out: dict[str, Any] = {}
+    if text == "default":
+        return out
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        key = {"ckpt": "gradient_checkpointing", "base": "base_precision", "swap": "blocks_to_swap"}.get(key, key)
+        if key not in ("compile", "attention", "gradient_checkpointing", "base_precision", "blocks_to_swap") or not value:
+            raise SystemExit(f"--kern {text!r}: use key=value over compile, attention, ckpt, base, swap")
+        out[key] = int(value) if key == "blocks_to_swap" else {"true": True, "false": False}.get(value, value)
+    return out
+
+
+def profile_step(step: Callable[[], Any], device: torch.device, title: str, path: Path) -> None:
+    """One more step under torch.profiler; the 30 costliest kernels by device time go to ``path`` (appended)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"\n===== {title}\n")
+        f.write(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=90))
+
+
+def _kern_step(train_step, acc, trainee, optimizer, scheduler, plan, x0, text, generator, base_dtype) -> torch.Tensor:
+    return train_step(acc, trainee, optimizer, scheduler, plan, x0, text, None, generator, base_dtype)[0]
+
+
+def _anchor_step(forward, target, opt, bf16: bool, device_type: str) -> torch.Tensor:
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        out = forward()
+    loss = torch.nn.functional.mse_loss(out.float(), target.float())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def run_kern(s: Setup, cfg: Config) -> dict:
     """One config with kern's own pieces, in the order kern.train.run uses them (data loading and logging left out)."""
     from accelerate import Accelerator
-    from kern import train
+    from kern import accel, train
     from kern.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
     from kern.records import TargetSpec
 
@@ -349,8 +477,8 @@ def run_kern(s: Setup, cfg: Config) -> dict:
         model=ModelConfig(arch=cfg.arch, dtype=str(s.dtype).removeprefix("torch.")),
         network=NetworkConfig(type="lora", options={"rank": s.rank, "alpha": float(s.rank)}),
         train=TrainConfig(steps=s.warmup + s.steps, learning_rate=1e-4, optimizer="adamw", max_grad_norm=s.max_grad_norm,
-                          mixed_precision="bf16" if s.dtype == torch.bfloat16 else "no", gradient_checkpointing=s.ckpt,
-                          seed=0, device=dev.type),
+                          mixed_precision="bf16" if s.dtype == torch.bfloat16 else "no", seed=0, device=dev.type,
+                          **{"gradient_checkpointing": s.ckpt, **(s.fast or {})}),
     )
     job.source = "bench/train_step.py"
     plan = train.prepare(job, manager)
@@ -360,17 +488,19 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     acc = Accelerator(mixed_precision=job.train.mixed_precision, gradient_accumulation_steps=1, cpu=dev.type == "cpu")
 
     p = family.params(variant.name, s.tiny)
-    with _default_dtype(base_dtype), torch.device(dev):  # random weights, built where they run: no CPU copy
+    # Random weights, built where they run (no CPU copy), or on the CPU when blocks are swapped, as kern.train.run loads.
+    with _default_dtype(base_dtype), torch.device(accel.base_device(job.train, dev)):
         transformer = family.build_kern(p)
     transformer.requires_grad_(False)
     transformer.eval()
-    transformer.gradient_checkpointing = job.train.gradient_checkpointing
+    base = accel.prepare_base(transformer, job.train, dev)  # fp8 base weights, before the adapters
     targets = TargetSpec(targets=tuple(job.network.targets) or arch.default_targets,
                          exclude=tuple(arch.default_excludes) + tuple(job.network.exclude), include=tuple(job.network.include))
     torch.manual_seed(job.train.seed)
     network = hook.make_network(network_type=plan.network.name, model=transformer, targets=targets, options=plan.network_options)
     network.to(dev)
     network.train()
+    fast = accel.apply(transformer, job.train, dev)  # as kern.train.run: checkpointing, attention, compiled blocks
     groups = network.optimizer_param_groups(job.train.learning_rate)
     params = [q for g in groups for q in g["params"]]
     assert params and all(q.dtype == torch.float32 and q.device.type == dev.type for q in params), "adapter not fp32 on device"
@@ -386,24 +516,39 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     x0, text = family.kern_inputs(p, s.batch, h, w, s.n_txt(family), dev, base_dtype)
     generator = torch.Generator().manual_seed(job.train.seed)
     before = [q.detach().clone() for q in params] if s.tiny else None
-    timer, times = Timer(dev), []
+    # kern's own training step, the one kern.train.run's loop calls
+    step = functools.partial(_kern_step, train.train_step, acc, trainee, optimizer, scheduler, plan, x0, text, generator,
+                             base_dtype)
+
+    timer, times, first = Timer(dev), [], None
+    graphs = accel.compiled_graphs()
     for i in range(s.warmup + s.steps):
+        if i == s.warmup:
+            graphs_warm = accel.compiled_graphs()
         timer.start()
-        # kern's own training step, the one kern.train.run's loop calls
-        loss, _ = train.train_step(acc, trainee, optimizer, scheduler, plan, x0, text, None, generator, base_dtype)
+        loss = step()
         dt = timer.stop()
+        first = dt if first is None else first
         if i >= s.warmup:
             times.append(dt)
+    recompiles = accel.compiled_graphs() - graphs_warm
+    if s.profile is not None:
+        profile_step(step, dev, f"{s.config} {kern_label(s.fast)}", s.profile)
     extra: dict[str, Any] = {
+        "fast": {**fast, **base}, "first_step_s": round(first, 2), "compiled_graphs": graphs_warm - graphs, "recompiles_timed": recompiles,
         "lora_modules": len(network.adapters), "lora_params": sum(q.numel() for q in params),
-        "optimizer": f"kern make_optimizer({job.train.optimizer!r}) {type(optimizer.optimizer).__name__}",
+        "optimizer": f"kern make_optimizer({job.train.optimizer!r}) {type(optimizer.optimizer).__name__}"
+                     + ("(fused=True)" if optimizer.optimizer.defaults.get("fused") else ""),
         "max_grad_norm": job.train.max_grad_norm, "timestep_method": plan.timestep_method,
     }
     if s.tiny:
         extra["lora_updated"] = sum(not torch.equal(a, q) for a, q in zip(before, params)) / len(params)
-    out = _result("kern", s, family, p, times, loss, **extra)
+    out = _result(kern_label(s.fast), s, family, p, times, loss, **extra)
     acc.free_memory()  # accelerate keeps references to what it prepared
-    del trainee, optimizer, scheduler, network, transformer, params, groups, loss, before, acc
+    del trainee, optimizer, scheduler, network, transformer, params, groups, loss, before, acc, step
+    accel.reset_attention()
+    if fast["compile"] != "off":
+        torch._dynamo.reset()  # compiled code and its guards refer to this run's modules
     free_memory(dev)
     return out
 
@@ -420,18 +565,17 @@ def run_anchor(s: Setup, cfg: Config) -> dict:
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     before = [q.detach().clone() for q in params] if s.tiny else None
+    step = functools.partial(_anchor_step, forward, target, opt, s.dtype == torch.bfloat16, dev.type)
+
     timer, times = Timer(dev), []
     for i in range(s.warmup + s.steps):
         timer.start()
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=s.dtype == torch.bfloat16):
-            out = forward()
-        loss = torch.nn.functional.mse_loss(out.float(), target.float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = step()
         dt = timer.stop()
         if i >= s.warmup:
             times.append(dt)
+    if s.profile is not None:
+        profile_step(step, dev, f"{s.config} diffusers+peft", s.profile)
     extra: dict[str, Any] = {
         "lora_modules": sum(isinstance(m, LoraLayer) for m in model.modules()), "lora_params": sum(q.numel() for q in params),
         "optimizer": "torch AdamW(fused=True)", "max_grad_norm": 0.0,
@@ -440,7 +584,7 @@ def run_anchor(s: Setup, cfg: Config) -> dict:
     if s.tiny:
         extra["lora_updated"] = sum(not torch.equal(a, q) for a, q in zip(before, params)) / len(params)
     result = _result("diffusers+peft", s, family, p, times, loss, **extra)
-    del model, forward, target, params, opt, out, loss, before
+    del model, forward, target, params, opt, loss, before, step
     free_memory(dev)
     return result
 
@@ -452,19 +596,19 @@ def ratio_lines(results: list[dict], tiny: bool) -> list[dict]:
     out = []
     by = {(r["config"], r["impl"]): r for r in results if r.get("kind") == "result"}
     for (config, impl), k in by.items():
-        if impl != "kern":
+        if not impl.startswith("kern"):
             continue
         a = by.get((config, "diffusers+peft"))
         if a is not None:
             out.append({
-                "kind": "ratio", "config": config, "against": "diffusers+peft, this process",
+                "kind": "ratio", "config": config, "impl": impl, "against": "diffusers+peft, this process",
                 "speedup": round(a["step_s"] / k["step_s"], 3), "speedup_min": round(a["step_min_s"] / k["step_min_s"], 3),
                 "memory_ratio": round(k["peak_gib"] / a["peak_gib"], 3) if k["peak_gib"] and a["peak_gib"] else None,
             })
         ref = ISSUE_ANCHOR.get((config, k["ckpt"]))
         if ref and not tiny and k["res"] == 1024 and k["rank"] == 16 and k["batch"] == 1 and k["peak_gib"] is not None:
             out.append({
-                "kind": "ratio", "config": config, "against": "issue 8 anchor (diffusers+peft, H100 80GB)",
+                "kind": "ratio", "config": config, "impl": impl, "against": "issue 8 anchor (diffusers+peft, H100 80GB)",
                 "speedup": round(ref[0] / k["step_s"], 3), "memory_ratio": round(k["peak_gib"] / ref[1], 3),
                 "anchor_step_s": ref[0], "anchor_peak_gib": ref[1],
             })
@@ -476,20 +620,20 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def table(results: list[dict], ratios: list[dict]) -> str:
-    head = f"{'config':<9} {'impl':<15} {'ckpt':<5} {'step s':>9} {'min s':>9} {'peak GiB':>9} {'fwd TFLOP':>10} {'TFLOP/s':>9} {'MFU':>6}"
+    head = f"{'config':<10} {'impl':<44} {'ckpt':<5} {'step s':>9} {'min s':>9} {'peak GiB':>9} {'fwd TFLOP':>10} {'TFLOP/s':>9} {'MFU':>6}"
     lines = [head, "-" * len(head)]
     for r in results:
         if r.get("kind") != "result":
             if r.get("kind") == "error":
-                lines.append(f"{r['config']:<9} {r['impl']:<15} {r['error']}: {r.get('detail', '')[:80]}")
+                lines.append(f"{r['config']:<10} {r['impl']:<44} {r['error']}: {r.get('detail', '')[:80]}")
             continue
         lines.append(
-            f"{r['config']:<9} {r['impl']:<15} {r['ckpt']!s:<5} {r['step_s']:>9.4f} {r['step_min_s']:>9.4f} "
+            f"{r['config']:<10} {r['impl']:<44} {r['ckpt']!s:<5} {r['step_s']:>9.4f} {r['step_min_s']:>9.4f} "
             f"{_fmt(r['peak_gib'], '.2f'):>9} {r['fwd_tflop']:>10g} {r['model_tflops_per_s']:>9g} {_fmt(r.get('mfu'), '.1%'):>6}"
         )
     for q in ratios:
         mem = "" if q["memory_ratio"] is None else f", kern peak / anchor peak {q['memory_ratio']:.2f}"
-        lines.append(f"{q['config']}: anchor time / kern time {q['speedup']:.2f}{mem}  [{q['against']}]")
+        lines.append(f"{q['config']} {q['impl']}: anchor time / kern time {q['speedup']:.2f}{mem}  [{q['against']}]")
     lines.append(f"({FLOPS_CONVENTION})")
     return "\n".join(lines)
 
@@ -507,6 +651,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-grad-norm", type=float, default=0.0,
                     help="kern's gradient clipping (kern's job default is 1.0; the protocol and the anchor clip nothing)")
     ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON lines here")
+    ap.add_argument("--kern", nargs="+", default=["default"], metavar="SETTING",
+                    help="kern runs per config: 'default' (the job defaults) or key=value,... over compile (auto|blocks|off),"
+                         " attention (auto|flash|cudnn|efficient|math), ckpt (true|false|full|selective),"
+                         " base (bf16|fp8: train.base_precision), swap (N: train.blocks_to_swap)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="after timing, profile one more step of each run; top kernels appended to this file")
     ap.add_argument("--memory-cap-gib", type=float, default=None,
                     help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
     ap.add_argument("--tiny", action="store_true", help="toy sizes, fp32, on the CPU: tests this harness, measures nothing")
@@ -562,13 +712,15 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError as exc:
             anchor_missing = f"{type(exc).__name__}: {exc}"
 
+    kern_runs = [parse_fast(k) for k in a.kern]
     results: list[dict] = []
     for name in a.configs:
         cfg = CONFIGS[name]
-        s = Setup(config=name, res=res, rank=a.rank, ckpt=not a.no_ckpt, batch=a.batch, steps=steps, warmup=warmup,
-                  tiny=a.tiny, device=device, dtype=dtype, max_grad_norm=a.max_grad_norm)
-        for impl in impls:
-            label = "kern" if impl == "kern" else "diffusers+peft"
+        runs = [(impl, fast) for impl in impls for fast in (kern_runs if impl == "kern" else [None])]
+        for impl, fast in runs:
+            s = Setup(config=name, res=res, rank=a.rank, ckpt=not a.no_ckpt, batch=a.batch, steps=steps, warmup=warmup,
+                      tiny=a.tiny, device=device, dtype=dtype, max_grad_norm=a.max_grad_norm, fast=fast, profile=a.profile)
+            label = kern_label(fast) if impl == "kern" else "diffusers+peft"
             if impl == "anchor" and anchor_missing:
                 r = {"kind": "error", "impl": label, "config": name, "error": "skipped", "detail": f"diffusers / peft: {anchor_missing}"}
             else:
@@ -578,7 +730,18 @@ def main(argv: list[str] | None = None) -> int:
                 except torch.OutOfMemoryError as err:
                     r = {"kind": "error", "impl": label, "config": name, "error": "OOM", "detail": str(err)[:300],
                              "peak_gib": peak_gib(device)}
-                if r.get("error") == "OOM":
+                except Exception as err:  # one failing configuration must not cost the rest of a device run
+                    if a.tiny:
+                        raise
+                    import traceback
+
+                    r = {"kind": "error", "impl": label, "config": name, "error": type(err).__name__,
+                         "detail": "".join(traceback.format_exception(err))[-1500:]}
+                if r.get("kind") == "error":
+                    import kern.accel
+
+                    kern.accel.reset_attention()
+                    torch._dynamo.reset()
                     free_memory(device)  # outside the except: its traceback held the failed run's tensors
             results.append(r)
             emit(r)

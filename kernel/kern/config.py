@@ -26,6 +26,19 @@ def _choice(*values: str) -> Any:
     return attrs.validators.optional(attrs.validators.in_(values))
 
 
+def _one_of(*values: str) -> Any:
+    def check(instance: Any, attribute: Any, value: Any) -> None:
+        if value not in values:
+            raise ValueError(f"{attribute.name} must be one of {', '.join(map(repr, values))} (got {value!r})")
+
+    return check
+
+
+def _checkpointing(instance: Any, attribute: Any, value: Any) -> None:
+    if not (isinstance(value, bool) or value in ("full", "selective")):
+        raise ValueError(f"{attribute.name} must be true, false, 'full' or 'selective' (got {value!r})")
+
+
 @attrs.define(kw_only=True)
 class ModelConfig:
     arch: str | None = None  # architecture name or alias, e.g. "flux2-klein-4b"
@@ -63,7 +76,12 @@ class TrainConfig:
     gradient_accumulation: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = attrs.field(default="bf16", validator=_choice("no", "bf16", "fp16"))
-    gradient_checkpointing: bool = True
+    # true (= "full") | false | "selective" (also keep attention outputs); see kern.accel and docs/training.md
+    gradient_checkpointing: bool | str = attrs.field(default=True, validator=_checkpointing)
+    compile: str = attrs.field(default="auto", validator=_one_of("auto", "blocks", "off"))  # auto: compiled blocks on CUDA
+    attention: str = attrs.field(default="auto", validator=_one_of("auto", "flash", "cudnn", "efficient", "math"))  # SDPA backend
+    base_precision: str = attrs.field(default="bf16", validator=_one_of("bf16", "fp8"))  # fp8: frozen Linears in float8
+    blocks_to_swap: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # repeated blocks whose frozen weights stay in CPU memory and stream in (block swap)
     shard_base: bool = False  # several processes: FSDP2-shard the frozen base across them (kern.distributed)
     seed: int = 42
     device: str | None = None  # default: what accelerate picks

@@ -22,7 +22,7 @@ sit on one layer. ``Network.remove()`` detaches; when the last adapter leaves a 
 ``forward`` is restored.
 
 Precision: each adapter casts the layer's input to its own dtype (an fp32 adapter on a bf16 model computes in
-fp32); the adapter outputs are summed and added to the layer's output with type promotion, then rounded
+fp32), or under autocast to the autocast dtype its matmuls run in anyway (:func:`compute_dtype`); the adapter outputs are summed and added to the layer's output with type promotion, then rounded
 **once** to the layer's output dtype.
 """
 
@@ -366,6 +366,15 @@ def layer_geometry(org: nn.Module) -> dict[str, Any]:
     raise AdapterError(f"cannot put an adapter on a {type(org).__name__}; only Linear and Conv2d layers")
 
 
+def compute_dtype(x: torch.Tensor, adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype an adapter casts its input to: autocast's while autocast is on (its matmuls run there anyway,
+    so a cast to an fp32 adapter's dtype would only copy the activation to fp32 and back: same numbers, twice
+    the traffic), else the adapter's own dtype. The parameters stay fp32 masters either way."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return adapter_dtype
+
+
 def layer_device(org: nn.Module) -> torch.device:
     w = getattr(org, "weight", None)
     return w.device if isinstance(w, torch.Tensor) else torch.device("cpu")
@@ -411,6 +420,14 @@ class AdapterModule(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """``out + multiplier · adapter_forward(x)``, rounded once to ``out``'s dtype: the layer's output when this is
+        its only active adapter. Subclasses may fuse the addition into their last matmul (LoRA does)."""
+        y = self.adapter_forward(x)
+        if multiplier != 1.0:
+            y = y * multiplier
+        return (out + y).to(out.dtype)
 
     def kohya_tensors(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -459,10 +476,11 @@ def _detach(org: nn.Module, adapter: AdapterModule) -> None:
 
 
 def _add_adapter_outputs(out: torch.Tensor, x: torch.Tensor, adapters: Sequence[AdapterModule]) -> torch.Tensor:
+    active = [a for a in adapters if a.active()]
+    if len(active) == 1:  # the training case: the adapter may fuse its addition into its own last matmul
+        return active[0].add_to(out, x, active[0].multiplier)
     total = None
-    for a in adapters:
-        if not a.active():
-            continue
+    for a in active:
         y = a.adapter_forward(x)
         if a.multiplier != 1.0:
             y = y * a.multiplier

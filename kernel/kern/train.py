@@ -110,10 +110,15 @@ def _variant(plan: Plan) -> Variant:
 
 
 def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
-    """AdamW, AdamW 8-bit (bitsandbytes), Adafactor (transformers) or Prodigy (prodigyopt)."""
+    """AdamW, AdamW 8-bit (bitsandbytes), Adafactor (transformers) or Prodigy (prodigyopt).
+
+    AdamW is torch's fused kernel when every parameter is on a GPU (one launch for all adapter tensors instead
+    of several per tensor), the default implementation otherwise (the CPU, whose runs the tests pin bit-exactly)."""
     name = name.lower().replace("-", "").replace("_", "")
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=0.01, **({"fused": True} if fused else {}))
     if name == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -366,16 +371,17 @@ def train_step(acc: Any, trainee: nn.Module, optimizer: Any, scheduler: Any, pla
     """One flow-matching micro-step on clean latents ``x0``: sample t, noise, predict, weighted MSE to the
     velocity, backward, and (on accumulation boundaries) clip, optimizer and scheduler step.
 
-    Returns (loss, t). Noise and t come from ``generator`` on the CPU, so runs are reproducible on any
-    device. Raises ``NonFiniteLoss`` before backward, so a NaN never reaches the weights. The training
-    loop and ``bench/train_step.py`` both run exactly this.
+    Returns (loss, t). t and all randomness come from the CPU ``generator`` (``draw_noise``), so runs are
+    reproducible and resumable from its state alone. The loss is checked after backward and before the
+    optimizer step (``NonFiniteLoss``): a NaN never reaches the weights, and the host does not wait for the
+    forward before it queues the backward. The training loop and ``bench/train_step.py`` both run exactly this.
     """
     from kern import timesteps
 
     device = x0.device
     t = plan.hook.sample_timesteps(arch=plan.arch.name, method=plan.timestep_method, batch_size=x0.shape[0],
                                    latent_shape=tuple(x0.shape[1:]), generator=generator, options=plan.timestep_options)
-    noise = torch.randn(x0.shape, generator=generator).to(device)
+    noise = draw_noise(x0, generator)
     t = t.to(device)
     tb = t.view(-1, *([1] * (x0.dim() - 1)))
     noisy = (1 - tb) * x0 + tb * noise
@@ -385,15 +391,38 @@ def train_step(acc: Any, trainee: nn.Module, optimizer: Any, scheduler: Any, pla
             pred = trainee(noisy.to(base_dtype), t, text, references, {"guidance": 1.0})
         weight = timesteps.loss_weighting(plan.timestep_options.weighting_scheme, t).view_as(tb)
         loss = (weight * (pred.float() - (noise - x0)) ** 2).mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(loss.item())
         acc.backward(loss)
+        bad = ~torch.isfinite(loss.detach())
+        if acc.num_processes > 1:  # one process's NaN is every process's after the gradient all-reduce
+            bad = acc.reduce(bad.float(), reduction="sum") > 0
+        if bad:
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(loss.item())
         if acc.sync_gradients and max_grad_norm > 0:
             acc.clip_grad_norm_(acc.unwrap_model(trainee).network.parameters(), max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
     return loss, t
+
+
+_device_generators: dict[torch.device, torch.Generator] = {}
+
+
+def draw_noise(x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Standard normal noise shaped like ``x0``, as fp32 on ``x0``'s device.
+
+    On the CPU it is drawn from ``generator`` itself. On a GPU a device generator is re-seeded each step from
+    one draw of ``generator`` and the noise is drawn there: no host-side sampling and copy per step, and the
+    CPU generator's state still fixes everything (checkpoints store only it, so resume stays exact)."""
+    if x0.device.type == "cpu":
+        return torch.randn(x0.shape, generator=generator)
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    g = _device_generators.get(x0.device)
+    if g is None:
+        g = _device_generators[x0.device] = torch.Generator(x0.device)
+    g.manual_seed(seed)
+    return torch.randn(x0.shape, generator=g, device=x0.device)
 
 
 # --------------------------------------------------------------------------- samples
@@ -501,15 +530,17 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     acc.wait_for_everyone()
 
     # Phase 3: the transformer and the network.
-    # Sharded: load on the CPU, each process then moves only its shard to the device.
+    # Sharded: load on the CPU, each process then moves only its shard to the device; block swap: likewise, the
+    # swapped blocks stay there.
+    from kern import accel
+
     transformer = hook.load_model(arch=arch.name, variant=variant.name, part="transformer", path=job.model.transformer,
-                                  dtype=base_dtype, device="cpu" if sharded else device, options={})
+                                  dtype=base_dtype, device="cpu" if sharded else accel.base_device(job.train, device), options={})
     if transformer is None:
         raise KernError(f"no installed plugin loads the {arch.name} transformer (see `kern plugins`)")
     transformer.requires_grad_(False)
     transformer.eval()  # the frozen base never uses dropout; the network's own modules go to train mode below
-    if hasattr(transformer, "gradient_checkpointing"):
-        transformer.gradient_checkpointing = job.train.gradient_checkpointing
+    accel.prepare_base(transformer, job.train, device)  # fp8 base weights: before the adapters wrap the layers
     targets = TargetSpec(targets=tuple(job.network.targets) or arch.default_targets, exclude=tuple(arch.default_excludes) + tuple(job.network.exclude),
                          include=tuple(job.network.include))
     torch.manual_seed(job.train.seed)  # network init is part of what a seed fixes
@@ -518,6 +549,7 @@ def run(job: JobConfig, resume: bool = False) -> Path:
         raise KernError(f"no plugin built a {plan.network.name!r} network (see `kern plugins`)")
     network.to(device)
     network.train()
+    accel.apply(transformer, job.train, device)  # checkpointing, attention backend, compiled blocks: after the network
     groups = network.optimizer_param_groups(job.train.learning_rate)
     optimizer = make_optimizer(job.train.optimizer, groups, job.train.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(job.train.lr_scheduler, job.train.warmup_steps, job.train.steps))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kern.errors import AdapterError
-from kern.network import AdapterModule, FactorOps, scale_of, strip_layout_prefix
+from kern.network import AdapterModule, FactorOps, compute_dtype, scale_of, strip_layout_prefix
 
 log = structlog.get_logger(__name__)
 
@@ -110,7 +110,7 @@ class LoRAModule(AdapterModule):
         return m
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.lora_down(x.to(self.lora_down.weight.dtype))
+        h = self.lora_down(x.to(compute_dtype(x, self.lora_down.weight.dtype)))
         scale = self.scale
         if self.training:
             if self.dropout > 0:
@@ -123,6 +123,22 @@ class LoRAModule(AdapterModule):
                 h = h * (torch.rand(shape, device=h.device) > self.rank_dropout).to(h.dtype)
                 scale = scale / (1.0 - self.rank_dropout)
         return self.lora_up(h) * scale
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, multiplier: float) -> torch.Tensor:
+        """``out + m·s·B(A x)`` with the scale applied on the rank-r activation and the addition done by the up
+        matmul itself (``addmm``: one pass over the layer output instead of a separate product and sum, one
+        rounding). Falls back to the general path for convs, dropouts in training, and dtypes addmm cannot mix."""
+        if self.geometry["kind"] == "conv2d" or (self.training and (self.dropout > 0 or self.rank_dropout > 0)):
+            return super().add_to(out, x, multiplier)
+        h = self.lora_down(x.to(compute_dtype(x, self.lora_down.weight.dtype)))
+        s = self.scale * multiplier
+        if s != 1.0:
+            h = h * s
+        up = self.lora_up.weight
+        if not torch.is_autocast_enabled(x.device.type) and not (out.dtype == h.dtype == up.dtype):
+            return (out + F.linear(h, up)).to(out.dtype)  # e.g. an fp32 adapter on a bf16 model without autocast
+        y = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up.t())
+        return y.view(out.shape).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return lora_delta(self.kohya_tensors(), self.geometry["weight_shape"], where=self.path)
