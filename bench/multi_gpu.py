@@ -2,7 +2,8 @@
 
 Run under torchrun (or ``accelerate launch``). Every process runs ``kern.train.train_step`` on its own batch (the
 bench/train_step.py protocol: rank-16 LoRA on the default targets, one 1024² image, bf16 base, fp32 adapter,
-AdamW, gradient checkpointing); accelerate wraps the trainee in DDP as ``kern train`` does. With ``--shard-base``
+AdamW, gradient checkpointing) with the job's default fast paths (``kern.accel.apply``: compiled blocks unless the
+base is sharded); accelerate wraps the trainee in DDP as ``kern train`` does. With ``--shard-base``
 the transformer is built on the meta device, sharded with ``kern.distributed.shard_frozen`` (FSDP2 per block)
 and only each process's shard is allocated, with random weights. Rank 0 prints one JSON line: the median over
 steps of the slowest rank's step time, images per second, and every rank's peak memory.
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_logs()
 
     from accelerate import Accelerator
-    from kern import distributed, train
+    from kern import accel, distributed, train
     from kern.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
     from kern.records import TargetSpec
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         model=ModelConfig(arch=cfg.arch, dtype=str(dtype).removeprefix("torch.")),
         network=NetworkConfig(type="lora", options={"rank": args.rank, "alpha": float(args.rank)}),
         train=TrainConfig(steps=warmup + steps, learning_rate=1e-4, optimizer="adamw", mixed_precision="no" if args.tiny else "bf16",
-                          gradient_checkpointing=not args.no_ckpt, seed=0, device="cpu" if args.tiny else None),
+                          gradient_checkpointing=not args.no_ckpt, seed=0, device="cpu" if args.tiny else None,
+                          shard_base=args.shard_base),
     )
     job.source = "bench/multi_gpu.py"
     plan = train.prepare(job, kern_manager(family))
@@ -92,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
             transformer = family.build_kern(p)
         transformer.requires_grad_(False)
     transformer.eval()
-    transformer.gradient_checkpointing = job.train.gradient_checkpointing
     targets = TargetSpec(targets=arch.default_targets, exclude=tuple(arch.default_excludes))
     torch.manual_seed(0)
     network = plan.hook.make_network(network_type="lora", model=transformer, targets=targets, options=plan.network_options)
     network.to(dev)
     network.train()
+    fast = accel.apply(transformer, job.train, dev)  # as kern.train.run: checkpointing, attention, compiled blocks
     groups = network.optimizer_param_groups(job.train.learning_rate)
     optimizer = train.make_optimizer("adamw", groups, job.train.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "res": res, "ckpt": not args.no_ckpt,
             "step_s": round(step_s, 4), "images_per_s": round(acc.num_processes / step_s, 3),
             "peak_gib": [r["peak_gib"] for r in everyone], "loss_finite": all(r["loss_finite"] for r in everyone),
-            "lora_modules": len(acc.unwrap_model(trainee).network.adapters),
+            "lora_modules": len(acc.unwrap_model(trainee).network.adapters), "fast_paths": fast,
         }), flush=True)
     acc.wait_for_everyone()
     acc.end_training()

@@ -7,8 +7,8 @@ checkpoint recompute), so a model larger than one card trains across several; th
 every process and DDP still averages its gradients. The adapter is small, so replicating it costs
 little, and it keeps saving, resuming and the replica check exactly as without sharding.
 
-The kernel knows no architecture: the repeated blocks are found as the entries of every ``nn.ModuleList``
-whose members share one class (``double_blocks``, ``single_blocks``, ``transformer_blocks`` ...).
+The kernel knows no architecture: the repeated blocks are those the transformer names in its ``block_lists``
+class attribute (``kern.accel.blocks``), the same convention compiled blocks and block swap use.
 """
 
 from __future__ import annotations
@@ -20,15 +20,6 @@ from torch import nn
 from kern.errors import UsageError
 
 log = structlog.get_logger(__name__)
-
-
-def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """Every entry of every ``nn.ModuleList`` in ``model`` whose entries are all of one class, in model order."""
-    blocks: list[nn.Module] = []
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
-            blocks.extend(module)
-    return blocks
 
 
 def check_launch(accelerator) -> None:
@@ -62,9 +53,11 @@ def shard_frozen(transformer: nn.Module, device: torch.device) -> int:
         raise UsageError("train.shard_base needs several processes: launch with `accelerate launch --multi_gpu --num_processes N kern train ...`")
     if any(p.requires_grad for p in transformer.parameters()):
         raise UsageError("train.shard_base shards the frozen base only; the transformer has trainable parameters")
+    from kern.accel import blocks as repeated_blocks
+
     blocks = repeated_blocks(transformer)
     if not blocks:
-        raise UsageError(f"train.shard_base: {type(transformer).__name__} has no nn.ModuleList of repeated blocks to shard")
+        raise UsageError(f"train.shard_base: {type(transformer).__name__} names no block_lists (its repeated blocks) to shard by")
     mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for block in blocks:
         fully_shard(block, mesh=mesh)  # gathered for its forward (and checkpoint recompute), freed after

@@ -73,16 +73,6 @@ def test_accelerate_fsdp_config_is_refused_with_what_to_do():
     distributed.check_launch(types.SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
 
 
-def test_repeated_blocks_are_found_without_architecture_names():
-    from kern import distributed
-    from kern_flux2.params import tiny_params
-    from kern_flux2.transformer import Flux2Transformer
-
-    model = Flux2Transformer(tiny_params(guidance_embed=False, depth=2, depth_single=3))
-    blocks = distributed.repeated_blocks(model)
-    assert blocks == [*model.double_blocks, *model.single_blocks]
-
-
 def test_shipped_multi_gpu_examples_load():
     from accelerate.commands.config.config_args import load_config_from_file
     from kern import config

@@ -40,6 +40,8 @@ class Block(nn.Module):
 class ToyTransformer(nn.Module):
     """Latents (B, C, h, w) → velocity (B, C, h, w), conditioned on a pooled text vector."""
 
+    block_lists = ("blocks",)  # the repeated blocks: kern checkpoints, compiles, swaps and shards by them
+
     def __init__(self, channels: int = 4, hidden: int = 32, heads: int = 2, depth: int = 2, text_dim: int = 16) -> None:
         super().__init__()
         self.hidden = hidden
