@@ -689,9 +689,9 @@ class Network(nn.Module):
 
 
 def add_to_weight_(org: nn.Module, delta: torch.Tensor) -> None:
-    """``org.weight += delta`` computed in float32 and rounded once (fp8 layers are dequantised and re-quantised)."""
-    f8 = _float8_linear_type()
-    if f8 is not None and isinstance(org, f8):
+    """``org.weight += delta`` computed in float32 and rounded once (fp8 layers, ``kern.fp8.Float8Linear`` and
+    ``kern.fp8_linear.FP8Linear`` alike, are dequantised and re-quantised with a new per-row scale)."""
+    if hasattr(org, "weight_scale") and hasattr(org, "dequantized_weight"):
         from kern.fp8 import quantize_weight
 
         w = org.dequantized_weight(torch.float32) + delta.to(device=org.weight.device, dtype=torch.float32)

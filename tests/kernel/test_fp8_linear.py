@@ -254,3 +254,21 @@ def test_cuda_fast_path(backward):
     assert _rel(gx, gy.double() @ w) < (0.06 if backward == "fp8" else 0.04)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert lin(x.float()).dtype == torch.bfloat16
+
+
+def test_merging_an_adapter_into_an_fp8_base_layer_keeps_its_scale():
+    """``Network.merge`` adds ΔW into an FP8Linear through its scale (dequantise, add, re-quantise), not into the
+    raw e4m3 codes."""
+    from kern.network import add_to_weight_
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48))
+    model.requires_grad_(False)
+    quantize_base(model, skip=())
+    layer = model[0]
+    before = layer.dequantized_weight(torch.float32)
+    delta = 0.01 * torch.randn(48, 32)
+    add_to_weight_(layer, delta)
+    after = layer.dequantized_weight(torch.float32)
+    assert torch.allclose(after, before + delta, atol=0.07 * before.abs().max().item())
+    assert (after - before - delta).abs().mean() < 0.1 * delta.abs().mean() + 0.02 * before.abs().mean()
