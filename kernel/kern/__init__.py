@@ -1,11 +1,12 @@
 """kern: a plugin-based fine-tuning kernel for diffusion transformers.
 
 Plugin authors need only what this module exports: the ``hookimpl`` marker, the records they
-register, and the errors they raise. See ``docs/plugins.md``.
+register, the errors they raise and ``get_logger`` for their log lines. See ``docs/plugins.md``.
 """
 
 from kern.errors import AdapterError, ConfigError, KernError, ModelFileError, PluginError, UsageError
 from kern.hookspecs import hookimpl
+from kern.log import get_logger
 from kern.records import Architecture, NetworkType, Option, TargetSpec, Variant, WeightsClaim
 
 __version__ = "0.1.0"
@@ -23,5 +24,6 @@ __all__ = [
     "UsageError",
     "Variant",
     "WeightsClaim",
+    "get_logger",
     "hookimpl",
 ]

@@ -28,11 +28,11 @@ from __future__ import annotations
 import types
 from typing import Any
 
-import structlog
 import torch
 from torch import nn
+from kern.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def checkpoint_mode(value: bool | str) -> str:

@@ -21,14 +21,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import structlog
 import torch
 
 from kern.data import EMPTY_STEM, Item, load_image
 from kern.errors import DatasetError, KernError
 from kern.io import load_file, read_header, save_file
+from kern.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 FORMAT_VERSION = "1.0.1"  # musubi's cache format version
 SOURCE_KEY = "kern.source"

@@ -26,15 +26,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 
 from kern.errors import AdapterError, PluginError, UsageError
 from kern.io import save_file
+from kern.log import get_logger
 from kern.network import ModuleMap, group_by_module
 from kern.weights import detect, read_adapter
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 LAYOUTS = ("kohya", "comfyui", "diffusers")
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import attrs
-import structlog
 import torch
 from PIL import Image, ImageOps
 
 from kern.errors import DatasetError
+from kern.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # musubi's list; AVIF and JPEG XL only where this Pillow can read them.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + tuple(e for e in (".avif", ".jxl") if e in Image.registered_extensions())

@@ -13,13 +13,13 @@ class attribute (``kern.accel.blocks``), the same convention compiled blocks and
 
 from __future__ import annotations
 
-import structlog
 import torch
 from torch import nn
 
 from kern.errors import UsageError
+from kern.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def check_launch(accelerator) -> None:

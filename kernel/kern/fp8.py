@@ -15,7 +15,6 @@ import re
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kern.errors import UsageError
@@ -57,31 +56,6 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Multiply in float32 so the scale is applied at full precision; round once, to the compute dtype.
     return (q.to(torch.float32) * scale.unsqueeze(1)).to(dtype)
-
-
-class _Float8LinearFn(torch.autograd.Function):
-    """``F.linear`` with an fp8 weight that saves the fp8 tensor, not the dequantised copy, for backward.
-
-    A plain ``F.linear(x, dequantised_w)`` would keep one compute-dtype copy of every weight alive until
-    backward whenever activations need gradients (LoRA training through a frozen fp8 model), which would
-    undo the memory saving. The weight is frozen, so it gets no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, x, q, scale, bias, compute_dtype):
-        ctx.save_for_backward(q, scale)
-        ctx.compute_dtype = compute_dtype
-        return F.linear(x, _dequantize(q, scale, compute_dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, scale = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(_dequantize(q, scale, ctx.compute_dtype))
-        if ctx.needs_input_grad[3]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, None, grad_bias, None
 
 
 class Float8Linear(nn.Module):
@@ -137,9 +111,11 @@ class Float8Linear(nn.Module):
         return _dequantize(self.weight, self.weight_scale, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cd = self.compute_dtype
-        bias = None if self.bias is None else self.bias.to(cd)
-        y = _Float8LinearFn.apply(x.to(cd), self.weight, self.weight_scale, bias, cd)
+        # The training base's fp8 matmul (kern.fp8_linear), dequantising path: it saves the fp8 weight, not a
+        # dequantised copy, for backward, so LoRA training through a frozen fp8 encoder keeps the memory saving.
+        from kern.fp8_linear import _FP8LinearFn
+
+        y = _FP8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, self.compute_dtype, False, False)
         return y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):

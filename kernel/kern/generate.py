@@ -13,16 +13,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import attrs
-import structlog
 import torch
 
 from kern.errors import AdapterError, KernError, UsageError
+from kern.log import get_logger
 from kern.plugins import KernPluginManager, get_manager
 from kern.prompts import Request, Wildcards, expand_request
 from kern.records import Architecture, Variant
 from kern.sampling import euler_denoise, seeded_noise, to_pil
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -25,15 +25,15 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import structlog
 import torch
 
 from kern.errors import AdapterError, KernError, ModelFileError, PluginError, UsageError
+from kern.log import get_logger
 from kern.network import NameTable
 from kern.streaming import SafetensorsReader, StreamingWriter, aligned_order
 from kern.weights import detect, module_map_for, read_adapter, strip_checkpoint_prefix, to_kohya
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DTYPES = {
     "float32": torch.float32,

@@ -39,14 +39,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import structlog
 import torch
 from torch import nn
 
 from kern.errors import AdapterError, UsageError
+from kern.log import get_logger
 from kern.records import TargetSpec
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 KOHYA_PREFIX = "lora_unet_"
 

@@ -22,10 +22,10 @@ from typing import Any, Callable, Iterable
 
 import attrs
 import pluggy
-import structlog
 
 from kern import hookspecs
 from kern.errors import PluginError, UsageError
+from kern.log import get_logger
 from kern.records import Architecture, NetworkType
 
 if sys.version_info >= (3, 12):
@@ -33,7 +33,7 @@ if sys.version_info >= (3, 12):
 else:  # the backport has the same selectable API on 3.10 / 3.11
     from importlib_metadata import EntryPoint, entry_points
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 ENTRY_POINT_GROUP = "kern.plugins"
 ENV_ALLOW = "KERN_PLUGINS"

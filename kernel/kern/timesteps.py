@@ -22,12 +22,12 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import attrs
-import structlog
 import torch
 
 from kern.errors import UsageError
+from kern.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 NUM_TRAIN_TIMESTEPS = 1000

@@ -24,16 +24,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import attrs
-import structlog
 import torch
 from torch import nn
 
 from kern.config import PATH_KEYS, JobConfig, dump_toml
 from kern.errors import ConfigError, KernError, UsageError
+from kern.log import get_logger
 from kern.plugins import KernPluginManager, get_manager
 from kern.records import Architecture, NetworkType, TargetSpec, Variant, resolve_options
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -15,14 +15,14 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-import structlog
 import torch
 
 from kern.errors import AdapterError, KernError, PluginError
+from kern.log import get_logger
 from kern.network import CHECKPOINT_PREFIXES, ModuleMap, NameTable, Network, candidate_paths
 from kern.records import WeightsClaim
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 ADAPTER_MARKERS = ("lora_", "hada_", "lokr_", ".alpha", "dora_scale", "lora.")
 

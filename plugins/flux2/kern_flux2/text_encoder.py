@@ -19,12 +19,12 @@ import re
 from pathlib import Path
 from typing import ClassVar
 
-import structlog
 import torch
 from torch import nn
 
 from kern.errors import ModelFileError, UsageError
 from kern.fp8 import quantize_linears_
+from kern.log import get_logger
 
 __all__ = [
     "SYSTEM_MESSAGE",
@@ -36,7 +36,7 @@ __all__ = [
     "load_text_encoder",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 # BFL's system message for dev's text encoding. The line break after "object" is part of the official string
 # and changes the tokens, so it must stay.

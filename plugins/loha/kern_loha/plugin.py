@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import structlog
 import torch
 
 import kern
 from kern.errors import AdapterError, UsageError
+from kern.log import get_logger
 from kern.network import (
     build_network,
     load_network_modules,
@@ -26,7 +26,7 @@ from kern.network import (
 )
 from kern_loha.module import ALPHA, SUFFIXES, W1A, LoHaModule, LoHaOps, loha_delta, normalise
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 NAME = "loha"
 

@@ -24,15 +24,15 @@ import math
 import re
 from typing import Any, Mapping, Sequence
 
-import structlog
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kern.errors import AdapterError
+from kern.log import get_logger
 from kern.network import AdapterModule, FactorOps, compute_dtype, scale_of, strip_layout_prefix
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 

@@ -49,17 +49,16 @@ import contextlib
 import inspect
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
 from torch import nn
 
 from kern.errors import ModelFileError, UsageError
 from kern.fp8 import quantize_linears_
+from kern.log import get_logger
 from kern_qwen_image.geometry import calculate_dimensions
 
 __all__ = [
@@ -76,7 +75,7 @@ __all__ = [
     "vlm_image_size",
 ]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _T2I_SYSTEM = (
     "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships of "
