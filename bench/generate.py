@@ -79,7 +79,8 @@ def _text(cfg: GenConfig, p: Any, n: int, dev, dtype) -> dict[str, torch.Tensor]
     return {"ctx": torch.randn(1, n, p.joint_attention_dim, generator=g).to(dev, dtype), "mask": torch.ones(1, n, dtype=torch.long, device=dev)}
 
 
-def run_kern(cfg: GenConfig, p: Any, res: int, runs: int, dev, dtype) -> dict:
+def run_kern(cfg: GenConfig, p: Any, res: int, runs: int, dev, dtype, compile: str = "off") -> dict:
+    from kern import accel
     from kern.sampling import euler_denoise, seeded_noise
 
     manager = _manager()
@@ -96,6 +97,7 @@ def run_kern(cfg: GenConfig, p: Any, res: int, runs: int, dev, dtype) -> dict:
             model = QwenImageTransformer(p)
             model.variant = cfg.variant
     model.eval().requires_grad_(False)
+    fast = accel.apply_inference(model, compile, "auto", dev)  # as kern generate does (--compile: "blocks")
     text = _text(cfg, p, cfg.n_txt, dev, dtype)
     negative = _text(cfg, p, cfg.n_neg, dev, dtype) if cfg.n_neg else None
     noise = seeded_noise([0], (arch.latent_channels, res // arch.latent_downscale, res // arch.latent_downscale))
@@ -104,7 +106,9 @@ def run_kern(cfg: GenConfig, p: Any, res: int, runs: int, dev, dtype) -> dict:
         return euler_denoise(manager.hook, arch.name, variant, model, text, noise, cfg.steps, cfg.guidance,
                              negative_text=negative, device=dev, dtype=dtype)
 
-    return _time(image, runs, dev)
+    out = _time(image, runs, dev)
+    accel.reset_attention()  # the anchor runs with torch's own SDPA choice
+    return {**out, "fast_paths": fast}
 
 
 def _diffusers_pipeline(cfg: GenConfig, p: Any, dev, dtype):
@@ -180,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--res", type=int, default=None, help="square image side (default 1024; 64 with --tiny)")
     ap.add_argument("--runs", type=int, default=None, help="timed images (default 3; 1 with --tiny)")
     ap.add_argument("--only", choices=["kern", "anchor", "both"], default="both")
+    ap.add_argument("--kern-compile", nargs="+", default=["off"], choices=["off", "blocks"],
+                    help="kern runs per config: eager (off) and/or compiled blocks (kern generate --compile)")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--tiny", action="store_true", help="toy sizes, fp32, on the CPU: tests this harness, measures nothing")
     args = ap.parse_args(argv)
@@ -193,17 +199,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg = CONFIGS[name]
         p = _params(cfg, args.tiny)
         found = {}
-        for impl, fn in (("kern", run_kern), ("anchor", run_anchor)):
-            if args.only not in (impl, "both"):
-                continue
+        runs_of = [(f"kern[compile={c}]" if len(args.kern_compile) > 1 else "kern", lambda *a, c=c: run_kern(*a, compile=c))
+                   for c in args.kern_compile] if args.only != "anchor" else []
+        if args.only != "kern":
+            runs_of.append(("anchor", run_anchor))
+        for impl, fn in runs_of:
             free_memory(dev)
             found[impl] = {"kind": "result", "impl": impl, "config": name, "steps": cfg.steps, "cfg": bool(cfg.n_neg), **fn(cfg, p, res, runs, dev, dtype)}
             lines.append(found[impl])
             free_memory(dev)
-        if len(found) == 2:
-            lines.append({"kind": "ratio", "config": name,
-                          "speedup": round(found["anchor"]["s_per_image"] / found["kern"]["s_per_image"], 3),
-                          "memory": round(found["kern"]["peak_gib"] / found["anchor"]["peak_gib"], 3) if found["kern"]["peak_gib"] else None})
+        for impl in (k for k in found if k != "anchor" and "anchor" in found):
+            lines.append({"kind": "ratio", "config": name, "impl": impl,
+                          "speedup": round(found["anchor"]["s_per_image"] / found[impl]["s_per_image"], 3),
+                          "memory": round(found[impl]["peak_gib"] / found["anchor"]["peak_gib"], 3) if found[impl]["peak_gib"] else None})
     for line in lines:
         print(json.dumps(line), flush=True)
     if args.json_out:

@@ -268,6 +268,26 @@ def apply(transformer: nn.Module, train: Any, device: torch.device | str) -> dic
     return done
 
 
+def apply_inference(transformer: nn.Module, compile: str, attention: str, device: torch.device | str) -> dict[str, Any]:
+    """Generation's fast paths: the SDPA backend (``attention``, on CUDA) and, with ``compile = "blocks"``, every
+    repeated block compiled on its own (no checkpointing: nothing needs gradients). Opt-in rather than ``auto``:
+    the first image pays 20–50 s of compilation, which only a long batch or many steps earn back."""
+    device = torch.device(device)
+    done: dict[str, Any] = {"attention": attention, "compile": "off"}
+    if device.type == "cuda":
+        set_attention(attention)
+    if compile == "blocks":
+        repeated = blocks(transformer)
+        if not repeated:
+            log.warning("the transformer names no block_lists: nothing to compile", transformer=type(transformer).__name__)
+            return done
+        _configure_dynamo()
+        for block in repeated:
+            compile_block(block)
+        done.update(compile="blocks", blocks=len(repeated))
+    return done
+
+
 def compiled_graphs() -> int:
     """How many graphs dynamo has compiled in this process: read before and after a step to see that steps after
     the first do not recompile."""

@@ -56,6 +56,8 @@ class Setup:
     references: list[str] = attrs.Factory(list)  # reference / control images for every prompt
     layers: int | None = None  # layered variants: output layers besides the composite (default: the plugin's)
     auto_caption: str | None = None  # "en" / "zh": prompts left empty are written by the text encoder from the image
+    compile: str = "off"  # "blocks": compile the transformer's repeated blocks (kern.accel.apply_inference)
+    attention: str = "auto"  # the SDPA backend on CUDA (kern.accel)
 
 
 @attrs.define
@@ -123,6 +125,9 @@ class Generator:
             from kern import weights
 
             self.network = weights.apply_adapters(model, self.setup.weights, arch=self.arch.name, merge=self.setup.merge)
+        from kern import accel
+
+        accel.apply_inference(model, self.setup.compile, self.setup.attention, self.device)  # after the adapters: traced with them
         self.transformer = model
 
     def load_vae(self) -> None:
