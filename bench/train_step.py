@@ -416,7 +416,7 @@ def _result(impl: str, s: Setup, family: Family, p: Any, times: list[float], los
 
 def kern_label(fast: dict[str, Any]) -> str:
     """``kern`` for the job defaults, ``kern[key=value,...]`` for a run with fast-path overrides."""
-    short = {"gradient_checkpointing": "ckpt", "base_precision": "base", "blocks_to_swap": "swap"}
+    short = {"gradient_checkpointing": "ckpt", "base_precision": "base", "blocks_to_swap": "swap", "selective_blocks": "sel"}
     return "kern" + (f"[{','.join(f'{short.get(k, k)}={v}' for k, v in fast.items())}]" if fast else "")
 
 
@@ -427,10 +427,10 @@ def parse_fast(text: str) -> dict[str, Any]:
         return out
     for part in text.split(","):
         key, _, value = part.partition("=")
-        key = {"ckpt": "gradient_checkpointing", "base": "base_precision", "swap": "blocks_to_swap"}.get(key, key)
-        if key not in ("compile", "attention", "gradient_checkpointing", "base_precision", "blocks_to_swap") or not value:
-            raise SystemExit(f"--kern {text!r}: use key=value over compile, attention, ckpt, base, swap")
-        out[key] = int(value) if key == "blocks_to_swap" else {"true": True, "false": False}.get(value, value)
+        key = {"ckpt": "gradient_checkpointing", "base": "base_precision", "swap": "blocks_to_swap", "sel": "selective_blocks"}.get(key, key)
+        if key not in ("compile", "attention", "gradient_checkpointing", "base_precision", "blocks_to_swap", "selective_blocks") or not value:
+            raise SystemExit(f"--kern {text!r}: use key=value over compile, attention, ckpt, base, swap, sel")
+        out[key] = int(value) if key in ("blocks_to_swap", "selective_blocks") else {"true": True, "false": False}.get(value, value)
     return out
 
 
@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kern", nargs="+", default=["default"], metavar="SETTING",
                     help="kern runs per config: 'default' (the job defaults) or key=value,... over compile (auto|blocks|off),"
                          " attention (auto|flash|cudnn|efficient|math), ckpt (true|false|full|selective),"
-                         " base (bf16|fp8: train.base_precision), swap (N: train.blocks_to_swap)")
+                         " base (bf16|fp8: train.base_precision), swap (N: train.blocks_to_swap), sel (N: train.selective_blocks)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="after timing, profile one more step of each run; top kernels appended to this file")
     ap.add_argument("--memory-cap-gib", type=float, default=None,

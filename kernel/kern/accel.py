@@ -249,8 +249,11 @@ def apply(transformer: nn.Module, train: Any, device: torch.device | str) -> dic
                     " using full checkpointing")
         mode = done["checkpointing"] = "full"
     if mode != "off":
-        for block in repeated:
-            wrap_checkpoint(block, mode)
+        budget = len(repeated) if train.selective_blocks is None else train.selective_blocks
+        for i, block in enumerate(repeated):
+            wrap_checkpoint(block, "selective" if mode == "selective" and i < budget else "full")
+        if mode == "selective" and budget < len(repeated):
+            done["selective_blocks"] = min(budget, len(repeated))
     if train.blocks_to_swap > 0:
         from kern.offload import BlockSwap
 

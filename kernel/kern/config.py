@@ -78,6 +78,8 @@ class TrainConfig:
     mixed_precision: str = attrs.field(default="bf16", validator=_choice("no", "bf16", "fp16"))
     # true (= "full") | false | "selective" (also keep attention outputs); see kern.accel and docs/training.md
     gradient_checkpointing: bool | str = attrs.field(default=True, validator=_checkpointing)
+    # with "selective": only the first N repeated blocks keep their attention outputs, the rest are full (a memory budget)
+    selective_blocks: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
     compile: str = attrs.field(default="auto", validator=_one_of("auto", "blocks", "off"))  # auto: compiled blocks on CUDA
     attention: str = attrs.field(default="auto", validator=_one_of("auto", "flash", "cudnn", "efficient", "math"))  # SDPA backend
     base_precision: str = attrs.field(default="bf16", validator=_one_of("bf16", "fp8"))  # fp8: frozen Linears in float8

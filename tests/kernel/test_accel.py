@@ -159,3 +159,18 @@ def test_compiled_inner_forward_with_block_swap(monkeypatch):
         assert torch.allclose(loss, loss0, rtol=1e-5)
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads0, grads))
     torch._dynamo.reset()
+
+
+def test_selective_blocks_spends_the_attention_budget_on_the_first_blocks():
+    """``selective_blocks = N``: the first N repeated blocks keep their attention outputs, the rest are fully
+    recomputed; gradients stay those of the unchecked model."""
+    model, network, inputs = _tiny_lora_model()
+    loss0, grads0 = _loss_and_grads(model, network, inputs)
+    done = accel.apply(model, TrainConfig(gradient_checkpointing="selective", selective_blocks=1, compile="off"), "cpu")
+    assert done["selective_blocks"] == 1
+    modes = [b._kern_checkpoint for b in accel.blocks(model)]
+    assert modes == ["selective"] + ["full"] * (len(modes) - 1)
+    loss1, grads1 = _loss_and_grads(model, network, inputs)
+    assert torch.equal(loss0, loss1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
+    with pytest.raises(ValueError):
+        TrainConfig(selective_blocks=-1)
