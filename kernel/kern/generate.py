@@ -231,9 +231,9 @@ class Generator:
 
         self.load_text_encoder()
         self._caption(images)
-        wanted = {self._text_key(im.prompt, im): im for im in images}
+        wanted = {self._text_key(im.prompt, im) for im in images}
         if self.variant.guidance_mode == "cfg":
-            wanted |= {self._text_key(self._negative(im), im): im for im in images}
+            wanted |= {self._text_key(self._negative(im), im) for im in images}
         out = {}
         with torch.no_grad():
             for key in sorted(wanted):
