@@ -12,10 +12,7 @@ changing a single value.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import re
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,6 +20,7 @@ import torch
 from torch import nn
 
 from kern.errors import ModelFileError, UsageError
+from kern import hf
 from kern.fp8 import quantize_linears_
 from kern.log import get_logger
 
@@ -217,20 +215,10 @@ def _set_num_layers(text_config, n: int) -> None:
         text_config.layer_types = list(text_config.layer_types)[:n]
 
 
-def _read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    try:
-        return json.loads(cfg.read_text())
-    except FileNotFoundError:
-        raise ModelFileError(f"{cfg}: not found; a text encoder folder needs config.json and safetensors") from None
-    except (OSError, ValueError) as e:
-        raise ModelFileError(f"{cfg}: unreadable ({e})") from None
-
-
 def detect_text_encoder_kind(path: str | Path) -> str:
     """Return "mistral3" or "qwen3" from the ``config.json`` in ``path``."""
     path = Path(path)
-    cfg = _read_config(path)
+    cfg = hf.read_config(path)
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     if model_type == "mistral3" or "Mistral3ForConditionalGeneration" in archs:
@@ -264,51 +252,6 @@ def _legacy_processor_chat_template(tok_dir: Path) -> str | None:
         return json.loads(legacy.read_text())["chat_template"]
     except (OSError, ValueError, KeyError) as e:
         raise ModelFileError(f"{legacy}: unreadable chat template ({e})") from None
-
-
-class _DropLoadReport(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return "LOAD REPORT" not in msg and "were not used when initializing" not in msg
-
-
-@contextlib.contextmanager
-def _without_transformers_load_report(active: bool):
-    # Skipping layers on purpose makes transformers list every weight of those layers as unused. That report
-    # is replaced by _check_loading_info, which raises on missing or mis-shaped weights and logs other unused ones.
-    if not active:
-        yield
-        return
-    target = logging.getLogger("transformers.modeling_utils")
-    f = _DropLoadReport()
-    target.addFilter(f)
-    try:
-        yield
-    finally:
-        target.removeFilter(f)
-
-
-_LAYER_KEY = re.compile(r"layers\.(\d+)\.")
-
-
-def _check_loading_info(info: dict, path: Path, kept_layers: int | None) -> None:
-    missing = list(info.get("missing_keys") or ())
-    mismatched = list(info.get("mismatched_keys") or ())
-    if missing or mismatched:
-        misshaped = [k[0] if isinstance(k, tuple) else k for k in mismatched]
-        raise ModelFileError(
-            f"{path}: checkpoint does not fit the model: {len(missing)} missing weights {sorted(missing)[:5]}, "
-            f"{len(misshaped)} mis-shaped {misshaped[:5]}"
-        )
-    unexpected = [
-        k
-        for k in (info.get("unexpected_keys") or ())
-        if not (kept_layers is not None and (m := _LAYER_KEY.search(k)) and int(m.group(1)) >= kept_layers)
-    ]
-    if unexpected:
-        log.warning(
-            "text encoder checkpoint has unused keys", path=str(path), keys=unexpected[:10], count=len(unexpected)
-        )
 
 
 def load_text_encoder(
@@ -351,13 +294,13 @@ def load_text_encoder(
         _set_num_layers(text_config, kept)
     model_cls = Mistral3ForConditionalGeneration if kind == "mistral3" else Qwen3ForCausalLM
     try:
-        with _without_transformers_load_report(kept is not None):
+        with hf.quiet_load_report(kept is not None):  # skipped layers are reported as unused on purpose
             model, info = model_cls.from_pretrained(
                 path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True
             )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{path}: cannot load the {kind} text encoder ({e})") from e
-    _check_loading_info(info, path, kept)
+    hf.check_loading_info(info, path, "the model", hf.layers_from(kept))
     if kept is not None:
         # The layers are already cut at load time; the final norm must still go (see _drop_layers_after).
         model.get_decoder().norm = nn.Identity()

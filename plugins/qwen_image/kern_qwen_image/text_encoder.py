@@ -45,10 +45,7 @@ environment with torchvision and one without; diffusers in the same environment 
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import json
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +54,7 @@ import torch
 from torch import nn
 
 from kern.errors import ModelFileError, UsageError
+from kern import hf
 from kern.fp8 import quantize_linears_
 from kern.log import get_logger
 from kern_qwen_image.geometry import calculate_dimensions
@@ -433,18 +431,8 @@ def _accepts_mm_token_type_ids(module: nn.Module) -> bool:
 # ---- loading ---------------------------------------------------------------------------------------------------
 
 
-def _read_config(path: Path) -> dict:
-    cfg = path / "config.json"
-    try:
-        return json.loads(cfg.read_text())
-    except FileNotFoundError:
-        raise ModelFileError(f"{cfg}: not found; a text encoder folder needs config.json and safetensors") from None
-    except (OSError, ValueError) as e:
-        raise ModelFileError(f"{cfg}: unreadable ({e})") from None
-
-
 def _check_is_qwen25vl(path: Path) -> None:
-    cfg = _read_config(path)
+    cfg = hf.read_config(path)
     model_type = cfg.get("model_type")
     archs = cfg.get("architectures") or []
     if model_type != "qwen2_5_vl" and "Qwen2_5_VLForConditionalGeneration" not in archs:
@@ -484,39 +472,6 @@ def _processor_dir(path: Path, given: str | Path | None) -> Path:
     )
 
 
-class _DropLoadReport(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return "LOAD REPORT" not in msg and "were not used when initializing" not in msg
-
-
-@contextlib.contextmanager
-def _quiet_load_report():
-    # Replaced by the check below, which raises on missing or mis-shaped weights and logs unused ones.
-    target = logging.getLogger("transformers.modeling_utils")
-    f = _DropLoadReport()
-    target.addFilter(f)
-    try:
-        yield
-    finally:
-        target.removeFilter(f)
-
-
-def _check_loading_info(info: dict, path: Path) -> None:
-    missing = list(info.get("missing_keys") or ())
-    mismatched = [k[0] if isinstance(k, tuple) else k for k in (info.get("mismatched_keys") or ())]
-    if missing or mismatched:
-        raise ModelFileError(
-            f"{path}: checkpoint does not fit Qwen2.5-VL: {len(missing)} missing weights {sorted(missing)[:5]}, "
-            f"{len(mismatched)} mis-shaped {mismatched[:5]}"
-        )
-    unexpected = list(info.get("unexpected_keys") or ())
-    if unexpected:
-        log.warning(
-            "text encoder checkpoint has unused keys", path=str(path), keys=unexpected[:10], count=len(unexpected)
-        )
-
-
 def load_text_encoder(
     path: str | Path,
     dtype: torch.dtype = torch.bfloat16,
@@ -545,13 +500,13 @@ def load_text_encoder(
     tok_dir = _tokenizer_dir(path, tokenizer_path)
     proc_dir = _processor_dir(path, processor_path) if need_vision else None
     try:
-        with _quiet_load_report():
+        with hf.quiet_load_report():
             model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
                 path, dtype=dtype, local_files_only=True, output_loading_info=True
             )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{path}: cannot load the Qwen2.5-VL text encoder ({e})") from e
-    _check_loading_info(info, path)
+    hf.check_loading_info(info, path, "Qwen2.5-VL")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
