@@ -306,6 +306,26 @@ def peak_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
 
 
+class Peaks:
+    """Peak memory of the whole run (``peak_gib``: build, warm-up and compilation included, what a card must hold)
+    and of the timed steps alone (``steady_peak_gib``: the steady training peak, which the build can hide: an fp8
+    base is built in bf16 here before it is quantised)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.before = device, None
+
+    def mark(self) -> None:
+        """Call at the first timed step."""
+        self.before = peak_gib(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+
+    def fields(self) -> dict[str, float | None]:
+        steps = peak_gib(self.device)
+        whole = None if steps is None else max(steps, self.before or 0.0)
+        return {"peak_gib": whole, "steady_peak_gib": steps}
+
+
 def matmul_rate(device: torch.device) -> tuple[float, str]:
     """Dense matmul FLOP/s: bf16 8192³ on a GPU (the MFU ceiling), fp32 512³ on the CPU (tiny runs only)."""
     n, dtype, reps = (8192, torch.bfloat16, 20) if device.type == "cuda" else (512, torch.float32, 5)
@@ -408,7 +428,7 @@ def _result(impl: str, s: Setup, family: Family, p: Any, times: list[float], los
         kind="result", impl=impl, config=s.config, res=s.res, n_img=h * w, n_txt=n_txt, batch=s.batch, rank=s.rank,
         ckpt=s.ckpt, dtype=str(s.dtype).removeprefix("torch."), steps=len(times), warmup=s.warmup,
         step_s=round(med, 4 if not s.tiny else 6), step_min_s=round(min(times), 4 if not s.tiny else 6),
-        peak_gib=peak_gib(s.device), fwd_tflop=round(fwd / 1e12, digits),
+        fwd_tflop=round(fwd / 1e12, digits),
         model_tflops_per_s=round(3 * fwd / med / 1e12, digits), loss_finite=bool(torch.isfinite(loss).item()),
         **extra,
     )
@@ -489,7 +509,9 @@ def run_kern(s: Setup, cfg: Config) -> dict:
 
     p = family.params(variant.name, s.tiny)
     # Random weights, built where they run (no CPU copy), or on the CPU when blocks are swapped, as kern.train.run loads.
-    with _default_dtype(base_dtype), torch.device(accel.base_device(job.train, dev)):
+    # The trainer also loads an fp8 base on the CPU (to quantise it layer by layer); random init on the CPU is too
+    # slow for 20-32B here, so only a swapped base starts there and an fp8 one is built in bf16 on the GPU (see Peaks).
+    with _default_dtype(base_dtype), torch.device("cpu" if job.train.blocks_to_swap > 0 else dev):
         transformer = family.build_kern(p)
     transformer.requires_grad_(False)
     transformer.eval()
@@ -520,11 +542,12 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     step = functools.partial(_kern_step, train.train_step, acc, trainee, optimizer, scheduler, plan, x0, text, generator,
                              base_dtype)
 
-    timer, times, first = Timer(dev), [], None
+    timer, times, first, peaks = Timer(dev), [], None, Peaks(dev)
     graphs = accel.compiled_graphs()
     for i in range(s.warmup + s.steps):
         if i == s.warmup:
             graphs_warm = accel.compiled_graphs()
+            peaks.mark()
         timer.start()
         loss = step()
         dt = timer.stop()
@@ -539,7 +562,7 @@ def run_kern(s: Setup, cfg: Config) -> dict:
         "lora_modules": len(network.adapters), "lora_params": sum(q.numel() for q in params),
         "optimizer": f"kern make_optimizer({job.train.optimizer!r}) {type(optimizer.optimizer).__name__}"
                      + ("(fused=True)" if optimizer.optimizer.defaults.get("fused") else ""),
-        "max_grad_norm": job.train.max_grad_norm, "timestep_method": plan.timestep_method,
+        "max_grad_norm": job.train.max_grad_norm, "timestep_method": plan.timestep_method, **peaks.fields(),
     }
     if s.tiny:
         extra["lora_updated"] = sum(not torch.equal(a, q) for a, q in zip(before, params)) / len(params)
@@ -567,8 +590,10 @@ def run_anchor(s: Setup, cfg: Config) -> dict:
     before = [q.detach().clone() for q in params] if s.tiny else None
     step = functools.partial(_anchor_step, forward, target, opt, s.dtype == torch.bfloat16, dev.type)
 
-    timer, times = Timer(dev), []
+    timer, times, peaks = Timer(dev), [], Peaks(dev)
     for i in range(s.warmup + s.steps):
+        if i == s.warmup:
+            peaks.mark()
         timer.start()
         loss = step()
         dt = timer.stop()
@@ -579,7 +604,7 @@ def run_anchor(s: Setup, cfg: Config) -> dict:
     extra: dict[str, Any] = {
         "lora_modules": sum(isinstance(m, LoraLayer) for m in model.modules()), "lora_params": sum(q.numel() for q in params),
         "optimizer": "torch AdamW(fused=True)", "max_grad_norm": 0.0,
-        "diffusers": _version("diffusers"), "peft": _version("peft"),
+        "diffusers": _version("diffusers"), "peft": _version("peft"), **peaks.fields(),
     }
     if s.tiny:
         extra["lora_updated"] = sum(not torch.equal(a, q) for a, q in zip(before, params)) / len(params)
@@ -620,7 +645,7 @@ def _fmt(v: Any, spec: str) -> str:
 
 
 def table(results: list[dict], ratios: list[dict]) -> str:
-    head = f"{'config':<10} {'impl':<44} {'ckpt':<5} {'step s':>9} {'min s':>9} {'peak GiB':>9} {'fwd TFLOP':>10} {'TFLOP/s':>9} {'MFU':>6}"
+    head = f"{'config':<10} {'impl':<44} {'ckpt':<5} {'step s':>9} {'min s':>9} {'peak GiB':>9} {'steady GiB':>10} {'fwd TFLOP':>10} {'TFLOP/s':>9} {'MFU':>6}"
     lines = [head, "-" * len(head)]
     for r in results:
         if r.get("kind") != "result":
@@ -629,7 +654,7 @@ def table(results: list[dict], ratios: list[dict]) -> str:
             continue
         lines.append(
             f"{r['config']:<10} {r['impl']:<44} {r['ckpt']!s:<5} {r['step_s']:>9.4f} {r['step_min_s']:>9.4f} "
-            f"{_fmt(r['peak_gib'], '.2f'):>9} {r['fwd_tflop']:>10g} {r['model_tflops_per_s']:>9g} {_fmt(r.get('mfu'), '.1%'):>6}"
+            f"{_fmt(r['peak_gib'], '.2f'):>9} {_fmt(r.get('steady_peak_gib'), '.2f'):>10} {r['fwd_tflop']:>10g} {r['model_tflops_per_s']:>9g} {_fmt(r.get('mfu'), '.1%'):>6}"
         )
     for q in ratios:
         mem = "" if q["memory_ratio"] is None else f", kern peak / anchor peak {q['memory_ratio']:.2f}"

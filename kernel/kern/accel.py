@@ -15,9 +15,11 @@ adapters' patched ``Linear.forward`` are traced with it. A transformer without `
 
 Memory options (the other half of issue 8, ``kern.fp8_linear`` and ``kern.offload``): ``prepare_base`` quantises
 the frozen Linears to fp8 before the network is built (``train.base_precision = "fp8"``), and ``apply`` sets up
-``BlockSwap`` for ``train.blocks_to_swap`` blocks. With either, a compiled block compiles only its own forward and
-the checkpoint stays eager around it (``compile_inner``), so the checkpoint, not the compiled graph, decides what
-backward keeps.
+``BlockSwap`` for ``train.blocks_to_swap`` blocks. With block swap, and with fp8 under full checkpointing, a
+compiled block compiles only its own forward and the checkpoint stays eager around it (``compile_inner``), so
+the checkpoint, not the compiled graph, decides what backward keeps. fp8 with ``"selective"`` checkpointing
+compiles the checkpoint into the graph instead: the compiler then keeps some fp8 matmul results rather than
+recomputing them, the fastest fp8 step (bench/RESULTS.md).
 
 Exactness: compile is off on the CPU by default (``auto``), so the fp32 conformance and resume tests run the
 eager code; the checkpoint wrappers recompute exactly what was run, so gradients equal the unchecked ones.
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from kern.log import get_logger
 
 log = get_logger(__name__)
@@ -193,19 +196,35 @@ def compile_block(block: nn.Module, backend: str = "inductor") -> None:
 
 def prepare_base(transformer: nn.Module, train: Any, device: torch.device | str) -> dict[str, Any]:
     """Before the network is built (adapters wrap the layers' forward as they find them): fp8 base weights for
-    ``train.base_precision = "fp8"`` (``kern.fp8_linear.quantize_base``; quantised on the GPU when there is one)."""
+    ``train.base_precision = "fp8"`` (``kern.fp8_linear.quantize_base``; quantised layer by layer on the GPU when
+    there is one). A base that ``base_device`` put on the CPU only so it could be quantised there goes to
+    ``device`` afterwards (fp8 bytes only: the bf16 model never has to fit the GPU).
+
+    The input-gradient matmul is fp8 too when the blocks are compiled: the gradient's quantisation fuses into
+    the compiled backward and the step is 6 % faster (klein 4B, bench/RESULTS.md); eager it costs more than it
+    saves, so eager blocks dequantise the weight for a bf16 matmul instead. Loss over 20 steps: the same as the
+    bf16-backward fp8 run to 3e-5."""
     device = torch.device(device)
     if train.base_precision != "fp8":
         return {}
     from kern.fp8_linear import quantize_base
 
-    return {"fp8_layers": quantize_base(transformer, device=device if device.type == "cuda" else None)}
+    sharded = bool(getattr(train, "shard_base", False))
+    backward = "fp8" if compile_enabled(train.compile, device, sharded=sharded) else "bf16"
+    n = quantize_base(transformer, backward=backward, device=device if device.type == "cuda" else None)
+    if device.type == "cuda" and train.blocks_to_swap == 0 and not sharded:
+        transformer.to(device)
+    return {"fp8_layers": n, "fp8_backward": backward}
 
 
 def base_device(train: Any, device: torch.device | str) -> torch.device:
     """Where the transformer should be loaded: the CPU when blocks are to be swapped (the whole model need not fit
-    the GPU; ``apply`` moves what stays resident), else ``device``."""
-    return torch.device("cpu") if train.blocks_to_swap > 0 else torch.device(device)
+    the GPU; ``apply`` moves what stays resident) or when an fp8 base is to be quantised on a GPU
+    (``prepare_base`` moves it over once it is fp8), else ``device``."""
+    device = torch.device(device)
+    if train.blocks_to_swap > 0 or (train.base_precision == "fp8" and device.type == "cuda"):
+        return torch.device("cpu")
+    return device
 
 
 def apply(transformer: nn.Module, train: Any, device: torch.device | str) -> dict[str, Any]:
@@ -243,9 +262,11 @@ def apply(transformer: nn.Module, train: Any, device: torch.device | str) -> dic
     if hasattr(transformer, "gradient_checkpointing"):
         transformer.gradient_checkpointing = False  # the per-block wrappers below do it instead
     compiled = compile_enabled(train.compile, device, sharded=bool(getattr(train, "shard_base", False)))
-    inner = compiled and mode != "off" and (train.blocks_to_swap > 0 or train.base_precision == "fp8")
+    # Block swap always needs the checkpoint outside the graph (see compile_inner); fp8 needs it for its memory
+    # saving, unless "selective" asks to spend memory on speed: then the compiled checkpoint keeps what it likes.
+    inner = compiled and mode != "off" and (train.blocks_to_swap > 0 or (train.base_precision == "fp8" and mode == "full"))
     if inner and mode == "selective":
-        log.warning("selective checkpointing cannot see inside a block compiled on its own (block swap, fp8 base):"
+        log.warning("selective checkpointing cannot see inside a block compiled on its own (block swap):"
                     " using full checkpointing")
         mode = done["checkpointing"] = "full"
     if mode != "off":

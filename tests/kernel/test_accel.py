@@ -174,3 +174,53 @@ def test_selective_blocks_spends_the_attention_budget_on_the_first_blocks():
     assert torch.equal(loss0, loss1) and all(torch.equal(a, b) for a, b in zip(grads0, grads1))
     with pytest.raises(ValueError):
         TrainConfig(selective_blocks=-1)
+
+
+@pytest.mark.parametrize(("ckpt", "base", "swap", "arrangement", "checkpointing"), [
+    ("full", "fp8", 0, "inner", "full"),  # fp8's memory saving: the eager checkpoint decides what is kept
+    ("selective", "fp8", 0, "graph", "selective"),  # fp8 spending memory on speed: the compiler decides
+    ("selective", "fp8", 2, "inner", "full"),  # block swap: never in the graph (it would hold the swapped copies)
+    ("selective", "bf16", 0, "graph", "selective"),
+])
+def test_where_the_checkpoint_goes(monkeypatch, ckpt, base, swap, arrangement, checkpointing):
+    model, _, _ = _tiny_lora_model(base_precision=base)
+    seen = []
+    monkeypatch.setattr(accel, "compile_inner", lambda block: seen.append("inner"))
+    monkeypatch.setattr(accel, "compile_block", lambda block: seen.append("graph"))
+    done = accel.apply(model, TrainConfig(gradient_checkpointing=ckpt, compile="blocks", base_precision=base, blocks_to_swap=swap), "cpu")
+    assert set(seen) == {arrangement} and len(seen) == done["blocks"] == 4
+    assert done["checkpointing"] == checkpointing
+
+
+def test_fp8_base_with_the_checkpoint_compiled_into_the_graph(monkeypatch):
+    """fp8 + "selective": the FP8Linear autograd function traced into the compiled checkpoint (fullgraph, no break)
+    gives the eager fp8 model's loss and adapter gradients."""
+    torch._dynamo.reset()
+    model, network, inputs = _tiny_lora_model(base_precision="fp8")
+    loss0, grads0 = _loss_and_grads(model, network, inputs)
+    real = accel.compile_block
+    monkeypatch.setattr(accel, "compile_block", lambda block: real(block, backend="aot_eager"))
+    done = accel.apply(model, TrainConfig(gradient_checkpointing="selective", compile="blocks", base_precision="fp8"), "cpu")
+    assert done["compile"] == "blocks"
+    loss1, grads1 = _loss_and_grads(model, network, inputs)
+    assert accel.compiled_graphs() > 0
+    assert torch.allclose(loss1, loss0, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads0, grads1))
+    torch._dynamo.reset()
+
+
+def test_fp8_base_loads_on_the_cpu_and_backward_follows_compile(monkeypatch):
+    """An fp8 base for a GPU is loaded on the CPU (the bf16 model never has to fit the card) and quantised there
+    layer by layer; the input-gradient matmul is fp8 only where blocks are compiled (fused there, slower eager)."""
+    cuda = torch.device("cuda")
+    assert accel.base_device(TrainConfig(base_precision="fp8"), cuda).type == "cpu"
+    assert accel.base_device(TrainConfig(base_precision="fp8"), "cpu").type == "cpu"
+    assert accel.base_device(TrainConfig(), cuda).type == "cuda"
+    assert accel.base_device(TrainConfig(blocks_to_swap=1), cuda).type == "cpu"
+    import kern.fp8_linear
+
+    asked = []
+    monkeypatch.setattr(kern.fp8_linear, "quantize_base", lambda model, **kw: asked.append(kw["backward"]) or 0)
+    for compile_, backward in (("blocks", "fp8"), ("off", "bf16"), ("auto", "bf16")):  # auto: off on the CPU
+        done = accel.prepare_base(torch.nn.Linear(16, 16), TrainConfig(base_precision="fp8", compile=compile_), "cpu")
+        assert done["fp8_backward"] == backward == asked[-1]
