@@ -55,9 +55,11 @@ def compile_enabled(value: str, device: torch.device, sharded: bool = False) -> 
 
 # --------------------------------------------------------------------------- attention
 
-# The SDPA backends each ``train.attention`` value allows, in order of preference.
+# The SDPA backends each ``train.attention`` value allows, in order of preference. "flash_attn" (a flash-attention
+# package, kern.attention) keeps auto's order for the calls the package cannot take.
 _BACKENDS = {
     "auto": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "flash_attn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
     "flash": ("FLASH_ATTENTION",),
     "cudnn": ("CUDNN_ATTENTION",),
     "efficient": ("EFFICIENT_ATTENTION",),
@@ -66,24 +68,44 @@ _BACKENDS = {
 _saved_attention: tuple[Any, ...] | None = None  # torch's settings before set_attention, for reset_attention
 
 
-def set_attention(name: str) -> None:
-    """Choose the backends of ``F.scaled_dot_product_attention`` process-wide (``train.attention``); ``auto``
-    prefers cuDNN, then flash, then the others. Process-wide rather than a context manager around each call, so
-    compiled blocks see it when they are traced and eager blocks pay nothing per call; the architectures'
-    ``attention`` functions stay plain SDPA calls."""
+def set_attention(name: str) -> str:
+    """Choose the attention backend process-wide (``train.attention``) and return what was chosen. SDPA values pick
+    ``F.scaled_dot_product_attention``'s backends (``auto`` prefers cuDNN, then flash, then the others);
+    ``flash_attn`` routes ``kern.attention.attention`` through the installed flash-attention package (a
+    ``ConfigError`` naming the key when there is none). Process-wide rather than a context manager around each
+    call, so compiled blocks see it when they are traced and eager blocks pay nothing per call."""
     global _saved_attention
     from torch.nn.attention import SDPBackend, _sdpa_kernel
+
+    from kern import attention
+
+    chosen = name
+    if name == "flash_attn":
+        found = attention.flash_attn_package()
+        if found is None:
+            from kern.errors import ConfigError
+
+            raise ConfigError("train.attention = 'flash_attn' needs a flash-attention package: pip install flash-attn"
+                              " (FlashAttention-2) or FlashAttention-3's flash_attn_interface; or set it to 'auto'")
+        chosen = found[0]
+        attention.use_flash_attn(found[1])
+    else:
+        attention.use_flash_attn(None)
 
     if _saved_attention is None:
         b = torch.backends.cuda
         _saved_attention = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(),
                             b.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order())
     _sdpa_kernel([getattr(SDPBackend, n) for n in _BACKENDS[name]], set_priority=True)
+    return chosen
 
 
 def reset_attention() -> None:
     """Back to torch's own SDPA settings (the benchmark does this before it runs the anchor)."""
     global _saved_attention
+    from kern import attention
+
+    attention.use_flash_attn(None)
     if _saved_attention is None:
         return
     flash, efficient, math_, cudnn, priority = _saved_attention
@@ -111,7 +133,7 @@ def _save_attention(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     """Selective-checkpoint policy: keep attention outputs (O(L²) work for O(L) memory), recompute the rest."""
     from torch.utils.checkpoint import CheckpointPolicy
 
-    if op in _ATTENTION_OPS or getattr(op, "overloadpacket", None) in _ATTENTION_OPS:
+    if op in _ATTENTION_OPS or getattr(op, "overloadpacket", None) in _ATTENTION_OPS or "flash_attn" in str(op):
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -235,7 +257,7 @@ def apply(transformer: nn.Module, train: Any, device: torch.device | str) -> dic
     mode = checkpoint_mode(train.gradient_checkpointing)
     done: dict[str, Any] = {"checkpointing": mode, "attention": train.attention, "compile": "off"}
     if device.type == "cuda":
-        set_attention(train.attention)
+        done["attention"] = set_attention(train.attention)
     repeated = blocks(transformer)
     if not repeated and train.blocks_to_swap:
         from kern.errors import ConfigError
@@ -299,7 +321,7 @@ def apply_inference(transformer: nn.Module, compile: str, attention: str, device
     device = torch.device(device)
     done: dict[str, Any] = {"attention": attention, "compile": "off"}
     if device.type == "cuda":
-        set_attention(attention)
+        done["attention"] = set_attention(attention)
     if compile == "blocks":
         repeated = blocks(transformer)
         if not repeated:

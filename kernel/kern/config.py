@@ -81,7 +81,7 @@ class TrainConfig:
     # with "selective": only the first N repeated blocks keep their attention outputs, the rest are full (a memory budget)
     selective_blocks: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
     compile: str = attrs.field(default="auto", validator=_one_of("auto", "blocks", "off"))  # auto: compiled blocks on CUDA
-    attention: str = attrs.field(default="auto", validator=_one_of("auto", "flash", "cudnn", "efficient", "math"))  # SDPA backend
+    attention: str = attrs.field(default="auto", validator=_one_of("auto", "flash", "cudnn", "efficient", "math", "flash_attn"))  # SDPA backend, or the flash-attn package
     base_precision: str = attrs.field(default="bf16", validator=_one_of("bf16", "fp8"))  # fp8: frozen Linears in float8
     blocks_to_swap: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # repeated blocks whose frozen weights stay in CPU memory and stream in (block swap)
     shard_base: bool = False  # several processes: FSDP2-shard the frozen base across them (kern.distributed)

@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from kern.attention import attention as kern_attention
 from torch import Tensor, nn
 
 TIME_DIM = 256  # sinusoid width of the timestep embedding
@@ -106,7 +107,6 @@ class NormOut(nn.Module):
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Non-causal attention over (B, H, L, D) inputs; ``mask`` (B, 1, 1, L) bool marks the keys that may be attended.
-    Returns (B, L, H*D). The one place every block attends through, so attention backends are swapped here."""
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    b, h, length, d = x.shape
-    return x.transpose(1, 2).reshape(b, length, h * d)
+    Returns (B, L, H*D). The one place every block attends through: ``kern.attention`` holds the backend
+    ``train.attention`` chose."""
+    return kern_attention(q, k, v, mask)
