@@ -436,7 +436,8 @@ def _result(impl: str, s: Setup, family: Family, p: Any, times: list[float], los
 
 def kern_label(fast: dict[str, Any]) -> str:
     """``kern`` for the job defaults, ``kern[key=value,...]`` for a run with fast-path overrides."""
-    short = {"gradient_checkpointing": "ckpt", "base_precision": "base", "blocks_to_swap": "swap", "selective_blocks": "sel"}
+    short = {"gradient_checkpointing": "ckpt", "base_precision": "base", "blocks_to_swap": "swap", "selective_blocks": "sel",
+             "offload_activations": "act"}
     return "kern" + (f"[{','.join(f'{short.get(k, k)}={v}' for k, v in fast.items())}]" if fast else "")
 
 
@@ -447,9 +448,11 @@ def parse_fast(text: str) -> dict[str, Any]:
         return out
     for part in text.split(","):
         key, _, value = part.partition("=")
-        key = {"ckpt": "gradient_checkpointing", "base": "base_precision", "swap": "blocks_to_swap", "sel": "selective_blocks"}.get(key, key)
-        if key not in ("compile", "attention", "gradient_checkpointing", "base_precision", "blocks_to_swap", "selective_blocks") or not value:
-            raise SystemExit(f"--kern {text!r}: use key=value over compile, attention, ckpt, base, swap, sel")
+        key = {"ckpt": "gradient_checkpointing", "base": "base_precision", "swap": "blocks_to_swap", "sel": "selective_blocks",
+               "act": "offload_activations"}.get(key, key)
+        if key not in ("compile", "attention", "gradient_checkpointing", "base_precision", "blocks_to_swap", "selective_blocks",
+                       "offload_activations") or not value:
+            raise SystemExit(f"--kern {text!r}: use key=value over compile, attention, ckpt, base, swap, sel, act")
         out[key] = int(value) if key in ("blocks_to_swap", "selective_blocks") else {"true": True, "false": False}.get(value, value)
     return out
 

@@ -286,10 +286,18 @@ def apply(transformer: nn.Module, train: Any, device: torch.device | str) -> dic
     compiled = compile_enabled(train.compile, device, sharded=bool(getattr(train, "shard_base", False)))
     # Block swap always needs the checkpoint outside the graph (see compile_inner); fp8 needs it for its memory
     # saving, unless "selective" asks to spend memory on speed: then the compiled checkpoint keeps what it likes.
-    inner = compiled and mode != "off" and (train.blocks_to_swap > 0 or (train.base_precision == "fp8" and mode == "full"))
+    offload = bool(getattr(train, "offload_activations", False))
+    if offload and mode == "off":
+        from kern.errors import ConfigError
+
+        raise ConfigError("train.offload_activations needs gradient checkpointing (without it every activation would"
+                          " cross PCIe): set train.gradient_checkpointing = true, or offload_activations = false")
+    # The saved-tensor hooks of activation offload must see the checkpoint's inputs: the checkpoint stays eager.
+    inner = compiled and mode != "off" and (train.blocks_to_swap > 0 or offload
+                                             or (train.base_precision == "fp8" and mode == "full"))
     if inner and mode == "selective":
-        log.warning("selective checkpointing cannot see inside a block compiled on its own (block swap):"
-                    " using full checkpointing")
+        log.warning("selective checkpointing cannot see inside a block compiled on its own (block swap, activation"
+                    " offload): using full checkpointing")
         mode = done["checkpointing"] = "full"
     if mode != "off":
         budget = len(repeated) if train.selective_blocks is None else train.selective_blocks
@@ -304,6 +312,11 @@ def apply(transformer: nn.Module, train: Any, device: torch.device | str) -> dic
         transformer.__dict__["_kern_block_swap"] = swap  # a handle (not a submodule); its hooks keep it alive anyway
         transformer.to(device)  # the rest of the model; swapped blocks stay in pinned CPU memory
         done["blocks_swapped"] = len(swap.swapped)
+    if offload:
+        from kern.offload import ActivationOffload
+
+        transformer.__dict__["_kern_activation_offload"] = ActivationOffload(transformer)
+        done["activations"] = "offloaded"
     if compiled:
         _configure_dynamo()
         for block in repeated:

@@ -84,6 +84,7 @@ class TrainConfig:
     attention: str = attrs.field(default="auto", validator=_one_of("auto", "flash", "cudnn", "efficient", "math", "flash_attn"))  # SDPA backend, or the flash-attn package
     base_precision: str = attrs.field(default="bf16", validator=_one_of("bf16", "fp8"))  # fp8: frozen Linears in float8
     blocks_to_swap: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # repeated blocks whose frozen weights stay in CPU memory and stream in (block swap)
+    offload_activations: bool = False  # checkpointed blocks' inputs wait for backward in pinned CPU memory (kern.offload)
     shard_base: bool = False  # several processes: FSDP2-shard the frozen base across them (kern.distributed)
     seed: int = 42
     device: str | None = None  # default: what accelerate picks

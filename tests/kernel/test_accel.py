@@ -224,3 +224,35 @@ def test_fp8_base_loads_on_the_cpu_and_backward_follows_compile(monkeypatch):
     for compile_, backward in (("blocks", "fp8"), ("off", "bf16"), ("auto", "bf16")):  # auto: off on the CPU
         done = accel.prepare_base(torch.nn.Linear(16, 16), TrainConfig(base_precision="fp8", compile=compile_), "cpu")
         assert done["fp8_backward"] == backward == asked[-1]
+
+
+@pytest.mark.parametrize("compile_", ["off", "blocks"])
+def test_offload_activations_through_apply(monkeypatch, compile_):
+    """``train.offload_activations``: the checkpointed blocks' inputs go through ``save_on_cpu`` (counted here), the
+    loss and gradients stay those of the plain model, and compiled blocks keep the checkpoint eager (inner forward)
+    so the offload hooks see those inputs."""
+    torch._dynamo.reset()
+    model, network, inputs = _tiny_lora_model()
+    loss0, grads0 = _loss_and_grads(model, network, inputs)
+    packed = []
+    real_save_on_cpu = torch.autograd.graph.save_on_cpu
+
+    class Counting(real_save_on_cpu):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            pack = self.pack_hook
+            self.pack_hook = lambda t: packed.append(tuple(t.shape)) or pack(t)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", Counting)
+    real = accel.compile_inner
+    monkeypatch.setattr(accel, "compile_inner", lambda block: real(block, backend="aot_eager"))
+    done = accel.apply(model, TrainConfig(offload_activations=True, compile=compile_), "cpu")
+    assert done["activations"] == "offloaded"
+    assert done["compile"] == ("blocks (inner forward)" if compile_ == "blocks" else "off")
+    loss1, grads1 = _loss_and_grads(model, network, inputs)
+    assert len(packed) >= 4  # at least one saved input per checkpointed block
+    assert torch.allclose(loss1, loss0, rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads0, grads1))
+    with pytest.raises(ConfigError, match="offload_activations"):
+        accel.apply(_tiny_lora_model()[0], TrainConfig(offload_activations=True, gradient_checkpointing=False), "cpu")
+    torch._dynamo.reset()
