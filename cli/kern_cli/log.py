@@ -14,6 +14,7 @@ def configure(fmt: str = "console", verbosity: int = 0) -> None:
     ``verbosity``: -1 errors only, 0 warnings and info, 1 debug for kern, 2 debug for everything.
     """
     state.format = fmt
+    state.verbosity = verbosity
     level = {-1: logging.ERROR, 0: logging.INFO, 1: logging.DEBUG}.get(min(verbosity, 1), logging.INFO)
     shared = [
         structlog.contextvars.merge_contextvars,
@@ -49,6 +50,7 @@ def configure(fmt: str = "console", verbosity: int = 0) -> None:
 
 class state:  # what configure() last set, for the error path in main()
     format = "console"
+    verbosity = 0
 
 
 NOISY = ("accelerate", "diffusers", "filelock", "httpx", "PIL", "torch", "transformers", "urllib3")

@@ -9,6 +9,8 @@ those keys in ``options`` and are checked once the plugin is known, with the sam
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 import types
 import typing
@@ -130,9 +132,10 @@ class JobConfig:
     sample: SampleConfig = attrs.Factory(SampleConfig)
     save: SaveConfig = attrs.Factory(SaveConfig)
     source: str = "<defaults>"  # where the values came from, for error messages
+    given: frozenset[str] = frozenset()  # the dotted keys the job file or the command line set (the rest are defaults)
 
     def to_dict(self) -> dict[str, Any]:
-        out = attrs.asdict(self, filter=lambda a, _: a.name != "source")
+        out = attrs.asdict(self, filter=lambda a, _: a.name not in ("source", "given"))
         for section in ("network", "timesteps"):
             out[section].update(out[section].pop("options"))
         return _drop_none(out)
@@ -187,7 +190,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: type, data: Mapping[str, Any], where: str, prefix: str) -> Any:
     attrs.resolve_types(cls)
-    fields = {f.name: f for f in attrs.fields(cls) if f.name != "source"}
+    fields = {f.name: f for f in attrs.fields(cls) if f.name not in ("source", "given")}
     extra = getattr(cls, "EXTRA", None)
     kwargs: dict[str, Any] = {}
     if extra:
@@ -246,52 +249,147 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
 
 def load_job(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> JobConfig:
-    """Read a job TOML (or start from defaults) and apply ``overrides`` (dotted key → value)."""
+    """Read a job TOML (or start from defaults), apply ``overrides`` (dotted key → value) and check every value
+    that needs no plugin to judge (:func:`check_job`)."""
     data: dict[str, Any] = {}
     where = "<defaults>"
     if path is not None:
         p = Path(path)
         where = str(p)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{p}: config file not found") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+        data = _read_toml(p)
         _resolve_paths(data, p.parent)
     for dotted, value in (overrides or {}).items():
         apply_override(data, dotted, value)
     where_all = where if not overrides else f"{where} (with command-line overrides {sorted(overrides)})"
     job = _build(JobConfig, data, where_all, "")
     job.source = where
+    job.given = frozenset(_dotted_keys(data))
+    check_job(job)
     return job
 
 
+def _read_toml(p: Path) -> dict[str, Any]:
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a folder, not a job TOML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save the job file as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+
+
+def _dotted_keys(data: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in data.items():
+        keys.extend(_dotted_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and not prefix else [f"{prefix}{k}"])
+    return keys
+
+
+# --------------------------------------------------------------------------- checks
+
+MAX_COUNT = 2**31 - 1  # steps, accumulation, intervals: anything larger is a typo
+MAX_SEED = 2**63 - 1  # torch and Python take any seed up to here; kern adds small offsets (process, image index)
+MAX_SIDE = 16384  # pixels per side of a sample image
+MAX_SAMPLE_STEPS = 10000
+DEVICES = ("cpu", "cuda")
+
+
+def check_job(job: JobConfig) -> None:
+    """Every value of ``job`` that can be judged without a plugin: finite numbers in range, names that stay inside
+    the run folder, a device this machine has, settings that would be silently ignored. ``ConfigError`` names the
+    key and the file; nothing has been loaded or written yet."""
+    where = job.source
+    t, s, v = job.train, job.sample, job.save
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"{where}: {key} {why}")
+
+    def count(key: str, value: int | None, low: int, high: int = MAX_COUNT) -> None:
+        if value is not None and not low <= value <= high:
+            fail(key, f"must be between {low} and {high}, got {value}")
+
+    def finite(key: str, value: float | None, low: float | None = None, positive: bool = False) -> None:
+        if value is None:
+            return
+        if not math.isfinite(value):
+            fail(key, f"must be a finite number, got {value}")
+        if positive and value <= 0:
+            fail(key, f"must be greater than 0, got {value}")
+        if low is not None and value < low:
+            fail(key, f"must be at least {low}, got {value}")
+
+    count("train.steps", t.steps, 1)
+    finite("train.learning_rate", t.learning_rate, positive=True)
+    count("train.warmup_steps", t.warmup_steps, 0)
+    count("train.gradient_accumulation", t.gradient_accumulation, 1)
+    finite("train.max_grad_norm", t.max_grad_norm, low=0.0)
+    count("train.seed", t.seed, 0, MAX_SEED)
+    count("train.blocks_to_swap", t.blocks_to_swap, 0, 100000)
+    count("train.selective_blocks", t.selective_blocks, 0, 100000)
+    if t.selective_blocks is not None and t.gradient_checkpointing != "selective":
+        fail("train.selective_blocks", "only applies with train.gradient_checkpointing = \"selective\"; set that or remove it")
+    if t.device is not None and t.device not in DEVICES:
+        hint = "; to pick a GPU, set CUDA_VISIBLE_DEVICES instead" if re.fullmatch(r"cuda:\d+", t.device) else ""
+        fail("train.device", f"must be one of {list(DEVICES)} (or unset: the GPU when there is one), got {t.device!r}{hint}")
+    if t.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("train.device", "is 'cuda' but this machine has no usable CUDA device; set it to 'cpu' or leave it unset")
+
+    count("sample.every_n_steps", s.every_n_steps, 0)
+    count("sample.steps", s.steps, 1, MAX_SAMPLE_STEPS)
+    count("sample.width", s.width, 1, MAX_SIDE)
+    count("sample.height", s.height, 1, MAX_SIDE)
+    finite("sample.guidance", s.guidance)
+    count("sample.seed", s.seed, 0, MAX_SEED)
+    if not s.prompts:  # a sample setting other than its default, with nothing to sample, would be silently ignored
+        default = SampleConfig()
+        unused = sorted(k for k in job.given if k.startswith("sample.") and k != "sample.prompts"
+                        and getattr(s, k.split(".")[1], None) != getattr(default, k.split(".")[1], None))
+        if unused:
+            fail(unused[0], "has no effect without sample.prompts; add sample prompts or remove it")
+
+    count("save.every_n_steps", v.every_n_steps, 0)
+    count("save.keep_last", v.keep_last, 0)
+    check_name(v.name, f"{where}: save.name")
+    if not v.out.strip():
+        fail("save.out", "is empty; name the run folder")
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        value = getattr(getattr(job, section), key)
+        if isinstance(value, str) and "\0" in value:
+            fail(dotted, "contains a NUL character")
+    for key in ("targets", "include", "exclude"):
+        for i, pattern in enumerate(getattr(job.network, key)):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                fail(f"network.{key}[{i}]", f"is not a regular expression ({exc}): {pattern!r}")
+
+
+_NAME = re.compile(r"[^/\\\x00-\x1f]+")
+
+
+def check_name(name: str, where: str) -> str:
+    """``name`` as a file stem inside an output folder: no path separators, no ``..``, no hidden or empty name,
+    no control characters. Raises ``ConfigError`` naming ``where``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", "..") or name.startswith(".") \
+            or name != name.strip() or len(name.encode("utf-8")) > 200:
+        raise ConfigError(f"{where} must be a plain file name (no '/', '\\', '..', leading dot, control characters or "
+                          f"surrounding spaces, at most 200 bytes), got {name!r}")
+    return name
+
+
 def dump_toml(data: Mapping[str, Any]) -> str:
-    """A small TOML writer for the resolved config kern stores in each run folder (tables of scalars and lists)."""
-    lines: list[str] = []
+    """The resolved config kern stores in each run folder, as TOML that reads back to the same job."""
+    import tomli_w
 
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    for k, v in scalars.items():
-        lines.append(f"{k} = {fmt(v)}")
-    for section, table in data.items():
-        if not isinstance(table, dict):
-            continue
-        lines.append(f"\n[{section}]")
-        for k, v in table.items():
-            if isinstance(v, dict):
-                lines.append(f"{k} = {{ " + ", ".join(f"{a} = {fmt(b)}" for a, b in v.items()) + " }")
-            elif v is not None:
-                lines.append(f"{k} = {fmt(v)}")
-    return "\n".join(lines).lstrip() + "\n"
+    return tomli_w.dumps(_drop_none(dict(data)))

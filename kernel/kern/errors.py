@@ -30,3 +30,15 @@ class AdapterError(KernError):
 
 class DatasetError(UsageError):
     """A dataset config or dataset item is unusable; names the file and the key or item."""
+
+
+class Interrupted(BaseException):
+    """A run stopped by SIGINT / SIGTERM (``kern.runs.StopSignals``); the CLI exits with ``128 + signum`` (130, 143).
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is, so no ``except Exception`` on the way up turns it into
+    another error."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -797,23 +797,37 @@ def scale_of(alpha: float | None, rank: int, rslora: bool = False) -> float:
     return a / (math.sqrt(rank) if rslora else rank)
 
 
-def rank_for(path: str, rank: int, patterns: Sequence[str]) -> int:
-    """The rank for module ``path``: the first ``"regex=rank"`` entry of ``patterns`` whose regex fullmatches it, else ``rank``."""
+def parse_rank_patterns(patterns: Sequence[str]) -> list[tuple[re.Pattern[str], int]]:
+    """``"regex=rank"`` entries as (compiled regex, rank); a bad entry raises ``ValueError`` saying which and why.
+    Network plugins use it as the ``check`` of their ``rank_pattern`` option, so a typo fails before any work."""
+    out = []
     for entry in patterns:
         regex, sep, value = str(entry).rpartition("=")
-        if not sep:
-            raise UsageError(f"rank_pattern entry {entry!r} must look like 'regex=rank'")
+        if not sep or not regex:
+            raise ValueError(f"rank_pattern entry {entry!r} must look like 'regex=rank'")
         try:
             r = int(value)
-            hit = re.fullmatch(regex, path)
         except ValueError:
-            raise UsageError(f"rank_pattern entry {entry!r}: {value!r} is not an integer rank") from None
+            raise ValueError(f"rank_pattern entry {entry!r}: {value!r} is not an integer rank") from None
+        if r < 1:
+            raise ValueError(f"rank_pattern entry {entry!r}: the rank must be at least 1")
+        try:
+            out.append((re.compile(regex), r))
         except re.error as exc:
-            raise UsageError(f"rank_pattern entry {entry!r}: bad regular expression: {exc}") from None
-        if hit:
+            raise ValueError(f"rank_pattern entry {entry!r}: bad regular expression: {exc}") from None
+    return out
+
+
+def rank_for(path: str, rank: int, patterns: Sequence[str]) -> int:
+    """The rank for module ``path``: the first ``"regex=rank"`` entry of ``patterns`` whose regex fullmatches it, else ``rank``."""
+    try:
+        parsed = parse_rank_patterns(patterns)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for regex, r in parsed:
+        if regex.fullmatch(path):
             return r
     return rank
-
 
 
 # --------------------------------------------------------------------------- plugin scaffolding
@@ -824,7 +838,8 @@ def build_network(name: str, model: nn.Module, targets: TargetSpec, options: Map
     """``make_network`` for a rank-based adapter type: check the common options, wrap every selected layer
     with ``module_cls(kohya_name, path, layer, rank, alpha, use_rslora=, device=, dropout=, rank_dropout=,
     module_dropout=)`` and attach. Used by the LoRA and LoHa plugins; open to any network plugin."""
-    rank = int(options.get("rank") or 16)
+    rank = options.get("rank")
+    rank = 16 if rank is None else int(rank)  # 0 is an error, not the default
     if rank < 1:
         raise UsageError(f"{name} option 'rank' must be at least 1, got {rank}")
     drop = {}

@@ -6,6 +6,7 @@ needs to import a plugin's own types.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -15,13 +16,21 @@ OPTION_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 @attrs.frozen
 class Option:
-    """One named option of a network type or an architecture (``rank``, ``alpha``, ``ref_images`` ...)."""
+    """One named option of a network type or an architecture (``rank``, ``alpha``, ``ref_images`` ...).
+
+    Numbers are checked when a job is read: floats must be finite, and ``minimum`` / ``maximum`` (inclusive) bound
+    ints and floats, so a bad value is an error naming the option before any work, never a silent default.
+    """
 
     name: str
     type: str = attrs.field(validator=attrs.validators.in_(tuple(OPTION_TYPES) + ("list",)))
     default: Any = None
     help: str = ""
     choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    check: Any = attrs.field(default=None, eq=False)  # optional callable(value): raises ValueError for a bad value
+
 
     def coerce(self, value: Any, where: str) -> Any:
         """Return ``value`` as this option's type; raise ``ValueError`` naming ``where`` if it is not one."""
@@ -32,7 +41,9 @@ class Option:
                 value = [v for v in value.split(",") if v]
             if not isinstance(value, (list, tuple)):
                 raise ValueError(f"{where}: option {self.name!r} wants a list, got {value!r}")
-            return tuple(value)
+            value = tuple(value)
+            self._check(value, where)
+            return value
         py = OPTION_TYPES[self.type]
         if py is bool:
             if isinstance(value, bool):
@@ -52,7 +63,26 @@ class Option:
                 raise ValueError(f"{where}: option {self.name!r} wants {self.type}, got {value!r}") from None
         if self.choices and out not in self.choices:
             raise ValueError(f"{where}: option {self.name!r} must be one of {list(self.choices)}, got {out!r}")
+        if py in (int, float):
+            self._check_range(out, where)
+        self._check(out, where)
         return out
+
+    def _check(self, value: Any, where: str) -> None:
+        if self.check is not None:
+            try:
+                self.check(value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{where}: option {self.name!r}: {exc}") from None
+
+    def _check_range(self, value: float, where: str) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: option {self.name!r} must be a finite number, got {value!r}")
+        low, high = self.minimum, self.maximum
+        if (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"between {low} and {high}" if low is not None and high is not None else \
+                (f"at least {low}" if low is not None else f"at most {high}")
+            raise ValueError(f"{where}: option {self.name!r} must be {bounds}, got {value!r}")
 
 
 def resolve_options(schema: tuple[Option, ...], given: dict[str, Any], where: str) -> dict[str, Any]:
@@ -96,11 +126,15 @@ class Variant:
     references: str = attrs.field(default="optional", validator=attrs.validators.in_(("none", "optional", "required")))
     text_images: bool = False
     image_mode: str = attrs.field(default="RGB", validator=attrs.validators.in_(("RGB", "RGBA")))
+    untrainable: str = ""  # why kern cannot train this variant yet ("" = it can); `kern train` refuses it at start
 
 
 @attrs.frozen
 class Architecture:
     """What an architecture plugin brings, declared through ``register_architectures``.
+
+    ``required_files`` names the parts (``"transformer"``, ``"vae"``, ``"text_encoder"``) whose checkpoint the
+    user must give (``model.transformer`` ...); the drivers check they are set and exist before any work.
 
     ``default_targets`` and ``default_excludes`` are regular expressions matched with
     ``re.fullmatch`` against dotted module paths from the model root (``double_blocks.0.img_attn.qkv``);
@@ -118,6 +152,7 @@ class Architecture:
     default_targets: tuple[str, ...] = (".*",)
     default_excludes: tuple[str, ...] = ()
     timestep_method: str = "uniform"
+    required_files: tuple[str, ...] = ()
     implementation: str = ""  # modelspec.implementation: where the reference implementation lives
     options: tuple[Option, ...] = ()
 

@@ -64,6 +64,14 @@ class TimestepOptions:
     num_timestep_buckets: int | None = None
 
     def __attrs_post_init__(self) -> None:
+        for name in ("sigmoid_scale", "discrete_flow_shift", "logit_mean", "logit_std", "mode_scale"):
+            _check(math.isfinite(getattr(self, name)), f"timestep option {name!r} must be a finite number, got {getattr(self, name)}")
+        for name in ("min_timestep", "max_timestep", "num_timestep_buckets"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool)),
+                   f"timestep option {name!r} must be an integer, got {value!r}")
+        if self.num_timestep_buckets is not None:
+            _check(self.num_timestep_buckets <= 100000, f"timestep option 'num_timestep_buckets' must be at most 100000, got {self.num_timestep_buckets}")
         _check(
             self.weighting_scheme in WEIGHTING_SCHEMES,
             f"timestep option 'weighting_scheme' must be one of {list(WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}",

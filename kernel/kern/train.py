@@ -13,11 +13,13 @@ A run folder holds ``config.toml`` (the resolved job), ``metrics.jsonl``, ``tens
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 from kern.config import PATH_KEYS, JobConfig, dump_toml
-from kern.errors import ConfigError, KernError, UsageError
+from kern.errors import ConfigError, Interrupted, KernError, UsageError
 from kern.log import get_logger
 from kern.plugins import KernPluginManager, get_manager
 from kern.records import Architecture, NetworkType, TargetSpec, Variant, resolve_options
@@ -86,8 +88,42 @@ def prepare(job: JobConfig, manager: KernPluginManager | None = None) -> Plan:
         raise ConfigError(f"{job.source}: [timesteps]: {exc}") from None
     if job.train.steps < 1:
         raise ConfigError(f"{job.source}: train.steps must be at least 1, got {job.train.steps}")
+    _check_timesteps(manager, arch, method, ts_options, job.source)
+    check_optimizer(job.train.optimizer, job.source)
     return Plan(job=job, arch=arch, variant=variant, network=network, network_options=options, timestep_method=method,
                 timestep_options=ts_options, out=Path(job.save.out), manager=manager)
+
+
+def _check_timesteps(manager: KernPluginManager, arch: Architecture, method: str, options: Any, source: str) -> None:
+    """Draw once with the job's method and options (a pure function, no model): a typo fails now, not after caching."""
+    key = "timesteps.method" if method != arch.timestep_method else f"{arch.name}'s timestep method"
+    try:
+        t = manager.hook.sample_timesteps(arch=arch.name, method=method, batch_size=2, latent_shape=(arch.latent_channels, 64, 64),
+                                          generator=torch.Generator().manual_seed(0), options=options)
+    except (UsageError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {key} = {method!r}: {exc}") from None
+    if t is None:
+        raise ConfigError(f"{source}: {key} = {method!r}: no installed plugin samples timesteps this way")
+
+
+def check_files(plan: Plan, needed: tuple[str, ...] = ("transformer", "vae", "text_encoder")) -> None:
+    """Before any work: every model file among ``needed`` that the architecture requires is set, and every one that
+    is set exists. Errors name the key and the job file."""
+    job = plan.job
+    for part in ("transformer", "vae", "text_encoder"):
+        path = getattr(job.model, part)
+        if not path:
+            if part in needed and part in plan.arch.required_files:
+                raise ConfigError(f"{job.source}: model.{part} is not set; {plan.arch.name} needs its {part.replace('_', ' ')} "
+                                  f"(set [model] {part}, or --set model.{part}=PATH)")
+            continue
+        if not Path(path).expanduser().exists():
+            raise ConfigError(f"{job.source}: model.{part} = {path!r}: no such file or folder")
+
+
+def check_trainable(plan: Plan, variant: Variant) -> None:
+    if variant.untrainable:
+        raise ConfigError(f"{plan.job.source}: {plan.arch.name} {variant.name} cannot be trained: {variant.untrainable}")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -107,6 +143,22 @@ def _variant(plan: Plan) -> Variant:
             plan.variant = detected
             log.info("variant detected", arch=plan.arch.name, variant=detected, file=plan.job.model.transformer)
     return plan.arch.variant(plan.variant)
+
+
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
+
+
+def check_optimizer(name: str, source: str = "") -> None:
+    """``train.optimizer`` names a known optimizer whose package is installed (checked before any work)."""
+    key = name.lower().replace("-", "").replace("_", "")
+    where = f"{source}: " if source else ""
+    if key not in OPTIMIZERS:
+        raise ConfigError(f"{where}unknown train.optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    import importlib.util
+
+    needs = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}.get(key)
+    if needs and importlib.util.find_spec(needs) is None:
+        raise ConfigError(f"{where}train.optimizer = {name!r} needs {needs}: pip install {needs}")
 
 
 def make_optimizer(name: str, groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
@@ -183,13 +235,23 @@ def _set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+CHECKPOINT = re.compile(r"step-(\d{6,})")
+
+
 def checkpoint_dirs(out: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first (intact or not: :func:`newest_intact_checkpoint` judges)."""
     root = out / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.pt").is_file()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CHECKPOINT.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
 
 
 def save_checkpoint(out: Path, step: int, network: nn.Module, state: dict[str, Any], keep_last: int, save_adapter) -> Path:
-    """Write ``checkpoints/step-NNNNNN/`` (adapter + full state) atomically, then prune to ``keep_last``."""
+    """Write ``checkpoints/step-NNNNNN/`` (the adapter, and the full state as safetensors + JSON, no pickle) into a
+    temporary folder and rename it into place, then prune to the newest ``keep_last`` (0 keeps all)."""
+    from kern.state import save_state
+
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -198,16 +260,44 @@ def save_checkpoint(out: Path, step: int, network: nn.Module, state: dict[str, A
     tmp.mkdir()
     try:
         save_adapter(tmp / "adapter.safetensors")
-        torch.save({**state, "network": network.state_dict()}, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        save_state(tmp, {**state, "network": network.state_dict()}, also=("adapter.safetensors",))
+        if final.exists():  # the same step again (a resumed run): move the old one aside, never leave none
+            old = root / f".step-{step:06d}.old.tmp"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in checkpoint_dirs(out)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def newest_intact_checkpoint(out: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint whose files all match their recorded digests, and its state. A damaged one is named in
+    a warning and skipped; ``UsageError`` when there is none to resume from."""
+    from kern.state import DamagedState, load_state
+
+    found = checkpoint_dirs(out)
+    if not found:
+        raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+    problems = []
+    for path in reversed(found):
+        if (path / "state.pt").exists() and not (path / "state.json").exists():
+            problems.append(f"{path.name}: written by an older kern as a pickle (state.pt), which kern no longer loads "
+                            "because a pickle can run code")
+            continue
+        try:
+            return path, load_state(path)
+        except DamagedState as exc:
+            problems.append(f"{path.name}: {exc}")
+            log.warning("damaged checkpoint skipped; trying an older one", checkpoint=str(path), problem=str(exc))
+    raise UsageError(f"--resume: no intact checkpoint in {out / 'checkpoints'} ({'; '.join(problems)}); "
+                     "start a new run with --overwrite, or another --out")
 
 
 def _metadata(plan: Plan, variant: str, step: int, started: float) -> dict[str, str]:
@@ -345,7 +435,9 @@ def latent_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, wr
 def cache_only(job: JobConfig, text: bool = True, latents: bool = True) -> dict[str, tuple[int, int]]:
     """``kern cache``: fill the caches a training run would, without training."""
     plan = prepare(job)
+    check_files(plan, (("text_encoder",) if text else ()) + (("vae",) if latents else ()))
     variant = _variant(plan)
+    check_trainable(plan, variant)
     specs, items = load_items(plan)
     device = torch.device(job.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = {}
@@ -478,20 +570,31 @@ class Sampler:
 # --------------------------------------------------------------------------- the run
 
 
-def run(job: JobConfig, resume: bool = False) -> Path:
-    """Train as ``job`` says; return the path of the final adapter."""
+def run(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train as ``job`` says; return the path of the final adapter.
+
+    Everything is checked before any work (:func:`prepare`, :func:`check_inputs`, the dataset, the sample prompts,
+    the run folder); then the folder is locked for this process (:class:`kern.runs.RunLock`). An earlier run in the
+    folder is continued with ``resume`` or replaced with ``overwrite``, never silently. SIGINT / SIGTERM during the
+    loop finish the step, write a checkpoint and raise ``kern.errors.Interrupted``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from kern import cache, data, distributed
+    from kern import distributed, runs
+    from kern.io import ensure_writable_dir
 
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in the folder and --overwrite replaces it: give one of them")
     plan = prepare(job)
-    hook, arch = plan.hook, plan.arch
     if not job.dataset.config:
         raise UsageError(f"{job.source}: dataset.config is not set; pass --dataset dataset.toml")
+    check_files(plan)
     variant = _variant(plan)
-    cache_id = _cache_id(plan, variant)
-    base_dtype = DTYPES[job.model.dtype]
+    check_trainable(plan, variant)
+    specs, items = load_items(plan)  # every image probed and every caption read
+    # The sample prompts parsed and sized (no model yet; the device is set once it is known).
+    sampler = Sampler(plan, variant, torch.device("cpu"), DTYPES[job.model.dtype]) if job.sample.prompts else None
+    ensure_writable_dir(plan.out, "save.out (--out)")
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=bool(plan.network_options.get("module_dropout")))
     acc = Accelerator(
@@ -500,17 +603,49 @@ def run(job: JobConfig, resume: bool = False) -> Path:
         cpu=job.train.device == "cpu" or not torch.cuda.is_available(),  # CPU-only: gloo DDP under torchrun
         kwargs_handlers=[ddp],
     )
-    device = acc.device
     distributed.check_launch(acc)
-    sharded = job.train.shard_base
-    out = plan.out
-    checkpoints = checkpoint_dirs(out)
-    if resume and not checkpoints:
-        raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
-    if checkpoints and not resume:
-        raise UsageError(f"{out} holds checkpoints of an earlier run: continue it with --resume, or pick another save.out (--out)")
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(runs.StopSignals())
+        if acc.is_main_process:
+            stack.enter_context(runs.RunLock(plan.out))
+        resume_from = _open_run_folder(plan, acc, resume, overwrite)
+        # A sharded base needs every process in each forward, so then every process runs the samples' loop.
+        if sampler is not None and (acc.is_main_process or job.train.shard_base):
+            sampler.generator.device = acc.device
+        else:
+            sampler = None
+        return _train(plan, variant, acc, ddp, stop, resume_from, specs, items, sampler)
+
+
+def _open_run_folder(plan: Plan, acc: Any, resume: bool, overwrite: bool) -> tuple[Path, dict[str, Any]] | None:
+    """Under the lock: refuse to replace an earlier run unasked, pick the checkpoint to resume from, clear debris."""
+    from kern import runs
+
+    out, name = plan.out, plan.job.save.name
+    earlier = runs.earlier_outputs(out, name)
+    resume_from = newest_intact_checkpoint(out) if resume else None
+    if earlier and not (resume or overwrite):
+        raise UsageError(f"{out} holds an earlier run ({', '.join(earlier)}): continue it with --resume, replace it with "
+                         "--overwrite, or choose another --out")
+    acc.wait_for_everyone()  # every process has judged the folder before the main one changes it
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        if overwrite and earlier:
+            runs.clear_outputs(out, name)
+        runs.remove_orphans(out)
+    return resume_from
+
+
+def _train(plan: Plan, variant: Variant, acc: Any, ddp: Any, stop: Any, resume_from: tuple[Path, dict[str, Any]] | None,
+           specs: list[Any], items: list[Any], sampler: Sampler | None) -> Path:
+    from kern import cache, data, distributed
+
+    job, hook, arch, out = plan.job, plan.hook, plan.arch, plan.out
+    cache_id = _cache_id(plan, variant)
+    base_dtype = DTYPES[job.model.dtype]
+    device = acc.device
+    sharded = job.train.shard_base
+
+    if acc.is_main_process:
         resolved = job.to_dict()
         resolved["model"]["variant"] = variant.name
         for dotted in PATH_KEYS:  # absolute, so the stored config reruns from anywhere
@@ -521,9 +656,6 @@ def run(job: JobConfig, resume: bool = False) -> Path:
 
         write_text(out / "config.toml", dump_toml(resolved))
 
-    specs, items = load_items(plan)
-    # A sharded base needs every process in each forward, so then every process runs the samples' loop.
-    sampler = Sampler(plan, variant, device, base_dtype) if job.sample.prompts and (acc.is_main_process or sharded) else None
     text_phase(plan, variant, items, device, sampler.encode if sampler else None, write=acc.is_main_process,
                caption_dropout=any(s.caption_dropout_rate > 0 for s in specs))
     _, vae = latent_phase(plan, variant, items, device, write=acc.is_main_process)
@@ -567,110 +699,172 @@ def run(job: JobConfig, resume: bool = False) -> Path:
     def save_adapter(path: Path, at_step: int) -> None:
         acc.unwrap_model(trainee).network.save(path, dtype=DTYPES[job.save.precision], metadata=_metadata(plan, variant.name, at_step, started))
 
-    if resume:
-        state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=False)
-        acc.unwrap_model(trainee).network.load_state_dict(state["network"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, batch_pos, history = state["step"], state["epoch"], state["batch_pos"], state["history"]
+    if resume_from is not None:
+        checkpoint, state = resume_from
+        _restore(checkpoint, state, acc.unwrap_model(trainee).network, optimizer, scheduler)
+        step, epoch, batch_pos, history = state["step"], state["epoch"], state["batch_pos"], list(state["history"])
         _set_rng_state(generator, state["rng"][acc.process_index])
-        log.info("resumed", checkpoint=str(checkpoints[-1]), step=step, epoch=epoch, batch=batch_pos)
+        log.info("resumed", checkpoint=str(checkpoint), step=step, epoch=epoch, batch=batch_pos)
 
-    writer = _tensorboard(out / "tensorboard") if acc.is_main_process else None
-    # A fresh run starts its metrics anew; a resumed one appends after the checkpoint's step.
-    if resume and acc.is_main_process:
-        _truncate_metrics(out / "metrics.jsonl", step)
-    metrics = open(out / "metrics.jsonl", "a" if resume else "w", encoding="utf-8") if acc.is_main_process else None
-    progress = _progress(job.train.steps, step, acc.is_main_process)
-    rate_start, rate_step = time.time(), step
+    def write_checkpoint(at_step: int) -> Path | None:
+        states = [None] * acc.num_processes
+        if acc.num_processes > 1:
+            torch.distributed.all_gather_object(states, _rng_state(generator))
+        else:
+            states = [_rng_state(generator)]
+        path = None
+        if acc.is_main_process:
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": at_step,
+                     "epoch": epoch, "batch_pos": batch_pos, "history": history, "rng": states}
+            path = save_checkpoint(out, at_step, acc.unwrap_model(trainee).network, state, job.save.keep_last,
+                                   lambda p: save_adapter(p, at_step))
+            log.info("checkpoint saved", path=str(path), step=at_step)
+        acc.wait_for_everyone()
+        return path
 
-    def make_samples(at_step: int) -> None:
-        if sampler is not None:
-            with acc.autocast():
-                sampler.run(acc.unwrap_model(trainee).transformer, vae, out / "samples", at_step, save=acc.is_main_process)
-
-    trainee.train()
-    acc.unwrap_model(trainee).transformer.eval()
-    while step < job.train.steps:
-        order = data.batch_order(items, specs, job.train.seed, epoch)
-        mine = order[acc.process_index :: acc.num_processes]
-        if not mine:
-            raise KernError(f"{job.dataset.config}: too few batches for {acc.num_processes} processes")
-        while batch_pos < len(mine) and step < job.train.steps:
-            batch = cache.load_batch([items[i] for i in mine[batch_pos]], cache_id, generator=generator,
-                                     caption_dropout_rate=specs[items[mine[batch_pos][0]].dataset_index].caption_dropout_rate)
-            batch_pos += 1
-            x0 = batch["latents"].to(device, torch.float32)
-            text = {k: v.to(device) for k, v in batch["text"].items()}
-            refs = [r.to(device, base_dtype) for r in batch["references"]] if batch["references"] else None
-            try:
-                loss, t = train_step(acc, trainee, optimizer, scheduler, plan, x0, text, refs, generator, base_dtype)
-            except NonFiniteLoss as exc:
-                kept = checkpoint_dirs(out)
-                raise KernError(
-                    f"loss became {exc.value} at step {step + 1} (batch {batch['keys']}); stopping. "
-                    f"Last good checkpoint: {kept[-1] if kept else 'none yet'}. Lower train.learning_rate or check the data."
-                ) from None
-            if not acc.sync_gradients:
-                continue
-            step += 1
-            loss_value = acc.gather(loss.detach()).mean().item()
-            history.append(loss_value)
-            lr = scheduler.get_last_lr()[0]
-            if acc.is_main_process:
-                metrics.write(json.dumps({"step": step, "loss": loss_value, "lr": lr, "t": t.cpu().tolist()}) + "\n")
-                metrics.flush()
-                if writer is not None:
-                    writer.add_scalar("loss", loss_value, step)
-                    writer.add_scalar("lr", lr, step)
-                    writer.add_histogram("timesteps", t.float().cpu(), step)
-                rate = (step - rate_step) / max(1e-9, time.time() - rate_start)
-                progress.update(1, loss=loss_value, rate=rate)
-            if job.save.every_n_steps and step % job.save.every_n_steps == 0 and step < job.train.steps:
-                states = [None] * acc.num_processes
-                if acc.num_processes > 1:
-                    torch.distributed.all_gather_object(states, _rng_state(generator))
-                else:
-                    states = [_rng_state(generator)]
-                if acc.is_main_process:
-                    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                             "epoch": epoch, "batch_pos": batch_pos, "history": history, "rng": states}
-                    path = save_checkpoint(out, step, acc.unwrap_model(trainee).network, state, job.save.keep_last,
-                                           lambda p: save_adapter(p, step))
-                    log.info("checkpoint saved", path=str(path), step=step)
-                acc.wait_for_everyone()
-            if job.sample.every_n_steps and step % job.sample.every_n_steps == 0 and step < job.train.steps:
-                make_samples(step)
-        if batch_pos >= len(mine):
-            epoch, batch_pos = epoch + 1, 0
-
-    progress.close()
-    if acc.num_processes > 1:
-        _check_replicas_agree(acc.unwrap_model(trainee).network)
-    final = out / f"{job.save.name}.safetensors"
-    if acc.is_main_process:
-        save_adapter(final, step)
-    make_samples(step)  # after the save: a failing sample loses no training
-    if acc.is_main_process:
-        from kern.plot import loss_plot
-
-        loss_plot(history, out / "loss.png")
-        metrics.close()
+    with contextlib.ExitStack() as files:
+        writer = _tensorboard(out / "tensorboard") if acc.is_main_process else None
         if writer is not None:
-            writer.close()
-        log.info("training done", adapter=str(final), steps=step, final_loss=history[-1] if history else None,
-                 seconds=round(time.time() - started, 1))
+            files.callback(writer.close)
+        # A fresh run starts its metrics anew; a resumed one appends after the checkpoint's step.
+        if resume_from is not None and acc.is_main_process:
+            _truncate_metrics(out / "metrics.jsonl", step)
+        metrics = files.enter_context(open(out / "metrics.jsonl", "a" if resume_from else "w", encoding="utf-8")) \
+            if acc.is_main_process else None
+        progress = _progress(job.train.steps, step, acc.is_main_process)
+        files.callback(progress.close)
+        rate_start, rate_step = time.time(), step
+
+        def make_samples(at_step: int) -> None:
+            if sampler is not None:
+                with acc.autocast():
+                    sampler.run(acc.unwrap_model(trainee).transformer, vae, out / "samples", at_step, save=acc.is_main_process)
+
+        trainee.train()
+        acc.unwrap_model(trainee).transformer.eval()
+        stop.deferred = True  # from here a signal ends the step, then the run, with a checkpoint
+        while step < job.train.steps:
+            order = data.batch_order(items, specs, job.train.seed, epoch)
+            mine = order[acc.process_index :: acc.num_processes]
+            if not mine:
+                raise KernError(f"{job.dataset.config}: too few batches for {acc.num_processes} processes")
+            while batch_pos < len(mine) and step < job.train.steps:
+                batch = cache.load_batch([items[i] for i in mine[batch_pos]], cache_id, generator=generator,
+                                         caption_dropout_rate=specs[items[mine[batch_pos][0]].dataset_index].caption_dropout_rate)
+                batch_pos += 1
+                x0 = batch["latents"].to(device, torch.float32)
+                text = {k: v.to(device) for k, v in batch["text"].items()}
+                refs = [r.to(device, base_dtype) for r in batch["references"]] if batch["references"] else None
+                try:
+                    loss, t = train_step(acc, trainee, optimizer, scheduler, plan, x0, text, refs, generator, base_dtype)
+                except NonFiniteLoss as exc:
+                    kept = checkpoint_dirs(out)
+                    raise KernError(
+                        f"loss became {exc.value} at step {step + 1} (batch {batch['keys']}); stopping. "
+                        f"Last good checkpoint: {kept[-1] if kept else 'none yet'}. Lower train.learning_rate or check the data."
+                    ) from None
+                if not acc.sync_gradients:
+                    continue
+                step += 1
+                loss_value = acc.gather(loss.detach()).mean().item()
+                history.append(loss_value)
+                lr = scheduler.get_last_lr()[0]
+                if acc.is_main_process:
+                    metrics.write(json.dumps({"step": step, "loss": loss_value, "lr": lr, "t": t.cpu().tolist()}) + "\n")
+                    metrics.flush()
+                    if writer is not None:
+                        writer.add_scalar("loss", loss_value, step)
+                        writer.add_scalar("lr", lr, step)
+                        writer.add_histogram("timesteps", t.float().cpu(), step)
+                    rate = (step - rate_step) / max(1e-9, time.time() - rate_start)
+                    progress.update(1, loss=loss_value, rate=rate)
+                saved = False
+                if job.save.every_n_steps and step % job.save.every_n_steps == 0 and step < job.train.steps:
+                    write_checkpoint(step)
+                    saved = True
+                if _stop_requested(stop, acc):
+                    path = write_checkpoint(step) if not saved else checkpoint_dirs(out)[-1]
+                    name = signal_name(stop.signum or 15)
+                    raise Interrupted(stop.signum or 15, f"stopped by {name} after step {step} of {job.train.steps}; checkpoint "
+                                                         f"{path}; continue with: kern train --config {out / 'config.toml'} --resume")
+                if job.sample.every_n_steps and step % job.sample.every_n_steps == 0 and step < job.train.steps:
+                    make_samples(step)
+            if batch_pos >= len(mine):
+                epoch, batch_pos = epoch + 1, 0
+        stop.deferred = False
+
+        progress.close()
+        if acc.num_processes > 1:
+            _check_replicas_agree(acc.unwrap_model(trainee).network)
+        final = out / f"{job.save.name}.safetensors"
+        if acc.is_main_process:
+            save_adapter(final, step)
+        make_samples(step)  # after the save: a failing sample loses no training
+        if acc.is_main_process:
+            from kern.plot import loss_plot
+
+            loss_plot(history, out / "loss.png")
+            log.info("training done", adapter=str(final), steps=step, final_loss=history[-1] if history else None,
+                     seconds=round(time.time() - started, 1))
     acc.wait_for_everyone()
     acc.end_training()
     return final
 
 
+def _restore(checkpoint: Path, state: dict[str, Any], network: nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """Load a checkpoint's state into the run; a checkpoint of another network or optimizer is a clear error."""
+    try:
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for key in ("step", "epoch", "batch_pos", "history", "rng"):
+            state[key]
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--resume: {checkpoint} does not fit this job ({first[:300]}); resume with the [network] and "
+                         "[train] optimizer settings the run was started with (its config.toml)") from None
+
+
+def _stop_requested(stop: Any, acc: Any) -> bool:
+    """Whether any process got SIGINT / SIGTERM: all of them must write the checkpoint together."""
+    flag = stop.requested
+    if acc.num_processes > 1:
+        t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+        flag = bool(acc.reduce(t, reduction="sum").item() > 0)
+        if flag and stop.signum is None:
+            stop.signum = 15
+    return flag
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (written after the checkpoint a resumed run restarts from)."""
+    """Drop metric lines past ``step`` (written after the checkpoint a resumed run restarts from), and a line torn
+    by a killed process (it is the last one; any unreadable line is dropped with a warning)."""
+    from kern.io import write_text
+
     if not path.is_file():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    keep, torn = [], 0
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            at = int(record.get("step", 0))
+        except (ValueError, TypeError, AttributeError):
+            torn += line.strip() != ""
+            continue
+        if at <= step:
+            keep.append(line)
+    if torn:
+        log.warning("unreadable metrics lines dropped (a write torn by a killed process)", file=str(path), lines=torn)
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _check_replicas_agree(network: nn.Module) -> None:

@@ -298,3 +298,24 @@ def test_diffusers_layout_finds_sibling_tokenizer(tmp_path):
         f.rename(tmp_path / "repo" / ("text_encoder" if is_model else "tokenizer") / f.name)
     enc = load_text_encoder("qwen3", tmp_path / "repo" / "text_encoder", torch.float32, "cpu", max_length=32)
     assert enc(["a cat"])["ctx"].shape == (1, 32, 96)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_weights_are_never_loaded(tmp_path):
+    """A text-encoder folder holding pytorch_model.bin (a pickle) instead of safetensors is refused, unopened."""
+    path = _qwen3_folder(tmp_path, "right")
+    (path / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"model.embed_tokens.weight": _Payload(marker)}, path / "pytorch_model.bin")
+    with pytest.raises(ModelFileError, match="cannot load"):
+        load_text_encoder("qwen3", path, torch.float32, "cpu")
+    assert not marker.exists()

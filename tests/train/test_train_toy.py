@@ -96,7 +96,9 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
     with pytest.raises(KernError, match=r"loss became nan at step 5 .*Last good checkpoint: .*step-000004"):
         train.run(job(tmp_path, dataset, out, **{"train.steps": 8, "save.every_n_steps": 2}))
     assert [p.name for p in train.checkpoint_dirs(out)] == ["step-000002", "step-000004"]
-    state = torch.load(out / "checkpoints" / "step-000004" / "state.pt", weights_only=False)
+    from kern.state import load_state
+
+    state = load_state(out / "checkpoints" / "step-000004")
     assert all(torch.isfinite(v).all() for v in state["network"].values())
     assert not (out / "adapter.safetensors").exists()
 
@@ -131,14 +133,14 @@ def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(tmp_path, toy_plu
     dataset = make_dataset(tmp_path / "data", n=1)
     out = tmp_path / "run"
     train.run(job(tmp_path, dataset, out, **{"train.steps": 4, "save.every_n_steps": 2}))
-    with pytest.raises(UsageError, match="holds checkpoints of an earlier run: continue it with --resume"):
+    with pytest.raises(UsageError, match="holds an earlier run .*: continue it with --resume, replace it with --overwrite"):
         train.run(job(tmp_path, dataset, out, **{"train.steps": 4, "save.every_n_steps": 2}))
 
 
-def test_a_fresh_run_starts_its_metrics_anew(tmp_path, toy_plugin):
+def test_overwrite_starts_the_metrics_anew(tmp_path, toy_plugin):
     dataset = make_dataset(tmp_path / "data", n=1)
     out = tmp_path / "run"
     train.run(job(tmp_path, dataset, out, **{"train.steps": 3}))
-    train.run(job(tmp_path, dataset, out, **{"train.steps": 2}))
+    train.run(job(tmp_path, dataset, out, **{"train.steps": 2}), overwrite=True)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]

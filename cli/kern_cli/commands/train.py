@@ -30,11 +30,14 @@ def _pairs(values: tuple[str, ...], option: str) -> list[tuple[str, Any]]:
 @click.option("--lr", type=float, help="Learning rate (overrides train.learning_rate).")
 @click.option("--network-opt", "network_opts", multiple=True, metavar="KEY=VALUE", help="Network option, e.g. rank=16 (repeatable).")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any config key, e.g. train.seed=1 (repeatable).")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the run folder.")
-def command(config_path, arch, network, dataset, out, steps, lr, network_opts, sets, resume) -> None:
+@click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint in the run folder.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run in the run folder (its adapter, checkpoints, samples, logs).")
+def command(config_path, arch, network, dataset, out, steps, lr, network_opts, sets, resume, overwrite) -> None:
     """Train a LoRA / LoHa adapter.
 
-    Values come from the job file, then command-line options override them. Example:
+    Values come from the job file, then command-line options override them. Everything is checked before any
+    work; a folder holding an earlier run needs --resume or --overwrite. Ctrl-C (SIGINT) or SIGTERM finishes the
+    step, writes a checkpoint and exits (130 / 143); --resume continues from it. Example:
 
         kern train --arch flux2-klein-4b --network loha --dataset dataset.toml --out runs/x
     """
@@ -49,4 +52,4 @@ def command(config_path, arch, network, dataset, out, steps, lr, network_opts, s
 
     from kern import train
 
-    train.run(job, resume=resume)
+    train.run(job, resume=resume, overwrite=overwrite)

@@ -44,6 +44,7 @@ def register_architectures(register):
             latent_downscale=16,  # 8x VAE, then 2x2 patchify into channels
             default_targets=DEFAULT_TARGETS,
             timestep_method="flux2_shift",
+            required_files=("transformer", "vae", "text_encoder"),
             implementation="https://github.com/black-forest-labs/flux2",
         )
     )

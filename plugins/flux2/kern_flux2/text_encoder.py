@@ -295,8 +295,8 @@ def load_text_encoder(
     model_cls = Mistral3ForConditionalGeneration if kind == "mistral3" else Qwen3ForCausalLM
     try:
         with hf.quiet_load_report(kept is not None):  # skipped layers are reported as unused on purpose
-            model, info = model_cls.from_pretrained(
-                path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True
+            model, info = model_cls.from_pretrained(  # safetensors only: a pytorch_model.bin is a pickle
+                path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True, use_safetensors=True
             )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{path}: cannot load the {kind} text encoder ({e})") from e

@@ -20,6 +20,7 @@ from kern.network import (
     ModuleMap,
     kohya_name,
     layout_of,
+    parse_rank_patterns,
     resolve_modules,
     split_keys,
     strip_layout_prefix,
@@ -31,19 +32,21 @@ log = get_logger(__name__)
 NAME = "loha"
 
 OPTIONS = (
-    kern.Option("rank", "int", 16, "rank r of each factor pair (ΔW has rank ≤ r²); LyCORIS advises r ≤ 32"),
+    kern.Option("rank", "int", 16, "rank r of each factor pair (ΔW has rank ≤ r²); LyCORIS advises r ≤ 32", minimum=1),
     kern.Option(
         "alpha",
         "float",
         None,
         "α; ΔW is scaled by γ = α/r. Unset or 0: α = r (γ = 1, musubi / LyCORIS default when no alpha is given). "
         "LyCORIS guidance: α between 1 and r/2",
+        minimum=0.0,
     ),
-    kern.Option("dropout", "float", 0.0, "dropout probability on the adapter output ΔW·x (LyCORIS bypass semantics)"),
-    kern.Option("rank_dropout", "float", 0.0, "probability of dropping each output row of ΔW per step, rescaled by 1/(1-p)"),
-    kern.Option("module_dropout", "float", 0.0, "probability of skipping the whole adapter of a layer for one forward"),
+    kern.Option("dropout", "float", 0.0, "dropout probability on the adapter output ΔW·x (LyCORIS bypass semantics)", minimum=0.0, maximum=0.99),
+    kern.Option("rank_dropout", "float", 0.0, "probability of dropping each output row of ΔW per step, rescaled by 1/(1-p)", minimum=0.0, maximum=0.99),
+    kern.Option("module_dropout", "float", 0.0, "probability of skipping the whole adapter of a layer for one forward", minimum=0.0, maximum=0.99),
     kern.Option("use_rslora", "bool", False, "scale α/√r instead of α/r (LyCORIS rs_lora; saved alpha is adjusted)"),
-    kern.Option("rank_pattern", "list", (), "per-module ranks: 'regex=rank' entries fullmatched on module paths, first match wins"),
+    kern.Option("rank_pattern", "list", (), "per-module ranks: 'regex=rank' entries fullmatched on module paths, first match wins",
+                check=parse_rank_patterns),
 )
 
 

@@ -20,6 +20,7 @@ from kern.network import (
     ModuleMap,
     kohya_name,
     layout_of,
+    parse_rank_patterns,
     resolve_modules,
     split_keys,
     strip_layout_prefix,
@@ -31,20 +32,23 @@ log = get_logger(__name__)
 NAME = "lora"
 
 OPTIONS = (
-    kern.Option("rank", "int", 16, "rank r: lora_down is r × in, lora_up is out × r"),
+    kern.Option("rank", "int", 16, "rank r: lora_down is r × in, lora_up is out × r", minimum=1),
     kern.Option(
         "alpha",
         "float",
         None,
         "α; the update is scaled by α/r. Unset or 0: α = r (scale 1, the PEFT / diffusers / ai-toolkit convention; "
         "musubi-tuner's default is α = 1)",
+        minimum=0.0,
     ),
-    kern.Option("dropout", "float", 0.0, "dropout probability on the rank-r activations A·x (training only)"),
-    kern.Option("rank_dropout", "float", 0.0, "probability of zeroing each rank channel of A·x per sample, rescaled by 1/(1-p)"),
-    kern.Option("module_dropout", "float", 0.0, "probability of skipping the whole adapter of a layer for one forward"),
-    kern.Option("loraplus_lr_ratio", "float", None, "LoRA+: train lora_up (B) at lr × this ratio (paper: 16; musubi suggests ~4)"),
+    kern.Option("dropout", "float", 0.0, "dropout probability on the rank-r activations A·x (training only)", minimum=0.0, maximum=0.99),
+    kern.Option("rank_dropout", "float", 0.0, "probability of zeroing each rank channel of A·x per sample, rescaled by 1/(1-p)", minimum=0.0, maximum=0.99),
+    kern.Option("module_dropout", "float", 0.0, "probability of skipping the whole adapter of a layer for one forward", minimum=0.0, maximum=0.99),
+    kern.Option("loraplus_lr_ratio", "float", None, "LoRA+: train lora_up (B) at lr × this ratio (paper: 16; musubi suggests ~4)",
+                minimum=0.0),
     kern.Option("use_rslora", "bool", False, "rank-stabilised scale α/√r instead of α/r (saved alpha is adjusted so loaders agree)"),
-    kern.Option("rank_pattern", "list", (), "per-module ranks: 'regex=rank' entries fullmatched on module paths, first match wins"),
+    kern.Option("rank_pattern", "list", (), "per-module ranks: 'regex=rank' entries fullmatched on module paths, first match wins",
+                check=parse_rank_patterns),
 )
 
 

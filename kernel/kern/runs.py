@@ -1,0 +1,166 @@
+"""A training run's folder: one process at a time, an earlier run never silently replaced, no debris.
+
+* :class:`RunLock` — an advisory ``flock`` on ``<run>/.kern.lock``. The kernel drops it when the process ends,
+  however it ends (``kill -9`` included), so a lock nobody holds is stale by definition and is taken over; a
+  held one names the process that holds it.
+* :func:`earlier_outputs` / :func:`clear_outputs` — what an earlier run left in the folder, and its removal for
+  ``--overwrite`` (only the files kern writes; anything else in the folder is left alone).
+* :func:`remove_orphans` — temporary files and folders of atomic writes that a killed process left behind.
+* :class:`StopSignals` — SIGINT / SIGTERM during training: finish the step, checkpoint, exit 130 / 143.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from kern.errors import Interrupted, UsageError
+from kern.io import TMP_SUFFIX
+from kern.log import get_logger
+
+log = get_logger(__name__)
+
+LOCK_NAME = ".kern.lock"
+
+
+class RunLock:
+    """Exclusive use of a run folder by one ``kern train`` process (``with RunLock(folder):``)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _describe(os.pread(fd, 4096, 0))
+            os.close(fd)
+            raise UsageError(f"{self.folder}: in use by another kern train ({holder}); wait for it to end, "
+                             "or choose another --out (save.out)") from None
+        previous = os.pread(fd, 4096, 0)
+        if previous.strip():
+            log.warning("taking over a stale run lock (its process ended without releasing it)", folder=str(self.folder),
+                        previous=_describe(previous))
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        import fcntl
+
+        os.ftruncate(self._fd, 0)  # empty: released cleanly (the file stays, so no one ever locks a stale inode)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _describe(raw: bytes) -> str:
+    try:
+        info = json.loads(raw.decode("utf-8"))
+        return f"pid {info['pid']} on {info['host']} since {info['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that did not say which"
+
+
+def output_names(name: str) -> tuple[str, ...]:
+    """The files and folders a run writes into its folder (``name`` is ``save.name``)."""
+    return (f"{name}.safetensors", "config.toml", "metrics.jsonl", "loss.png", "checkpoints", "samples", "tensorboard")
+
+
+def earlier_outputs(folder: str | Path, name: str) -> list[str]:
+    folder = Path(folder)
+    return [n for n in output_names(name) if (folder / n).exists() or (folder / n).is_symlink()]
+
+
+def clear_outputs(folder: str | Path, name: str) -> None:
+    """Remove what :func:`earlier_outputs` lists (``--overwrite``); a symlink is removed, never what it points to."""
+    folder = Path(folder)
+    for n in earlier_outputs(folder, name):
+        path = folder / n
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    log.info("removed the earlier run's outputs (--overwrite)", folder=str(folder))
+
+
+def remove_orphans(folder: str | Path) -> int:
+    """Delete ``.<name>.<random>.tmp`` files and folders in the run folder and its ``checkpoints/`` and
+    ``samples/``: left by a process killed mid-write. Only safe under the run's lock; returns how many."""
+    folder = Path(folder)
+    removed = 0
+    for where in (folder, folder / "checkpoints", folder / "samples"):
+        if not where.is_dir() or where.is_symlink():
+            continue
+        for path in where.iterdir():
+            if not (path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.info("removed temporary files of an interrupted run", folder=str(folder), count=removed)
+    return removed
+
+
+class StopSignals:
+    """SIGINT and SIGTERM while training. Between steps (``deferred``) a signal is only recorded: the loop finishes
+    its step, writes a checkpoint and raises :class:`Interrupted`. Otherwise (caching, loading, the final save) it
+    raises :class:`Interrupted` at once; atomic writes leave nothing half-written. A second signal always stops at
+    once. Installed only in the main thread (signal handlers can be set nowhere else)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.deferred = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.deferred and self.signum is None:
+            self.signum = signum
+            log.warning(f"{name}: finishing this step, then writing a checkpoint (send it again to stop at once)")
+            return
+        raise Interrupted(signum, f"stopped by {name}; nothing half-written was kept")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
