@@ -34,7 +34,7 @@ FORMAT_VERSION = "1.0.1"  # musubi's cache format version
 SOURCE_KEY = "kern.source"
 SETTINGS_KEY = "kern.settings"
 # Bump when load_image's pixels change for the same inputs, so every latent cache is rebuilt.
-RESIZE_RULE = "rgb-on-white/exif/lanczos-cover/centre-crop/trim-below-step-is-crop/1"
+RESIZE_RULE = "rgb-on-white/exif/lanczos-cover/centre-crop/trim-below-step-is-crop/1/modes-2"  # modes-2: 16-bit, float, LAB, tRNS
 
 _DTYPE_NAMES = sorted({str(v).removeprefix("torch.") for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=len, reverse=True)
 

@@ -88,13 +88,44 @@ def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[in
 
 
 def load_tensors(files: Iterable[Path], dtype: torch.dtype | None, device: Any) -> dict[str, torch.Tensor]:
-    """Every tensor of ``files``, each cast to ``dtype`` (floating tensors only) on ``device`` as it is read."""
+    """Every tensor of ``files``, each cast to ``dtype`` (floating tensors only) on ``device`` as it is read.
+
+    Each file's header is validated first (``kern.io.read_header``) and every tensor is checked finite as it
+    arrives (on ``device``, in bounded chunks): a corrupt file, a tensor holding NaN / Inf, or one that
+    overflows ``dtype`` is a ``ModelFileError`` naming the file and the key.
+    """
     from safetensors import safe_open
+
+    from kern.io import describe_nonfinite
 
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as handle:
-            for k in handle.keys():
-                t = handle.get_tensor(k)
-                state[k] = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        try:
+            read_header(f)
+        except KernError as exc:
+            raise ModelFileError(str(exc)) from None
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as handle:
+                for k in handle.keys():
+                    t = handle.get_tensor(k)
+                    out = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+                    bad = describe_nonfinite(out)
+                    if bad:
+                        raise ModelFileError(_nonfinite_message(f, k, t, out, bad))
+                    state[k] = out
+        except KernError:
+            raise
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # safetensors' own errors, a dtype this torch lacks, the file changing meanwhile
+            raise ModelFileError(f"{f}: unreadable safetensors file: {exc}") from None
     return state
+
+
+def _nonfinite_message(f: Path, key: str, source: torch.Tensor, out: torch.Tensor, bad: str) -> str:
+    """Whether the file holds the NaN/Inf values or the cast to the load dtype made them."""
+    from kern.io import describe_nonfinite
+
+    if out.dtype != source.dtype and describe_nonfinite(source) is None:
+        return f"{f}: tensor {key!r} overflows {str(out.dtype).replace('torch.', '')} ({bad}); load it in bfloat16 or float32 (--dtype)"
+    return f"{f}: tensor {key!r} holds {describe_nonfinite(source) or bad}; the checkpoint is corrupt: re-download or re-export it"

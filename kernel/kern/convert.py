@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from kern.errors import AdapterError, PluginError, UsageError
-from kern.io import save_file
+from kern.io import check_output_file, describe_nonfinite, save_file
 from kern.log import get_logger
 from kern.network import ModuleMap, group_by_module
 from kern.weights import detect, read_adapter
@@ -66,9 +66,13 @@ def convert(
     arch: str,
     variant: str | None = None,
     manager: Any = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Rewrite the adapter ``in_path`` in ``to_layout`` for ``arch`` (and ``variant``) and write ``out_path`` atomically.
 
+    Before the adapter is read: the layout, the architecture and variant, and the output path (never the
+    input, links included; an existing file is replaced only with ``overwrite``). The input's tensors must be
+    finite (``read_adapter``) and so must the converted ones, or nothing is written.
     Returns a summary (``network_type``, ``from_layout``, ``to_layout``, ``variant``, ``tensors``, ``out``).
     """
     from kern.plugins import get_manager
@@ -79,8 +83,6 @@ def convert(
     if not arch:
         raise UsageError("convert needs the architecture (--arch) for its module names")
     in_path, out_path = Path(in_path), Path(out_path)
-    if out_path.exists() and out_path.resolve() == in_path.resolve():
-        raise UsageError(f"{out_path}: the output would overwrite the input; choose another --out")
     architecture, alias_variant = manager.resolve_arch(arch)
     named_by_alias = arch not in (architecture.name, *architecture.aliases)
     if variant:
@@ -92,6 +94,7 @@ def convert(
         candidates = [alias_variant]
     else:
         candidates = [v.name for v in architecture.variants]
+    check_output_file(out_path, [("input", in_path)], overwrite, "--out")
 
     tensors, metadata = read_adapter(in_path)
     claim = detect(tensors.keys(), metadata, manager, path=in_path)
@@ -122,7 +125,11 @@ def convert(
     out_tensors, out_metadata = result
     out_metadata = {str(k): str(v) for k, v in dict(out_metadata or {}).items()}
     out_metadata["kern.converted_from"] = claim.layout
-    save_file(out_tensors, out_path, out_metadata)
+    for key, t in out_tensors.items():
+        bad = describe_nonfinite(t)
+        if bad:
+            raise AdapterError(f"{in_path}: converting gives {bad} in {key!r} (the adapter's values overflow {t.dtype}); nothing was written")
+    save_file(out_tensors, out_path, out_metadata, overwrite=overwrite)
     log.info(
         "converted adapter",
         file=str(in_path),

@@ -9,6 +9,8 @@ to the architecture): nothing here names an architecture. See ``docs/datasets.md
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
 import os
@@ -17,13 +19,19 @@ import re
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import attrs
 import torch
 from PIL import Image, ImageOps
 
-from kern.errors import DatasetError
+try:
+    from PIL import ImageCms
+except ImportError:  # Pillow built without LittleCMS: LAB images are then unsupported
+    ImageCms = None
+
+from kern.errors import DatasetError, UsageError
+from kern.io import ensure_writable_dir
 from kern.log import get_logger
 
 log = get_logger(__name__)
@@ -32,6 +40,11 @@ log = get_logger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + tuple(e for e in (".avif", ".jxl") if e in Image.registered_extensions())
 DEFAULT_RESOLUTION = (960, 544)  # musubi's default
 MAX_ITEM_WARNINGS = 20  # per dataset and reason; the rest are counted in one summary line
+# Sane bounds for config numbers: beyond them a value is a typo, and would allocate absurd buckets or epochs.
+MAX_SIDE = 16384  # pixels, each side of resolution / control_resolution
+MAX_BATCH_SIZE = 4096
+MAX_REPEATS = 10_000
+MAX_EPOCH_ITEMS = 10_000_000  # items x num_repeats of one dataset: batch_order holds one epoch's list in memory
 EMPTY_STEM = "_empty"  # reserved: the cache module names the empty-caption encoding after it
 
 Size = tuple[int, int]
@@ -123,7 +136,10 @@ class Item:
 def load_dataset_config(path: str | os.PathLike) -> list[DatasetSpec]:
     """Read a musubi-tuner dataset config (``.toml`` or ``.json``); errors name the file and the key."""
     path = Path(path)
-    raw = _read_config(path)
+    try:
+        raw = _read_config(path)
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise DatasetError(f"{path}: cannot read the dataset config ({exc.strerror or exc})") from None
     for key in raw:
         if key not in ("general", "datasets"):
             raise DatasetError(f"{path}: unknown top-level key {key!r}; a dataset config has [general] and [[datasets]]")
@@ -131,8 +147,11 @@ def load_dataset_config(path: str | os.PathLike) -> list[DatasetSpec]:
     if not isinstance(general, dict):
         raise DatasetError(f"{path}: 'general' must be a table ([general])")
     datasets = raw.get("datasets")
-    if not isinstance(datasets, list) or not datasets or not all(isinstance(d, dict) for d in datasets):
+    if not isinstance(datasets, list) or not datasets:
         raise DatasetError(f"{path}: no datasets; add at least one [[datasets]] table with image_directory or image_jsonl_file")
+    for i, d in enumerate(datasets):
+        if not isinstance(d, dict):
+            raise DatasetError(f"{path}: datasets[{i}] must be a table ([[datasets]]), got {_short(d)}")
     shared = _read_section(general, path, "[general]", SHARED_KEYS)
     specs = [_dataset_spec(i, d, shared, path) for i, d in enumerate(datasets)]
     _check_unique_cache_dirs(specs)
@@ -140,21 +159,41 @@ def load_dataset_config(path: str | os.PathLike) -> list[DatasetSpec]:
 
 
 def _read_config(path: Path) -> dict:
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".json"):
+        raise DatasetError(f"{path}: a dataset config must be a .toml or .json file")
+    if path.is_dir():
+        raise DatasetError(f"{path}: is a folder; --dataset / dataset.config names the dataset config file")
     if not path.is_file():
         raise DatasetError(f"{path}: dataset config not found; check the path")
-    suffix = path.suffix.lower()
+    text = read_text_file(path)
     try:
         if suffix == ".toml":
-            with open(path, "rb") as f:
-                return tomllib.load(f)
-        if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise DatasetError(f"{path}: the JSON must be an object with 'general' and 'datasets'")
-            return data
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return tomllib.loads(text)
+        data = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors; so is an int of 5000 digits
         raise DatasetError(f"{path}: not valid {suffix[1:].upper()}: {exc}") from None
-    raise DatasetError(f"{path}: a dataset config must be a .toml or .json file")
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: the JSON must be an object with 'general' and 'datasets'")
+    return data
+
+
+def read_text_file(path: Path, where: str | None = None) -> str:
+    """``path`` as text: UTF-8, a leading BOM dropped. Other encodings raise ``DatasetError`` naming the file, the
+    line and the byte, rather than guessing (a wrong guess would train on garbled captions)."""
+    where = where or str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DatasetError(f"{where}: cannot read ({exc.strerror or exc}); check the file and its permissions") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DatasetError(
+            f"{where}: not UTF-8 text (line {line}, byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def _read_section(section: Mapping[str, Any], path: Path, name: str, allowed: Mapping[str, tuple[str, Any]]) -> dict[str, Any]:
@@ -199,25 +238,46 @@ def _check_value(value: Any, kind: str, where: str) -> Any:
         return value
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise DatasetError(f"{where}: expected an integer, got {value!r}")
+            raise DatasetError(f"{where}: expected an integer, got {_short(value)}")
         return value
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DatasetError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+            raise DatasetError(f"{where}: expected a number, got {_short(value)}")
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float
+            raise DatasetError(f"{where}: expected a finite number, got {_short(value)}") from None
+        if not math.isfinite(value):
+            raise DatasetError(f"{where}: expected a finite number, got {value!r}")
+        return value
     if kind in ("str", "path"):
         if not isinstance(value, str):
-            raise DatasetError(f"{where}: expected a string, got {value!r}")
+            raise DatasetError(f"{where}: expected a string, got {_short(value)}")
+        if "\x00" in value:
+            raise DatasetError(f"{where}: contains a NUL character; remove it")
+        if kind == "path" and not value.strip():
+            raise DatasetError(f"{where}: is empty; give a path (relative paths start at the config's folder)")
         return value
     if kind == "size":
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value, value]
         if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-            raise DatasetError(f"{where}: expected an integer or [width, height], got {value!r}")
+            raise DatasetError(f"{where}: expected an integer or [width, height], got {_short(value)}")
         if min(value) < 1:
-            raise DatasetError(f"{where}: sizes must be positive, got {value!r}")
+            raise DatasetError(f"{where}: sizes must be positive, got {_short(value)}")
+        if max(value) > MAX_SIDE:
+            raise DatasetError(f"{where}: each side must be at most {MAX_SIDE} pixels, got {_short(value)}")
         return (value[0], value[1])
     raise AssertionError(kind)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a message must stay readable whatever the file holds."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python prints
+        text = f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _dataset_spec(index: int, table: Mapping[str, Any], shared: Mapping[str, Any], path: Path) -> DatasetSpec:
@@ -256,11 +316,17 @@ def _resolve(value: str, base: Path) -> Path:
 
 
 def _check_ranges(values: Mapping[str, Any], where: str) -> None:
-    for key in ("batch_size", "num_repeats"):
+    for key, top in (("batch_size", MAX_BATCH_SIZE), ("num_repeats", MAX_REPEATS)):
         if values[key] < 1:
-            raise DatasetError(f"{where} key {key!r}: must be at least 1, got {values[key]}")
+            raise DatasetError(f"{where} key {key!r}: must be at least 1, got {_short(values[key])}")
+        if values[key] > top:
+            raise DatasetError(f"{where} key {key!r}: must be at most {top}, got {_short(values[key])}")
     if not 0.0 <= values["caption_dropout_rate"] <= 1.0:
         raise DatasetError(f"{where} key 'caption_dropout_rate': must be between 0 and 1, got {values['caption_dropout_rate']}")
+    ext = values["caption_extension"]
+    if ext is not None and (not ext or any(c in ext for c in "/\\")):
+        raise DatasetError(f"{where} key 'caption_extension': {ext!r} must be a non-empty file-name ending such as \".txt\", "
+                           "without / or \\")
 
 
 def _check_unique_cache_dirs(specs: Sequence[DatasetSpec]) -> None:
@@ -384,15 +450,56 @@ def scan_items(specs: Sequence[DatasetSpec], resolution_step: int) -> list[Item]
     """
     if resolution_step < 1:
         raise ValueError(f"resolution_step must be positive, got {resolution_step}")
+    with _os_errors_named(specs):
+        for spec in specs:  # every folder and file named, before any image is opened
+            _check_paths(spec)
     items: list[Item] = []
     for spec in specs:
-        found = _scan_dataset(spec, resolution_step)
+        with _os_errors_named([spec]):
+            found = _scan_dataset(spec, resolution_step)
         if not found:
             source = spec.image_directory or spec.image_jsonl_file
             raise DatasetError(f"{spec.where}: no usable images in {source}; see the warnings above for the skipped ones")
+        if len(found) * spec.num_repeats > MAX_EPOCH_ITEMS:
+            raise DatasetError(f"{spec.where} key 'num_repeats': {len(found)} images x {spec.num_repeats} repeats is more than "
+                               f"{MAX_EPOCH_ITEMS} items per epoch; lower num_repeats")
         log.info("dataset scanned", dataset=spec.where, items=len(found), buckets=len({i.bucket for i in found}))
         items.extend(found)
     return items
+
+
+@contextlib.contextmanager
+def _os_errors_named(specs: Sequence[DatasetSpec]) -> Iterator[None]:
+    """A file-system error (a folder that cannot be listed, a name too long ...) as a ``DatasetError`` naming the config."""
+    try:
+        yield
+    except OSError as exc:
+        where = specs[0].where if len(specs) == 1 else str(specs[0].source) if specs else "dataset"
+        raise DatasetError(f"{where}: {exc.strerror or exc}: {exc.filename or ''}; check the paths and permissions") from None
+
+
+def _check_paths(spec: DatasetSpec) -> None:
+    """The image folder or JSONL file and the control folder exist as such, and the cache folder is writable
+    (created if missing), so a typo is an error before any work and caching cannot fail half-way."""
+    hint = "check the path (relative paths start at the config's folder)"
+    for key, folder in (("image_directory", spec.image_directory), ("control_directory", spec.control_directory)):
+        if folder is None:
+            continue
+        if folder.exists() and not folder.is_dir():
+            raise DatasetError(f"{spec.where} key {key!r}: {folder} is a file, not a folder; {hint}")
+        if not folder.is_dir():
+            raise DatasetError(f"{spec.where} key {key!r}: folder {folder} does not exist; {hint}")
+    jsonl = spec.image_jsonl_file
+    if jsonl is not None and jsonl.is_dir():
+        raise DatasetError(f"{spec.where} key 'image_jsonl_file': {jsonl} is a folder, not a JSONL file; {hint}")
+    if jsonl is not None and not jsonl.is_file():
+        raise DatasetError(f"{spec.where} key 'image_jsonl_file': {jsonl} does not exist; {hint}")
+    what = f"{spec.where} key 'cache_directory'" + ("" if spec.image_jsonl_file or spec.cache_directory != spec.image_directory
+                                                     else " (defaults to image_directory)")
+    try:
+        ensure_writable_dir(spec.cache_directory, what)
+    except UsageError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def _scan_dataset(spec: DatasetSpec, step: int) -> list[Item]:
@@ -478,15 +585,16 @@ def _directory_entries(spec: DatasetSpec, skips: _Skips) -> list[_Entry]:
 
 
 def _read_caption(image: Path, spec: DatasetSpec, skips: _Skips) -> str | None:
-    """The caption of ``image``; ``default_caption`` when it has no caption file; ``None``: skip it."""
+    """The caption of ``image``; ``default_caption`` when it has no caption file; ``None``: skip it.
+
+    A caption file that exists but cannot be read as UTF-8 text is an error, not a skip: training silently on
+    fewer images (or on a garbled caption) is worse than stopping to fix one file."""
     if spec.caption_extension is not None:
         path = image.with_name(image.stem + spec.caption_extension)
+        if path.is_dir():
+            raise DatasetError(f"{spec.where}: caption {path} of {image.name} is a folder; it must be a text file")
         if path.is_file():
-            try:
-                return path.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                skips.add("unreadable caption file", path, error=str(exc))
-                return None
+            return read_text_file(path, f"{spec.where}: caption file {path}").strip()
     if spec.default_caption is not None:
         return spec.default_caption
     skips.add("no caption file", image, expected=image.stem + (spec.caption_extension or ""))
@@ -534,7 +642,7 @@ def _jsonl_entries(spec: DatasetSpec, skips: _Skips) -> list[_Entry]:
     if not path.is_file():
         raise DatasetError(f"{spec.where} key 'image_jsonl_file': {path} does not exist; check the path (relative paths start at the config's folder)")
     entries, ignored = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text_file(path).split("\n"), 1):
         if not line.strip():
             continue
         entry = _jsonl_entry(path, lineno, line, spec, skips, ignored)
@@ -549,33 +657,43 @@ def _jsonl_entry(path: Path, lineno: int, line: str, spec: DatasetSpec, skips: _
     where = f"{path}:{lineno}"
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DatasetError(f"{where}: not valid JSON ({exc}); each line must be one object") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise DatasetError(f"{where}: not valid JSON ({_short(str(exc), 200)}); each line must be one object") from None
     if not isinstance(record, dict):
         raise DatasetError(f"{where}: each line must be a JSON object with image_path and caption")
     if "video_path" in record:
         raise DatasetError(f"{where} key 'video_path': kern trains images; video datasets are not supported")
-    image = record.get("image_path")
-    if not isinstance(image, str):
+    if not isinstance(record.get("image_path"), str):
         raise DatasetError(f"{where} key 'image_path': missing or not a string; every line needs the image's path")
+    image_path = _jsonl_path(record["image_path"], path, where, "image_path")
     controls: list[tuple[int, Path]] = []
     for key, value in record.items():
         m = _CONTROL_KEY.fullmatch(key)
         if key == "control_path" or m:
-            if not isinstance(value, str):
-                raise DatasetError(f"{where} key {key!r}: expected a path string, got {value!r}")
-            controls.append((int(m.group(1)) if m else -1, _resolve(value, path.parent)))
+            controls.append((int(m.group(1)) if m else -1, _jsonl_path(value, path, where, key)))
         elif key not in JSONL_KEYS:
             ignored.add(key)
     caption = record.get("caption")
     if caption is not None and not isinstance(caption, str):
-        raise DatasetError(f"{where} key 'caption': expected a string, got {caption!r}")
-    image_path = _resolve(image, path.parent)
+        raise DatasetError(f"{where} key 'caption': expected a string, got {_short(caption)}")
     caption = caption if caption is not None else spec.default_caption
     if caption is None:
         skips.add("no caption", image_path, line=lineno)
         return None
     return _Entry(image_path, caption.strip(), tuple(p for _, p in sorted(controls, key=lambda c: c[0])))
+
+
+def _jsonl_path(value: Any, jsonl: Path, where: str, key: str) -> Path:
+    """An image path of a JSONL line: a string naming an existing file. A missing file or a folder is an error
+    naming the line (a wrong path is a mistake in the file to fix, unlike a corrupt image, which is skipped)."""
+    if not isinstance(value, str) or not value.strip() or "\x00" in value:
+        raise DatasetError(f"{where} key {key!r}: expected a path string, got {_short(value)}")
+    p = _resolve(value, jsonl.parent)
+    if p.is_dir():
+        raise DatasetError(f"{where} key {key!r}: {p} is a folder, not an image file")
+    if not p.is_file():
+        raise DatasetError(f"{where} key {key!r}: {p} does not exist; check the path (relative paths start at the JSONL file's folder)")
+    return p
 
 
 def _check_unique_stems(spec: DatasetSpec, entries: Sequence[_Entry]) -> None:
@@ -610,6 +728,8 @@ def _probe(path: Path) -> Size | str:
             if img.format == "JPEG":
                 img.draft("RGB", (1, 1))  # decode at 1/8 scale: still reads all the data, far faster
             img.load()
+            if img.mode not in IMAGE_MODES or (img.mode == "LAB" and ImageCms is None):
+                return f"unsupported image mode {img.mode!r}; convert the image to RGB or RGBA"
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, DecompressionBombError ...
         return f"{type(exc).__name__}: {exc}"
     return (h, w) if swap else (w, h)
@@ -650,13 +770,12 @@ def batch_order(items: Sequence[Item], specs: Sequence[DatasetSpec], seed: int, 
 
 
 def open_picture(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
-    """``path`` as a Pillow image, EXIF orientation applied, in ``mode``: RGB composites transparent pixels
-    on white (a transparent PNG shows as on a white page, not the arbitrary colour hidden under alpha);
-    RGBA keeps the alpha. Unreadable files raise ``DatasetError`` naming the file."""
+    """``path`` as a Pillow image, EXIF orientation applied, in ``mode`` (``"RGB"`` or ``"RGBA"``), converted by
+    ``to_mode``. Unreadable files raise ``DatasetError`` naming the file."""
     try:
         with Image.open(path) as img:
             img = ImageOps.exif_transpose(img)
-            return img.convert("RGBA") if mode == "RGBA" else _to_rgb(img)
+            return to_mode(img, mode)
     except Exception as exc:
         raise DatasetError(f"{path}: cannot read image ({type(exc).__name__}: {exc}); fix or remove it") from None
 
@@ -673,12 +792,65 @@ def load_image(path: str | os.PathLike, size: Size, *, crop_below: int = 0, mode
     return data.view(size[1], size[0], len(mode)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+# Pillow modes kern reads (docs/datasets.md §2.3); anything else is skipped when scanning, as unreadable.
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit greyscale (a 16-bit PNG opens as one of these) and 32-bit ints
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+IMAGE_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "F", *WIDE_GREY_MODES, *ALPHA_MODES)
+
+
+def to_mode(img: Image.Image, mode: str = "RGB") -> Image.Image:
+    """``img`` as 8-bit ``RGB`` or ``RGBA``, whatever its Pillow mode.
+
+    16-bit and 32-bit integer greyscale keep their high byte (``value >> 8``, values clipped to 0..65535) instead
+    of Pillow's clipping at 255, which turns a 16-bit image white; float (``F``) images are taken as 0.0..1.0 (NaN
+    → 0); LAB goes to sRGB through LittleCMS without its lossy 8-bit shortcut; premultiplied ``RGBa`` / ``La`` are
+    un-premultiplied. RGB composites transparent pixels on white (a transparent PNG shows as on a white page, not
+    the arbitrary colour hidden under alpha); RGBA keeps the alpha.
+    """
+    if mode not in ("RGB", "RGBA"):
+        raise ValueError(f"mode must be 'RGB' or 'RGBA', got {mode!r}")
+    img = _to_8_bits(img)
+    if mode == "RGBA":
+        return img.convert("RGBA")
+    if _has_alpha(img):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    palette_alpha = img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
+    return img.mode in ALPHA_MODES or "transparency" in img.info or palette_alpha
+
+
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    """Modes whose ``convert`` would lose or garble the picture, as an equivalent 8-bit image; others unchanged."""
+    import numpy as np
+
+    if img.mode in WIDE_GREY_MODES:
+        values = np.asarray(img).astype(np.int64)
+        out = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
+        key = img.info.get("transparency")  # a PNG tRNS grey value: those pixels are transparent
+        if isinstance(key, int):
+            alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
+            out = Image.merge("LA", (out, alpha))
+        return out
+    if img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        return Image.fromarray(np.rint(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8), "L")
+    if img.mode == "La":  # Pillow converts La only to LA
+        return img.convert("LA")
+    if img.mode == "LAB" and ImageCms is not None:
+        return _lab_to_srgb().apply(img)
+    return img
+
+
+@functools.cache
+def _lab_to_srgb() -> Any:
+    # NOOPTIMIZE: LittleCMS's default 8-bit lookup table is off by up to ~36 levels on saturated colours.
+    return ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB",
+                                   flags=ImageCms.Flags.NOOPTIMIZE)
 
 
 def _cover_crop(img: Image.Image, size: Size, crop_below: int) -> Image.Image:

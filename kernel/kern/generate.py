@@ -3,14 +3,21 @@
 Batch mode loads each model once and never holds the text encoder and the transformer together:
 encode every prompt, free the text encoder; denoise everything, free the transformer; decode and
 save. Interactive mode keeps all three loaded between prompts.
+
+Everything the user gives is checked before any model loads (``Generator.__init__`` and ``plan``), and
+images are published under fresh names: nothing already in the output folder is ever replaced.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import math
+import os
+import re
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import attrs
 import torch
@@ -18,13 +25,19 @@ import torch
 from kern.errors import AdapterError, KernError, UsageError
 from kern.log import get_logger
 from kern.plugins import KernPluginManager, get_manager
-from kern.prompts import Request, Wildcards, expand_request
+from kern.prompts import MAX_SEED, MAX_SIDE, Request, Wildcards, check_value, expand_request
 from kern.records import Architecture, Variant
 from kern.sampling import euler_denoise, seeded_noise, to_pil
 
 log = get_logger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PART_OPTIONS = {"transformer": "--transformer", "vae": "--vae", "text_encoder": "--text-encoder"}
+# The run's defaults, each checked with kern.prompts.check_value, and the option that sets it.
+SETUP_NUMBERS = {"width": "--width", "height": "--height", "steps": "--steps", "guidance": "--guidance", "seed": "--seed",
+                 "count": "--count", "layers": "--layers", "batch_size": "--batch-size"}
+NUMBERED = re.compile(r"(\d+)_.*\.png")  # default image names, NNNNN_SEED[_layerF].png: the running index
+MAX_NAME_TRIES = 10000
 
 
 @attrs.define
@@ -89,31 +102,104 @@ class Generator:
         self.hook = self.manager.hook
         arch, variant = self.manager.resolve_arch(setup.arch)
         self.arch: Architecture = arch
+        self._check_setup()
         if setup.variant:
-            variant = arch.variant(setup.variant).name
+            variant = self._variant(setup.variant).name
         if variant is None and setup.transformer:
             variant = self.hook.detect_variant(arch=arch.name, path=setup.transformer)
-        self.variant: Variant = arch.variant(variant)
+        self.variant: Variant = self._variant(variant)
         self.dtype = DTYPES[setup.dtype]
-        self.device = torch.device(setup.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _device(setup.device)
         self.wildcards = Wildcards(setup.wildcards)
         self.text_encoder = self.transformer = self.vae = None
+        self._te_captions = False  # whether the loaded text encoder was loaded able to caption images
         self.counter = 0
+        self._number = 0  # the next running index of a default file name (see decode_and_save)
         self._check_adapters()
+
+    # ------------------------------------------------------------------ checks
+
+    def _variant(self, name: str | None) -> Variant:
+        try:
+            return self.arch.variant(name)
+        except KeyError:
+            known = ", ".join(v.name for v in self.arch.variants)
+            raise UsageError(f"--variant {name}: {self.arch.name} has no such variant; variants: {known}") from None
+
+    def _check_setup(self) -> None:
+        """The run's own values: numbers in range, dtype, batch size, and every model file / folder given exists."""
+        s = self.setup
+        if s.dtype not in DTYPES:
+            raise UsageError(f"--dtype {s.dtype}: not one of {', '.join(DTYPES)}")
+        for field, option in SETUP_NUMBERS.items():
+            value = getattr(s, field)
+            if value is not None:
+                setattr(s, field, check_value(field, value, option))
+        for part, option in PART_OPTIONS.items():
+            path = getattr(s, part)
+            if path and not os.path.exists(path):
+                raise UsageError(f"{option} {path}: no such file or folder")
+        if s.wildcards and not os.path.isdir(s.wildcards):
+            raise UsageError(f"--wildcards {s.wildcards}: no such folder; give the folder that holds the NAME.txt files")
+        for path, multiplier in s.weights:
+            if not os.path.isfile(path):
+                raise UsageError(f"--weights {path}: no such file")
+            if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not math.isfinite(multiplier):
+                raise UsageError(f"--weights {path}:{multiplier}: the multiplier must be a finite number")
+
+    def require_files(self) -> None:
+        """Every model part the architecture needs is given (checked before any work, not when it is loaded)."""
+        for part in self.arch.required_files:
+            if not getattr(self.setup, part):
+                raise UsageError(f"{self.arch.name} needs its {part.replace('_', ' ')} checkpoint: give {PART_OPTIONS.get(part, part)}")
+
+    @contextlib.contextmanager
+    def output(self) -> Iterator[Path]:
+        """Check that the output folder (``--out``) exists or can be made and takes files, before any model loads;
+        if the work inside fails, a folder made here that is still empty is removed again."""
+        from kern.io import ensure_writable_dir
+
+        made = not os.path.lexists(os.path.expanduser(self.setup.out))
+        self.setup.out = ensure_writable_dir(self.setup.out, "--out")
+        try:
+            yield self.setup.out
+        except BaseException:
+            if made:
+                with contextlib.suppress(OSError):
+                    self.setup.out.rmdir()  # only succeeds while empty: nothing written is ever removed
+            raise
+
+    def _check_adapters(self) -> None:
+        """An adapter trained for another architecture fails here, before any model loads."""
+        from kern.io import read_header
+
+        for path, _ in self.setup.weights:
+            try:
+                _, metadata = read_header(path)
+            except Exception as exc:
+                raise AdapterError(str(exc)) from None
+            made_for = metadata.get("kern.arch") or metadata.get("modelspec.architecture", "").split("/")[0]
+            if made_for and not _same_arch(made_for, self.arch):
+                raise AdapterError(f"{path}: adapter made for {made_for!r}, not for {self.arch.name!r}; pick the matching --arch")
 
     # ------------------------------------------------------------------ models
 
-    def _load(self, part: str, path: str | None, dtype: torch.dtype) -> Any:
-        options = {"fp8": self.setup.fp8_text_encoder} if part == "text_encoder" else {}
+    def _load(self, part: str, path: str | None, dtype: torch.dtype, options: dict[str, Any] | None = None) -> Any:
         model = self.hook.load_model(arch=self.arch.name, variant=self.variant.name, part=part, path=path, dtype=dtype,
-                                     device=self.device, options=options)
+                                     device=self.device, options=options or {})
         if model is None:
             raise KernError(f"no installed plugin loads the {self.arch.name} {part.replace('_', ' ')} (see `kern plugins`)")
         return model
 
-    def load_text_encoder(self) -> None:
-        if self.text_encoder is None:
-            self.text_encoder = self._load("text_encoder", self.setup.text_encoder, self.dtype)
+    def load_text_encoder(self, caption: bool = False) -> None:
+        """Load the text encoder; ``caption``: it will also caption images (the plugin then loads what that needs,
+        e.g. an image processor, and says so if the files are missing)."""
+        if self.text_encoder is not None and (self._te_captions or not caption):
+            return
+        self.free("text_encoder")
+        options = {"fp8": self.setup.fp8_text_encoder, "caption": caption}
+        self.text_encoder = self._load("text_encoder", self.setup.text_encoder, self.dtype, options)
+        self._te_captions = caption
 
     def load_transformer(self) -> None:
         if self.transformer is not None:
@@ -141,58 +227,68 @@ class Generator:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _check_adapters(self) -> None:
-        """An adapter trained for another architecture fails here, before any model loads."""
-        from kern.io import read_header
-
-        for path, _ in self.setup.weights:
-            try:
-                _, metadata = read_header(path)
-            except Exception as exc:
-                raise AdapterError(str(exc)) from None
-            made_for = metadata.get("kern.arch") or metadata.get("modelspec.architecture", "").split("/")[0]
-            if made_for and not _same_arch(made_for, self.arch):
-                raise AdapterError(f"{path}: adapter made for {made_for!r}, not for {self.arch.name!r}; pick the matching --arch")
-
     # ------------------------------------------------------------------ steps
 
     def plan(self, requests: Iterable[Request]) -> list[Image]:
         """Expand requests into images: defaults filled in, one seed per image, wildcards expanded, references
-        checked and sized. Every error here names the prompt's source, before any model runs."""
+        checked and sized, every number in range. Every error here names the prompt's source, before any model runs."""
         s, v = self.setup, self.variant
         images = []
+        sizes_of: dict[str, tuple[int, int]] = {}  # each reference file read once per plan
         for request in requests:
+            where = request.source
+            count = check_value("count", _first(request.count, s.count), f"{where}: --f/--count")
             base_seed = request.seed if request.seed is not None else s.seed + self.counter
-            for j in range(request.count or s.count):
+            if not 0 <= base_seed or base_seed + count - 1 > MAX_SEED:
+                raise UsageError(f"{where}: seeds {base_seed}..{base_seed + count - 1} leave 0..{MAX_SEED} (--d/--seed);"
+                                 " pick a smaller seed")
+            references = tuple(request.extra.get("ci", ())) or tuple(s.references)
+            self._check_references(references, where)
+            for j in range(count):
                 seed = base_seed + j
                 expanded = expand_request(request, self.wildcards, seed)
-                references = tuple(request.extra.get("ci", ())) or tuple(s.references)
-                self._check_references(references, request.source)
-                width = expanded.width or s.width
-                height = expanded.height or s.height
-                sizes = self._reference_sizes(references, (width or v.width, height or v.height), request.source)
-                if sizes and v.references == "required" and not (width or height):
+                width, height = _first(expanded.width, s.width), _first(expanded.height, s.height)
+                sizes = self._reference_sizes(references, (width or v.width, height or v.height), where, sizes_of)
+                if sizes and v.references == "required" and width is None and height is None:
                     width, height = sizes[-1]  # the edit pipelines' default: the last control's size
-                width, height = width or v.width, height or v.height
-                step = self.arch.resolution_step
-                if width % step or height % step:
-                    raise UsageError(f"{request.source}: size {width}x{height} is not a multiple of {step} for {self.arch.name}")
+                width, height = _first(width, v.width), _first(height, v.height)
+                if width is None or height is None:
+                    raise UsageError(f"{where}: {self.arch.name} {v.name} has no default size;"
+                                     " give --width and --height (--w / --h on the line)")
+                self._check_size(width, height, where)
                 caption = s.auto_caption if not expanded.prompt.strip() and s.auto_caption else None
                 if caption and not references:
-                    raise UsageError(f"{request.source}: --auto-caption-lang captions the input image, but this prompt has none; give --ref")
+                    raise UsageError(f"{where}: --auto-caption-lang captions the input image, but this prompt has none; give --ref")
                 layers = request.extra.get("layers", s.layers)
+                if layers is not None:
+                    self._check_layers(layers, width, height, where)
                 images.append(Image(
                     prompt=expanded.prompt,
                     negative=expanded.negative if expanded.negative is not None else s.negative,
                     width=width, height=height,
-                    steps=expanded.steps or s.steps or v.steps,
-                    guidance=expanded.guidance if expanded.guidance is not None else (s.guidance if s.guidance is not None else v.guidance),
-                    seed=seed, source=request.source, index=self.counter,
+                    steps=check_value("steps", _first(expanded.steps, s.steps, v.steps), f"{where}: --s/--steps"),
+                    guidance=check_value("guidance", _first(expanded.guidance, s.guidance, v.guidance), f"{where}: --g/--guidance"),
+                    seed=seed, source=where, index=self.counter,
                     references=references, reference_sizes=tuple(sizes), caption=caption,
                     options={"layers": layers} if layers is not None else {},
                 ))
                 self.counter += 1
         return images
+
+    def _check_size(self, width: int, height: int, where: str) -> None:
+        step, name = self.arch.resolution_step, self.arch.name
+        check_value("width", width, f"{where}: width (--w/--width)")
+        check_value("height", height, f"{where}: height (--h/--height)")
+        if width % step or height % step:  # with the minimum of 1, also: each side at least one step
+            raise UsageError(f"{where}: size {width}x{height} is not a multiple of {step} for {name}")
+
+    def _check_layers(self, layers: int, width: int, height: int, where: str) -> None:
+        check_value("layers", layers, f"{where}: --layers")
+        # Only a variant whose latents have frames (its plugin sizes them from the options) makes layers.
+        if self.hook.latent_shape(arch=self.arch.name, variant=self.variant.name, width=width, height=height,
+                                  options={"layers": layers}) is None:
+            raise UsageError(f"{where}: --layers {layers}: {self.arch.name} {self.variant.name} does not make layers;"
+                             " drop --layers or pick a layered variant")
 
     def _check_references(self, references: tuple[str, ...], source: str) -> None:
         v = self.variant
@@ -202,23 +298,27 @@ class Generator:
             what = "the image to split into layers" if v.image_mode == "RGBA" else "its control image(s)"
             raise UsageError(f"{source}: {self.arch.name} {v.name} needs {what}; give --ref IMAGE (or --ci IMAGE on the prompt line)")
 
-    def _reference_sizes(self, references: tuple[str, ...], target: tuple[int, int], source: str) -> list[tuple[int, int]]:
-        """The (W, H) each reference is encoded at, from the files' sizes (read here, so a bad path fails early)."""
+    def _reference_sizes(self, references: tuple[str, ...], target: tuple[int, int], source: str,
+                         known: dict[str, tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+        """The (W, H) each reference is encoded at, from the files' sizes. Each file is decoded here, as the run will
+        read it (EXIF orientation applied), so an unreadable or truncated image fails before any model loads."""
         if not references:
             return []
-        from PIL import Image as PILImage
-
+        known = {} if known is None else known
         sizes = []
         for path in references:
-            try:
-                with PILImage.open(path) as pic:
-                    sizes.append(pic.size)
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"{source}: reference image {path}: cannot read it ({exc})") from None
+            if path not in known:
+                known[path] = _picture_size(path, source)
+            sizes.append(known[path])
         step = self.arch.resolution_step
         wanted = self.hook.reference_sizes(arch=self.arch.name, variant=self.variant.name, sizes=sizes, target=target) or \
             [(w // step * step, h // step * step) for w, h in sizes]
-        return [tuple(size) for size in wanted]
+        wanted = [tuple(size) for size in wanted]
+        for path, size, (w, h) in zip(references, sizes, wanted):
+            if not (step <= w <= MAX_SIDE and step <= h <= MAX_SIDE):
+                raise UsageError(f"{source}: reference image {path} ({size[0]}x{size[1]}) would be encoded at {w}x{h}; "
+                                 f"each side must be {step}..{MAX_SIDE}: use a larger image or a less extreme aspect ratio")
+        return wanted
 
     def _text_key(self, prompt: str, im: Image) -> tuple[str, tuple[str, ...]]:
         # A variant whose text encoder reads the controls encodes each prompt once per control set.
@@ -229,7 +329,7 @@ class Generator:
         variants that read them), on the CPU. Empty prompts under ``auto_caption`` are captioned first."""
         from kern.data import open_picture
 
-        self.load_text_encoder()
+        self.load_text_encoder(caption=any(im.caption for im in images))
         self._caption(images)
         wanted = {self._text_key(im.prompt, im) for im in images}
         if self.variant.guidance_mode == "cfg":
@@ -281,22 +381,27 @@ class Generator:
             out[(refs, sizes)] = latents
         return out
 
+    def _batch_key(self, im: Image, texts: dict[tuple, dict[str, torch.Tensor]]) -> tuple:
+        """Images with equal keys can be denoised in one batch: same size, steps, guidance, references and options,
+        and text tensors of the same shapes for the prompt and (true CFG) the negative prompt alike."""
+        negative = _shapes(texts[self._text_key(self._negative(im), im)]) if self.variant.guidance_mode == "cfg" else ()
+        return (im.width, im.height, im.steps, im.guidance, (im.references, im.reference_sizes), tuple(sorted(im.options.items())),
+                _shapes(texts[self._text_key(im.prompt, im)]), negative)
+
     def denoise(self, images: list[Image], texts: dict[tuple, dict[str, torch.Tensor]], on_image: Callable[[Image], None] | None = None,
                 references: dict[tuple, list[torch.Tensor]] | None = None) -> None:
         references = references or {}
         self.load_transformer()
-        # Batches: same size, steps, guidance, references and options, text tensors of the same shapes, up to batch_size.
         groups: dict[tuple, list[Image]] = {}
         for im in images:
-            shapes = tuple((k, tuple(v.shape)) for k, v in texts[self._text_key(im.prompt, im)].items())
-            options = tuple(sorted(im.options.items()))
-            groups.setdefault((im.width, im.height, im.steps, im.guidance, shapes, (im.references, im.reference_sizes), options), []).append(im)
-        for (width, height, steps, guidance, _, refs, options), members in groups.items():
+            groups.setdefault(self._batch_key(im, texts), []).append(im)
+        size = max(1, self.setup.batch_size)
+        for (width, height, steps, guidance, refs, options, *_), members in groups.items():
             options = dict(options)
             shape = self.hook.latent_shape(arch=self.arch.name, variant=self.variant.name, width=width, height=height, options=options) or \
                 (self.arch.latent_channels, height // self.arch.latent_downscale, width // self.arch.latent_downscale)
-            for start in range(0, len(members), max(1, self.setup.batch_size)):
-                batch = members[start : start + max(1, self.setup.batch_size)]
+            for start in range(0, len(members), size):
+                batch = members[start : start + size]
                 noise = seeded_noise([im.seed for im in batch], tuple(shape))
                 text = _collate([texts[self._text_key(im.prompt, im)] for im in batch], self.device)
                 negative = _collate([texts[self._text_key(self._negative(im), im)] for im in batch], self.device) \
@@ -315,26 +420,33 @@ class Generator:
 
     def decode_and_save(self, images: list[Image], name: Callable[[Image, int | None], str] | None = None) -> list[Path]:
         """Decode and save every image; a layered latent gives one PNG per frame (``_layer0`` the composite).
-        ``name(image, layer)`` gives the file name without ``.png`` (default ``NNNNN_SEED[_layerF]``)."""
+
+        ``name(image, layer)`` gives the file name without ``.png``; by default ``NNNNN_SEED[_layerF]``, where the
+        running index NNNNN starts after the highest index already in the folder. No existing file is replaced: a
+        name that is taken gets ``-1``, ``-2`` ... appended (see ``publish``)."""
         self.load_vae()
         self.setup.out.mkdir(parents=True, exist_ok=True)
+        if name is None:
+            self._number = max(self._number, next_index(self.setup.out))
         paths = []
         with torch.no_grad():
             for im in images:
                 pixels = self.hook.decode_latents(arch=self.arch.name, variant=self.variant.name, vae=self.vae,
                                                   latents=im.latents[None].to(self.device))
                 if pixels.shape[-2:] != (im.height, im.width):
-                    raise UsageError(f"{im.source}: decoded {tuple(pixels.shape[-2:])}, expected {(im.height, im.width)}")
+                    raise KernError(f"{im.source}: decoded {tuple(pixels.shape[-2:])}, expected {(im.height, im.width)}")
+                number = self._number
+                self._number += 1
+                stem = (lambda layer: name(im, layer)) if name else \
+                    (lambda layer: f"{number:05d}_{im.seed}" + (f"_layer{layer}" if layer is not None else ""))
                 if pixels.ndim == 5:
-                    paths.extend(self._save(picture, im, f, name) for f, picture in enumerate(to_pil(pixels[0])))
+                    paths.extend(self._save(picture, im, f, stem(f)) for f, picture in enumerate(to_pil(pixels[0])))
                 else:
-                    paths.append(self._save(to_pil(pixels)[0], im, None, name))
+                    paths.append(self._save(to_pil(pixels)[0], im, None, stem(None)))
         return paths
 
-    def _save(self, picture: Any, im: Image, layer: int | None, name: Callable[[Image, int | None], str] | None) -> Path:
+    def _save(self, picture: Any, im: Image, layer: int | None, stem: str) -> Path:
         from PIL.PngImagePlugin import PngInfo
-
-        from kern.io import atomic_path
 
         info = PngInfo()
         meta = {
@@ -353,12 +465,49 @@ class Generator:
         for key, value in meta.items():
             info.add_text(key, value if isinstance(value, str) else json.dumps(value))
         info.add_text("parameters", json.dumps(meta))
-        stem = name(im, layer) if name else f"{im.index:05d}_{im.seed}" + (f"_layer{layer}" if layer is not None else "")
-        path = self.setup.out / f"{stem}.png"
-        with atomic_path(path) as tmp:
-            picture.save(tmp, format="PNG", pnginfo=info)
+        path = publish(self.setup.out, stem, lambda tmp: picture.save(tmp, format="PNG", pnginfo=info))
         log.info("image saved", path=str(path), source=im.source)
         return path
+
+
+def _first(*values: Any) -> Any:
+    """The first value that is not None (0 is a value: ``--s 0`` must be refused, not replaced by the default)."""
+    return next((v for v in values if v is not None), None)
+
+
+def _device(name: str | None) -> torch.device:
+    """``--device`` as a torch device, checked to exist here (a typo or a missing GPU fails before any work)."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"--device {name}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: there are {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise UsageError(f"--device {name}: kern generates on cpu or cuda (or mps / xpu), not {device.type}")
+    return device
+
+
+def _picture_size(path: str, source: str) -> tuple[int, int]:
+    """(W, H) of the image file ``path`` as the run will see it (EXIF rotation applied), after decoding it whole."""
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(path) as pic:
+            pic.load()  # a truncated or corrupt file fails here, not halfway through the run
+            w, h = pic.size
+            rotated = pic.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations that swap the sides
+    except Exception as exc:  # Pillow raises many kinds (OSError, SyntaxError, ValueError, DecompressionBombError ...)
+        raise UsageError(f"{source}: reference image {path}: cannot read it ({type(exc).__name__}: {exc}); give an image file") from None
+    return (h, w) if rotated else (w, h)
+
+
+def _shapes(text: dict[str, torch.Tensor]) -> tuple:
+    return tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(text.items()))
 
 
 def _same_arch(made_for: str, arch: Architecture) -> bool:
@@ -385,46 +534,112 @@ def _progress(batch: list[Image], steps: int) -> Callable[[int], None]:
     return on_step
 
 
-def contact_sheet(paths: list[Path], out: Path, columns: int | None = None) -> Path:
-    """All images in one grid PNG, each cell the size of the largest image."""
-    from PIL import Image as PILImage
+# --------------------------------------------------------------------------- files
 
+
+def next_index(folder: Path) -> int:
+    """One past the highest running index of the ``NNNNN_*.png`` files in ``folder`` (0 when there are none)."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    return max((int(m.group(1)) + 1 for n in names if (m := NUMBERED.fullmatch(n))), default=0)
+
+
+def publish(folder: Path, stem: str, write: Callable[[Path], None], suffix: str = ".png") -> Path:
+    """Write a new file ``folder/STEM.png`` with ``write(temporary_path)`` and return its path, never replacing a file:
+    a taken name becomes ``STEM-1.png``, ``STEM-2.png`` ... The file appears complete or not at all."""
     from kern.io import atomic_path
 
-    pictures = [PILImage.open(p).convert("RGB") for p in paths]
+    if not stem or stem in (".", "..") or any(c in stem for c in ("/", "\\", "\x00")) or stem.startswith("."):
+        raise KernError(f"output name {stem!r} is not a plain file name; it would leave {folder}")
+    for n in range(MAX_NAME_TRIES):
+        path = folder / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
+        if os.path.lexists(path):
+            continue
+        try:
+            with atomic_path(path, overwrite=False) as tmp:
+                write(tmp)
+        except FileExistsError:
+            if not folder.is_dir():
+                raise KernError(f"{folder}: the output folder is gone or was replaced by a file") from None
+            continue  # taken meanwhile (another run writing here): the next name
+        except KernError:
+            raise  # kern.io already said what the disk or folder refused
+        except OSError as exc:
+            raise KernError(f"{path}: cannot write the image ({exc.strerror or exc})") from None
+        return path
+    raise KernError(f"{folder}: {stem}{suffix} and {MAX_NAME_TRIES - 1} numbered variants are all taken; choose another --out")
+
+
+def contact_sheet(paths: list[Path], out: Path, columns: int | None = None) -> Path:
+    """All images in one grid PNG, each cell the size of the largest image (scaled so the sheet stays within
+    ``MAX_SIDE`` px a side). ``out`` is the wished name; a taken one gets ``-1``, ``-2`` ... (``publish``)."""
+    from PIL import Image as PILImage
+
+    pictures = []
+    for p in paths:
+        with PILImage.open(p) as pic:
+            pictures.append(pic.convert("RGB"))
     columns = columns or max(1, int(len(pictures) ** 0.5 + 0.999))
     rows = (len(pictures) + columns - 1) // columns
     cw, ch = max(p.width for p in pictures), max(p.height for p in pictures)
+    scale = min(1.0, MAX_SIDE / (columns * cw), MAX_SIDE / (rows * ch))
+    if scale < 1.0:
+        cw, ch = max(1, int(cw * scale)), max(1, int(ch * scale))
+        pictures = [p.resize((max(1, int(p.width * scale)), max(1, int(p.height * scale)))) for p in pictures]
     sheet = PILImage.new("RGB", (columns * cw, rows * ch), "white")
     for i, p in enumerate(pictures):
         sheet.paste(p, ((i % columns) * cw, (i // columns) * ch))
-    with atomic_path(out) as tmp:
-        sheet.save(tmp, format="PNG")
-    return out
+    return publish(out.parent, out.stem, lambda tmp: sheet.save(tmp, format="PNG"), suffix=out.suffix or ".png")
+
+
+@contextlib.contextmanager
+def _memory_errors(what: str) -> Iterator[None]:
+    """Running out of memory is a clear error with what to lower, not a traceback."""
+    try:
+        yield
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        raise KernError(f"out of memory {what} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                        "lower --batch-size, the image size or --count, or use --fp8-text-encoder / another --device") from None
 
 
 def run_batch(setup: Setup, requests: list[Request], manager: KernPluginManager | None = None) -> list[Path]:
-    """Generate every request: encode all, free the text encoder, denoise all, free the transformer, decode all."""
+    """Generate every request: check everything, then encode all, free the text encoder, denoise all, free the
+    transformer, decode all. The VAE, the smallest part, loads first: a wrong or missing one fails in seconds."""
     gen = Generator(setup, manager)
     images = gen.plan(requests)
+    if not images:
+        raise UsageError("nothing to generate: no prompts")
+    gen.require_files()
     log.info("generating", images=len(images), arch=gen.arch.name, variant=gen.variant.name)
-    texts = gen.encode(images)
-    gen.free("text_encoder")
-    references = gen.encode_references(images)
-    gen.denoise(images, texts, references=references)
-    gen.free("transformer")
-    paths = gen.decode_and_save(images)
+    with gen.output(), _memory_errors("while generating"):
+        gen.load_vae()
+        texts = gen.encode(images)
+        gen.free("text_encoder")
+        references = gen.encode_references(images)
+        gen.denoise(images, texts, references=references)
+        gen.free("transformer")
+        paths = gen.decode_and_save(images)
     if setup.grid and len(paths) > 1:
         paths.append(contact_sheet(paths, setup.out / "grid.png"))
     return paths
 
 
-def run_interactive(setup: Setup, stream: Iterable[str], base_prompt: str | None, echo: Callable[[str], None],
+def run_interactive(setup: Setup, stream: Iterable[str | bytes], base_prompt: str | None, echo: Callable[[str], None],
                     manager: KernPluginManager | None = None) -> list[Path]:
-    """A prompt loop: each line is a prompt with per-line options; models stay loaded between lines."""
+    """A prompt loop: each line is a prompt with per-line options; models stay loaded between lines.
+
+    The models load before the first line (a bad model file ends the session at once); after that a bad line,
+    or any kern error while generating it, is reported in one line and the session goes on."""
     from kern.prompts import iter_interactive
 
     gen = Generator(setup, manager)
+    gen.require_files()
+    with gen.output(), _memory_errors("while loading the models"):
+        gen.load_vae()
+        gen.load_text_encoder(caption=bool(setup.auto_caption) and gen.variant.references != "none")
+        gen.load_transformer()
     made: list[Path] = []
     echo("kern interactive: a prompt per line (options like --w 512 --d 7), 'exit' or end of input to stop")
     for item in iter_interactive(stream, base_prompt):
@@ -432,11 +647,12 @@ def run_interactive(setup: Setup, stream: Iterable[str], base_prompt: str | None
             echo(f"error: {item}")
             continue
         try:
-            images = gen.plan([item])
-            texts = gen.encode(images)
-            gen.denoise(images, texts, references=gen.encode_references(images))
-            paths = gen.decode_and_save(images)
-        except UsageError as exc:  # a bad line (missing wildcard, bad size) must not end the session
+            with _memory_errors(f"for {item.source}"):
+                images = gen.plan([item])
+                texts = gen.encode(images)
+                gen.denoise(images, texts, references=gen.encode_references(images))
+                paths = gen.decode_and_save(images)
+        except KernError as exc:  # a bad line (missing wildcard, bad size, unreadable image) must not end the session
             echo(f"error: {exc}")
             continue
         made.extend(paths)

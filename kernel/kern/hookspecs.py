@@ -34,7 +34,8 @@ def register_architectures(register: Callable[..., None]) -> None:
     """Declare the architectures this plugin brings: call ``register(kern.Architecture(...))`` once each.
 
     Names and aliases (of architectures and of their variants) must be unique across all installed
-    plugins; a clash is reported and the later registration is dropped.
+    plugins. The built-in distributions load first; a later plugin that declares a name already taken is
+    reported (both distributions named) and left out as a whole, so none of its hooks can answer for that name.
     """
 
 
@@ -50,8 +51,9 @@ def register_networks(register: Callable[..., None]) -> None:
 def load_model(arch: str, variant: str | None, part: str, path: str, dtype: Any, device: Any, options: Mapping[str, Any]) -> Any:
     """Load one part of ``arch`` from ``path`` and return it ready to use, or ``None`` if not yours.
 
-    ``part`` is ``"transformer"``, ``"vae"`` or ``"text_encoder"``. ``variant`` may be ``None``: then
-    detect it from the file (shapes and keys) and set it on the returned object as ``.variant``.
+    ``part`` is ``"transformer"``, ``"vae"`` or ``"text_encoder"``. ``options`` for the text encoder: ``"fp8"``
+    (store its weights in float8) and ``"caption"`` (it will caption images, so load what that needs).
+    ``variant`` may be ``None``: then detect it from the file (shapes and keys) and set it on the returned object as ``.variant``.
     Load straight into ``dtype`` on ``device`` without a full-precision copy of the whole model in
     RAM. Bad files raise ``kern.errors.ModelFileError`` naming the file, the assumed variant and the
     offending keys.

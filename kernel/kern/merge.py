@@ -15,7 +15,9 @@ the checkpoint.
 * fp8 base tensors are upcast for the merge; without ``out_dtype`` they are written as bfloat16 (an fp8
   output would round most of ΔW away). Scaled-fp8 checkpoints (per-tensor scale keys) are refused.
 * Adapter modules that match no base weight are an error listing them (a warning with ``allow_unmatched``).
-  Any error leaves no output file behind.
+* The output is never one of the inputs (same inode: links count) and replaces an existing file only with
+  ``overwrite``; NaN/Inf in the base, the adapters or the merged result stop the merge. Any error leaves no
+  output file behind (and an existing one untouched).
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from typing import Any, Sequence
 import torch
 
 from kern.errors import AdapterError, KernError, ModelFileError, PluginError, UsageError
+from kern.io import check_output_file, describe_nonfinite
 from kern.log import get_logger
 from kern.network import NameTable
 from kern.streaming import SafetensorsReader, StreamingWriter, aligned_order
-from kern.weights import detect, module_map_for, read_adapter, strip_checkpoint_prefix, to_kohya
+from kern.weights import check_multiplier, detect, module_map_for, read_adapter, strip_checkpoint_prefix, to_kohya
 
 log = get_logger(__name__)
 
@@ -74,28 +77,37 @@ def merge(
     arch: str | None = None,
     variant: str | None = None,
     manager: Any = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Merge ``adapters`` (``[(path, multiplier)]``) into the safetensors checkpoint ``model_path``; write ``out_path``.
 
     ``out_dtype`` casts every floating-point tensor (default: keep each tensor's dtype, fp8 → bfloat16).
-    ``arch`` / ``variant`` enable the module-map mapping of adapters named in another naming. Returns a
-    summary (``merged``: base weights changed, ``unmatched``: adapter modules left out, ``tensors``, ``out``).
+    ``arch`` / ``variant`` enable the module-map mapping of adapters named in another naming. An existing
+    ``out_path`` is replaced only with ``overwrite`` (never when it is one of the inputs). Returns a summary
+    (``merged``: base weights changed, ``unmatched``: adapter modules left out, ``tensors``, ``out``).
+
+    Checked before any tensor is read: the dtype, the multipliers, the output path, the architecture and
+    variant, the base header; then the adapters (finite values, detection, shapes). While streaming, a base
+    tensor holding NaN/Inf, or a merged tensor that becomes non-finite, stops the merge with nothing written.
     """
     from kern.plugins import get_manager
 
     manager = manager or get_manager()
     if not adapters:
         raise UsageError("merge needs at least one adapter (--weights FILE[:multiplier])")
-    model_path, out_path = Path(model_path), Path(out_path)
-    if out_path.exists() and out_path.resolve() == model_path.resolve():
-        raise UsageError(f"{out_path}: the output would overwrite the base model; choose another --out")
     dtype = parse_dtype(out_dtype)
+    adapters = [(Path(p), check_multiplier(p, m)) for p, m in adapters]
+    model_path, out_path = Path(model_path), Path(out_path)
+    check_output_file(out_path, [("base model", model_path), *(("adapter", p) for p, _ in adapters)], overwrite, "--out")
+    module_map = _module_map(manager, arch, variant)
 
     try:
         reader = SafetensorsReader(model_path)
+        keys = reader.keys()
+        for k in keys:
+            reader.dtype(k)  # every dtype readable, before the adapters are read
     except KernError as exc:
         raise ModelFileError(str(exc)) from None
-    keys = reader.keys()
     scaled = [k for k in keys if k.endswith(SCALED_FP8_MARKERS) or k.endswith("scaled_fp8")]
     if scaled:
         raise ModelFileError(
@@ -109,7 +121,6 @@ def merge(
     if not base:
         raise ModelFileError(f"{model_path}: no 2-D (or conv) '.weight' tensors; is this a model checkpoint? keys like {keys[:4]}")
     table = NameTable(base)
-    module_map = module_map_for(manager, arch, variant) if arch else None
 
     contributions: dict[str, list[tuple[str, dict[str, torch.Tensor], float, str]]] = {}
     unmatched: list[str] = []
@@ -161,28 +172,69 @@ def merge(
     metadata = dict(reader.metadata)
     metadata["kern.merged_adapters"] = json.dumps([{"file": Path(p).name, "multiplier": float(m)} for p, m in adapters])
 
-    with reader, StreamingWriter(out_path, layout, metadata) as writer:
+    with reader, StreamingWriter(out_path, layout, metadata, overwrite=overwrite) as writer:
         for key, dst, shape in layout:
             t = reader.get(key)
+            bad = describe_nonfinite(t)
+            if bad:
+                raise ModelFileError(f"{model_path}: tensor {key!r} holds {bad}; the checkpoint is corrupt: re-download or re-export it. Nothing was written")
             if key in contributions:
-                acc = t.to(torch.float32)
-                del t
-                for network_type, tensors, multiplier, label in contributions[key]:
-                    try:
-                        delta = manager.hook.weight_delta(network_type=network_type, tensors=tensors, base_shape=shape)
-                    except AdapterError as exc:
-                        raise AdapterError(f"{label}: {exc}") from None
-                    if delta is None:
-                        raise PluginError(f"no plugin computes weight_delta for {network_type!r} adapters")
-                    if tuple(delta.shape) != tuple(shape):
-                        raise AdapterError(f"{label}: ΔW shape {tuple(delta.shape)} does not fit {key!r} {tuple(shape)}")
-                    acc.add_(delta.to(torch.float32), alpha=multiplier)
-                    del delta
-                t = acc
-            if _is_fp8(dst):
-                limit = torch.finfo(dst).max
-                t = t.to(torch.float32).clamp_(-limit, limit)
-            writer.write(key, t.to(dst))
-            del t
+                t = _merged(t, contributions[key], shape, key, manager, out_path)
+            out = _cast(t, dst)
+            if out.dtype != t.dtype and out.is_floating_point() and not _is_fp8(out.dtype):
+                bad = describe_nonfinite(out)
+                if bad:
+                    labels = [c[3] for c in contributions.get(key, [])]
+                    cls, why = (AdapterError, f"merged with {labels}, ") if labels else (UsageError, "")
+                    raise cls(
+                        f"{out_path}: tensor {key!r}, {why}does not fit {str(dst).replace('torch.', '')} ({bad} after the cast); "
+                        "choose --dtype float32 or bfloat16 or lower the multipliers. Nothing was written"
+                    )
+            writer.write(key, out)
+            del t, out
     log.info("merged", out=str(out_path), weights=len(contributions), tensors=len(layout))
     return {"merged": len(contributions), "unmatched": unmatched, "tensors": len(layout), "out": str(out_path)}
+
+
+def _module_map(manager: Any, arch: str | None, variant: str | None) -> Any:
+    """The architecture's module map (``None`` without ``arch``); unknown names are a ``UsageError`` before any work."""
+    if not arch:
+        if variant:
+            raise UsageError(f"--variant {variant} needs the architecture (--arch)")
+        return None
+    try:
+        return module_map_for(manager, arch, variant)
+    except KeyError as exc:  # Architecture.variant: no such variant
+        raise UsageError(str(exc.args[0])) from None
+
+
+def _merged(base: torch.Tensor, parts: list, shape: tuple[int, ...], key: str, manager: Any, out_path: Path) -> torch.Tensor:
+    """``base + Σ m · ΔW`` in float32; ``AdapterError`` when a ΔW does not fit or the sum is not finite."""
+    acc = base.to(torch.float32)
+    for network_type, tensors, multiplier, label in parts:
+        try:
+            delta = manager.hook.weight_delta(network_type=network_type, tensors=tensors, base_shape=shape)
+        except AdapterError as exc:
+            raise AdapterError(f"{label}: {exc}") from None
+        if delta is None:
+            raise PluginError(f"no plugin computes weight_delta for {network_type!r} adapters")
+        if tuple(delta.shape) != tuple(shape):
+            raise AdapterError(f"{label}: ΔW shape {tuple(delta.shape)} does not fit {key!r} {tuple(shape)}")
+        # multiply first: add_(alpha=m) refuses an m beyond float32 with a RuntimeError, this overflows to inf (reported below)
+        acc.add_(delta.to(torch.float32).mul_(multiplier))
+        del delta
+    bad = describe_nonfinite(acc)
+    if bad:
+        labels = [p[3] for p in parts]
+        raise AdapterError(
+            f"{out_path}: merging {labels} into {key!r} gives {bad} (float32 overflow: a multiplier or adapter far too large); "
+            "lower the multipliers. Nothing was written"
+        )
+    return acc
+
+
+def _cast(t: torch.Tensor, dst: torch.dtype) -> torch.Tensor:
+    if _is_fp8(dst) and t.dtype != dst:
+        limit = torch.finfo(dst).max
+        return t.to(torch.float32).clamp_(-limit, limit).to(dst)  # fp8 has no inf: saturate instead of NaN
+    return t.to(dst)

@@ -2,9 +2,18 @@
 
 Every architecture and network type, built-in or third-party, arrives the same way: a distribution
 declares an entry point ``[project.entry-points."kern.plugins"] name = "package.module"`` and the
-module holds ``@kern.hookimpl`` functions. A plugin that fails to import, breaks a hook contract or
-registers a name that is taken is reported (distribution, version, error) and left out; the others
-load as usual.
+module holds ``@kern.hookimpl`` functions.
+
+A plugin cannot break kern: whatever it raises while importing or registering (any exception,
+``SystemExit`` and ``GeneratorExit`` included; only ``KeyboardInterrupt`` and kern's own stop signal
+pass), a hook implementation that matches no hook (a typo such as ``laod_model``), a hook with a
+wrong argument name, bad records or a name another plugin already owns: the plugin is left out as a
+whole (status ``failed``) with its distribution, version and the reason; the others load as usual.
+
+Who wins a name: the distributions shipped with kern (``BUILTIN_DISTRIBUTIONS``) load first, then
+the others sorted by entry-point name; the first to declare a name keeps it. Built-in plugins also
+answer hooks before third-party ones, so a third-party plugin cannot answer for a built-in's names.
+To replace a built-in on purpose, disable it: ``KERN_DISABLE_PLUGINS=flux2``. See docs/plugins.md.
 
 Environment variables (read when the manager is built):
 
@@ -15,23 +24,28 @@ Environment variables (read when the manager is built):
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import inspect
 import os
+import re
 import sys
+from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable, Iterator
 
 import attrs
 import pluggy
 
-from kern import hookspecs
+from kern import errors, hookspecs
 from kern.errors import PluginError, UsageError
 from kern.log import get_logger
-from kern.records import Architecture, NetworkType
+from kern.records import Architecture, NetworkType, Option, Variant
 
 if sys.version_info >= (3, 12):
-    from importlib.metadata import EntryPoint, entry_points
-else:  # the backport has the same selectable API on 3.10 / 3.11
-    from importlib_metadata import EntryPoint, entry_points
+    from importlib.metadata import EntryPoint, distributions
+else:  # the backport has the same API on 3.10 / 3.11
+    from importlib_metadata import EntryPoint, distributions
 
 log = get_logger(__name__)
 
@@ -39,6 +53,16 @@ ENTRY_POINT_GROUP = "kern.plugins"
 ENV_ALLOW = "KERN_PLUGINS"
 ENV_DENY = "KERN_DISABLE_PLUGINS"
 ENV_NO_AUTOLOAD = "KERN_DISABLE_PLUGIN_AUTOLOAD"
+
+# The distributions shipped with kern: they load first, so they keep their names against any other plugin.
+BUILTIN_DISTRIBUTIONS = ("kern-tuner", "kern-lora", "kern-loha", "kern-flux2", "kern-qwen-image")
+# Hook options that would let a plugin run before, or around, the other plugins' answers for their names.
+REFUSED_HOOK_OPTIONS = ("tryfirst", "wrapper", "hookwrapper")
+# Architecture, variant and network names and aliases: used on the command line, in env lists and cache file names.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+MAX_ERROR_CHARS = 500
+# What still stops kern while a plugin's code runs: Ctrl-C, and kern's own stop signal where this kern has one.
+STOP = tuple(c for c in (KeyboardInterrupt, getattr(errors, "Interrupted", None)) if c is not None)
 
 
 @attrs.define
@@ -50,7 +74,7 @@ class PluginInfo:
     version: str
     module: str
     status: str = "loaded"  # loaded | failed | disabled
-    error: str = ""
+    error: str = ""  # why it failed, or warnings about a loaded plugin
     architectures: list[str] = attrs.field(factory=list)
     networks: list[str] = attrs.field(factory=list)
     hooks: list[str] = attrs.field(factory=list)
@@ -58,9 +82,44 @@ class PluginInfo:
     def as_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
 
+    @property
+    def label(self) -> str:
+        return f"{self.distribution} {self.version}".strip()
+
 
 def _split_env(name: str) -> set[str]:
     return {p.strip() for p in os.environ.get(name, "").split(",") if p.strip()}
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, bounded, and safe even when the exception's ``__str__`` itself fails."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 — a plugin's exception may be broken too
+        text = "(message unavailable)"
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + " …"
+
+
+@contextlib.contextmanager
+def _plugin_code() -> Iterator[None]:
+    """Run a plugin's code: its prints go to stderr (stdout carries `kern plugins --json`)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+def _dist_of(ep: EntryPoint) -> tuple[str, str]:
+    """(distribution, version) of an entry point; ``?`` where the metadata is missing or unreadable."""
+    try:
+        dist = ep.dist
+        return (dist.name or "?", dist.version or "?") if dist is not None else ("?", "?")
+    except Exception:  # noqa: BLE001 — broken metadata must not stop discovery
+        return ("?", "?")
+
+
+def _load_order(ep: EntryPoint) -> tuple:
+    dist = _dist_of(ep)[0]
+    return (dist not in BUILTIN_DISTRIBUTIONS, ep.name, dist)
 
 
 class KernPluginManager:
@@ -74,6 +133,9 @@ class KernPluginManager:
         self.networks: dict[str, NetworkType] = {}
         self._arch_names: dict[str, tuple[str, str | None]] = {}  # name or alias -> (arch, variant)
         self._network_names: dict[str, str] = {}
+        self._owners: dict[tuple[str, str], PluginInfo] = {}  # ("architecture" | "network", name or alias) -> owner
+        self._modules: dict[str, object] = {}  # plugin name -> plugin object, for loaded plugins
+        self.pm.add_hookcall_monitoring(lambda *_: None, self._no_exit_from_hooks)
 
     @property
     def hook(self) -> Any:
@@ -82,110 +144,247 @@ class KernPluginManager:
     # ------------------------------------------------------------------ loading
 
     def load_entry_points(self, eps: Iterable[EntryPoint] | None = None) -> None:
-        """Import and register every entry point of ``kern.plugins`` that the allow/deny lists let through."""
+        """Import and register every entry point of ``kern.plugins`` that the allow/deny lists let through:
+        the built-in distributions first, then the others by entry-point name."""
         if eps is None:
             if os.environ.get(ENV_NO_AUTOLOAD, "") not in ("", "0"):
                 return
-            eps = entry_points(group=ENTRY_POINT_GROUP)
+            eps = self._discover()
         allow, deny = _split_env(ENV_ALLOW), _split_env(ENV_DENY)
-        for ep in sorted(eps, key=lambda e: e.name):
-            dist = ep.dist.name if ep.dist is not None else "?"
-            version = ep.dist.version if ep.dist is not None else "?"
+        builtin: list[PluginInfo] = []
+        for ep in sorted(eps, key=_load_order):
+            dist, version = _dist_of(ep)
             info = PluginInfo(name=ep.name, distribution=dist, version=version, module=ep.value)
             names = {ep.name, dist}
             if (allow and not names & allow) or names & deny:
                 info.status = "disabled"
-                self.infos[ep.name] = info
+                self._track(info)
                 continue
-            if ep.name in self.infos:
-                self._fail(info, f"entry point name {ep.name!r} is already used by {self.infos[ep.name].distribution}")
-                self.infos[f"{ep.name} ({dist})"] = info
+            taken = self.infos.get(ep.name)
+            if taken is not None and taken.status != "disabled":
+                self._track(info)
+                self._fail(info, f"entry point name {ep.name!r} is already used by {taken.label}; rename the entry point"
+                                 + (f", or disable the other by its distribution name: KERN_DISABLE_PLUGINS={taken.distribution}"
+                                    if taken.distribution not in ("?", "(in-process)") else ""))
                 continue
-            self.infos[ep.name] = info
+            if taken is not None:  # a disabled plugin of that name makes room: keep it listed under another key
+                self.infos[self._free_key(f"{ep.name} ({taken.distribution})")] = self.infos.pop(ep.name)
+            self._track(info)
             try:
-                module = ep.load()
-            except Exception as exc:  # a broken plugin must not take the others down
-                self._fail(info, f"import failed: {type(exc).__name__}: {exc}")
+                with _plugin_code():
+                    module = ep.load()
+            except STOP:
+                raise
+            except BaseException as exc:  # noqa: BLE001 — SystemExit too: a broken plugin must not take kern down
+                self._fail(info, f"import failed: {_describe(exc)}")
                 continue
             self.register_module(module, info)
+            if info.status == "loaded" and dist in BUILTIN_DISTRIBUTIONS:
+                builtin.append(info)
+        self._answer_first(builtin)
+
+    def _discover(self) -> list[EntryPoint]:
+        """Entry points of every installed distribution, read one distribution at a time, so one with unreadable
+        metadata is reported and the others still load. The first distribution of a name on ``sys.path`` wins."""
+        found: list[EntryPoint] = []
+        seen: set[str] = set()
+        for dist in distributions():
+            try:
+                name = dist.name
+                key = re.sub(r"[-_.]+", "-", name).lower() if name else f"?{id(dist)}"
+                if key in seen:
+                    continue
+                seen.add(key)
+                found.extend(ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP)
+            except Exception as exc:  # noqa: BLE001 — e.g. a non-UTF-8 entry_points.txt, a dist-info without METADATA
+                where = str(getattr(dist, "_path", "") or "?")
+                info = PluginInfo(name=f"? ({Path(where).name})", distribution=_safe_name(dist), version="?", module="?")
+                self._track(info)
+                self._fail(info, f"unreadable distribution metadata in {where}: {_describe(exc)}; reinstall or remove it")
+        return found
 
     def register_module(self, module: ModuleType | object, info: PluginInfo) -> None:
-        """Register one plugin object (normally a module) and collect what it declares."""
+        """Register one plugin object (normally a module) and collect what it declares; on any problem the whole
+        plugin is left out (``info.status == "failed"``, the reason in ``info.error``)."""
+        self._track(info)
         try:
-            self.pm.register(module, name=info.name)
-        except Exception as exc:  # e.g. pluggy.PluginValidationError for a hook with a wrong signature
-            self._fail(info, f"invalid plugin: {type(exc).__name__}: {exc}")
+            with _plugin_code():
+                self.pm.register(module, name=info.name)
+        except STOP:
+            raise
+        except BaseException as exc:  # e.g. pluggy.PluginValidationError for a hook argument the spec does not have
+            self._fail(info, f"invalid plugin: {_describe(exc)}")
             return
-        self.infos.setdefault(info.name, info)
-        info.hooks = sorted(
-            h.name for h in self.pm.get_hookcallers(module) or () if not h.name.startswith("register_")
-        )
-        self._collect(module, info, "register_architectures", self._add_architecture)
-        self._collect(module, info, "register_networks", self._add_network)
+        try:
+            self._check_hooks(module)
+            archs = self._declared(module, "register_architectures", Architecture)
+            networks = self._declared(module, "register_networks", NetworkType)
+            arch_names = self._architecture_names(archs, info)
+            network_names = self._network_names_of(networks, info)
+            if not archs and not networks and not self.pm.get_hookcallers(module):
+                raise PluginError(f"it implements no kern hook (no @kern.hookimpl functions in {info.module!r}); "
+                                  "check that the entry point names the module holding the hooks")
+        except PluginError as exc:
+            self._fail(info, str(exc), registered=module)
+            return
+        for arch in archs:
+            self.architectures[arch.name] = arch
+            info.architectures.append(arch.name)
+        for net in networks:
+            self.networks[net.name] = net
+            info.networks.append(net.name)
+        self._arch_names.update(arch_names)
+        self._network_names.update(network_names)
+        self._owners.update({("architecture", n): info for n in arch_names})
+        self._owners.update({("network", n): info for n in network_names})
+        info.hooks = sorted(h.name for h in self.pm.get_hookcallers(module) or () if not h.name.startswith("register_"))
+        self._modules[info.name] = module
+        self._warn_undecorated(module, info)
 
-    def _collect(self, module: object, info: PluginInfo, hook_name: str, add: Callable[[Any, PluginInfo], None]) -> None:
-        impl = getattr(module, hook_name, None)
-        if impl is None or info.status == "failed":
-            return
-        declared: list[Any] = []
-        try:
-            impl(register=declared.append)
-        except Exception as exc:
-            self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}", registered=module)
-            return
-        for record in declared:
-            try:
-                add(record, info)
-            except PluginError as exc:
-                # A clash drops this one declaration and is shown; the plugin's other records stay.
-                info.error = "; ".join(filter(None, [info.error, str(exc)]))
-                log.warning("plugin registration dropped", plugin=info.name, distribution=info.distribution, error=str(exc))
+    def _track(self, info: PluginInfo) -> None:
+        if not any(i is info for i in self.infos.values()):
+            self.infos[self._free_key(info.name)] = info
+
+    def _free_key(self, key: str) -> str:
+        base, n = key, 1
+        while key in self.infos:
+            n += 1
+            key = f"{base} #{n}"
+        return key
 
     def _fail(self, info: PluginInfo, error: str, registered: object | None = None) -> None:
         """Mark ``info`` failed; ``registered`` is its plugin object if it already made it into pluggy."""
         info.status, info.error = "failed", error
+        info.architectures, info.networks, info.hooks = [], [], []
         if registered is not None and self.pm.is_registered(registered):
             self.pm.unregister(registered)
         log.warning("plugin failed to load", plugin=info.name, distribution=info.distribution, version=info.version, error=error)
 
-    def _owner(self, table: dict[str, Any], name: str) -> str:
-        for info in self.infos.values():
-            if name in info.architectures or name in info.networks:
-                return f"{info.distribution} {info.version}"
-        return "another plugin"
+    def _answer_first(self, builtin: list[PluginInfo]) -> None:
+        """Re-register the built-in plugins so pluggy (last registered, first called) asks them before the others:
+        a third-party hook that wrongly answers for every architecture still cannot answer for a built-in's."""
+        for info in builtin:
+            module = self._modules[info.name]
+            self.pm.unregister(module)
+            self.pm.register(module, name=info.name)
 
-    def _add_architecture(self, arch: Any, info: PluginInfo) -> None:
-        if not isinstance(arch, Architecture):
-            raise PluginError(f"register_architectures got {type(arch).__name__}, expected kern.Architecture")
-        names: dict[str, tuple[str, str | None]] = {arch.name: (arch.name, None)}
-        names.update({a: (arch.name, None) for a in arch.aliases})
-        for v in arch.variants:
-            names.update({a: (arch.name, v.name) for a in v.aliases})
-        taken = sorted(n for n in names if n in self._arch_names)
-        if taken:
-            owners = {self._owner(self.architectures, self._arch_names[n][0]) for n in taken}
-            raise PluginError(
-                f"{info.distribution} {info.version}: architecture {arch.name!r} clashes on name(s) {taken} "
-                f"already registered by {', '.join(sorted(owners))}; it is left out"
-            )
-        self.architectures[arch.name] = arch
-        self._arch_names.update(names)
-        info.architectures.append(arch.name)
+    def _no_exit_from_hooks(self, outcome: Any, hook_name: str, methods: list, kwargs: Any) -> None:
+        """A hook that raises ``SystemExit``, ``GeneratorExit`` or another non-``Exception`` would end kern silently
+        (``sys.exit(0)`` in ``load_model`` would even look like success): make it a ``PluginError`` naming the plugin."""
+        exc = outcome.exception
+        if exc is None or isinstance(exc, (Exception, *STOP)):
+            return
+        culprit = _culprit(exc, methods)
+        info = next((i for i in self.infos.values() if i.name == culprit and i.status == "loaded"), None)
+        who = f"plugin {culprit!r}" + (f" ({info.label})" if info.version else "") if info else "a plugin"
+        disable = f"KERN_DISABLE_PLUGINS={culprit}" if info else "KERN_DISABLE_PLUGINS"
+        outcome.force_exception(PluginError(
+            f"{who} raised {_describe(exc)} in hook {hook_name}; a plugin must raise an error, not exit. "
+            f"Report it to the plugin's authors, or disable the plugin ({disable})"
+        ))
 
-    def _add_network(self, net: Any, info: PluginInfo) -> None:
-        if not isinstance(net, NetworkType):
-            raise PluginError(f"register_networks got {type(net).__name__}, expected kern.NetworkType")
-        names = [net.name, *net.aliases]
-        taken = sorted(n for n in names if n in self._network_names)
-        if taken:
-            owners = {self._owner(self.networks, self._network_names[n]) for n in taken}
-            raise PluginError(
-                f"{info.distribution} {info.version}: network type {net.name!r} clashes on name(s) {taken} "
-                f"already registered by {', '.join(sorted(owners))}; it is left out"
-            )
-        self.networks[net.name] = net
-        self._network_names.update({n: net.name for n in names})
-        info.networks.append(net.name)
+    # ------------------------------------------------------------------ checks
+
+    def _spec_names(self) -> list[str]:
+        return sorted(n for n, caller in vars(self.pm.hook).items() if isinstance(caller, pluggy.HookCaller) and caller.has_spec())
+
+    def _check_hooks(self, module: object) -> None:
+        """Hook implementations that match no hook (a typo does nothing, silently) or that could pre-empt other plugins."""
+        problems = []
+        for caller in self.pm.get_hookcallers(module) or ():
+            impls = [i for i in caller.get_hookimpls() if i.plugin is module]
+            if not caller.has_spec() and not all(i.optionalhook for i in impls):
+                close = difflib.get_close_matches(caller.name, self._spec_names(), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else "; the hooks are listed in kern/hookspecs.py"
+                problems.append(f"@kern.hookimpl {caller.name!r} matches no kern hook{hint}")
+            for impl in impls:
+                refused = [o for o in REFUSED_HOOK_OPTIONS if getattr(impl, o, False)]
+                if refused:
+                    problems.append(f"hook {caller.name!r} uses {'/'.join(refused)}, which kern refuses: it would run before "
+                                    "or around other plugins' answers for their own names")
+        if problems:
+            raise PluginError("; ".join(problems))
+
+    def _warn_undecorated(self, module: object, info: PluginInfo) -> None:
+        """A function named like a hook but not marked ``@kern.hookimpl`` is never called: say so (it may be a helper)."""
+        hooked = {h.name for h in self.pm.get_hookcallers(module) or ()}
+        missing = []
+        for name in self._spec_names():
+            if name in hooked or name.startswith("register_"):
+                continue
+            candidate = inspect.getattr_static(module, name, None)  # runs no plugin code
+            if callable(candidate) and getattr(candidate, "__module__", None) == getattr(module, "__name__", None):
+                missing.append(name)
+        if missing:
+            note = f"function(s) {missing} are named like kern hooks but not marked @kern.hookimpl, so kern never calls them"
+            info.error = "; ".join(filter(None, [info.error, note]))
+            log.warning("plugin hook not marked @kern.hookimpl", plugin=info.name, distribution=info.distribution, functions=missing)
+
+    def _declared(self, module: object, hook_name: str, kind: type) -> list[Any]:
+        """What the plugin's ``register_architectures`` / ``register_networks`` declares (each checked)."""
+        try:
+            impl = getattr(module, hook_name, None)  # may run a module-level __getattr__
+        except STOP:
+            raise
+        except BaseException as exc:  # noqa: BLE001
+            raise PluginError(f"{hook_name}: {_describe(exc)}") from None
+        if impl is None:
+            return []
+        if not callable(impl):
+            raise PluginError(f"{hook_name} is not a function (it is {impl!r}); write `def {hook_name}(register):`")
+        declared: list[Any] = []
+
+        def register(record: Any) -> None:
+            declared.append(record)
+
+        try:
+            with _plugin_code():
+                impl(register=register)
+        except STOP:
+            raise
+        except BaseException as exc:  # noqa: BLE001 — SystemExit, GeneratorExit ... are the plugin's failure, not kern's
+            raise PluginError(f"{hook_name} raised {_describe(exc)}") from None
+        for record in declared:
+            if not isinstance(record, kind):
+                raise PluginError(f"{hook_name} registered a {type(record).__name__}, expected kern.{kind.__name__}")
+        return declared
+
+    def _architecture_names(self, archs: list[Architecture], info: PluginInfo) -> dict[str, tuple[str, str | None]]:
+        """Every name and alias the architectures declare (checked), clashing with nothing registered before."""
+        names: dict[str, tuple[str, str | None]] = {}
+        for arch in archs:
+            for name, target in _check_architecture(arch).items():
+                if names.setdefault(name, target) != target:
+                    raise PluginError(f"the name {name!r} is declared twice (by {names[name]} and {target})")
+        self._check_free("architecture", names, info)
+        return names
+
+    def _network_names_of(self, networks: list[NetworkType], info: PluginInfo) -> dict[str, str]:
+        names: dict[str, str] = {}
+        for net in networks:
+            _check_options(net.options, f"network type {net.name!r}")
+            for name in (_check_name(net.name, "network type name"), *_check_names(net.aliases, f"network type {net.name!r} aliases")):
+                if names.setdefault(name, net.name) != net.name:
+                    raise PluginError(f"the network name {name!r} is declared twice (by {names[name]!r} and {net.name!r})")
+        self._check_free("network", names, info)
+        return names
+
+    def _check_free(self, kind: str, names: Iterable[str], info: PluginInfo) -> None:
+        """A name another plugin owns makes this whole plugin fail: left registered, its hooks could answer for
+        that name (pluggy asks the last-registered plugin first)."""
+        taken: dict[str, tuple[PluginInfo, list[str]]] = {}
+        for name in names:
+            owner = self._owners.get((kind, name))
+            if owner is not None:
+                taken.setdefault(owner.name, (owner, []))[1].append(name)
+        if not taken:
+            return
+        clashes = "; ".join(f"{sorted(n)} already registered by {owner.label} (plugin {owner.name!r})"
+                            for owner, n in (taken[k] for k in sorted(taken)))
+        raise PluginError(
+            f"{kind} name(s) of {info.label} clash: {clashes}; the whole plugin is left out so it cannot answer for "
+            f"those names. To use it instead, disable the other plugin: KERN_DISABLE_PLUGINS={','.join(sorted(taken))}"
+        )
 
     # ------------------------------------------------------------------ lookups
 
@@ -208,6 +407,104 @@ class KernPluginManager:
         return [i for i in self.infos.values() if i.status == "failed" or i.error]
 
 
+# --------------------------------------------------------------------------- record checks
+
+
+def _culprit(exc: BaseException, impls: list) -> str | None:
+    """The plugin whose code raised ``exc``: the innermost traceback frame in one of the hook implementations'
+    top-level packages."""
+    packages = {(getattr(i.function, "__module__", "") or "").split(".")[0]: i.plugin_name for i in impls}
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        name = (tb.tb_frame.f_globals.get("__name__") or "").split(".")[0]
+        found = packages.get(name, found)
+        tb = tb.tb_next
+    return found
+
+
+def _safe_name(dist: Any) -> str:
+    try:
+        return str(dist.name or "?")
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise PluginError(f"{what} {name!r} is not a valid name: use letters, digits and . _ + - (at most 100 characters)")
+    return name
+
+
+def _check_names(names: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(names, (tuple, list)):
+        raise PluginError(f"{what} must be a tuple of names, got {type(names).__name__} {names!r}")
+    return tuple(_check_name(n, what) for n in names)
+
+
+def _check_positive_int(value: Any, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PluginError(f"{what} must be a positive integer, got {value!r}")
+
+
+def _check_options(options: Any, what: str) -> None:
+    if not isinstance(options, (tuple, list)) or not all(isinstance(o, Option) for o in options):
+        raise PluginError(f"{what}: options must be a tuple of kern.Option, got {options!r}")
+    names = [o.name for o in options]
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise PluginError(f"{what}: option names must be unique, non-empty strings, got {names!r}")
+
+
+def _check_patterns(patterns: Any, what: str) -> None:
+    if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
+        raise PluginError(f"{what} must be a tuple of regular expressions, got {patterns!r}")
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise PluginError(f"{what}: {p!r} is not a valid regular expression ({exc})") from None
+
+
+def _check_variant(v: Any, where: str) -> None:
+    if not isinstance(v, Variant):
+        raise PluginError(f"{where}: variants must be kern.Variant records, got {type(v).__name__}")
+    _check_name(v.name, f"{where}: variant name")
+    if v.cache_id:
+        _check_name(v.cache_id, f"{where}: variant {v.name!r} cache_id")
+    for field in ("steps", "width", "height"):
+        _check_positive_int(getattr(v, field), f"{where}: variant {v.name!r} {field}")
+    if isinstance(v.guidance, bool) or not isinstance(v.guidance, (int, float)) or v.guidance != v.guidance or abs(v.guidance) == float("inf"):
+        raise PluginError(f"{where}: variant {v.name!r} guidance must be a finite number, got {v.guidance!r}")
+
+
+def _check_architecture(arch: Architecture) -> dict[str, tuple[str, str | None]]:
+    """Check the fields the kernel relies on; return the names it answers to: name -> (arch, variant or None)."""
+    name = _check_name(arch.name, "architecture name")
+    where = f"architecture {name!r}"
+    if not isinstance(arch.variants, (tuple, list)) or not arch.variants:
+        raise PluginError(f"{where}: variants must be a non-empty tuple of kern.Variant")
+    for v in arch.variants:
+        _check_variant(v, where)
+    variant_names = [v.name for v in arch.variants]
+    if len(set(variant_names)) != len(variant_names):
+        raise PluginError(f"{where}: variant names must be unique, got {variant_names}")
+    if arch.default_variant is not None and arch.default_variant not in variant_names:
+        raise PluginError(f"{where}: default_variant {arch.default_variant!r} is not one of its variants {variant_names}")
+    for field in ("resolution_step", "latent_channels", "latent_downscale"):
+        _check_positive_int(getattr(arch, field), f"{where}: {field}")
+    _check_patterns(arch.default_targets, f"{where}: default_targets")
+    _check_patterns(arch.default_excludes, f"{where}: default_excludes")
+    if not isinstance(arch.timestep_method, str):
+        raise PluginError(f"{where}: timestep_method must be a string, got {arch.timestep_method!r}")
+    _check_options(arch.options, where)
+    names: dict[str, tuple[str, str | None]] = {}
+    entries = [(n, (name, None)) for n in (name, *_check_names(arch.aliases, f"{where}: aliases"))]
+    entries += [(a, (name, v.name)) for v in arch.variants for a in _check_names(v.aliases, f"{where}: variant {v.name!r} aliases")]
+    for alias, target in entries:
+        if names.setdefault(alias, target) != target:
+            raise PluginError(f"{where}: the name {alias!r} is declared twice (for {names[alias]} and {target})")
+    return names
+
+
 def build_manager(entry_points: Iterable[EntryPoint] | None = None, extra: Iterable[tuple[str, object]] = ()) -> KernPluginManager:
     """A fresh manager: the kernel's own defaults, then ``extra`` (name, module) pairs, then entry points."""
     from kern import defaults  # the kernel's last-resort implementations, registered like any plugin
@@ -217,8 +514,8 @@ def build_manager(entry_points: Iterable[EntryPoint] | None = None, extra: Itera
     for name, module in extra:
         manager.register_module(module, PluginInfo(name=name, distribution="(in-process)", version="", module=getattr(module, "__name__", name)))
     manager.load_entry_points(entry_points)
-    log.debug("plugins loaded", loaded=[n for n, i in manager.infos.items() if i.status == "loaded"],
-              problems=[n for n in manager.infos if manager.infos[n].status == "failed"])
+    log.debug("plugins loaded", loaded=[i.name for i in manager.infos.values() if i.status == "loaded"],
+              problems=[i.name for i in manager.infos.values() if i.status == "failed"])
     return manager
 
 

@@ -3,10 +3,14 @@
 A prompt line is ``text --w 768 --h 512 --d 42 --s 28 --g 4.0 --n "negative" --f 2``; a line of
 only options takes the command line's ``--prompt``. ``__name__`` in a prompt is replaced by a
 random line of ``<wildcards>/name.txt``; a line may end in ``:weight``; wildcards may nest.
+
+Every number is checked here against ``LIMITS`` (and guidance must be finite), so a bad line is a
+``UsageError`` naming its source before any model loads; wildcard names resolve inside their folder only.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import shlex
@@ -32,8 +36,28 @@ LIST_OPTIONS: dict[str, type] = {"ci": str}
 # Architecture options kept in Request.extra as one value: the output layers of layered variants.
 EXTRA_OPTIONS: dict[str, type] = {"layers": int}
 
+# Bounds of every number a run takes (inclusive). A side must also be a multiple of the architecture's
+# resolution step (checked when the images are planned); seeds are what torch.Generator.manual_seed takes.
+MAX_SIDE = 16384
+MAX_STEPS = 1000
+MAX_COUNT = 10000
+MAX_LAYERS = 64
+MAX_BATCH = 1024
+MAX_SEED = 2**64 - 1
+LIMITS: dict[str, tuple[int, int]] = {
+    "width": (1, MAX_SIDE),
+    "height": (1, MAX_SIDE),
+    "steps": (1, MAX_STEPS),
+    "count": (1, MAX_COUNT),
+    "seed": (0, MAX_SEED),
+    "layers": (1, MAX_LAYERS),
+    "batch_size": (1, MAX_BATCH),
+}
+
 WILDCARD = re.compile(r"__([A-Za-z0-9_\-./]+?)__")
 MAX_WILDCARD_DEPTH = 16
+MAX_TEXT_BYTES = 64 * 2**20  # prompt and wildcard files
+MAX_WILDCARD_EXPANSIONS = 10000  # substitutions in one prompt: nested wildcards cannot grow it without bound
 
 
 @attrs.define
@@ -52,6 +76,26 @@ class Request:
     source: str = "<command line>"  # "prompts.txt:12" for error messages and metadata
 
 
+def check_value(field: str, value: Any, what: str) -> Any:
+    """``value`` if it is a valid ``field`` (``LIMITS``; guidance: a finite number), else ``UsageError``.
+
+    ``what`` names where the value came from, e.g. ``"--width"`` or ``"prompts.txt:3: --w"``.
+    """
+    if field == "guidance":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UsageError(f"{what} must be a finite number, got {value!r}")
+        return float(value)
+    if field in LIMITS:
+        low, high = LIMITS[field]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{what} must be a whole number, got {value!r}")
+        if value < low:
+            raise UsageError(f"{what} must be at least {low}, got {value}")
+        if value > high:
+            raise UsageError(f"{what} must be at most {high}, got {value}")
+    return value
+
+
 def parse_line(
     line: str,
     where: str,
@@ -62,8 +106,11 @@ def parse_line(
     text = line.strip()
     if not text or text.startswith("#"):
         return None
+    if "\x00" in text:
+        raise UsageError(f"{where}: the line holds a NUL character; is this a text file?")
     extra_options = extra_options or {}
-    head, sep, tail = (text, "", "") if not text.startswith("--") and " --" not in text else _split(text)
+    start = _options_start(text)
+    head, tail = text[:start], text[start:]
     prompt = head.strip()
     if not prompt:
         if base_prompt is None:  # "" is a base prompt too: the image is captioned (--auto-caption-lang)
@@ -79,25 +126,20 @@ def parse_line(
     return request
 
 
-def _split(text: str) -> tuple[str, str, str]:
-    if text.startswith("--"):
-        return "", "--", text
-    i = text.index(" --")
-    return text[:i], "--", text[i + 1 :]
+def _options_start(text: str) -> int:
+    """Where the options begin: the first ``--`` at the start of the line or after whitespace (else the end)."""
+    m = re.search(r"(?:^|\s)--", text)
+    return m.start() if m else len(text)
 
 
 def _apply_options(request: Request, tokens: list[str], where: str, extra_options: dict[str, type]) -> None:
+    extra_options = {**LIST_OPTIONS, **extra_options}
     i = 0
     while i < len(tokens):
         token = tokens[i]
         if not token.startswith("--") or len(token) < 3:
             raise UsageError(f"{where}: expected an option like --w, got {token!r}")
         name = token[2:]
-        if i + 1 >= len(tokens):
-            raise UsageError(f"{where}: option --{name} needs a value")
-        raw = tokens[i + 1]
-        i += 2
-        extra_options = {**LIST_OPTIONS, **extra_options}
         if name in LINE_OPTIONS:
             field, kind = LINE_OPTIONS[name]
         elif name in extra_options or name in EXTRA_OPTIONS:
@@ -105,12 +147,15 @@ def _apply_options(request: Request, tokens: list[str], where: str, extra_option
         else:
             known = " ".join(f"--{k}" for k in [*LINE_OPTIONS, *extra_options, *EXTRA_OPTIONS])
             raise UsageError(f"{where}: unknown option --{name}; known: {known}")
+        if i + 1 >= len(tokens):
+            raise UsageError(f"{where}: option --{name} needs a value")
+        raw = tokens[i + 1]
+        i += 2
         try:
             value = kind(raw)
-        except ValueError:
+        except (TypeError, ValueError):
             raise UsageError(f"{where}: --{name} wants {kind.__name__}, got {raw!r}") from None
-        if field in ("width", "height", "steps", "count", "layers") and value < 1:
-            raise UsageError(f"{where}: --{name} must be at least 1, got {value}")
+        check_value(field, value, f"{where}: --{name}")
         if name in EXTRA_OPTIONS:
             request.extra[field] = value
         elif name in extra_options:
@@ -119,13 +164,31 @@ def _apply_options(request: Request, tokens: list[str], where: str, extra_option
             setattr(request, field, value)
 
 
+def read_text_file(path: str | Path, what: str) -> str:
+    """The UTF-8 text of ``path`` (a BOM is dropped); ``UsageError`` naming the file (and line) otherwise."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:  # bounded: a device such as /dev/zero or a huge file is refused, not read forever
+            data = f.read(MAX_TEXT_BYTES + 1)
+    except FileNotFoundError:
+        raise UsageError(f"{p}: {what} not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"{p}: is a folder, not a {what}") from None
+    except OSError as exc:
+        raise UsageError(f"{p}: cannot read the {what} ({exc.strerror or exc})") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise UsageError(f"{p}: the {what} is larger than {MAX_TEXT_BYTES // 2**20} MiB; is it the right file?")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UsageError(f"{p}:{line}: the {what} is not UTF-8 text (byte {data[exc.start]:#04x}); save it as UTF-8") from None
+
+
 def read_prompt_file(path: str | Path, base_prompt: str | None = None, extra_options: dict[str, type] | None = None) -> list[Request]:
     """Every request of a prompt file, parsed up front so a bad line fails before any image is made."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UsageError(f"{p}: prompt file not found") from None
+    lines = read_text_file(p, "prompt file").splitlines()
     requests = [parse_line(line, f"{p}:{n}", base_prompt, extra_options) for n, line in enumerate(lines, start=1)]
     found = [r for r in requests if r is not None]
     if not found:
@@ -137,22 +200,40 @@ def read_prompt_file(path: str | Path, base_prompt: str | None = None, extra_opt
 
 
 class Wildcards:
-    """``__name__`` expansion from ``<folder>/name.txt`` files, weighted, nested, cycle-checked."""
+    """``__name__`` expansion from ``<folder>/name.txt`` files, weighted, nested, cycle-checked.
+
+    A name resolves to a file inside the folder only: absolute names, ``..`` and symlinks that lead out
+    of it are refused.
+    """
 
     def __init__(self, folder: str | Path | None) -> None:
         self.folder = Path(folder) if folder else None
         self._cache: dict[str, list[tuple[str, float]]] = {}
 
+    def path(self, name: str, where: str) -> Path:
+        """The file of ``__name__``, checked to lie inside the folder."""
+        if self.folder is None:
+            raise UsageError(f"{where}: __{name}__ used but no --wildcards folder was given")
+        outside = UsageError(f"{where}: wildcard __{name}__ points outside the --wildcards folder {self.folder};"
+                             " name a file inside it (sub-folders: __sub/name__)")
+        if name.startswith("/") or ".." in name.split("/"):
+            raise outside
+        path = self.folder / f"{name}.txt"
+        try:
+            root, target = self.folder.resolve(), path.resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop
+            raise UsageError(f"{where}: wildcard __{name}__: cannot resolve {path} ({exc})") from None
+        if not target.is_relative_to(root):
+            raise outside
+        return path
+
     def choices(self, name: str, where: str) -> list[tuple[str, float]]:
         if name in self._cache:
             return self._cache[name]
-        if self.folder is None:
-            raise UsageError(f"{where}: __{name}__ used but no --wildcards folder was given")
-        path = self.folder / f"{name}.txt"
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise UsageError(f"{where}: wildcard __{name}__: no file {path}") from None
+        path = self.path(name, where)
+        if not path.exists():
+            raise UsageError(f"{where}: wildcard __{name}__: no file {path}")
+        lines = read_text_file(path, "wildcard file").splitlines()
         out = []
         for n, line in enumerate(lines, start=1):
             line = line.strip()
@@ -162,26 +243,34 @@ class Wildcards:
             m = re.fullmatch(r"(.*?):\s*([0-9]*\.?[0-9]+)", line)
             if m and m.group(1):
                 value, weight = m.group(1).strip(), float(m.group(2))
-            if weight < 0:
-                raise UsageError(f"{path}:{n}: negative weight")
+            if not math.isfinite(weight):
+                raise UsageError(f"{path}:{n}: weight {m.group(2)[:20]}... is too large")
             out.append((value, weight))
-        if not out or sum(w for _, w in out) <= 0:
-            raise UsageError(f"{path}: wildcard file has no usable lines")
+        total = sum(w for _, w in out)
+        if not out or total <= 0:
+            raise UsageError(f"{path}: wildcard file has no usable lines (all blank, comments or weight 0)")
+        if not math.isfinite(total):
+            raise UsageError(f"{path}: the weights add up to more than a float holds; use smaller weights")
         self._cache[name] = out
         return out
 
-    def expand(self, text: str, rng: random.Random, where: str, _stack: tuple[str, ...] = ()) -> str:
+    def expand(self, text: str, rng: random.Random, where: str, _stack: tuple[str, ...] = (), _done: list[int] | None = None) -> str:
         """Replace every ``__name__`` left to right, recursively; the same ``rng`` state gives the same text."""
         if len(_stack) > MAX_WILDCARD_DEPTH:
             raise UsageError(f"{where}: wildcards nest deeper than {MAX_WILDCARD_DEPTH} ({' -> '.join(_stack)})")
+        done = [0] if _done is None else _done
 
         def pick(m: re.Match[str]) -> str:
             name = m.group(1)
             if name in _stack:
                 raise UsageError(f"{where}: wildcard cycle {' -> '.join((*_stack, name))}")
+            done[0] += 1
+            if done[0] > MAX_WILDCARD_EXPANSIONS:
+                raise UsageError(f"{where}: more than {MAX_WILDCARD_EXPANSIONS} wildcard substitutions in one prompt;"
+                                 " simplify the wildcards")
             options = self.choices(name, where)
             value = rng.choices([v for v, _ in options], weights=[w for _, w in options], k=1)[0]
-            return self.expand(value, rng, where, (*_stack, name))
+            return self.expand(value, rng, where, (*_stack, name), done)
 
         return WILDCARD.sub(pick, text)
 
@@ -194,16 +283,24 @@ def expand_request(request: Request, wildcards: Wildcards, seed: int) -> Request
     return attrs.evolve(request, prompt=prompt, negative=negative)
 
 
-def iter_interactive(stream: Iterable[str], base_prompt: str | None, extra_options: dict[str, type] | None = None):
+def iter_interactive(stream: Iterable[str | bytes], base_prompt: str | None, extra_options: dict[str, type] | None = None):
     """Requests from an interactive stream: one per line until EOF or a line ``exit``/``quit``.
 
+    Lines may be ``str`` or ``bytes`` (decoded as UTF-8 here, so one bad line is reported, not fatal).
     Bad lines raise nothing here: they yield a ``UsageError`` so the loop can report and go on.
     """
     for n, line in enumerate(stream, start=1):
+        where = f"<stdin>:{n}"
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError:
+                yield UsageError(f"{where}: the line is not UTF-8 text")
+                continue
         if line.strip() in ("exit", "quit"):
             return
         try:
-            request = parse_line(line, f"<stdin>:{n}", base_prompt, extra_options)
+            request = parse_line(line, where, base_prompt, extra_options)
         except UsageError as exc:
             yield exc
             continue

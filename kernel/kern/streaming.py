@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Iterable, Mapping, Sequence
 import torch
 
 from kern.errors import KernError
-from kern.io import atomic_path, read_header
+from kern.io import atomic_path, header_length, read_header
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -48,9 +48,9 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def dtype_from_safetensors(name: str) -> torch.dtype:
+def dtype_from_safetensors(name: str, where: str = "") -> torch.dtype:
     if name not in _DTYPES:
-        raise KernError(f"safetensors dtype {name!r} is not supported by this torch build")
+        raise KernError(f"{where}safetensors dtype {name!r} is not supported by kern's reader (supported: {sorted(_DTYPES)})")
     return _DTYPES[name]
 
 
@@ -70,9 +70,10 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.header, self.metadata = read_header(self.path)
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-        self._data_start = 8 + n
+        try:
+            self._data_start = header_length(self.path)
+        except OSError as exc:
+            raise KernError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
         self._file: BinaryIO | None = None
 
     def __enter__(self) -> SafetensorsReader:
@@ -88,7 +89,7 @@ class SafetensorsReader:
         return list(self.header)
 
     def dtype(self, name: str) -> torch.dtype:
-        return dtype_from_safetensors(self.header[name]["dtype"])
+        return dtype_from_safetensors(self.header[name]["dtype"], f"{self.path}: tensor {name!r}: ")
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(s) for s in self.header[name]["shape"])
@@ -97,18 +98,19 @@ class SafetensorsReader:
         """The tensor ``name``, read into its own buffer."""
         entry = self.header[name]
         dtype, shape = self.dtype(name), self.shape(name)
-        begin, end = (int(x) for x in entry["data_offsets"])
-        if end - begin != math.prod(shape) * _itemsize(dtype):
-            raise KernError(f"{self.path}: tensor {name!r} has {end - begin} bytes, its shape {list(shape)} {entry['dtype']} needs more")
+        begin, end = (int(x) for x in entry["data_offsets"])  # checked against shape and dtype by read_header
         buf = bytearray(end - begin)
-        f = self._file or open(self.path, "rb")
         try:
-            f.seek(self._data_start + begin)
-            if f.readinto(buf) != len(buf):
-                raise KernError(f"{self.path}: truncated while reading {name!r}")
-        finally:
-            if self._file is None:
-                f.close()
+            f = self._file or open(self.path, "rb")
+            try:
+                f.seek(self._data_start + begin)
+                if f.readinto(buf) != len(buf):
+                    raise KernError(f"{self.path}: truncated while reading {name!r} (did the file change?); re-download or re-save it")
+            finally:
+                if self._file is None:
+                    f.close()
+        except OSError as exc:
+            raise KernError(f"{self.path}: cannot read tensor {name!r} ({exc.strerror or exc})") from None
         if not buf:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
@@ -125,10 +127,20 @@ class StreamingWriter:
                 w.write(name, make(name))
 
     On an exception, or if a tensor was left unwritten, the temporary file is removed and ``out`` is untouched.
+    With ``overwrite=False`` an existing ``out`` is never replaced (``kern.io.OutputExistsError``). The free
+    space is checked against the file size before anything is written; a full disk or a folder that is not
+    writable is a ``kern.io.WriteError`` saying so.
     """
 
-    def __init__(self, path: str | os.PathLike, layout: Sequence[tuple[str, torch.dtype, Sequence[int]]], metadata: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        layout: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+        metadata: Mapping[str, str] | None = None,
+        overwrite: bool = True,
+    ) -> None:
         self.path = Path(path)
+        self.overwrite = overwrite
         self.layout = [(str(n), d, tuple(int(s) for s in shape)) for n, d, shape in layout]
         names = [n for n, _, _ in self.layout]
         if len(set(names)) != len(names):
@@ -147,12 +159,13 @@ class StreamingWriter:
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
         self._header = struct.pack("<Q", len(raw)) + raw
+        self.size = len(self._header) + offset  # bytes of the finished file
         self._next = 0
         self._ctx: contextlib.AbstractContextManager | None = None
         self._file: BinaryIO | None = None
 
     def __enter__(self) -> StreamingWriter:
-        self._ctx = atomic_path(self.path)
+        self._ctx = atomic_path(self.path, overwrite=self.overwrite, needed=self.size)
         tmp = self._ctx.__enter__()
         try:
             self._file = open(tmp, "wb")
@@ -184,14 +197,22 @@ class StreamingWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         assert self._ctx is not None and self._file is not None
-        self._file.close()
-        self._file = None
+        f, self._file = self._file, None
+        try:
+            f.close()  # flushes: a full disk may only show here
+        except Exception as close_exc:
+            if exc_type is None:
+                self._fail(close_exc)
         if exc_type is None and self._next != len(self.layout):
             missing = [n for n, _, _ in self.layout[self._next:]][:5]
-            err = KernError(f"{self.path}: only {self._next} of {len(self.layout)} tensors were written (next missing: {missing})")
-            self._ctx.__exit__(type(err), err, None)
-            raise err
+            self._fail(KernError(f"{self.path}: only {self._next} of {len(self.layout)} tensors were written (next missing: {missing})"))
         self._ctx.__exit__(exc_type, exc, tb)
+
+    def _fail(self, err: BaseException) -> None:
+        """Remove the temporary file (the atomic context may turn ``err`` into a clearer error) and raise."""
+        assert self._ctx is not None
+        self._ctx.__exit__(type(err), err, err.__traceback__)
+        raise err
 
 
 def _exc_info() -> tuple[Any, Any, Any]:

@@ -356,6 +356,10 @@ def load_items(plan: Plan) -> tuple[list[Any], list[Any]]:
         raise UsageError(f"{job.source}: dataset.config is not set; pass --dataset dataset.toml")
     specs = data.load_dataset_config(job.dataset.config)
     items = data.scan_items(specs, plan.arch.resolution_step)
+    from kern.io import remove_orphans
+
+    for folder in sorted({s.cache_directory for s in specs}):  # shared folders: only temp files over an hour old
+        remove_orphans(folder)
     log.info("dataset", items=len(items), datasets=len(specs))
     return specs, items
 

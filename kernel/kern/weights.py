@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from kern.errors import AdapterError, KernError, PluginError
+from kern.errors import AdapterError, KernError, PluginError, UsageError
 from kern.log import get_logger
 from kern.network import CHECKPOINT_PREFIXES, ModuleMap, NameTable, Network, candidate_paths
 from kern.records import WeightsClaim
@@ -28,8 +28,12 @@ ADAPTER_MARKERS = ("lora_", "hada_", "lokr_", ".alpha", "dora_scale", "lora.")
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of the adapter file ``path``; ``AdapterError`` names the file on failure."""
-    from kern.io import load_file
+    """All tensors and the metadata of the adapter file ``path``; ``AdapterError`` names the file on failure.
+
+    Every path that reads an adapter (generate, merge, convert) comes here: a corrupt header, an empty file
+    and a tensor holding NaN or infinite values are refused, naming the file (and the key).
+    """
+    from kern.io import describe_nonfinite, load_file
 
     p = Path(path)
     try:
@@ -40,6 +44,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise AdapterError(f"{p}: unreadable safetensors file: {exc}") from None
     if not tensors:
         raise AdapterError(f"{p}: holds no tensors; not an adapter")
+    for key, t in tensors.items():
+        bad = describe_nonfinite(t)
+        if bad:
+            raise AdapterError(
+                f"{p}: tensor {key!r} holds {bad}; the adapter is corrupt or its training diverged: "
+                "use an earlier checkpoint of it or re-export it"
+            )
     return tensors, dict(metadata or {})
 
 
@@ -150,6 +161,7 @@ def apply_adapters(
     from kern.plugins import get_manager
 
     manager = manager or get_manager()
+    adapters = [(path, check_multiplier(path, multiplier)) for path, multiplier in adapters]
     layers = candidate_paths(model)
     table = NameTable(layers)
     networks: list[Network] = []
@@ -192,15 +204,49 @@ def apply_adapters(
     return networks
 
 
-def parse_weights_arg(value: str) -> tuple[str, float]:
-    """``"file.safetensors:0.8"`` → ``("file.safetensors", 0.8)``; no ``:number`` suffix means multiplier 1."""
-    path, sep, tail = value.rpartition(":")
-    if sep and path:
+def parse_weights_arg(value: str, option: str = "--weights") -> tuple[str, float]:
+    """``"file.safetensors:0.8"`` → ``("file.safetensors", 0.8)``; no ``:number`` suffix means multiplier 1.
+
+    An existing file whose name contains colons is taken whole. The multiplier must be a finite number
+    (``:nan``, ``:inf`` are refused) and the file must exist and not be a folder; otherwise ``UsageError``
+    naming ``option`` and the item.
+    """
+    import math
+
+    if os.path.isfile(value):
+        return value, 1.0
+    path, multiplier = value, 1.0
+    head, sep, tail = value.rpartition(":")
+    if sep:
         try:
-            return path, float(tail)
+            multiplier = float(tail)
         except ValueError:
-            pass
-    return value, 1.0
+            pass  # not a number: the colon belongs to the file name
+        else:
+            path = head
+            if not math.isfinite(multiplier):
+                raise UsageError(f"{option} {value}: multiplier {tail!r} is not a finite number; give e.g. {head}:0.8")
+    if not path:
+        raise UsageError(f"{option} {value!r}: give an adapter file, optionally with :multiplier")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {value}: {path} is a folder; give the adapter's .safetensors file")
+    if not os.path.isfile(path):
+        what = "no such file" if not os.path.lexists(path) else "not a regular file"
+        raise UsageError(f"{option} {value}: {path}: {what}")
+    return path, multiplier
+
+
+def check_multiplier(path: Any, multiplier: Any) -> float:
+    """``multiplier`` as a finite float; ``UsageError`` naming the adapter otherwise."""
+    import math
+
+    try:
+        m = float(multiplier)
+    except (TypeError, ValueError):
+        raise UsageError(f"adapter {path}: multiplier {multiplier!r} is not a number") from None
+    if not math.isfinite(m):
+        raise UsageError(f"adapter {path}: multiplier {multiplier!r} is not a finite number")
+    return m
 
 
 def strip_checkpoint_prefix(key: str) -> str:

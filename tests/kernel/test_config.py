@@ -146,12 +146,12 @@ def test_option_ranges_and_checks():
     schema = (Option("rank", "int", 16, minimum=1), Option("p", "float", 0.0, minimum=0.0, maximum=0.99),
               Option("pattern", "list", (), check=parse_rank_patterns))
     assert resolve_options(schema, {"rank": 4, "p": 0.5, "pattern": ["a=2"]}, "w") == {"rank": 4, "p": 0.5, "pattern": ("a=2",)}
-    for given, words in (({"rank": 0}, "at least 1"), ({"rank": -2}, "at least 1"), ({"p": float("nan")}, "finite"),
-                         ({"p": 1.0}, "between 0.0 and 0.99"), ({"p": float("inf")}, "finite"),
-                         ({"pattern": ["(=2"]}, "bad regular expression"), ({"pattern": ["a=0"]}, "at least 1"),
-                         ({"pattern": ["a"]}, "regex=rank"), ({"rank": 2.5}, "wants int")):
+    for values, words in (({"rank": 0}, "at least 1"), ({"rank": -2}, "at least 1"), ({"p": float("nan")}, "finite"),
+                          ({"p": 1.0}, "between 0.0 and 0.99"), ({"p": float("inf")}, "finite"),
+                          ({"pattern": ["(=2"]}, "bad regular expression"), ({"pattern": ["a=0"]}, "at least 1"),
+                          ({"pattern": ["a"]}, "regex=rank"), ({"rank": 2.5}, "wants int")):
         with pytest.raises(ValueError, match=words):
-            resolve_options(schema, given, "w")
+            resolve_options(schema, values, "w")
 
 
 @pytest.mark.parametrize("key, value", [

@@ -267,7 +267,7 @@ def test_control_buckets_follow_the_settings(tmp_path):
     captioned(folder, "a.png", (64, 64))
     image(controls / "a_0.png", (100, 70))
     image(controls / "a_1.png", (300, 300))
-    base = f'control_directory = "controls"\n'
+    base = 'control_directory = "controls"\n'
     cases = [
         ("", [(64, 64), (64, 64)]),  # default: the target's bucket
         ("no_resize_control = true", [(96, 64), (288, 288)]),  # only cropped to the step
@@ -480,3 +480,245 @@ def test_exif_orientation_is_applied(tmp_path):
     (item,) = scan_items([spec], STEP)
     assert item.size == (48, 96)
     assert load_image(item.image_path, (48, 96)).shape == (3, 96, 48)
+
+
+# --------------------------------------------------------------------------- text encoding
+
+
+def test_utf8_bom_is_accepted_in_captions_jsonl_and_configs(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    image(tmp_path / "images" / "a.png")
+    (tmp_path / "images" / "a.txt").write_bytes(bom + "un café\n".encode())
+    cfg = tmp_path / "dataset.toml"
+    cfg.write_bytes(bom + b'[general]\nresolution = 64\ncaption_extension = ".txt"\n[[datasets]]\nimage_directory = "images"\n')
+    (item,) = scan_items(load_dataset_config(cfg), STEP)
+    assert item.caption == "un café"
+    (tmp_path / "m.jsonl").write_bytes(bom + json.dumps({"image_path": "images/a.png", "caption": "über"}).encode() + b"\n")
+    jcfg = tmp_path / "d.json"
+    jcfg.write_bytes(bom + json.dumps({"datasets": [{"image_jsonl_file": "m.jsonl", "cache_directory": "c", "resolution": 64}]}).encode())
+    (item,) = scan_items(load_dataset_config(jcfg), STEP)
+    assert item.caption == "über"
+
+
+def test_non_utf8_caption_is_an_error_naming_file_line_and_byte(tmp_path):
+    captioned(tmp_path / "images", "good.png")
+    image(tmp_path / "images" / "latin.png")
+    caption = tmp_path / "images" / "latin.txt"
+    caption.write_bytes("first line\nun caf".encode() + b"\xe9\n")  # Latin-1 é
+    (spec,) = one_dataset(tmp_path)
+    with pytest.raises(DatasetError) as err:
+        scan_items([spec], STEP)
+    message = str(err.value)
+    assert str(caption) in message and "line 2" in message and "byte 17" in message and "save the file as UTF-8" in message
+    assert "datasets[0]" in message
+
+
+def test_non_utf8_jsonl_is_an_error_naming_the_line(tmp_path):
+    image(tmp_path / "a.png")
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_bytes(b'{"image_path": "a.png", "caption": "ok"}\n{"image_path": "a.png", "caption": "caf\xe9"}\n')
+    cfg = toml(tmp_path / "d.toml", '[[datasets]]\nimage_jsonl_file = "m.jsonl"\ncache_directory = "c"\nresolution = 64\n')
+    with pytest.raises(DatasetError, match="not UTF-8 text \\(line 2, byte 80") as err:
+        scan_items(load_dataset_config(cfg), STEP)
+    assert str(jsonl) in str(err.value) and "save the file as UTF-8" in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_non_utf8_dataset_config_is_an_error_naming_the_file(tmp_path, suffix):
+    cfg = tmp_path / f"d{suffix}"
+    text = '[[datasets]]\nimage_directory = "caf\xe9"\n' if suffix == ".toml" else '{"datasets": [{"image_directory": "caf\xe9"}]}'
+    cfg.write_bytes(text.encode("latin-1"))
+    with pytest.raises(DatasetError, match="not UTF-8 text") as err:
+        load_dataset_config(cfg)
+    assert str(cfg) in str(err.value) and "save the file as UTF-8" in str(err.value)
+
+
+def test_caption_path_that_is_a_folder_is_an_error(tmp_path):
+    image(tmp_path / "images" / "a.png")
+    (tmp_path / "images" / "a.txt").mkdir()
+    (spec,) = one_dataset(tmp_path)
+    with pytest.raises(DatasetError, match="a.txt of a.png is a folder"):
+        scan_items([spec], STEP)
+
+
+# --------------------------------------------------------------------------- numbers and ranges
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "what"),
+    [
+        ("resolution = 16385", "resolution", "at most 16384"),
+        ("resolution = [512, 100000]", "resolution", "at most 16384"),
+        ("control_resolution = [99999999999, 512]", "control_resolution", "at most 16384"),
+        ("resolution = { width = 512 }", "resolution", "integer or \\[width, height\\]"),
+        ("resolution = [512.0, 512.0]", "resolution", "integer or \\[width, height\\]"),
+        ("batch_size = 0", "batch_size", "at least 1"),
+        ("batch_size = 5000", "batch_size", "at most 4096"),
+        ("batch_size = -3", "batch_size", "at least 1"),
+        ("batch_size = [1]", "batch_size", "expected an integer"),
+        ("batch_size = 1e3", "batch_size", "expected an integer"),
+        ("num_repeats = 1000000000", "num_repeats", "at most 10000"),
+        ("num_repeats = 99999999999999999999", "num_repeats", "at most 10000"),
+        ("caption_dropout_rate = nan", "caption_dropout_rate", "finite"),
+        ("caption_dropout_rate = inf", "caption_dropout_rate", "finite"),
+        ("caption_dropout_rate = -0.1", "caption_dropout_rate", "between 0 and 1"),
+        ("caption_dropout_rate = 1.0000001", "caption_dropout_rate", "between 0 and 1"),
+        ("caption_dropout_rate = 99999999999999999999", "caption_dropout_rate", "between 0 and 1"),
+        ("caption_dropout_rate = true", "caption_dropout_rate", "expected a number"),
+        ('caption_dropout_rate = "0.1"', "caption_dropout_rate", "expected a number"),
+        ("caption_extension = 5", "caption_extension", "expected a string"),
+        ('caption_extension = "/../../x"', "caption_extension", "without / or"),
+        ('caption_extension = ""', "caption_extension", "non-empty"),
+        ("enable_bucket = { a = 1 }", "enable_bucket", "expected true or false"),
+        ('default_caption = ["a"]', "default_caption", "expected a string"),
+        ('image_directory = ""', "image_directory", "is empty"),
+        ('image_directory = "a\\u0000b"', "image_directory", "NUL"),
+        ("image_directory = 3", "image_directory", "expected a string"),
+        ('cache_directory = [ "c" ]', "cache_directory", "expected a string"),
+    ],
+)
+def test_numbers_and_values_are_checked_with_file_and_key(tmp_path, line, key, what):
+    cfg = toml(tmp_path / "dataset.toml", f"""
+        [general]
+        caption_extension = ".txt"
+
+        [[datasets]]
+        {line}
+        {'' if line.startswith("image_directory") else 'image_directory = "images"'}
+        """)
+    with pytest.raises(DatasetError, match=what) as err:
+        load_dataset_config(cfg)
+    message = str(err.value)
+    assert str(cfg) in message and repr(key) in message and len(message) < 400
+
+
+def test_sides_up_to_the_bound_are_accepted(tmp_path):
+    (spec,) = one_dataset(tmp_path, extra="resolution = [16384, 16]\nbatch_size = 4096\nnum_repeats = 10000\ncaption_dropout_rate = 1")
+    assert (spec.resolution, spec.batch_size, spec.num_repeats, spec.caption_dropout_rate) == ((16384, 16), 4096, 10000, 1.0)
+
+
+def test_json_nan_and_huge_numbers_are_errors(tmp_path):
+    cfg = tmp_path / "d.json"
+    for dataset, what in [({"caption_dropout_rate": float("nan")}, "finite"), ({"batch_size": 10**30}, "at most 4096"),
+                          ({"caption_dropout_rate": 10**400}, "finite number")]:
+        cfg.write_text(json.dumps({"datasets": [{"image_directory": "i", "caption_extension": ".txt", **dataset}]}))
+        with pytest.raises(DatasetError, match=what):
+            load_dataset_config(cfg)
+    cfg.write_text('{"datasets": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(DatasetError, match="not valid JSON"):
+        load_dataset_config(cfg)
+
+
+def test_too_many_items_per_epoch_is_an_error(tmp_path, monkeypatch):
+    import kern.data
+
+    for name in ("a.png", "b.png", "c.png"):
+        captioned(tmp_path / "images", name)
+    monkeypatch.setattr(kern.data, "MAX_EPOCH_ITEMS", 5)
+    (spec,) = one_dataset(tmp_path, extra="num_repeats = 2")
+    with pytest.raises(DatasetError, match="key 'num_repeats': 3 images x 2 repeats is more than 5 items per epoch"):
+        scan_items([spec], STEP)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def test_image_directory_that_is_a_file(tmp_path):
+    (tmp_path / "images").write_text("not a folder")
+    (spec,) = one_dataset(tmp_path)
+    with pytest.raises(DatasetError, match="key 'image_directory': .*images is a file, not a folder"):
+        scan_items([spec], STEP)
+    captioned(tmp_path / "real", "a.png")
+    (tmp_path / "controls").write_text("x")
+    (spec,) = one_dataset(tmp_path, folder="real", extra='control_directory = "controls"')
+    with pytest.raises(DatasetError, match="key 'control_directory': .*controls is a file, not a folder"):
+        scan_items([spec], STEP)
+
+
+def test_image_jsonl_file_that_is_a_folder(tmp_path):
+    (tmp_path / "m.jsonl").mkdir()
+    cfg = toml(tmp_path / "d.toml", '[[datasets]]\nimage_jsonl_file = "m.jsonl"\ncache_directory = "c"\n')
+    with pytest.raises(DatasetError, match="key 'image_jsonl_file': .*m.jsonl is a folder"):
+        scan_items(load_dataset_config(cfg), STEP)
+
+
+def test_cache_directory_that_is_a_file_is_an_error_and_left_alone(tmp_path):
+    captioned(tmp_path / "images", "a.png")
+    blocker = tmp_path / "cache"
+    blocker.write_text("my notes")
+    (spec,) = one_dataset(tmp_path, extra='cache_directory = "cache"')
+    with pytest.raises(DatasetError, match="datasets\\[0\\] key 'cache_directory' .*cache: exists and is not a folder") as err:
+        scan_items([spec], STEP)
+    assert str(tmp_path / "dataset.toml") in str(err.value)
+    assert blocker.read_text() == "my notes"
+    (spec,) = one_dataset(tmp_path, extra='cache_directory = "cache/sub"')  # a folder under a file cannot be made
+    with pytest.raises(DatasetError, match="key 'cache_directory' .*cannot write there"):
+        scan_items([spec], STEP)
+
+
+def test_cache_directory_that_is_not_writable(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("running as root: permission bits do not stop root (the file-under-a-file case covers the error)")
+    captioned(tmp_path / "images", "a.png")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        (spec,) = one_dataset(tmp_path, extra='cache_directory = "locked"')
+        with pytest.raises(DatasetError, match="key 'cache_directory' .*cannot write there"):
+            scan_items([spec], STEP)
+    finally:
+        locked.chmod(0o755)
+
+
+def test_missing_cache_directory_is_created_before_scanning(tmp_path):
+    captioned(tmp_path / "images", "a.png")
+    (spec,) = one_dataset(tmp_path, extra='cache_directory = "caches/one"')
+    scan_items([spec], STEP)
+    assert (tmp_path / "caches" / "one").is_dir() and not list((tmp_path / "caches" / "one").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("record", "key", "what"),
+    [
+        ({"image_path": "missing.png", "caption": "x"}, "image_path", "does not exist"),
+        ({"image_path": "sub", "caption": "x"}, "image_path", "is a folder, not an image file"),
+        ({"image_path": "", "caption": "x"}, "image_path", "expected a path string"),
+        ({"image_path": "a.png", "caption": "x", "control_path_0": "nope.png"}, "control_path_0", "does not exist"),
+        ({"image_path": "a.png", "caption": "x", "control_path": "sub"}, "control_path", "is a folder"),
+        ({"image_path": "a.png", "caption": "x", "control_path_1": 3}, "control_path_1", "expected a path string"),
+        ({"image_path": "a.png", "caption": ["x"]}, "caption", "expected a string"),
+    ],
+)
+def test_jsonl_paths_must_name_existing_files(tmp_path, record, key, what):
+    image(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    good = json.dumps({"image_path": "a.png", "caption": "fine"})
+    (tmp_path / "m.jsonl").write_text(good + "\n" + json.dumps(record) + "\n")
+    cfg = toml(tmp_path / "d.toml", '[[datasets]]\nimage_jsonl_file = "m.jsonl"\ncache_directory = "c"\nresolution = 64\n')
+    with pytest.raises(DatasetError, match=what) as err:
+        scan_items(load_dataset_config(cfg), STEP)
+    assert f"{tmp_path / 'm.jsonl'}:2 key {key!r}" in str(err.value)
+
+
+def test_dataset_config_that_is_a_folder(tmp_path):
+    (tmp_path / "d.toml").mkdir()
+    with pytest.raises(DatasetError, match="is a folder"):
+        load_dataset_config(tmp_path / "d.toml")
+
+
+def test_datasets_entry_that_is_not_a_table(tmp_path):
+    cfg = tmp_path / "d.json"
+    cfg.write_text(json.dumps({"datasets": [{"image_directory": "i", "caption_extension": ".txt"}, "oops"]}))
+    with pytest.raises(DatasetError, match="datasets\\[1\\] must be a table"):
+        load_dataset_config(cfg)
+
+
+def test_names_too_long_for_the_file_system_are_dataset_errors(tmp_path):
+    with pytest.raises(DatasetError, match="cannot read the dataset config"):
+        load_dataset_config(tmp_path / ("x" * 5000 + ".toml"))
+    cfg = toml(tmp_path / "d.toml", f'[[datasets]]\ncaption_extension = ".txt"\nimage_directory = "{"y" * 5000}"\n')
+    with pytest.raises(DatasetError, match="datasets\\[0\\]: File name too long"):
+        scan_items(load_dataset_config(cfg), STEP)

@@ -189,6 +189,12 @@ def test_resume_skips_a_damaged_checkpoint_and_tolerates_a_torn_metrics_line(tmp
     # Debris of a killed process: temporary files of atomic writes, a half-written checkpoint folder.
     (out / ".adapter.safetensors.x1y2.tmp").write_bytes(b"partial")
     (out / "checkpoints" / ".step-000006.tmp").mkdir()
+    # ... and in the dataset's cache folder, which other runs may share: only temp files over an hour old go.
+    cache = dataset.parent / "cache"
+    old, fresh = cache / ".img0_0064x0064_toy.safetensors.ab12CD34.tmp", cache / ".img1_0064x0064_toy.safetensors.zz99YY88.tmp"
+    for f in (old, fresh):
+        f.write_bytes(b"partial")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
 
     proc = train_cli(dataset, out, "--steps", "6", "--resume")
     assert proc.returncode == 0, proc.stderr
@@ -196,6 +202,8 @@ def test_resume_skips_a_damaged_checkpoint_and_tolerates_a_torn_metrics_line(tmp
     same_tensors(full / "adapter.safetensors", out / "adapter.safetensors")
     assert (out / "metrics.jsonl").read_text() == (full / "metrics.jsonl").read_text()
     assert not list(out.glob(".*.tmp")) and not list((out / "checkpoints").glob(".*.tmp"))
+    assert not old.exists() and fresh.exists()
+    fresh.unlink()
 
 
 def test_resume_with_no_intact_checkpoint_names_them(tmp_path, dataset):
@@ -353,3 +361,15 @@ def test_unexpected_errors_show_a_traceback_only_with_vv(tmp_path, dataset, kern
         assert code == 1
         assert "unexpected ZeroDivisionError: a bug" in err
         assert ("Traceback" in err) == traceback
+
+
+def test_kern_cache_checks_before_any_work(tmp_path, kern_main):
+    dataset = make_dataset(tmp_path / "data", n=1)
+    code, err = kern_main("cache", "latents", "--arch", "flux2-klein-4b", "--dataset", str(dataset))
+    assert code == 2 and "model.vae is not set" in err
+    code, err = kern_main("cache", "text", "--arch", "flux2-klein-4b", "--dataset", str(dataset), "--text-encoder", str(tmp_path / "nope"))
+    assert code == 2 and "model.text_encoder" in err and "no such file" in err
+    code, err = kern_main("cache", "all", "--arch", "qwen-image-layered", "--dataset", str(dataset), "--vae", str(dataset),
+                          "--text-encoder", str(tmp_path))
+    assert code == 2 and "cannot be trained" in err
+    assert not (dataset.parent / "cache").exists()

@@ -9,24 +9,27 @@ log = structlog.get_logger(__name__)
 
 
 @click.command(name="convert")
-@click.argument("in_path", metavar="IN", type=click.Path(dir_okay=False))
+@click.argument("in_path", metavar="IN")
 @click.option("--to", "to_layout", required=True, type=click.Choice(["kohya", "comfyui", "diffusers"]), help="Target layout.")
 @click.option("--arch", "arch", required=True, help="Architecture or variant alias (for its module names), e.g. flux2-klein-4b.")
 @click.option("--variant", default=None, help="Variant, if --arch does not say it (default: detected from the file).")
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="File to write.")
-def command(in_path, to_layout, arch, variant, out) -> None:
+@click.option("--out", "out", required=True, help="File to write (never IN itself).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically, once the conversion has succeeded).")
+def command(in_path, to_layout, arch, variant, out, overwrite) -> None:
     """Convert an adapter between layouts.
 
     kohya: lora_unet_* with lora_down/lora_up and alpha (musubi-tuner; ComfyUI and diffusers load it).
     comfyui: diffusion_model.<native name>.lora_A/lora_B with alpha folded in (the safest export).
     diffusers: transformer.<diffusers name>.lora_A/lora_B (FLUX.2 qkv split into q/k/v). LoHa cannot go to
-    diffusers. Example:
+    diffusers. --out is written atomically; an existing one is replaced only with --overwrite. Example:
 
         kern convert my_lora.safetensors --to comfyui --arch flux2-klein-4b --out my_lora_comfy.safetensors
     """
     from kern.convert import convert
+    from kern_cli.commands.merge import input_file
 
-    result = convert(in_path, out, to_layout, arch, variant)
+    input_file(in_path, "IN")
+    result = convert(in_path, out, to_layout, arch, variant, overwrite=overwrite)
     click.echo(
         f"converted {result['network_type']} {result['from_layout']} → {result['to_layout']} "
         f"({result['tensors']} tensors, variant {result['variant']}): {result['out']}"

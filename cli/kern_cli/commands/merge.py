@@ -10,8 +10,19 @@ from kern.errors import UsageError
 log = structlog.get_logger(__name__)
 
 
+def input_file(path: str, option: str) -> str:
+    """``path`` if it is an existing regular file; ``UsageError`` naming ``option`` otherwise."""
+    import os
+
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a folder; give the .safetensors file")
+    if not os.path.isfile(path):
+        raise UsageError(f"{option} {path}: {'no such file' if not os.path.lexists(path) else 'not a regular file'}")
+    return path
+
+
 @click.command(name="merge")
-@click.option("--model", "model", required=True, type=click.Path(dir_okay=False), help="Base checkpoint (.safetensors).")
+@click.option("--model", "model", required=True, help="Base checkpoint (.safetensors).")
 @click.option(
     "--weights",
     "weights",
@@ -19,7 +30,8 @@ log = structlog.get_logger(__name__)
     metavar="FILE[:MULT]",
     help="Adapter file with an optional multiplier, e.g. style.safetensors:0.8 (repeatable; LoRA and LoHa mix).",
 )
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Merged checkpoint to write.")
+@click.option("--out", "out", required=True, help="Merged checkpoint to write (never one of the inputs).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically, once the merge has succeeded).")
 @click.option(
     "--dtype",
     "dtype",
@@ -29,20 +41,23 @@ log = structlog.get_logger(__name__)
 @click.option("--allow-unmatched", is_flag=True, help="Warn about adapter modules that match no base weight instead of failing.")
 @click.option("--arch", default=None, help="Architecture (or variant alias): maps adapters in another naming (diffusers) onto the base.")
 @click.option("--variant", default=None, help="Variant of --arch, if the alias does not say it.")
-def command(model, weights, out, dtype, allow_unmatched, arch, variant) -> None:
+def command(model, weights, out, overwrite, dtype, allow_unmatched, arch, variant) -> None:
     """Merge adapters into a base model: W' = W + Σ mult · ΔW, computed in float32.
 
     Reads and writes one tensor at a time, so memory stays near one weight whatever the model size. Base
     files may carry a model.diffusion_model. / diffusion_model. prefix; adapters may be kohya, ComfyUI or
-    diffusers files. Example:
+    diffusers files. Everything is checked before the merge starts; --out is written atomically and is
+    never an input; an existing --out is replaced only with --overwrite. Example:
 
         kern merge --model flux2-klein-4b.safetensors --weights a.safetensors --weights b.safetensors:0.5 --out merged.safetensors
     """
     from kern.merge import merge, parse_dtype
     from kern.weights import parse_weights_arg
 
+    out_dtype = parse_dtype(dtype)
     if not weights:
         raise UsageError("give at least one adapter with --weights FILE[:MULT]")
+    input_file(model, "--model")
     adapters = [parse_weights_arg(w) for w in weights]
-    result = merge(model, adapters, out, out_dtype=parse_dtype(dtype), allow_unmatched=allow_unmatched, arch=arch, variant=variant)
+    result = merge(model, adapters, out, out_dtype=out_dtype, allow_unmatched=allow_unmatched, arch=arch, variant=variant, overwrite=overwrite)
     click.echo(f"merged {result['merged']} weights from {len(adapters)} adapter(s) into {result['out']}")

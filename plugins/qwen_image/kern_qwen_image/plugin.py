@@ -26,7 +26,9 @@ VARIANTS = (
                  steps=40, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit-2511", **_EDIT),
     kern.Variant(name="layered", aliases=("qwen-image-layered",), description="Qwen-Image-Layered (RGBA layers)",
                  steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", width=640, height=640, cache_id="qil",
-                 modelspec="Qwen-Image-Layered", references="required", image_mode="RGBA"),
+                 modelspec="Qwen-Image-Layered", references="required", image_mode="RGBA",
+                 untrainable="Qwen-Image-Layered training (musubi's multiple_target datasets) is not built yet; "
+                             "train T2I or an Edit variant, or generate with Layered"),
 )
 DEFAULT_LAYERS = 4  # Layered: output layers besides the composite (the pipelines' default)
 EDIT_VAE_AREA = 1024 * 1024  # Edit / Edit-Plus: the VAE sees each control at about this area
@@ -46,6 +48,7 @@ def register_architectures(register):
             latent_downscale=8,
             default_targets=DEFAULT_TARGETS,
             timestep_method="qwen_shift",
+            required_files=("transformer", "vae", "text_encoder"),
             implementation="https://github.com/QwenLM/Qwen-Image",
         )
     )
@@ -79,7 +82,9 @@ def load_model(arch, variant, part, path, dtype, device, options):
     if part == "text_encoder":
         from kern_qwen_image.text_encoder import load_text_encoder
 
-        need_vision = (variant or "t2i") != "t2i"
+        # The edit variants read their controls with the VLM; Layered needs the vision parts only to caption its
+        # input (options["caption"], set by `kern generate --auto-caption-lang` for an empty prompt).
+        need_vision = (variant or "t2i") not in ("t2i", "layered") or bool(options.get("caption"))
         return load_text_encoder(_path(path, part), dtype=dtype, device=device, fp8=bool(options.get("fp8")), need_vision=need_vision)
     raise kern.UsageError(f"Qwen-Image has no model part {part!r}")
 

@@ -466,9 +466,10 @@ def _processor_dir(path: Path, given: str | Path | None) -> Path:
         if (cand / "preprocessor_config.json").exists():
             return cand
     raise ModelFileError(
-        f"no image processor (preprocessor_config.json) in {' or '.join(str(c) for c in cands)}; the edit modes "
-        "and captioning need the Qwen2.5-VL processor files (the processor/ folder of Qwen-Image-Edit repos); "
-        "pass processor_path"
+        f"no image processor (preprocessor_config.json) in {' or '.join(str(c) for c in cands)}; the edit variants "
+        "and automatic captioning (--auto-caption-lang) need the Qwen2.5-VL processor files: put them (the processor/ "
+        "folder of a Qwen-Image-Edit or -Layered repository) into the text-encoder folder or a processor/ folder beside "
+        "it (processor_path when loading in Python), or write the prompt instead of captioning"
     )
 
 
@@ -501,8 +502,8 @@ def load_text_encoder(
     proc_dir = _processor_dir(path, processor_path) if need_vision else None
     try:
         with hf.quiet_load_report():
-            model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                path, dtype=dtype, local_files_only=True, output_loading_info=True
+            model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(  # safetensors only: a .bin is a pickle
+                path, dtype=dtype, local_files_only=True, output_loading_info=True, use_safetensors=True
             )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelFileError(f"{path}: cannot load the Qwen2.5-VL text encoder ({e})") from e
