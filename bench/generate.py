@@ -5,7 +5,7 @@ loop only), FLUX.2 klein 4B distilled at 4 steps, FLUX.2 dev at 28 steps with em
 at 50 steps with true CFG 4.0 (128 prompt tokens, 8 negative tokens). Median (and min) of ``--runs`` timed
 images after one warm-up image, peak ``torch.cuda.max_memory_allocated`` over build + runs.
 
-kern side: the transformer built on the GPU in bf16 and ``kern.sampling.euler_denoise``, the loop ``kern generate``
+kern side: the transformer built on the GPU in bf16 and ``kern.generate.denoise.euler_denoise``, the loop ``kern generate``
 runs (schedule from the ``generation_schedule`` hook, velocity from ``predict_velocity``, true CFG through
 ``combine_guidance``). Anchor side (when diffusers imports): the diffusers transformer of the same configuration
 inside ``Flux2KleinPipeline`` / ``Flux2Pipeline`` / ``QwenImagePipeline`` called with ``prompt_embeds`` and
@@ -55,7 +55,7 @@ CONFIGS = {
 def _manager():
     import importlib
 
-    from kern.plugins import build_manager
+    from kern.core.plugins import build_manager
 
     return build_manager(entry_points=(), extra=[(n, importlib.import_module(m)) for n, m in
                                                  (("flux2", "kern_flux2.plugin"), ("qwen_image", "kern_qwen_image.plugin"))])
@@ -80,8 +80,8 @@ def _text(cfg: GenConfig, p: Any, n: int, dev, dtype) -> dict[str, torch.Tensor]
 
 
 def run_kern(cfg: GenConfig, p: Any, res: int, runs: int, dev, dtype, compile: str = "off") -> dict:
-    from kern import accel
-    from kern.sampling import euler_denoise, seeded_noise
+    from kern.gpu import accel
+    from kern.generate.denoise import euler_denoise, seeded_noise
 
     manager = _manager()
     arch, _ = manager.resolve_arch(cfg.arch)

@@ -2,7 +2,7 @@
 
 Same protocol and the same kern path as ``bench/train_step.py`` (whose helpers this imports): rank-16 LoRA on the
 architecture's default targets, fp32 adapter, AdamW, gradient checkpointing per block, one 1024² image, 512 text
-tokens for FLUX.2 / 128 for Qwen-Image, batch 1, random weights, each step ``kern.train.train_step``. What differs:
+tokens for FLUX.2 / 128 for Qwen-Image, batch 1, random weights, each step ``kern.train.driver.train_step``. What differs:
 
 * the transformer is built on the meta device and materialised **one block at a time** on the GPU (random init,
   then fp8 quantisation when asked, then to the CPU when the block will be swapped), so the GPU never holds more
@@ -10,11 +10,11 @@ tokens for FLUX.2 / 128 for Qwen-Image, batch 1, random weights, each step ``ker
 * ``--cap`` runs go under ``torch.cuda.set_per_process_memory_fraction`` from before the build to the last step,
   and peak memory is ``torch.cuda.max_memory_allocated`` over the same span (``peak_gib``); ``steady_peak_gib`` is
   the peak of the timed steps alone (after warm-up: without build and first-step compile transients);
-* block swap (``kern.offload.BlockSwap``) needs the blocks uncompiled (its hooks must run in Python), so modes
+* block swap (``kern.gpu.offload.BlockSwap``) needs the blocks uncompiled (its hooks must run in Python), so modes
   with swap run with ``compile = "off"``; the others use ``--compile`` (default ``off``: this measures what the
   memory modes cost or save, the compute speed-ups are train_step.py's business).
 
-Modes (``--modes``): ``bf16``, ``fp8`` (``kern.fp8_linear.quantize_base``, dequantised bf16 input-gradient),
+Modes (``--modes``): ``bf16``, ``fp8`` (``kern.gpu.fp8_linear.quantize_base``, dequantised bf16 input-gradient),
 ``fp8g`` (the same with the fp8 input-gradient matmul), ``swap`` / ``fp8swap`` (block swap under the config's
 cap, bf16 / fp8 base). The number of resident blocks of a swap mode is planned from the same config's unswapped
 run (what it used beside the blocks' weights) unless ``--resident`` gives it; an OOM retries with fewer.
@@ -74,8 +74,8 @@ def _init_(module: nn.Module) -> None:
 def build(cfg: ts.Config, p: Any, dev: torch.device, fp8: bool, n_swapped: int) -> tuple[nn.Module, int]:
     """The transformer, block by block: materialise on ``dev``, quantise (fp8), move the first ``n_swapped``
     blocks to the CPU. Returns (model, bytes of one average block as stored)."""
-    from kern.fp8_linear import quantize_base
-    from kern.accel import blocks as repeated_blocks
+    from kern.gpu.fp8_linear import quantize_base
+    from kern.gpu.accel import blocks as repeated_blocks
 
     with ts._default_dtype(torch.bfloat16), torch.device("meta"):
         model = cfg.family.build_kern(p)
@@ -104,10 +104,10 @@ def build(cfg: ts.Config, p: Any, dev: torch.device, fp8: bool, n_swapped: int) 
 def run(r: Run, dev: torch.device) -> dict:
     """One training run of ``r.warmup + r.steps`` steps; the same path as train_step.run_kern, plus the memory mode."""
     from accelerate import Accelerator
-    from kern import train
-    from kern.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
-    from kern.accel import blocks as repeated_blocks
-    from kern.offload import BlockSwap
+    from kern.train import driver as train
+    from kern.core.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
+    from kern.gpu.accel import blocks as repeated_blocks
+    from kern.gpu.offload import BlockSwap
     from kern.records import TargetSpec
 
     cfg = ts.CONFIGS[r.config]
@@ -148,10 +148,10 @@ def run(r: Run, dev: torch.device) -> dict:
     _same_adapter_init(network)
     network.train()
     try:
-        from kern import accel
+        from kern.gpu import accel
 
         fast = accel.apply(transformer, job.train, dev)
-    except ImportError:  # a checkout before kern.accel: the model's own checkpointing switch
+    except ImportError:  # a checkout before kern.gpu.accel: the model's own checkpointing switch
         transformer.gradient_checkpointing = True
         fast = {"checkpointing": "full", "compile": "off"}
     groups = network.optimizer_param_groups(job.train.learning_rate)
@@ -191,7 +191,7 @@ def run(r: Run, dev: torch.device) -> dict:
     acc.free_memory()
     del trainee, optimizer, scheduler, network, transformer, swapper, groups, loss, acc
     try:
-        from kern import accel
+        from kern.gpu import accel
 
         accel.reset_attention()
         if out["compile"] not in (None, "off"):
@@ -244,7 +244,7 @@ def plan_resident(unswapped: dict, cap_gib: float, margin_gib: float = 1.5) -> i
 
 def linear_microbench(dev: torch.device) -> list[dict]:
     """FP8Linear against bf16 nn.Linear at the protocol's shapes: forward and forward+input-gradient times, error."""
-    from kern.fp8_linear import quantize_base
+    from kern.gpu.fp8_linear import quantize_base
 
     out = []
     shapes = [("klein4b linear1", 4608, 3072, 27648), ("klein4b linear2", 4608, 12288, 3072),
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--compile", default="off", choices=["auto", "blocks", "off"], help="kern.accel compile for unswapped modes")
+    ap.add_argument("--compile", default="off", choices=["auto", "blocks", "off"], help="kern.gpu.accel compile for unswapped modes")
     ap.add_argument("--cap", type=float, nargs="*", default=None,
                     help="GiB caps for the swap modes, one per config (default: issue 8's: klein4b 8, klein9b 12, dev 24, qwen 12)")
     ap.add_argument("--resident", type=int, default=None, help="resident blocks in swap modes (default: planned)")
@@ -376,12 +376,12 @@ def main(argv: list[str] | None = None) -> int:
             sink.write(line + "\n")
             sink.flush()
 
-    from kern.fp8_linear import fp8_matmul_supported
+    from kern.gpu.fp8_linear import fp8_matmul_supported
 
     cuda = dev.type == "cuda"
     emit({"kind": "header", "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
           "commit": ts._git_commit(), "fp8_matmul": fp8_matmul_supported(dev),
-          "fp8_matmul_why_not": __import__("kern.fp8_linear").fp8_linear._WHY_NOT.get(dev.index or 0), "h2d_gb_s": copy_bandwidth(dev) if cuda else None,
+          "fp8_matmul_why_not": __import__("kern.gpu.fp8_linear").fp8_linear._WHY_NOT.get(dev.index or 0), "h2d_gb_s": copy_bandwidth(dev) if cuda else None,
           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
     if a.microbench and cuda:
         for row in linear_microbench(dev):

@@ -1,10 +1,10 @@
 """Several GPUs: data-parallel scaling and the sharded base (``train.shard_base``), with kern's training step.
 
-Run under torchrun (or ``accelerate launch``). Every process runs ``kern.train.train_step`` on its own batch (the
+Run under torchrun (or ``accelerate launch``). Every process runs ``kern.train.driver.train_step`` on its own batch (the
 bench/train_step.py protocol: rank-16 LoRA on the default targets, one 1024² image, bf16 base, fp32 adapter,
-AdamW, gradient checkpointing) with the job's default fast paths (``kern.accel.apply``: compiled blocks unless the
+AdamW, gradient checkpointing) with the job's default fast paths (``kern.gpu.accel.apply``: compiled blocks unless the
 base is sharded); accelerate wraps the trainee in DDP as ``kern train`` does. With ``--shard-base``
-the transformer is built on the meta device, sharded with ``kern.distributed.shard_frozen`` (FSDP2 per block)
+the transformer is built on the meta device, sharded with ``kern.gpu.distributed.shard_frozen`` (FSDP2 per block)
 and only each process's shard is allocated, with random weights. Rank 0 prints one JSON line: the median over
 steps of the slowest rank's step time, images per second, and every rank's peak memory.
 
@@ -60,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_logs()
 
     from accelerate import Accelerator
-    from kern import accel, distributed, train
-    from kern.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
+    from kern.gpu import accel
+    from kern.gpu import distributed
+    from kern.train import driver as train
+    from kern.core.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
     from kern.records import TargetSpec
 
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -99,12 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     network = plan.hook.make_network(network_type="lora", model=transformer, targets=targets, options=plan.network_options)
     network.to(dev)
     network.train()
-    fast = accel.apply(transformer, job.train, dev)  # as kern.train.run: checkpointing, attention, compiled blocks
+    fast = accel.apply(transformer, job.train, dev)  # as kern.train.driver.run: checkpointing, attention, compiled blocks
     groups = network.optimizer_param_groups(job.train.learning_rate)
     optimizer = train.make_optimizer("adamw", groups, job.train.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     trainee = train.Trainee(plan, variant.name, transformer, network)
-    if args.shard_base:  # as kern.train.run does it: the base is sharded already, DDP for the adapter
+    if args.shard_base:  # as kern.train.driver.run does it: the base is sharded already, DDP for the adapter
         distributed.keep_out_of_ddp(trainee, transformer)
         trainee = torch.nn.parallel.DistributedDataParallel(trainee, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
         optimizer, scheduler = acc.prepare(optimizer, scheduler)

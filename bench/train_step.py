@@ -6,12 +6,12 @@ batch 1, random weights, median (and min) of 8 timed steps after 3 warm-up steps
 ``torch.cuda.max_memory_allocated`` over build + steps.
 
 kern side: the transformer is built directly on the GPU in bf16, the LoRA comes from the plugin manager's
-``make_network`` hook with the architecture's default targets, ``kern.accel.apply`` applies the job's fast paths
+``make_network`` hook with the architecture's default targets, ``kern.gpu.accel.apply`` applies the job's fast paths
 (compiled blocks, attention backend, checkpointing; ``--kern`` varies them), and each step runs the way
-``kern.train.run`` does it: ``kern.train.prepare`` resolves the job, ``Trainee`` calls the ``predict_velocity``
+``kern.train.driver.run`` does it: ``kern.train.driver.prepare`` resolves the job, ``Trainee`` calls the ``predict_velocity``
 hook, ``make_optimizer`` builds kern's AdamW, accelerate wraps model and optimizer, timesteps come from the
 ``sample_timesteps`` hook, noise is mixed into the latents and the loss is the (weighted) MSE to the velocity
-``noise - x0`` (``kern.train.train_step`` itself).
+``noise - x0`` (``kern.train.driver.train_step`` itself).
 
 Anchor side (when diffusers and peft import): diffusers' transformer of the same configuration with a peft
 LoRA on the same layers (diffusers splits q / k / v, so it holds more, thinner LoRA modules), autocast bf16,
@@ -352,7 +352,7 @@ def kern_manager(family: Family):
     the repo was pip-installed (and cannot pick up a stale installed copy)."""
     import importlib
 
-    from kern.plugins import build_manager
+    from kern.core.plugins import build_manager
 
     extra = [(name, importlib.import_module(module)) for name, module in (*family.plugins, ("lora", "kern_lora.plugin"))]
     return build_manager(entry_points=(), extra=extra)
@@ -487,10 +487,11 @@ def _anchor_step(forward, target, opt, bf16: bool, device_type: str) -> torch.Te
 
 
 def run_kern(s: Setup, cfg: Config) -> dict:
-    """One config with kern's own pieces, in the order kern.train.run uses them (data loading and logging left out)."""
+    """One config with kern's own pieces, in the order kern.train.driver.run uses them (data loading and logging left out)."""
     from accelerate import Accelerator
-    from kern import accel, train
-    from kern.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
+    from kern.gpu import accel
+    from kern.train import driver as train
+    from kern.core.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
     from kern.records import TargetSpec
 
     family, dev = cfg.family, s.device
@@ -511,7 +512,7 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     acc = Accelerator(mixed_precision=job.train.mixed_precision, gradient_accumulation_steps=1, cpu=dev.type == "cpu")
 
     p = family.params(variant.name, s.tiny)
-    # Random weights, built where they run (no CPU copy), or on the CPU when blocks are swapped, as kern.train.run loads.
+    # Random weights, built where they run (no CPU copy), or on the CPU when blocks are swapped, as kern.train.driver.run loads.
     # The trainer also loads an fp8 base on the CPU (to quantise it layer by layer); random init on the CPU is too
     # slow for 20-32B here, so only a swapped base starts there and an fp8 one is built in bf16 on the GPU (see Peaks).
     with _default_dtype(base_dtype), torch.device("cpu" if job.train.blocks_to_swap > 0 else dev):
@@ -525,7 +526,7 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     network = hook.make_network(network_type=plan.network.name, model=transformer, targets=targets, options=plan.network_options)
     network.to(dev)
     network.train()
-    fast = accel.apply(transformer, job.train, dev)  # as kern.train.run: checkpointing, attention, compiled blocks
+    fast = accel.apply(transformer, job.train, dev)  # as kern.train.driver.run: checkpointing, attention, compiled blocks
     groups = network.optimizer_param_groups(job.train.learning_rate)
     params = [q for g in groups for q in g["params"]]
     assert params and all(q.dtype == torch.float32 and q.device.type == dev.type for q in params), "adapter not fp32 on device"
@@ -541,7 +542,7 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     x0, text = family.kern_inputs(p, s.batch, h, w, s.n_txt(family), dev, base_dtype)
     generator = torch.Generator().manual_seed(job.train.seed)
     before = [q.detach().clone() for q in params] if s.tiny else None
-    # kern's own training step, the one kern.train.run's loop calls
+    # kern's own training step, the one kern.train.driver.run's loop calls
     step = functools.partial(_kern_step, train.train_step, acc, trainee, optimizer, scheduler, plan, x0, text, generator,
                              base_dtype)
 
@@ -766,9 +767,9 @@ def main(argv: list[str] | None = None) -> int:
                     r = {"kind": "error", "impl": label, "config": name, "error": type(err).__name__,
                          "detail": "".join(traceback.format_exception(err))[-1500:]}
                 if r.get("kind") == "error":
-                    import kern.accel
+                    import kern.gpu.accel
 
-                    kern.accel.reset_attention()
+                    kern.gpu.accel.reset_attention()
                     torch._dynamo.reset()
                     free_memory(device)  # outside the except: its traceback held the failed run's tensors
             results.append(r)

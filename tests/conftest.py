@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _fresh_plugin_manager(monkeypatch):
     """Each test sees plugins as the environment it sets up says, not a cached manager."""
-    from kern import plugins
+    from kern.core import plugins
 
     for var in (plugins.ENV_ALLOW, plugins.ENV_DENY, plugins.ENV_NO_AUTOLOAD):
         monkeypatch.delenv(var, raising=False)

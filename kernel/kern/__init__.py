@@ -4,12 +4,15 @@ Plugin authors need only what this module exports: the ``hookimpl`` marker, the 
 register, the errors they raise and ``get_logger`` for their log lines. See ``docs/plugins.md``.
 """
 
+from kern import _moved
 from kern.errors import AdapterError, ConfigError, KernError, ModelFileError, PluginError, UsageError
 from kern.hookspecs import hookimpl
 from kern.log import get_logger
 from kern.records import Architecture, NetworkType, Option, TargetSpec, Variant, WeightsClaim
 
 __version__ = "0.1.0"
+
+_moved.install()  # old module paths (kern.network, kern.checkpoint ...) still import, with a warning
 
 __all__ = [
     "AdapterError",

@@ -33,7 +33,7 @@ class DatasetError(UsageError):
 
 
 class Interrupted(BaseException):
-    """A run stopped by SIGINT / SIGTERM (``kern.runs.StopSignals``); the CLI exits with ``128 + signum`` (130, 143).
+    """A run stopped by SIGINT / SIGTERM (``kern.train.runs.StopSignals``); the CLI exits with ``128 + signum`` (130, 143).
 
     A ``BaseException``, as ``KeyboardInterrupt`` is, so no ``except Exception`` on the way up turns it into
     another error."""

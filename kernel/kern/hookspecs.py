@@ -116,7 +116,7 @@ def predict_velocity(
 def sample_timesteps(arch: str, method: str, batch_size: int, latent_shape: tuple, generator: Any, options: Mapping[str, Any]) -> Any:
     """Draw training timesteps ``t`` in ``[0, 1]``, shape ``(batch_size,)``, with ``method``.
 
-    The kernel ships the standard methods (``kern.timesteps``) as a last-resort implementation; a
+    The kernel ships the standard methods (``kern.maths.timesteps``) as a last-resort implementation; a
     plugin may override a method for its architecture or add a new one. ``latent_shape`` is the
     shape of one item's latent (resolution-dependent methods read it). Return ``None`` to decline.
     """
@@ -178,7 +178,7 @@ def adapter_module_map(arch: str, variant: str, layout: str) -> list | None:
 @hookspec(firstresult=True)
 def make_network(network_type: str, model: Any, targets: Any, options: Mapping[str, Any]) -> Any:
     """Build a trainable adapter of ``network_type`` on ``model``'s modules selected by ``targets``
-    (a ``kern.TargetSpec``), with resolved ``options``; return a ``kern.network.Network``.
+    (a ``kern.TargetSpec``), with resolved ``options``; return a ``kern.adapters.network.Network``.
 
     The adapter must be a no-op until trained (one factor initialised to zero).
     """
@@ -197,7 +197,7 @@ def detect_weights(keys: frozenset, metadata: Mapping[str, str]) -> Any:
 @hookspec(firstresult=True)
 def load_network(network_type: str, model: Any, state_dict: Mapping[str, Any], metadata: Mapping[str, str], claim: Any, multiplier: float) -> Any:
     """Apply the adapter in ``state_dict`` (claimed by ``claim``) to ``model`` unmerged, scaled by
-    ``multiplier``; return the applied ``kern.network.Network``. Keys that match no module raise
+    ``multiplier``; return the applied ``kern.adapters.network.Network``. Keys that match no module raise
     ``kern.errors.AdapterError`` naming them."""
 
 

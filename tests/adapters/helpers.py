@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import kern
-from kern.io import save_file
-from kern.network import kohya_name
-from kern.plugins import build_manager
+from kern.core.io import save_file
+from kern.adapters.network import kohya_name
+from kern.core.plugins import build_manager
 from kern_flux2.adapter_map import flux2_module_map
 
 D, DEPTH, SINGLE = 8, 2, 2  # hidden size, double blocks, single blocks of the tiny layer tree

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kern.errors import AdapterError, UsageError
-from kern.io import load_file
+from kern.core.io import load_file
 from tests.adapters.helpers import BLOCK_PATHS, LayerTree, random_lora, random_loha, write
 from tests.conftest import make_dist, run_kern
 

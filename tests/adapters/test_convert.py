@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 
-from kern.convert import convert
+from kern.adapters.convert import convert
 from kern.errors import AdapterError, UsageError
-from kern.io import load_file
+from kern.core.io import load_file
 from kern_flux2.adapter_map import flux2_module_map
 
 from tests.adapters.helpers import ALL_PATHS, ARCH, BLOCK_PATHS, D, DEPTH, SINGLE, LayerTree, manager_with_arch, random_lora, random_loha, write

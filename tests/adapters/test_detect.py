@@ -8,8 +8,8 @@ import pytest
 
 import kern
 from kern.errors import AdapterError
-from kern.plugins import build_manager
-from kern.weights import detect
+from kern.core.plugins import build_manager
+from kern.adapters.weights import detect
 
 M = "double_blocks.0.img_attn.qkv"
 Q = "transformer_blocks.0.attn.to_q"

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import kern
-from kern.convert import convert
-from kern.plugins import build_manager
+from kern.adapters.convert import convert
+from kern.core.plugins import build_manager
 from kern.records import TargetSpec
-from kern.weights import apply_adapters
+from kern.adapters.weights import apply_adapters
 from kern_flux2 import geometry, keys
 from kern_flux2.adapter_map import flux2_module_map
 from kern_flux2.params import tiny_params

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import kern
-from kern.convert import convert
-from kern.plugins import build_manager
+from kern.adapters.convert import convert
+from kern.core.plugins import build_manager
 from kern.records import TargetSpec
-from kern.weights import apply_adapters
+from kern.adapters.weights import apply_adapters
 from kern_qwen_image.adapter_map import qwen_module_map, qwen_module_paths
 
 from tests.adapters.helpers import diffusers_warnings

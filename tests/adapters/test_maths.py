@@ -11,7 +11,7 @@ from torch import nn
 
 from kern_loha.module import HadaWeight, LoHaModule, loha_delta
 from kern_lora.module import LoRAModule
-from kern.network import Network
+from kern.adapters.network import Network
 
 
 def _seeded(*shape, seed=0, scale=0.5, dtype=torch.float32):

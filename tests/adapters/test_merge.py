@@ -10,11 +10,11 @@ import textwrap
 import pytest
 import torch
 
-from kern.convert import convert
+from kern.adapters.convert import convert
 from kern.errors import AdapterError, ModelFileError, UsageError
-from kern.io import load_file, read_header
-from kern.merge import merge
-from kern.weights import apply_adapters
+from kern.core.io import load_file, read_header
+from kern.adapters.merge import merge
+from kern.adapters.weights import apply_adapters
 
 from tests.adapters.helpers import ARCH, BLOCK_PATHS, LayerTree, close, manager_with_arch, max_diff, random_lora, random_loha, write
 
@@ -189,8 +189,8 @@ def test_bad_inputs_fail_cleanly_without_partial_output(tmp_path):
 PEAK_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from kern.merge import merge
-    from kern.io import load_file
+    from kern.adapters.merge import merge
+    from kern.core.io import load_file
 
     def hwm_kib():
         for line in open("/proc/self/status"):
@@ -230,7 +230,7 @@ def test_streaming_merge_peak_memory_is_about_one_tensor(tmp_path):
     and the cast copy of one tensor at a time: a few tensors (≈ 16 MiB). We allow 10 tensors (40 MiB).
     The reader uses plain reads, not a memory map, so file pages do not count towards the resident size.
     """
-    from kern.streaming import StreamingWriter
+    from kern.adapters.streaming import StreamingWriter
 
     n, rows, cols = 48, 1024, 1024
     layout = [(f"blocks.{i}.proj.weight", torch.float32, (rows, cols)) for i in range(n)]

@@ -10,17 +10,17 @@ import torch
 from torch import nn
 
 from kern.errors import AdapterError, UsageError
-from kern.io import read_header
-from kern.network import (
+from kern.core.io import read_header
+from kern.adapters.network import (
     attached_adapters,
     kohya_name,
     modelspec_metadata,
     select_targets,
     ss_metadata,
 )
-from kern.plugins import build_manager
+from kern.core.plugins import build_manager
 from kern.records import TargetSpec
-from kern.weights import apply_adapters
+from kern.adapters.weights import apply_adapters
 
 from tests.adapters.helpers import LayerTree, close, random_lora, random_loha, write
 
@@ -63,7 +63,7 @@ def test_select_targets_conv_only_when_allowed():
 
 
 def test_fp8_linear_is_a_target_and_merges():
-    from kern.fp8 import Float8Linear
+    from kern.gpu.fp8 import Float8Linear
 
     layer = Float8Linear.from_linear(nn.Linear(16, 8), compute_dtype=torch.float32)
     model = nn.Sequential(layer)

@@ -10,11 +10,11 @@ import struct
 import pytest
 import torch
 
-from kern.convert import convert
+from kern.adapters.convert import convert
 from kern.errors import AdapterError, KernError, ModelFileError, UsageError
-from kern.io import load_file
-from kern.merge import merge
-from kern.weights import parse_weights_arg
+from kern.core.io import load_file
+from kern.adapters.merge import merge
+from kern.adapters.weights import parse_weights_arg
 from tests.adapters.helpers import ARCH, BLOCK_PATHS, LayerTree, manager_with_arch, random_lora, write
 from tests.conftest import REPO, make_dist, run_kern
 
@@ -288,7 +288,7 @@ def test_corrupt_adapter_or_base_in_merge_and_convert(tmp_path, header):
 def test_convert_output_rules(work, monkeypatch):
     from click.testing import CliRunner
 
-    from kern import plugins
+    from kern.core import plugins
     from kern_cli.commands.convert import command
 
     tmp, dist = work
@@ -355,7 +355,7 @@ def test_parse_weights_arg(tmp_path):
 
 
 def test_apply_adapters_refuses_nonfinite_multipliers_before_reading(tmp_path):
-    from kern.weights import apply_adapters
+    from kern.adapters.weights import apply_adapters
 
     model = LayerTree()
     with pytest.raises(UsageError, match="multiplier nan is not a finite number"):

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from kern.errors import KernError
-from kern.streaming import SafetensorsReader, StreamingWriter, aligned_order
+from kern.adapters.streaming import SafetensorsReader, StreamingWriter, aligned_order
 
 
 def sample():

@@ -1,5 +1,5 @@
 """bench/train_step.py's fast-path settings (--kern) on the CPU: each setting is one kern run with its own label,
-the JSON says what kern.accel applied, and no step after the warm-up compiled anything."""
+the JSON says what kern.gpu.accel applied, and no step after the warm-up compiled anything."""
 
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from kern.generate import Setup, run_batch, run_interactive
-from kern.plugins import get_manager
-from kern.prompts import Request, Wildcards, expand_request, read_prompt_file
+from kern.generate.driver import Setup, run_batch, run_interactive
+from kern.core.plugins import get_manager
+from kern.data.prompts import Request, Wildcards, expand_request, read_prompt_file
 from PIL import Image
 
 from tests.conftest import run_kern
@@ -154,7 +154,7 @@ def test_interactive_mode_loads_each_model_once(tiny_bundle, tmp_path, monkeypat
 @pytest.fixture
 def lora_file(tiny_bundle, tmp_path):
     """A LoRA on the tiny transformer with random (non-zero) up and down weights, as a musubi-made file looks."""
-    from kern.network import modelspec_metadata
+    from kern.adapters.network import modelspec_metadata
     from kern.records import TargetSpec, resolve_options
 
     manager = get_manager()
@@ -172,7 +172,7 @@ def lora_file(tiny_bundle, tmp_path):
 
 
 def test_adapter_changes_the_image_and_merged_matches_unmerged(tiny_bundle, tmp_path, lora_file, monkeypatch):
-    from kern.weights import parse_weights_arg
+    from kern.adapters.weights import parse_weights_arg
 
     request = [Request(prompt="a red circle", seed=4)]
     base = run_batch(setup(tiny_bundle, tmp_path / "base"), request)[0]
@@ -226,7 +226,7 @@ def test_cli_generate_writes_a_png(tiny_bundle, tmp_path):
 
 def test_compiled_blocks_give_the_eager_image(tiny_bundle, tmp_path):
     """`kern generate --compile`: the repeated blocks compiled make the image the eager blocks make, to rounding."""
-    from kern import accel
+    from kern.gpu import accel
 
     request = [Request(prompt="a red circle", seed=3)]
     eager = run_batch(setup(tiny_bundle, tmp_path / "eager"), request)

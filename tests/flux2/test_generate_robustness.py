@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kern.generate import Generator, Setup
-from kern.plugins import get_manager
-from kern.prompts import Request
+from kern.generate.driver import Generator, Setup
+from kern.core.plugins import get_manager
+from kern.data.prompts import Request
 
 
 @pytest.fixture(autouse=True)

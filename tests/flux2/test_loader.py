@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kern.errors import ModelFileError
-from kern.io import load_file, save_file
+from kern.core.io import load_file, save_file
 from kern_flux2 import keys, loader
 from kern_flux2.params import tiny_params
 from kern_flux2.transformer import Flux2Transformer

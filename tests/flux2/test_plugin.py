@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kern.network import select_targets
-from kern.plugins import get_manager
+from kern.adapters.network import select_targets
+from kern.core.plugins import get_manager
 from kern.records import TargetSpec
 from kern_flux2.params import PARAMS_BY_VARIANT
 from kern_flux2.transformer import Flux2Transformer

@@ -6,9 +6,9 @@ import json
 
 from PIL import Image
 
-from kern.generate import Setup, run_batch
-from kern.plugins import get_manager
-from kern.prompts import Request, parse_line
+from kern.generate.driver import Setup, run_batch
+from kern.core.plugins import get_manager
+from kern.data.prompts import Request, parse_line
 
 
 def test_reference_sizes_follow_the_official_caps():

@@ -29,7 +29,7 @@ from transformers import (  # noqa: E402
 )
 
 from kern.errors import ModelFileError, UsageError  # noqa: E402
-from kern.fp8 import Float8Linear  # noqa: E402
+from kern.gpu.fp8 import Float8Linear  # noqa: E402
 from kern_flux2.text_encoder import (  # noqa: E402
     SYSTEM_MESSAGE,
     MistralEmbedder,

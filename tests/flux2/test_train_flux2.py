@@ -11,11 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kern import cache, config, data, train
-from kern.generate import Setup, run_batch
-from kern.io import load_file
-from kern.plugins import get_manager
-from kern.prompts import Request
+from kern.data import cache
+from kern.core import config
+from kern.data import datasets as data
+from kern.train import driver as train
+from kern.generate.driver import Setup, run_batch
+from kern.core.io import load_file
+from kern.core.plugins import get_manager
+from kern.data.prompts import Request
 from PIL import Image
 
 from tests.conftest import run_kern
@@ -93,7 +96,7 @@ def velocity(model, latents, t, text, references=None):
 
 @pytest.mark.parametrize("network", ["lora", "loha"])
 def test_loss_falls_and_the_saved_adapter_reproduces_the_trained_model(tiny_bundle, tmp_path, monkeypatch, network):
-    from kern.weights import apply_adapters
+    from kern.adapters.weights import apply_adapters
 
     dataset = make_dataset(tmp_path / "data", n=2, size=(32, 32), batch_size=2)
     out = tmp_path / "run"

@@ -11,7 +11,7 @@ import types
 
 import pytest
 import torch
-from kern.tiling import ramp
+from kern.models.tiling import ramp
 
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLFlux2, Flux2Pipeline  # noqa: E402

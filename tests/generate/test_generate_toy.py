@@ -8,14 +8,14 @@ import pytest
 from PIL import Image
 
 from kern.errors import AdapterError, UsageError
-from kern.generate import Setup, run_batch, run_interactive
-from kern.prompts import Request, read_prompt_file
+from kern.generate.driver import Setup, run_batch, run_interactive
+from kern.data.prompts import Request, read_prompt_file
 
 
 @pytest.fixture
 def toy(monkeypatch):
     from tests.conftest import REPO
-    from kern import plugins
+    from kern.core import plugins
 
     monkeypatch.setenv(plugins.ENV_DENY, "toy")  # an in-tree build may have left an entry point for it
     monkeypatch.syspath_prepend(str(REPO / "examples" / "plugins" / "kern-toy"))
@@ -95,7 +95,7 @@ def test_size_not_on_the_step_is_an_error_naming_the_line(tmp_path, toy):
 
 
 def test_adapter_for_another_architecture_is_refused_before_loading(tmp_path, toy):
-    from kern.io import save_file
+    from kern.core.io import save_file
     import torch
 
     adapter = tmp_path / "flux_lora.safetensors"

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kern.plugins import get_manager
-from kern.sampling import euler_denoise
+from kern.core.plugins import get_manager
+from kern.generate.denoise import euler_denoise
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -97,9 +97,9 @@ def test_qwen_image_edit_2511_generation_equals_the_edit_plus_pipeline(tmp_path)
     through the VAE at the pipelines' 1024² area, follows the target tokens with its own RoPE frame, is modulated
     at t = 0 (2511's ``zero_cond_t``), and true CFG combines the two passes. (The text encoding with images is
     checked against ``encode_prompt`` in tests/qwen_image/test_text_encoder.py; here both sides get embeddings.)"""
-    from kern.generate import Generator, Setup
-    from kern.io import load_file
-    from kern.prompts import Request
+    from kern.generate.driver import Generator, Setup
+    from kern.core.io import load_file
+    from kern.data.prompts import Request
     from kern_qwen_image import geometry, tiny
     from kern_qwen_image.params import tiny_params
     from kern_qwen_image.vae import tiny_vae_params
@@ -135,7 +135,7 @@ def test_qwen_image_edit_2511_generation_equals_the_edit_plus_pipeline(tmp_path)
              gen._text_key(gen.variant.negative_prompt, image): {"ctx": uncond, "mask": ones(uncond)}}
     gen.denoise([image], texts, references=gen.encode_references([image]))
 
-    from kern.sampling import seeded_noise
+    from kern.generate.denoise import seeded_noise
 
     noise = seeded_noise([11], (16, size // 8, size // 8))
     theirs_out = _final_latents(pipe, image=[Image.open(control).convert("RGB")], prompt_embeds=cond, prompt_embeds_mask=ones(cond),

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kern.errors import UsageError
-from kern.prompts import LIMITS, Request, iter_interactive, parse_line, read_prompt_file
+from kern.data.prompts import LIMITS, Request, iter_interactive, parse_line, read_prompt_file
 
 OPTIONS = ["--w", "--h", "--d", "--s", "--g", "--n", "--f", "--ci", "--layers", "--zz", "--", "-w", "w"]
 VALUES = ["0", "1", "-1", "16", "64.0", "1e9", "nan", "inf", "-inf", "1e999", "NaN", str(2**64), str(2**64 - 1),

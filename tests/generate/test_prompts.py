@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kern.errors import UsageError
-from kern.prompts import Request, Wildcards, expand_request, iter_interactive, parse_line, read_prompt_file
+from kern.data.prompts import Request, Wildcards, expand_request, iter_interactive, parse_line, read_prompt_file
 
 
 def test_line_with_every_option():

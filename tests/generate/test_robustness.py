@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from kern.errors import KernError, UsageError
-from kern.generate import Generator, Setup, contact_sheet, next_index, publish, run_batch, run_interactive
-from kern.prompts import MAX_SEED, Request, Wildcards, read_prompt_file
+from kern.generate.driver import Generator, Setup, contact_sheet, next_index, publish, run_batch, run_interactive
+from kern.data.prompts import MAX_SEED, Request, Wildcards, read_prompt_file
 
 from tests.conftest import run_kern
 
@@ -20,7 +20,7 @@ from tests.conftest import run_kern
 @pytest.fixture
 def toy(monkeypatch):
     from tests.conftest import REPO
-    from kern import plugins
+    from kern.core import plugins
 
     monkeypatch.setenv(plugins.ENV_DENY, "toy")  # an in-tree build may have left an entry point for it
     monkeypatch.syspath_prepend(str(REPO / "examples" / "plugins" / "kern-toy"))
@@ -261,7 +261,7 @@ def test_cli_unusable_prompt_files_are_usage_errors(toy_site, tmp_path, content)
 
 
 def test_cli_weights_multiplier_must_be_finite(toy_site, tmp_path):
-    from kern.io import save_file
+    from kern.core.io import save_file
     import torch
 
     adapter = tmp_path / "a.safetensors"
@@ -399,7 +399,7 @@ def test_named_saves_as_the_trainer_makes_them_never_replace(tmp_path, toy):
     gen = Generator(setup(tmp_path))
     images = gen.plan([Request(prompt="a cat", seed=3)])
     gen.denoise(images, gen.encode(images))
-    name = lambda im, layer: f"step-000010_{im.index:02d}"  # noqa: E731 - kern.train.Sampler's names
+    name = lambda im, layer: f"step-000010_{im.index:02d}"  # noqa: E731 - kern.train.driver.Sampler's names
     first = gen.decode_and_save(images, name=name)
     again = gen.decode_and_save(images, name=name)
     assert [p.name for p in first + again] == ["step-000010_00.png", "step-000010_00-1.png"]

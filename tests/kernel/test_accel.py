@@ -1,4 +1,4 @@
-"""kern.accel: the training fast-path options (parsing, errors naming the key) and their exactness on the CPU.
+"""kern.gpu.accel: the training fast-path options (parsing, errors naming the key) and their exactness on the CPU.
 
 Selective and full checkpointing must give the gradients of the unchecked model; compiled blocks must trace through
 the adapters' patched ``Linear.forward`` and the checkpoint wrapper, give the same loss, and not recompile per step.
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kern import accel
-from kern.config import TrainConfig, load_job
+from kern.gpu import accel
+from kern.core.config import TrainConfig, load_job
 from kern.errors import ConfigError
-from kern.plugins import build_manager
+from kern.core.plugins import build_manager
 from kern.records import TargetSpec
 
 
@@ -50,7 +50,7 @@ def _tiny_lora_model(seed: int = 0, base_precision: str = "bf16"):
     model = Flux2Transformer(params)
     model.requires_grad_(False)
     model.eval()
-    accel.prepare_base(model, TrainConfig(base_precision=base_precision), "cpu")  # before the adapters, as kern.train.run
+    accel.prepare_base(model, TrainConfig(base_precision=base_precision), "cpu")  # before the adapters, as kern.train.driver.run
     manager = build_manager(entry_points=(), extra=[("flux2", kern_flux2.plugin), ("lora", kern_lora.plugin)])
     arch, _ = manager.resolve_arch("flux2-klein-4b")
     network = manager.hook.make_network(network_type="lora", model=model, options={"rank": 4, "alpha": 4.0},
@@ -217,10 +217,10 @@ def test_fp8_base_loads_on_the_cpu_and_backward_follows_compile(monkeypatch):
     assert accel.base_device(TrainConfig(base_precision="fp8"), "cpu").type == "cpu"
     assert accel.base_device(TrainConfig(), cuda).type == "cuda"
     assert accel.base_device(TrainConfig(blocks_to_swap=1), cuda).type == "cpu"
-    import kern.fp8_linear
+    import kern.gpu.fp8_linear
 
     asked = []
-    monkeypatch.setattr(kern.fp8_linear, "quantize_base", lambda model, **kw: asked.append(kw["backward"]) or 0)
+    monkeypatch.setattr(kern.gpu.fp8_linear, "quantize_base", lambda model, **kw: asked.append(kw["backward"]) or 0)
     for compile_, backward in (("blocks", "fp8"), ("off", "bf16"), ("auto", "bf16")):  # auto: off on the CPU
         done = accel.prepare_base(torch.nn.Linear(16, 16), TrainConfig(base_precision="fp8", compile=compile_), "cpu")
         assert done["fp8_backward"] == backward == asked[-1]

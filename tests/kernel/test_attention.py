@@ -1,4 +1,4 @@
-"""kern.attention: the one attention call of the architectures, SDPA or a flash-attention package.
+"""kern.gpu.attention: the one attention call of the architectures, SDPA or a flash-attention package.
 
 The flash-attention packages need a CUDA build this machine lacks, so the dispatch is checked with a stand-in
 ``flash_attn`` module whose ``flash_attn_func`` is the reference attention in the package's (B, L, H, D) layout:
@@ -13,8 +13,9 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from kern import accel, attention
-from kern.config import TrainConfig
+from kern.gpu import accel
+from kern.gpu import attention
+from kern.core.config import TrainConfig
 from kern.errors import ConfigError
 
 
@@ -66,7 +67,7 @@ def test_flash_attn_package_gets_the_calls_it_can_take(fake_flash):
 
 
 def test_architectures_attend_through_it(fake_flash):
-    """Both architectures' blocks call kern.attention, so a third-party backend choice reaches them."""
+    """Both architectures' blocks call kern.gpu.attention, so a third-party backend choice reaches them."""
     from kern_flux2 import layers as flux2_layers
     from kern_qwen_image import layers as qwen_layers
 

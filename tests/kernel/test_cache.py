@@ -1,4 +1,4 @@
-"""kern.cache: latent and text caches (names, keys, reuse, rebuilds, corruption) and batch loading."""
+"""kern.data.cache: latent and text caches (names, keys, reuse, rebuilds, corruption) and batch loading."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 from structlog.testing import capture_logs
 
-from kern import cache
-from kern.data import batch_order, load_dataset_config, scan_items
+from kern.data import cache
+from kern.data.datasets import batch_order, load_dataset_config, scan_items
 from kern.errors import KernError
-from kern.io import load_file
+from kern.core.io import load_file
 
 ARCH = "toy4"
 STEP = 16
@@ -316,7 +316,7 @@ def test_missing_cache_at_load_names_the_file(tmp_path):
 
 
 def test_variable_length_text_is_right_padded_with_zeros():
-    from kern.cache import pad_sequences
+    from kern.data.cache import pad_sequences
 
     a, b = torch.ones(3, 4), torch.ones(5, 4)
     pa, pb = pad_sequences([a, b])

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kern import config
+from kern.core import config
 from kern.errors import ConfigError
 from tests.conftest import run_kern
 
@@ -140,7 +140,7 @@ def test_every_written_config_reads_back_to_the_same_job(tmp_path_factory, promp
 
 
 def test_option_ranges_and_checks():
-    from kern.network import parse_rank_patterns
+    from kern.adapters.network import parse_rank_patterns
     from kern.records import Option, resolve_options
 
     schema = (Option("rank", "int", 16, minimum=1), Option("p", "float", 0.0, minimum=0.0, maximum=0.99),

@@ -1,4 +1,4 @@
-"""kern.data: the musubi dataset TOML, scanning, buckets, control matching, batch order, image loading."""
+"""kern.data.datasets: the musubi dataset TOML, scanning, buckets, control matching, batch order, image loading."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from structlog.testing import capture_logs
 
-from kern.data import (
+from kern.data.datasets import (
     DatasetSpec,
     batch_key,
     batch_order,
@@ -610,11 +610,11 @@ def test_json_nan_and_huge_numbers_are_errors(tmp_path):
 
 
 def test_too_many_items_per_epoch_is_an_error(tmp_path, monkeypatch):
-    import kern.data
+    import kern.data.datasets
 
     for name in ("a.png", "b.png", "c.png"):
         captioned(tmp_path / "images", name)
-    monkeypatch.setattr(kern.data, "MAX_EPOCH_ITEMS", 5)
+    monkeypatch.setattr(kern.data.datasets, "MAX_EPOCH_ITEMS", 5)
     (spec,) = one_dataset(tmp_path, extra="num_repeats = 2")
     with pytest.raises(DatasetError, match="key 'num_repeats': 3 images x 2 repeats is more than 5 items per epoch"):
         scan_items([spec], STEP)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from kern.data import DATASET_KEYS, SHARED_KEYS, DatasetSpec, load_dataset_config, scan_items
+from kern.data.datasets import DATASET_KEYS, SHARED_KEYS, DatasetSpec, load_dataset_config, scan_items
 from kern.errors import DatasetError
 
 PROPERTY = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kern import plugins
+from kern.core import plugins
 from tests.conftest import plugins_json
 
 

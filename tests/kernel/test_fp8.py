@@ -1,4 +1,4 @@
-"""kern.fp8: weight-only float8_e4m3fn storage for nn.Linear, dequantised on the fly.
+"""kern.gpu.fp8: weight-only float8_e4m3fn storage for nn.Linear, dequantised on the fly.
 
 Tolerances come from the format: e4m3 keeps 3 mantissa bits, so rounding a weight in the normal range moves it by
 at most half a step, 2**-4 of its magnitude; for weights spread over a row (Gaussian) the RMS relative error is
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kern.errors import UsageError
-from kern.fp8 import E4M3_MAX, Float8Linear, quantize_linears_, quantize_weight
+from kern.gpu.fp8 import E4M3_MAX, Float8Linear, quantize_linears_, quantize_weight
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 pytestmark = pytest.mark.skipif(FP8 is None, reason="this torch has no float8_e4m3fn")
@@ -164,7 +164,7 @@ def test_tiny_qwen3_quantised_stays_close_to_bf16():
 
 
 def test_import_does_not_touch_float8(tmp_path):
-    """kern.fp8 (and the FLUX.2 text encoder that imports it) import on a torch without float8_e4m3fn;
+    """kern.gpu.fp8 (and the FLUX.2 text encoder that imports it) import on a torch without float8_e4m3fn;
     using it then fails with a clear UsageError."""
     code = textwrap.dedent(
         """
@@ -172,8 +172,8 @@ def test_import_does_not_touch_float8(tmp_path):
         if hasattr(torch, "float8_e4m3fn"):
             del torch.float8_e4m3fn
         import importlib.util
-        import kern.fp8 as fp8
-        if importlib.util.find_spec("kern_flux2") is not None:  # the plugin, when installed, imports kern.fp8
+        import kern.gpu.fp8 as fp8
+        if importlib.util.find_spec("kern_flux2") is not None:  # the plugin, when installed, imports kern.gpu.fp8
             import kern_flux2.text_encoder  # noqa: F401
         try:
             fp8.quantize_weight(torch.ones(2, 2))

@@ -1,4 +1,4 @@
-"""kern.fp8_linear: frozen nn.Linear layers with e4m3 weights (per-channel scales) for training through them.
+"""kern.gpu.fp8_linear: frozen nn.Linear layers with e4m3 weights (per-channel scales) for training through them.
 
 Tolerances come from the format: e4m3 keeps 3 mantissa bits, so a rounded value is off by at most 2**-4 of its
 magnitude, about 2.5 % RMS for values spread over a row. A matmul with one rounded operand is off by about that
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from kern.errors import UsageError
-from kern.fp8_linear import (
+from kern.gpu.fp8_linear import (
     FP8Linear,
     dequantize_base,
     fp8_matmul_supported,
@@ -140,7 +140,7 @@ def test_saves_only_the_layer_buffers_for_backward():
 
 
 def test_lora_on_fp8_base_trains_tiny_flux2():
-    from kern.network import build_network
+    from kern.adapters.network import build_network
     from kern_flux2 import geometry
     from kern_flux2.params import tiny_params
     from kern_flux2.plugin import DEFAULT_TARGETS
@@ -176,7 +176,7 @@ def test_lora_on_fp8_base_trains_tiny_flux2():
 
 
 def test_quantise_after_the_network_is_refused():
-    from kern.network import build_network
+    from kern.adapters.network import build_network
     from kern_lora.module import LoRAModule
 
     model = Tiny()
@@ -217,8 +217,8 @@ def test_qwen_image_default_skips():
 def test_scaled_mm_maths_on_cpu():
     """The _scaled_mm call itself (layouts, rowwise scales, folded backward scale), where this torch runs it on the
     CPU; on CUDA it is what the layer uses."""
-    from kern.fp8 import quantize_weight
-    from kern.fp8_linear import _scaled_grad_input, _scaled_linear
+    from kern.gpu.fp8 import quantize_weight
+    from kern.gpu.fp8_linear import _scaled_grad_input, _scaled_linear
 
     torch.manual_seed(3)
     x = torch.randn(2, 33, 64, dtype=torch.bfloat16)
@@ -259,7 +259,7 @@ def test_cuda_fast_path(backward):
 def test_merging_an_adapter_into_an_fp8_base_layer_keeps_its_scale():
     """``Network.merge`` adds ΔW into an FP8Linear through its scale (dequantise, add, re-quantise), not into the
     raw e4m3 codes."""
-    from kern.network import add_to_weight_
+    from kern.adapters.network import add_to_weight_
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 48))

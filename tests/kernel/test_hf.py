@@ -1,9 +1,9 @@
-"""kern.hf: the shared checks of Hugging Face text-encoder folders."""
+"""kern.models.hf: the shared checks of Hugging Face text-encoder folders."""
 
 from __future__ import annotations
 
 import pytest
-from kern import hf
+from kern.models import hf
 from kern.errors import ModelFileError
 
 

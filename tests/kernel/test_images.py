@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kern.data import _probe, load_dataset_config, load_image, open_picture, scan_items, to_mode
+from kern.data.datasets import _probe, load_dataset_config, load_image, open_picture, scan_items, to_mode
 from kern.errors import DatasetError
 
 W, H = 32, 16  # multiples of the resolution step: loaded at their own size, so never resampled

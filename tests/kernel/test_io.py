@@ -1,4 +1,4 @@
-"""kern.io: atomic writes (permissions, full disk, read-only folders, orphans), output-path checks, header
+"""kern.core.io: atomic writes (permissions, full disk, read-only folders, orphans), output-path checks, header
 validation of safetensors files of every malformed shape, finiteness checks."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-import kern.io as kio
+import kern.core.io as kio
 from kern.errors import KernError, ModelFileError, UsageError
-from kern.io import (
+from kern.core.io import (
     OutputExistsError,
     WriteError,
     atomic_path,
@@ -151,7 +151,7 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
 def test_disk_full_in_the_streaming_writer_leaves_nothing(tmp_path, monkeypatch):
     import builtins
 
-    import kern.streaming as streaming
+    import kern.adapters.streaming as streaming
 
     layout = [("a", torch.float32, (64,)), ("b", torch.float32, (64,))]
     out = tmp_path / "s.safetensors"
@@ -183,7 +183,7 @@ def test_disk_full_in_the_streaming_writer_leaves_nothing(tmp_path, monkeypatch)
 def test_a_failing_close_removes_the_temporary_file(tmp_path, monkeypatch):
     import builtins
 
-    import kern.streaming as streaming
+    import kern.adapters.streaming as streaming
 
     class CloseFails:
         def __init__(self, f):
@@ -352,8 +352,8 @@ BAD_HEADERS = [
 
 @pytest.mark.parametrize("header,data,message", [c[1:] for c in BAD_HEADERS], ids=[c[0] for c in BAD_HEADERS])
 def test_malformed_headers_are_kern_errors_naming_the_file(tmp_path, header, data, message):
-    from kern.checkpoint import load_tensors, read_shapes
-    from kern.streaming import SafetensorsReader
+    from kern.models.files import load_tensors, read_shapes
+    from kern.adapters.streaming import SafetensorsReader
 
     path = raw_file(tmp_path / "bad.safetensors", header, data)
     for read in (read_header, load_file, SafetensorsReader):
@@ -392,7 +392,7 @@ def test_broken_files(tmp_path, make, message):
 def test_valid_edge_cases_read_the_same_as_safetensors(tmp_path):
     from safetensors import safe_open
 
-    from kern.streaming import SafetensorsReader
+    from kern.adapters.streaming import SafetensorsReader
 
     header = {
         "__metadata__": {"k": "v"},
@@ -423,7 +423,7 @@ def test_safetensors_library_errors_become_kern_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors, "safe_open", broken)
     with pytest.raises(KernError, match=r"a\.safetensors: unreadable safetensors file: .*something new"):
         load_file(path)
-    from kern.checkpoint import load_tensors
+    from kern.models.files import load_tensors
 
     with pytest.raises(ModelFileError, match=r"a\.safetensors: unreadable safetensors file"):
         load_tensors([path], None, "cpu")
@@ -447,7 +447,7 @@ def test_describe_nonfinite(dtype, monkeypatch):
 
 
 def test_load_tensors_refuses_nonfinite_tensors(tmp_path):
-    from kern.checkpoint import load_tensors
+    from kern.models.files import load_tensors
 
     good = {"w": torch.randn(4, 4), "n": torch.arange(3)}
     save_file(good, tmp_path / "good.safetensors")
@@ -520,14 +520,14 @@ def safetensors_bytes(draw):
 
 def read_everything(path):
     """Every reader kern has, on one file; returns what load_file read (or raises)."""
-    from kern.checkpoint import read_shapes
-    from kern.streaming import SafetensorsReader
+    from kern.models.files import read_shapes
+    from kern.adapters.streaming import SafetensorsReader
 
     header, _ = read_header(path)
     read_shapes([path])
     tensors, _ = load_file(path)
     assert set(tensors) == set(header)
-    from kern.streaming import _DTYPES
+    from kern.adapters.streaming import _DTYPES
 
     with SafetensorsReader(path) as r:
         for k in r.keys():

@@ -43,7 +43,7 @@ def test_kern_used_as_a_library_is_quiet_until_logging_is_set_up():
     import subprocess
     import sys
 
-    code = ("import logging, kern.plugins as p; p.get_manager(); from kern.log import get_logger; "
+    code = ("import logging, kern.core.plugins as p; p.get_manager(); from kern.log import get_logger; "
             "log = get_logger('kern.t'); log.info('quiet info'); log.debug('quiet debug'); "
             "logging.basicConfig(level=logging.INFO, format='%(name)s %(message)s'); log.info('now heard', n=1)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""kern.offload: block swap and activation offload give the same outputs and gradients as the plain model.
+"""kern.gpu.offload: block swap and activation offload give the same outputs and gradients as the plain model.
 
 On the CPU the 'device' copy of a swapped block is a fresh CPU tensor, so the hook logic (what is loaded when, in
 which order, forward and checkpoint recompute, early-stopped recomputes, what is dropped) runs exactly as on a GPU,
@@ -14,10 +14,10 @@ import types
 import pytest
 import torch
 from kern.errors import UsageError
-from kern.fp8_linear import quantize_base
-from kern.network import build_network
-from kern.accel import blocks as repeated_blocks
-from kern.offload import ActivationOffload, BlockSwap
+from kern.gpu.fp8_linear import quantize_base
+from kern.adapters.network import build_network
+from kern.gpu.accel import blocks as repeated_blocks
+from kern.gpu.offload import ActivationOffload, BlockSwap
 from kern.records import TargetSpec
 from torch.utils.checkpoint import checkpoint
 
@@ -112,7 +112,7 @@ class _Watch:
 @pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
 def test_block_swap_same_outputs_and_gradients(build, ckpt, fp8):
     """``call``: the model checkpoints ``block(...)`` (its own gradient_checkpointing switch); ``inner``: the block's
-    forward checkpoints the class forward, as kern.accel wraps blocks (no module hook fires in the recompute)."""
+    forward checkpoints the class forward, as kern.gpu.accel wraps blocks (no module hook fires in the recompute)."""
     model, x, targets = build(fp8)
     model.gradient_checkpointing = ckpt == "call"
     if ckpt == "inner":

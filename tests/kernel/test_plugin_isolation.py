@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kern import plugins
+from kern.core import plugins
 from kern.errors import PluginError, UsageError
 from tests.conftest import make_dist, plugins_json, run_kern
 

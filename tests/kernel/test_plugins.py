@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from kern import plugins
+from kern.core import plugins
 from kern.errors import UsageError
 from tests.conftest import make_dist, plugins_json, run_kern
 
@@ -44,7 +44,7 @@ def test_builtin_plugins_are_discovered_through_entry_points():
         assert info.distribution == dist
         assert info.version == "0.1.0"
         assert info.module == f"kern_{name}.plugin"
-    assert manager.infos["kern"].module == "kern.defaults"  # the kernel's defaults are a plugin like the others
+    assert manager.infos["kern"].module == "kern.core.defaults"  # the kernel's defaults are a plugin like the others
     assert "sample_timesteps" in manager.infos["kern"].hooks
 
 

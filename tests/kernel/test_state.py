@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from kern.state import STATE_JSON, STATE_TENSORS, DamagedState, load_state, save_state
+from kern.train.state import STATE_JSON, STATE_TENSORS, DamagedState, load_state, save_state
 
 
 def trained_optimizer(kind: str):
@@ -73,7 +73,7 @@ def test_optimizer_scheduler_and_rng_states_round_trip_exactly(tmp_path, kind):
 def test_the_files_hold_no_pickle_and_say_what_they_are(tmp_path):
     save_state(tmp_path, {"x": torch.arange(3), "y": (1, 2)})
     manifest = json.loads((tmp_path / STATE_JSON).read_text())
-    assert manifest["format"] == "kern.state/1" and set(manifest["files"]) == {STATE_TENSORS}
+    assert manifest["format"] == "kern.train.state/1" and set(manifest["files"]) == {STATE_TENSORS}
     raw = (tmp_path / STATE_TENSORS).read_bytes()
     assert b"\x80\x04" not in raw[:8] and raw[8:9] == b"{"  # a safetensors header, not a pickle stream
     with pytest.raises(TypeError, match="without pickle"):
@@ -94,7 +94,7 @@ def test_damage_is_detected(tmp_path, damage):
     elif damage == "remove":
         (tmp_path / "adapter.safetensors").unlink()
     elif damage == "json":
-        (tmp_path / STATE_JSON).write_text('{"format": "kern.state/1", "files": {}')
+        (tmp_path / STATE_JSON).write_text('{"format": "kern.train.state/1", "files": {}')
     else:
         (tmp_path / "adapter.safetensors").write_bytes(b"adapter bytez")
     with pytest.raises(DamagedState):

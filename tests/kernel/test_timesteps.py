@@ -16,7 +16,7 @@ import pytest
 import structlog
 import torch
 
-from kern import timesteps as ts
+from kern.maths import timesteps as ts
 from kern.errors import UsageError
 
 N = 200_000

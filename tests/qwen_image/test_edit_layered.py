@@ -10,12 +10,13 @@ import os
 
 import pytest
 import torch
-from kern import config, train
+from kern.core import config
+from kern.train import driver as train
 from kern.errors import UsageError
-from kern.generate import Generator, Setup, run_batch
-from kern.io import load_file
-from kern.plugins import get_manager
-from kern.prompts import Request, read_prompt_file
+from kern.generate.driver import Generator, Setup, run_batch
+from kern.core.io import load_file
+from kern.core.plugins import get_manager
+from kern.data.prompts import Request, read_prompt_file
 from PIL import Image
 
 from tests.conftest import run_kern
@@ -176,7 +177,7 @@ def test_cli_edit_without_control_is_a_usage_error(tiny_variants, tmp_path):
 
 
 def test_edit_caption_dropout_uses_each_items_empty_caption_with_its_controls(tiny_variants, tmp_path, monkeypatch):
-    from kern import cache
+    from kern.data import cache
 
     encodes = _spy(monkeypatch, "encode_text")
     dataset = make_dataset(tmp_path / "drop", n=2, size=(32, 32), refs=1)
@@ -187,7 +188,7 @@ def test_edit_caption_dropout_uses_each_items_empty_caption_with_its_controls(ti
     names = sorted(p.name for p in (tmp_path / "drop" / "cache").glob("*_te.safetensors"))
     assert names == ["img0_qie_empty_te.safetensors", "img0_qie_te.safetensors", "img1_qie_empty_te.safetensors", "img1_qie_te.safetensors"]
     # A dropped item's text is its own empty-caption encoding (the controls differ per item, so must the text).
-    from kern.data import load_dataset_config, scan_items
+    from kern.data.datasets import load_dataset_config, scan_items
 
     items = scan_items(load_dataset_config(dataset), 16)
     always = cache.load_batch([items[0]], "qie", torch.Generator().manual_seed(0), caption_dropout_rate=1.0)

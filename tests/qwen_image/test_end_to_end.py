@@ -1,5 +1,5 @@
 """Qwen-Image end to end on the tiny bundle (kern_qwen_image.tiny), on the CPU: loading through the plugin
-manager, a T2I LoRA training run through ``kern.train.run`` and generation through ``kern.generate.run_batch``
+manager, a T2I LoRA training run through ``kern.train.driver.run`` and generation through ``kern.generate.driver.run_batch``
 with true CFG."""
 
 from __future__ import annotations
@@ -8,12 +8,13 @@ import json
 
 import pytest
 import torch
-from kern import config, train
+from kern.core import config
+from kern.train import driver as train
 from kern.errors import ModelFileError
-from kern.generate import Setup, run_batch
-from kern.io import load_file, save_file
-from kern.plugins import get_manager
-from kern.prompts import read_prompt_file
+from kern.generate.driver import Setup, run_batch
+from kern.core.io import load_file, save_file
+from kern.core.plugins import get_manager
+from kern.data.prompts import read_prompt_file
 from PIL import Image
 
 from tests.train.conftest import make_dataset

@@ -9,9 +9,9 @@ import shutil
 import pytest
 import torch
 from kern.errors import ModelFileError
-from kern.generate import Generator, Setup, run_batch
-from kern.plugins import get_manager
-from kern.prompts import read_prompt_file
+from kern.generate.driver import Generator, Setup, run_batch
+from kern.core.plugins import get_manager
+from kern.data.prompts import read_prompt_file
 from PIL import Image
 
 from tests.conftest import run_kern

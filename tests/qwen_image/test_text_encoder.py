@@ -43,7 +43,7 @@ from transformers import (  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
 from kern.errors import ModelFileError, UsageError  # noqa: E402
-from kern.fp8 import Float8Linear  # noqa: E402
+from kern.gpu.fp8 import Float8Linear  # noqa: E402
 from kern_qwen_image import tiny
 from kern_qwen_image.text_encoder import (  # noqa: E402
     CAPTION_PROMPTS,

@@ -19,7 +19,7 @@ from diffusers import (
 )
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from kern.errors import ModelFileError
-from kern.tiling import ramp
+from kern.models.tiling import ramp
 from kern_qwen_image.vae import (
     QWEN_IMAGE_LAYERED_VAE,
     QWEN_IMAGE_VAE,

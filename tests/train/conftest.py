@@ -46,7 +46,7 @@ def make_dataset(root: Path, n: int = 4, size: tuple[int, int] = (64, 64), refs:
 @pytest.fixture
 def toy_plugin(monkeypatch):
     """The example plugin importable in-process and registered with the global manager."""
-    from kern import plugins
+    from kern.core import plugins
 
     monkeypatch.setenv(plugins.ENV_DENY, "toy")  # an in-tree build may have left an entry point for it
     monkeypatch.syspath_prepend(str(REPO / "examples" / "plugins" / "kern-toy"))

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from kern.io import load_file
+from kern.core.io import load_file
 from tests.conftest import REPO
 from tests.train.conftest import make_dataset
 
@@ -65,7 +65,7 @@ def test_accelerate_fsdp_config_is_refused_with_what_to_do():
 
     import pytest
     from accelerate.utils import DistributedType
-    from kern import distributed
+    from kern.gpu import distributed
     from kern.errors import UsageError
 
     with pytest.raises(UsageError, match="set train.shard_base = true"):
@@ -75,7 +75,7 @@ def test_accelerate_fsdp_config_is_refused_with_what_to_do():
 
 def test_shipped_multi_gpu_examples_load():
     from accelerate.commands.config.config_args import load_config_from_file
-    from kern import config
+    from kern.core import config
 
     cluster = load_config_from_file(str(REPO / "examples" / "accelerate" / "multi_gpu.yaml"))
     assert cluster.distributed_type.value == "MULTI_GPU" and cluster.num_processes == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kern.io import load_file
+from kern.core.io import load_file
 from tests.conftest import REPO, run_kern
 from tests.train.conftest import make_dataset
 
@@ -88,7 +88,7 @@ def test_a_finished_run_is_not_replaced_without_overwrite(tmp_path, dataset):
 
 
 def test_a_folder_in_use_is_refused_and_a_stale_lock_is_taken_over(tmp_path, dataset):
-    from kern.runs import RunLock
+    from kern.train.runs import RunLock
 
     out = tmp_path / "run"
     with RunLock(out):
@@ -241,7 +241,7 @@ def test_files_follow_the_umask(tmp_path, dataset):
 def test_a_full_disk_during_a_checkpoint_is_one_clear_line_and_keeps_the_last_checkpoint(tmp_path, dataset, kern_main, monkeypatch):
     import errno
 
-    from kern import state
+    from kern.train import state
 
     real = state.save_file
     calls = {"n": 0}
@@ -350,7 +350,7 @@ def test_layered_training_is_refused_at_start(tmp_path, dataset):
 
 
 def test_unexpected_errors_show_a_traceback_only_with_vv(tmp_path, dataset, kern_main, monkeypatch):
-    from kern import train
+    from kern.train import driver as train
 
     def broken(*a, **k):
         raise ZeroDivisionError("a bug")

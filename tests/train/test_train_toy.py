@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from kern import config, train
-from kern.io import load_file
+from kern.core import config
+from kern.train import driver as train
+from kern.core.io import load_file
 from tests.train.conftest import make_dataset
 
 
@@ -96,7 +97,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, 
     with pytest.raises(KernError, match=r"loss became nan at step 5 .*Last good checkpoint: .*step-000004"):
         train.run(job(tmp_path, dataset, out, **{"train.steps": 8, "save.every_n_steps": 2}))
     assert [p.name for p in train.checkpoint_dirs(out)] == ["step-000002", "step-000004"]
-    from kern.state import load_state
+    from kern.train.state import load_state
 
     state = load_state(out / "checkpoints" / "step-000004")
     assert all(torch.isfinite(v).all() for v in state["network"].values())

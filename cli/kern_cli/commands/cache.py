@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kern import config as kconfig
+from kern.core import config as kconfig
 
 
 @click.command(name="cache")
@@ -25,7 +25,7 @@ def command(what, config_path, arch, dataset, vae, text_encoder, transformer) ->
     overrides = {k: v for k, v in (("model.arch", arch), ("dataset.config", dataset), ("model.vae", vae),
                                     ("model.text_encoder", text_encoder), ("model.transformer", transformer)) if v}
     job = kconfig.load_job(config_path, overrides)
-    from kern import train
+    from kern.train import driver as train
 
     counts = train.cache_only(job, text=what in ("text", "all"), latents=what in ("latents", "all"))
     for name, (encoded, total) in counts.items():

@@ -25,7 +25,7 @@ def command(in_path, to_layout, arch, variant, out, overwrite) -> None:
 
         kern convert my_lora.safetensors --to comfyui --arch flux2-klein-4b --out my_lora_comfy.safetensors
     """
-    from kern.convert import convert
+    from kern.adapters.convert import convert
     from kern_cli.commands.merge import input_file
 
     input_file(in_path, "IN")

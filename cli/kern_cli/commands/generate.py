@@ -1,7 +1,7 @@
 """``kern generate``: images from any architecture, one prompt, a prompt file, or interactively.
 
-Every option is checked before any model loads: numbers against ``kern.prompts.LIMITS`` (click names the
-option), model paths exist, ``--out`` is a writable folder (``kern.generate``); then the prompts and every
+Every option is checked before any model loads: numbers against ``kern.data.prompts.LIMITS`` (click names the
+option), model paths exist, ``--out`` is a writable folder (``kern.generate.driver``); then the prompts and every
 image's final settings (``Generator.plan``).
 """
 
@@ -14,12 +14,12 @@ from pathlib import Path
 import click
 
 from kern.errors import UsageError
-from kern.prompts import LIMITS
+from kern.data.prompts import LIMITS
 
 
 def parse_weights(values: tuple[str, ...]) -> list[tuple[str, float]]:
     """``FILE[:multiplier]`` items, each checked to exist with a finite multiplier; a file whose name has a colon stays whole."""
-    from kern.weights import parse_weights_arg
+    from kern.adapters.weights import parse_weights_arg
 
     out = [(item, 1.0) if Path(item).is_file() else parse_weights_arg(item) for item in values]
     for path, multiplier in out:
@@ -92,7 +92,8 @@ def command(arch, variant, transformer, vae, text_encoder, prompt, negative_prom
     kern generate --arch flux2-klein-4b --transformer flux-2-klein-4b.safetensors \\
         --vae ae.safetensors --text-encoder qwen3-4b/ -p "a cat" --weights my_lora.safetensors:0.8
     """
-    from kern import generate, prompts
+    from kern.generate import driver as generate
+    from kern.data import prompts
 
     if from_file and interactive:
         raise UsageError("use either --from-file or --interactive, not both")

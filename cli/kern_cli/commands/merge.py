@@ -51,8 +51,8 @@ def command(model, weights, out, overwrite, dtype, allow_unmatched, arch, varian
 
         kern merge --model flux2-klein-4b.safetensors --weights a.safetensors --weights b.safetensors:0.5 --out merged.safetensors
     """
-    from kern.merge import merge, parse_dtype
-    from kern.weights import parse_weights_arg
+    from kern.adapters.merge import merge, parse_dtype
+    from kern.adapters.weights import parse_weights_arg
 
     out_dtype = parse_dtype(dtype)
     if not weights:

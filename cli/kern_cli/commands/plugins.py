@@ -6,7 +6,7 @@ import json
 
 import click
 
-from kern.plugins import get_manager
+from kern.core.plugins import get_manager
 
 
 @click.command(name="plugins")

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from kern import config as kconfig
+from kern.core import config as kconfig
 from kern.errors import UsageError
 
 
@@ -50,6 +50,6 @@ def command(config_path, arch, network, dataset, out, steps, lr, network_opts, s
     overrides.update(dict(_pairs(sets, "--set")))
     job = kconfig.load_job(config_path, overrides)
 
-    from kern import train
+    from kern.train import driver as train
 
     train.run(job, resume=resume, overwrite=overwrite)

@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from kern.attention import attention as kern_attention
+from kern.gpu.attention import attention as kern_attention
 from torch import Tensor, nn
 
 
@@ -80,5 +80,5 @@ class SiLUGate(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Full (unmasked, non-causal) attention over (B, H, L, D) inputs; returns (B, L, H*D).
 
-    The one place every block attends through: ``kern.attention`` holds the backend ``train.attention`` chose."""
+    The one place every block attends through: ``kern.gpu.attention`` holds the backend ``train.attention`` chose."""
     return kern_attention(q, k, v)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kern.checkpoint import check_shapes, load_tensors, read_shapes, safetensors_files, strip_prefixes
+from kern.models.files import check_shapes, load_tensors, read_shapes, safetensors_files, strip_prefixes
 from kern.errors import ModelFileError
 
 from kern_flux2 import keys

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from kern.errors import ModelFileError, UsageError
-from kern import hf
-from kern.fp8 import quantize_linears_
+from kern.models import hf
+from kern.gpu.fp8 import quantize_linears_
 from kern.log import get_logger
 
 __all__ = [

@@ -47,7 +47,7 @@ def _init_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
 
 
 def write_transformer(path: Path, seed: int = 0) -> Path:
-    from kern.io import save_file
+    from kern.core.io import save_file
     from kern_flux2.params import tiny_params
     from kern_flux2.transformer import Flux2Transformer
 
@@ -59,7 +59,7 @@ def write_transformer(path: Path, seed: int = 0) -> Path:
 
 
 def write_vae(path: Path, seed: int = 1) -> Path:
-    from kern.io import save_file
+    from kern.core.io import save_file
     from kern_flux2.vae import AutoEncoder, AutoEncoderParams
 
     # The real geometry (3 downsamples, 32 latent channels -> 128 after patchify, 16 px per token),

@@ -33,7 +33,7 @@ class LastLayer(nn.Module):
 
 
 class Flux2Transformer(nn.Module):
-    block_lists = ("double_blocks", "single_blocks")  # the repeated blocks kern.accel checkpoints and compiles
+    block_lists = ("double_blocks", "single_blocks")  # the repeated blocks kern.gpu.accel checkpoints and compiles
 
     def __init__(self, params: Flux2Params):
         super().__init__()

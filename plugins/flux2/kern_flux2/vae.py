@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kern.tiling import decode_tiled
+from kern.models.tiling import decode_tiled
 
 __all__ = [
     "FLUX2_AE",
@@ -299,7 +299,7 @@ class AutoEncoder(nn.Module):
 
     @torch.no_grad()
     def decode_tiled(self, latents: torch.Tensor, tile: int = TILE, overlap: int = OVERLAP) -> torch.Tensor:
-        """Decode overlapping ``tile`` x ``tile`` latent windows and cross-fade them (``kern.tiling``), so activation
+        """Decode overlapping ``tile`` x ``tile`` latent windows and cross-fade them (``kern.models.tiling``), so activation
         memory is bounded by the tile. Not bit-equal to ``decode``: each tile normalises with its own GroupNorm
         statistics, attends only within itself in the mid block, and sees zero padding at its borders."""
         return decode_tiled(lambda z: self.decode(z, tiled=False), latents, self.params.downscale, tile, overlap,

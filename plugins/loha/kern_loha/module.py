@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kern.errors import AdapterError
-from kern.network import AdapterModule, FactorOps, compute_dtype, layer_device, scale_of
+from kern.adapters.network import AdapterModule, FactorOps, compute_dtype, layer_device, scale_of
 
 W1A, W1B, W2A, W2B, T1, T2, ALPHA = "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"
 SUFFIXES = (W1A, W1B, W2A, W2B, T1, T2, ALPHA)

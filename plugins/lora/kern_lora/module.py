@@ -30,7 +30,7 @@ from torch import nn
 
 from kern.errors import AdapterError
 from kern.log import get_logger
-from kern.network import AdapterModule, FactorOps, compute_dtype, scale_of, strip_layout_prefix
+from kern.adapters.network import AdapterModule, FactorOps, compute_dtype, scale_of, strip_layout_prefix
 
 log = get_logger(__name__)
 
@@ -102,7 +102,7 @@ class LoRAModule(AdapterModule):
     @classmethod
     def from_tensors(cls, name: str, path: str, org: nn.Module, tensors: Mapping[str, torch.Tensor]) -> LoRAModule:
         """A module holding ``tensors`` (kohya suffixes), in their dtype, on the layer's device."""
-        from kern.network import layer_device
+        from kern.adapters.network import layer_device
 
         down = tensors[DOWN]
         m = cls(name, path, org, int(down.shape[0]), dtype=down.dtype, device=layer_device(org), init=False)

@@ -13,7 +13,7 @@ import torch
 import kern
 from kern.errors import AdapterError, UsageError
 from kern.log import get_logger
-from kern.network import (
+from kern.adapters.network import (
     build_network,
     load_network_modules,
     KOHYA_PREFIX,

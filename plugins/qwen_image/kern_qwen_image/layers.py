@@ -9,7 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from kern.attention import attention as kern_attention
+from kern.gpu.attention import attention as kern_attention
 from torch import Tensor, nn
 
 TIME_DIM = 256  # sinusoid width of the timestep embedding
@@ -107,6 +107,6 @@ class NormOut(nn.Module):
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Non-causal attention over (B, H, L, D) inputs; ``mask`` (B, 1, 1, L) bool marks the keys that may be attended.
-    Returns (B, L, H*D). The one place every block attends through: ``kern.attention`` holds the backend
+    Returns (B, L, H*D). The one place every block attends through: ``kern.gpu.attention`` holds the backend
     ``train.attention`` chose."""
     return kern_attention(q, k, v, mask)

@@ -55,7 +55,7 @@ def register_architectures(register):
 
 
 def _path(path, part):
-    from kern.checkpoint import require_path
+    from kern.models.files import require_path
 
     return require_path(path, part, "Qwen-Image")
 

@@ -133,7 +133,7 @@ def _init_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
 def write_transformer(path: str | Path, seed: int = 0, variant: str = "t2i") -> Path:
     """A tiny transformer of ``variant``: ``edit-2511`` sets ``zero_cond_t``, ``layered`` the Layered
     timestep condition and 3D RoPE (and writes its extra weight, by which the loader tells it apart)."""
-    from kern.io import save_file
+    from kern.core.io import save_file
 
     from kern_qwen_image.params import tiny_params
     from kern_qwen_image.transformer import QwenImageTransformer
@@ -151,7 +151,7 @@ def write_transformer(path: str | Path, seed: int = 0, variant: str = "t2i") -> 
 
 def write_vae(path: str | Path, seed: int = 1, rgba: bool = False) -> Path:
     """A tiny VAE, RGB or (``rgba``, as Layered's) RGBA."""
-    from kern.io import save_file
+    from kern.core.io import save_file
 
     from kern_qwen_image.vae import QwenImageVAE, tiny_vae_params
 

@@ -23,7 +23,7 @@ from kern_qwen_image.rope import Shape, joint_rope
 
 
 class QwenImageTransformer(nn.Module):
-    block_lists = ("transformer_blocks",)  # the repeated blocks kern.accel checkpoints and compiles
+    block_lists = ("transformer_blocks",)  # the repeated blocks kern.gpu.accel checkpoints and compiles
 
     def __init__(self, params: QwenImageParams):
         super().__init__()

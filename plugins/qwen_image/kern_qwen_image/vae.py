@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kern.tiling import decode_tiled
+from kern.models.tiling import decode_tiled
 
 __all__ = [
     "QWEN_IMAGE_LAYERED_VAE",
@@ -308,7 +308,7 @@ class QwenImageVAE(nn.Module):
 
     @torch.no_grad()
     def decode_tiled(self, latents: torch.Tensor, tile: int = TILE, overlap: int = OVERLAP) -> torch.Tensor:
-        """Decode overlapping ``tile`` x ``tile`` latent windows and cross-fade them (``kern.tiling``), so activation
+        """Decode overlapping ``tile`` x ``tile`` latent windows and cross-fade them (``kern.models.tiling``), so activation
         memory is bounded by the tile. Not bit-equal to ``decode``: the RMS norms are per pixel, but each tile's
         mid-block attention sees only that tile and its convolutions see zero padding at its borders."""
         return decode_tiled(lambda z: self.decode(z, tiled=False), latents, self.params.downscale, tile, overlap,

@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from kern.attention import attention
+from kern.gpu.attention import attention
 from torch import nn
 
 

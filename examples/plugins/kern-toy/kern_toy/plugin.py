@@ -40,7 +40,7 @@ def load_model(arch, variant, part, path, dtype, device, options):
             torch.manual_seed(0)
             model = ToyTransformer(channels=CHANNELS, text_dim=TEXT_DIM)
         if path:
-            from kern.io import load_file
+            from kern.core.io import load_file
 
             state, _ = load_file(path)
             model.load_state_dict(state)

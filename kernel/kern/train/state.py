@@ -26,11 +26,11 @@ from typing import Any, Mapping
 import torch
 
 from kern.errors import KernError
-from kern.io import load_file, save_file, write_text
+from kern.core.io import load_file, save_file, write_text
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
-FORMAT = "kern.state/1"
+FORMAT = "kern.train.state/1"
 
 
 class DamagedState(KernError):

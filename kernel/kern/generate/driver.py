@@ -24,16 +24,16 @@ import torch
 
 from kern.errors import AdapterError, KernError, UsageError
 from kern.log import get_logger
-from kern.plugins import KernPluginManager, get_manager
-from kern.prompts import MAX_SEED, MAX_SIDE, Request, Wildcards, check_value, expand_request
+from kern.core.plugins import KernPluginManager, get_manager
+from kern.data.prompts import MAX_SEED, MAX_SIDE, Request, Wildcards, check_value, expand_request
 from kern.records import Architecture, Variant
-from kern.sampling import euler_denoise, seeded_noise, to_pil
+from kern.generate.denoise import euler_denoise, seeded_noise, to_pil
 
 log = get_logger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PART_OPTIONS = {"transformer": "--transformer", "vae": "--vae", "text_encoder": "--text-encoder"}
-# The run's defaults, each checked with kern.prompts.check_value, and the option that sets it.
+# The run's defaults, each checked with kern.data.prompts.check_value, and the option that sets it.
 SETUP_NUMBERS = {"width": "--width", "height": "--height", "steps": "--steps", "guidance": "--guidance", "seed": "--seed",
                  "count": "--count", "layers": "--layers", "batch_size": "--batch-size"}
 NUMBERED = re.compile(r"(\d+)_.*\.png")  # default image names, NNNNN_SEED[_layerF].png: the running index
@@ -69,8 +69,8 @@ class Setup:
     references: list[str] = attrs.Factory(list)  # reference / control images for every prompt
     layers: int | None = None  # layered variants: output layers besides the composite (default: the plugin's)
     auto_caption: str | None = None  # "en" / "zh": prompts left empty are written by the text encoder from the image
-    compile: str = "off"  # "blocks": compile the transformer's repeated blocks (kern.accel.apply_inference)
-    attention: str = "auto"  # the SDPA backend on CUDA (kern.accel)
+    compile: str = "off"  # "blocks": compile the transformer's repeated blocks (kern.gpu.accel.apply_inference)
+    attention: str = "auto"  # the SDPA backend on CUDA (kern.gpu.accel)
 
 
 @attrs.define
@@ -157,7 +157,7 @@ class Generator:
     def output(self) -> Iterator[Path]:
         """Check that the output folder (``--out``) exists or can be made and takes files, before any model loads;
         if the work inside fails, a folder made here that is still empty is removed again."""
-        from kern.io import ensure_writable_dir
+        from kern.core.io import ensure_writable_dir
 
         made = not os.path.lexists(os.path.expanduser(self.setup.out))
         self.setup.out = ensure_writable_dir(self.setup.out, "--out")
@@ -171,7 +171,7 @@ class Generator:
 
     def _check_adapters(self) -> None:
         """An adapter trained for another architecture fails here, before any model loads."""
-        from kern.io import read_header
+        from kern.core.io import read_header
 
         for path, _ in self.setup.weights:
             try:
@@ -208,10 +208,10 @@ class Generator:
         model.requires_grad_(False)
         model.eval()
         if self.setup.weights:
-            from kern import weights
+            from kern.adapters import weights
 
             self.network = weights.apply_adapters(model, self.setup.weights, arch=self.arch.name, merge=self.setup.merge)
-        from kern import accel
+        from kern.gpu import accel
 
         accel.apply_inference(model, self.setup.compile, self.setup.attention, self.device)  # after the adapters: traced with them
         self.transformer = model
@@ -327,7 +327,7 @@ class Generator:
     def encode(self, images: list[Image]) -> dict[tuple[str, tuple[str, ...]], dict[str, torch.Tensor]]:
         """Text encodings of every distinct prompt and negative prompt (with its control images, for the
         variants that read them), on the CPU. Empty prompts under ``auto_caption`` are captioned first."""
-        from kern.data import open_picture
+        from kern.data.datasets import open_picture
 
         self.load_text_encoder(caption=any(im.caption for im in images))
         self._caption(images)
@@ -346,7 +346,7 @@ class Generator:
     def _caption(self, images: list[Image]) -> None:
         """Replace each empty prompt marked for automatic captioning by the text encoder's caption of its
         (first) input image, sized as the model will see it."""
-        from kern.data import open_picture
+        from kern.data.datasets import open_picture
 
         done: dict[tuple, str] = {}
         for im in images:
@@ -368,7 +368,7 @@ class Generator:
         sets = {(im.references, im.reference_sizes) for im in images if im.references}
         if not sets:
             return {}
-        from kern.data import load_image
+        from kern.data.datasets import load_image
 
         self.load_vae()
         out = {}
@@ -549,7 +549,7 @@ def next_index(folder: Path) -> int:
 def publish(folder: Path, stem: str, write: Callable[[Path], None], suffix: str = ".png") -> Path:
     """Write a new file ``folder/STEM.png`` with ``write(temporary_path)`` and return its path, never replacing a file:
     a taken name becomes ``STEM-1.png``, ``STEM-2.png`` ... The file appears complete or not at all."""
-    from kern.io import atomic_path
+    from kern.core.io import atomic_path
 
     if not stem or stem in (".", "..") or any(c in stem for c in ("/", "\\", "\x00")) or stem.startswith("."):
         raise KernError(f"output name {stem!r} is not a plain file name; it would leave {folder}")
@@ -565,7 +565,7 @@ def publish(folder: Path, stem: str, write: Callable[[Path], None], suffix: str 
                 raise KernError(f"{folder}: the output folder is gone or was replaced by a file") from None
             continue  # taken meanwhile (another run writing here): the next name
         except KernError:
-            raise  # kern.io already said what the disk or folder refused
+            raise  # kern.core.io already said what the disk or folder refused
         except OSError as exc:
             raise KernError(f"{path}: cannot write the image ({exc.strerror or exc})") from None
         return path
@@ -632,7 +632,7 @@ def run_interactive(setup: Setup, stream: Iterable[str | bytes], base_prompt: st
 
     The models load before the first line (a bad model file ends the session at once); after that a bad line,
     or any kern error while generating it, is reported in one line and the session goes on."""
-    from kern.prompts import iter_interactive
+    from kern.data.prompts import iter_interactive
 
     gen = Generator(setup, manager)
     gen.require_files()

@@ -1,10 +1,10 @@
 """The attention call of the architectures: ``attention(q, k, v, mask)``, (B, H, L, D) in, (B, L, H·D) out.
 
 Every block of every architecture attends through this one function, so the backend is chosen in one place,
-once per process (``train.attention``, applied by ``kern.accel.set_attention``):
+once per process (``train.attention``, applied by ``kern.gpu.accel.set_attention``):
 
 * PyTorch's ``F.scaled_dot_product_attention`` (the default), whose own backend (cuDNN, flash, memory-efficient,
-  math) ``kern.accel`` picks process-wide;
+  math) ``kern.gpu.accel`` picks process-wide;
 * a flash-attention package when ``train.attention = "flash_attn"``: ``flash_attn_interface`` (FlashAttention-3,
   Hopper) when installed, else ``flash_attn`` (FlashAttention-2). It takes (B, L, H, D), which is the layout the
   heads are merged from anyway, so it saves the output transpose. Calls it cannot take (a key mask, fp32 inputs,

@@ -3,11 +3,11 @@
 :class:`StreamingWriter` writes a safetensors file whose tensors are produced one by one (a merge of a 20 GB
 checkpoint): the header is computed up front from the announced names, dtypes and shapes, then each tensor's
 bytes are appended as it arrives, into a temporary file beside the target that is renamed over it only when
-every tensor has been written (``kern.io.atomic_path``). Peak memory is the tensor being written.
+every tensor has been written (``kern.core.io.atomic_path``). Peak memory is the tensor being written.
 
 :class:`SafetensorsReader` reads one tensor at a time with plain positional reads into a fresh buffer
 (no memory map), so the memory a reader holds is exactly the tensors it returned and still references. The
-header is validated by ``kern.io.read_header`` first (missing, non-safetensors and truncated files raise
+header is validated by ``kern.core.io.read_header`` first (missing, non-safetensors and truncated files raise
 errors naming the file).
 
 Format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length N, N bytes of JSON
@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Iterable, Mapping, Sequence
 import torch
 
 from kern.errors import KernError
-from kern.io import atomic_path, header_length, read_header
+from kern.core.io import atomic_path, header_length, read_header
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -127,9 +127,9 @@ class StreamingWriter:
                 w.write(name, make(name))
 
     On an exception, or if a tensor was left unwritten, the temporary file is removed and ``out`` is untouched.
-    With ``overwrite=False`` an existing ``out`` is never replaced (``kern.io.OutputExistsError``). The free
+    With ``overwrite=False`` an existing ``out`` is never replaced (``kern.core.io.OutputExistsError``). The free
     space is checked against the file size before anything is written; a full disk or a folder that is not
-    writable is a ``kern.io.WriteError`` saying so.
+    writable is a ``kern.core.io.WriteError`` saying so.
     """
 
     def __init__(

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kern.errors import UsageError
-from kern.fp8 import E4M3_MAX, float8_dtype, quantize_weight
+from kern.gpu.fp8 import E4M3_MAX, float8_dtype, quantize_weight
 
 __all__ = ["DEFAULT_SKIP", "FP8Linear", "dequantize_base", "fp8_matmul_supported", "quantize_base", "quantize_rows"]
 
@@ -49,7 +49,7 @@ DEFAULT_SKIP: tuple[str, ...] = (
     r"(^|\.)(final_layer|norm_out|proj_out)(\.|$)",
 )
 
-_ADAPTERS_ATTR = "_kern_adapters"  # kern.network marks wrapped layers with this instance attribute
+_ADAPTERS_ATTR = "_kern_adapters"  # kern.adapters.network marks wrapped layers with this instance attribute
 _SUPPORTED: dict[int, bool] = {}  # CUDA device index -> _scaled_mm with rowwise scales works there
 _WHY_NOT: dict[int, str] = {}  # CUDA device index -> why not (the probe's error), for logs and benchmarks
 

@@ -8,7 +8,7 @@ every process and DDP still averages its gradients. The adapter is small, so rep
 little, and it keeps saving, resuming and the replica check exactly as without sharding.
 
 The kernel knows no architecture: the repeated blocks are those the transformer names in its ``block_lists``
-class attribute (``kern.accel.blocks``), the same convention compiled blocks and block swap use.
+class attribute (``kern.gpu.accel.blocks``), the same convention compiled blocks and block swap use.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def shard_frozen(transformer: nn.Module, device: torch.device) -> int:
         raise UsageError("train.shard_base needs several processes: launch with `accelerate launch --multi_gpu --num_processes N kern train ...`")
     if any(p.requires_grad for p in transformer.parameters()):
         raise UsageError("train.shard_base shards the frozen base only; the transformer has trainable parameters")
-    from kern.accel import blocks as repeated_blocks
+    from kern.gpu.accel import blocks as repeated_blocks
 
     blocks = repeated_blocks(transformer)
     if not blocks:

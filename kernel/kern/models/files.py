@@ -14,7 +14,7 @@ from typing import Any, Iterable
 import torch
 
 from kern.errors import KernError, ModelFileError
-from kern.io import read_header
+from kern.core.io import read_header
 
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
@@ -90,13 +90,13 @@ def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[in
 def load_tensors(files: Iterable[Path], dtype: torch.dtype | None, device: Any) -> dict[str, torch.Tensor]:
     """Every tensor of ``files``, each cast to ``dtype`` (floating tensors only) on ``device`` as it is read.
 
-    Each file's header is validated first (``kern.io.read_header``) and every tensor is checked finite as it
+    Each file's header is validated first (``kern.core.io.read_header``) and every tensor is checked finite as it
     arrives (on ``device``, in bounded chunks): a corrupt file, a tensor holding NaN / Inf, or one that
     overflows ``dtype`` is a ``ModelFileError`` naming the file and the key.
     """
     from safetensors import safe_open
 
-    from kern.io import describe_nonfinite
+    from kern.core.io import describe_nonfinite
 
     state: dict[str, torch.Tensor] = {}
     for f in files:
@@ -124,7 +124,7 @@ def load_tensors(files: Iterable[Path], dtype: torch.dtype | None, device: Any) 
 
 def _nonfinite_message(f: Path, key: str, source: torch.Tensor, out: torch.Tensor, bad: str) -> str:
     """Whether the file holds the NaN/Inf values or the cast to the load dtype made them."""
-    from kern.io import describe_nonfinite
+    from kern.core.io import describe_nonfinite
 
     if out.dtype != source.dtype and describe_nonfinite(source) is None:
         return f"{f}: tensor {key!r} overflows {str(out.dtype).replace('torch.', '')} ({bad}); load it in bfloat16 or float32 (--dtype)"

@@ -507,10 +507,10 @@ def _check_architecture(arch: Architecture) -> dict[str, tuple[str, str | None]]
 
 def build_manager(entry_points: Iterable[EntryPoint] | None = None, extra: Iterable[tuple[str, object]] = ()) -> KernPluginManager:
     """A fresh manager: the kernel's own defaults, then ``extra`` (name, module) pairs, then entry points."""
-    from kern import defaults  # the kernel's last-resort implementations, registered like any plugin
+    from kern.core import defaults  # the kernel's last-resort implementations, registered like any plugin
 
     manager = KernPluginManager()
-    manager.register_module(defaults, PluginInfo(name="kern", distribution="kern-tuner", version=_version(), module="kern.defaults"))
+    manager.register_module(defaults, PluginInfo(name="kern", distribution="kern-tuner", version=_version(), module="kern.core.defaults"))
     for name, module in extra:
         manager.register_module(module, PluginInfo(name=name, distribution="(in-process)", version="", module=getattr(module, "__name__", name)))
     manager.load_entry_points(entry_points)

@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from kern.errors import AdapterError, PluginError, UsageError
-from kern.io import check_output_file, describe_nonfinite, save_file
+from kern.core.io import check_output_file, describe_nonfinite, save_file
 from kern.log import get_logger
-from kern.network import ModuleMap, group_by_module
-from kern.weights import detect, read_adapter
+from kern.adapters.network import ModuleMap, group_by_module
+from kern.adapters.weights import detect, read_adapter
 
 log = get_logger(__name__)
 
@@ -75,7 +75,7 @@ def convert(
     finite (``read_adapter``) and so must the converted ones, or nothing is written.
     Returns a summary (``network_type``, ``from_layout``, ``to_layout``, ``variant``, ``tensors``, ``out``).
     """
-    from kern.plugins import get_manager
+    from kern.core.plugins import get_manager
 
     manager = manager or get_manager()
     if to_layout not in LAYOUTS:

@@ -16,7 +16,7 @@ use_reentrant=False)`` (kern's gradient checkpointing) backward re-runs each blo
 just before that block's backward: the output-gradient hook fires when backward reaches the block, before any of
 its nodes has asked for a saved tensor, so the weights are bound before the recompute, whether the checkpoint
 wraps the block's call (``checkpoint(block, ...)``: the pre-hook fires again in the recompute, a no-op) or sits
-inside its ``forward`` (``checkpoint(type(block).forward, block, ...)``, kern.accel's wrapper: no module hook fires
+inside its ``forward`` (``checkpoint(type(block).forward, block, ...)``, kern.gpu.accel's wrapper: no module hook fires
 in the recompute). Backward then prefetches in reverse. Not chosen: ``saved_tensors_hooks`` (checkpointing owns
 those inside a block; a second set disables it) and module full-backward hooks (they wrap the block's inputs and
 outputs in extra autograd nodes). There is no "done" hook: the checkpoint's recompute stops early once it has what
@@ -31,7 +31,7 @@ Without gradient checkpointing the answers stay right but memory is not saved: a
 GPU weights for backward, and the backward hooks fetch each block once more for nothing. Use it with checkpointing. Swapping exchanges the module's tensor objects (it never mutates a tensor autograd may
 have saved), so weights saved in a graph stay valid after the block is swapped out.
 
-Adapters: their parameters belong to the adapter modules (kern.network.AdapterModule), which are not submodules of
+Adapters: their parameters belong to the adapter modules (kern.adapters.network.AdapterModule), which are not submodules of
 the blocks, so they are never swapped and stay on the GPU; only the blocks' own (frozen) tensors move.
 ``model.to(device)`` (accelerate's ``prepare`` calls it) skips swapped blocks: their weights would not fit, which
 is why they are swapped. Single process only: DDP broadcasts every module tensor at start.
@@ -112,7 +112,7 @@ class BlockSwap:
     """Keep the frozen weights of all but the last ``resident`` of ``blocks`` in pinned CPU memory and stream each
     to ``device`` just before it runs, prefetching the next one on a side stream (module docstring: how and why).
 
-    ``blocks`` in execution order (``kern.accel.blocks``); their weights may be anywhere (CPU or ``device``):
+    ``blocks`` in execution order (``kern.gpu.accel.blocks``); their weights may be anywhere (CPU or ``device``):
     swapped blocks are packed into pinned memory (their GPU copies are freed), resident ones moved to ``device``.
     On a CPU ``device`` (tests) loading is a plain copy and there is no stream, so the logic runs unchanged.
     ``events``: set it to a list to record ``("load", i)`` / ``("drop", i)`` as they happen.

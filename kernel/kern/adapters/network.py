@@ -77,7 +77,7 @@ def kohya_name(path: str) -> str:
 
 def _float8_linear_type() -> type | None:
     try:
-        from kern.fp8 import Float8Linear
+        from kern.gpu.fp8 import Float8Linear
     except Exception:  # pragma: no cover - fp8 support is optional
         return None
     return Float8Linear
@@ -104,7 +104,7 @@ def _compile(patterns: Iterable[str], what: str) -> list[re.Pattern]:
 def select_targets(model: nn.Module, spec: TargetSpec, conv: bool = False) -> list[tuple[str, nn.Module]]:
     """The modules of ``model`` an adapter should wrap, as ``[(dotted_path, module)]`` in model order.
 
-    Candidates are linear layers (``nn.Linear``, ``kern.fp8.Float8Linear``) and, with ``conv=True``,
+    Candidates are linear layers (``nn.Linear``, ``kern.gpu.fp8.Float8Linear``) and, with ``conv=True``,
     ``nn.Conv2d`` with ``groups == 1``. A candidate is selected when its dotted path from the model root
     ``re.fullmatch``-es one of ``spec.targets`` and none of ``spec.exclude`` — unless it also fullmatches one of
     ``spec.include``, which overrides ``exclude``.
@@ -658,7 +658,7 @@ class Network(nn.Module):
         network's ``ss_network_*`` keys; ``sshs_model_hash`` / ``sshs_legacy_hash`` are computed as
         sd-scripts does. Values must be strings.
         """
-        from kern.io import save_file
+        from kern.core.io import save_file
 
         tensors = self.adapter_state_dict(dtype)
         md = {**self.network_metadata(), **dict(metadata or {})}
@@ -689,10 +689,10 @@ class Network(nn.Module):
 
 
 def add_to_weight_(org: nn.Module, delta: torch.Tensor) -> None:
-    """``org.weight += delta`` computed in float32 and rounded once (fp8 layers, ``kern.fp8.Float8Linear`` and
-    ``kern.fp8_linear.FP8Linear`` alike, are dequantised and re-quantised with a new per-row scale)."""
+    """``org.weight += delta`` computed in float32 and rounded once (fp8 layers, ``kern.gpu.fp8.Float8Linear`` and
+    ``kern.gpu.fp8_linear.FP8Linear`` alike, are dequantised and re-quantised with a new per-row scale)."""
     if hasattr(org, "weight_scale") and hasattr(org, "dequantized_weight"):
-        from kern.fp8 import quantize_weight
+        from kern.gpu.fp8 import quantize_weight
 
         w = org.dequantized_weight(torch.float32) + delta.to(device=org.weight.device, dtype=torch.float32)
         q, s = quantize_weight(w)

@@ -29,10 +29,10 @@ import attrs
 import torch
 from torch import nn
 
-from kern.config import PATH_KEYS, JobConfig, dump_toml
+from kern.core.config import PATH_KEYS, JobConfig, dump_toml
 from kern.errors import ConfigError, Interrupted, KernError, UsageError
 from kern.log import get_logger
-from kern.plugins import KernPluginManager, get_manager
+from kern.core.plugins import KernPluginManager, get_manager
 from kern.records import Architecture, NetworkType, TargetSpec, Variant, resolve_options
 
 log = get_logger(__name__)
@@ -61,7 +61,7 @@ class Plan:
 
 def prepare(job: JobConfig, manager: KernPluginManager | None = None) -> Plan:
     """Resolve architecture, variant, network type and their options; errors name the key and file."""
-    from kern import timesteps
+    from kern.maths import timesteps
 
     manager = manager or get_manager()
     if not job.model.arch:
@@ -250,7 +250,7 @@ def checkpoint_dirs(out: Path) -> list[Path]:
 def save_checkpoint(out: Path, step: int, network: nn.Module, state: dict[str, Any], keep_last: int, save_adapter) -> Path:
     """Write ``checkpoints/step-NNNNNN/`` (the adapter, and the full state as safetensors + JSON, no pickle) into a
     temporary folder and rename it into place, then prune to the newest ``keep_last`` (0 keeps all)."""
-    from kern.state import save_state
+    from kern.train.state import save_state
 
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -280,7 +280,7 @@ def save_checkpoint(out: Path, step: int, network: nn.Module, state: dict[str, A
 def newest_intact_checkpoint(out: Path) -> tuple[Path, dict[str, Any]]:
     """The newest checkpoint whose files all match their recorded digests, and its state. A damaged one is named in
     a warning and skipped; ``UsageError`` when there is none to resume from."""
-    from kern.state import DamagedState, load_state
+    from kern.train.state import DamagedState, load_state
 
     found = checkpoint_dirs(out)
     if not found:
@@ -301,7 +301,7 @@ def newest_intact_checkpoint(out: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def _metadata(plan: Plan, variant: str, step: int, started: float) -> dict[str, str]:
-    from kern.network import modelspec_metadata
+    from kern.adapters.network import modelspec_metadata
 
     job = plan.job
     v = plan.arch.variant(variant)
@@ -349,14 +349,14 @@ def _cache_id(plan: Plan, variant: Variant) -> str:
 
 
 def load_items(plan: Plan) -> tuple[list[Any], list[Any]]:
-    from kern import data
+    from kern.data import datasets as data
 
     job = plan.job
     if not job.dataset.config:
         raise UsageError(f"{job.source}: dataset.config is not set; pass --dataset dataset.toml")
     specs = data.load_dataset_config(job.dataset.config)
     items = data.scan_items(specs, plan.arch.resolution_step)
-    from kern.io import remove_orphans
+    from kern.core.io import remove_orphans
 
     for folder in sorted({s.cache_directory for s in specs}):  # shared folders: only temp files over an hour old
         remove_orphans(folder)
@@ -373,8 +373,8 @@ def text_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, with
     (``Variant.text_images``), each item is encoded with its controls, and with ``caption_dropout`` its
     empty caption too (with the same controls).
     """
-    from kern import cache
-    from kern.data import open_picture
+    from kern.data import cache
+    from kern.data.datasets import open_picture
 
     job, hook = plan.job, plan.hook
     settings = {"text_encoder": _abs(job.model.text_encoder), "dtype": job.model.dtype, "fp8": job.model.fp8_text_encoder}
@@ -417,7 +417,7 @@ def _check_text_images(variant: Variant, items: list[Any]) -> None:
 
 def latent_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, write: bool = True):
     """Load the VAE and fill the latent cache; return (number encoded, the VAE moved to the CPU)."""
-    from kern import cache
+    from kern.data import cache
 
     job, hook = plan.job, plan.hook
     vae = hook.load_model(arch=plan.arch.name, variant=variant.name, part="vae", path=job.model.vae, dtype=torch.float32,
@@ -472,7 +472,7 @@ def train_step(acc: Any, trainee: nn.Module, optimizer: Any, scheduler: Any, pla
     optimizer step (``NonFiniteLoss``): a NaN never reaches the weights, and the host does not wait for the
     forward before it queues the backward. The training loop and ``bench/train_step.py`` both run exactly this.
     """
-    from kern import timesteps
+    from kern.maths import timesteps
 
     device = x0.device
     t = plan.hook.sample_timesteps(arch=plan.arch.name, method=plan.timestep_method, batch_size=x0.shape[0],
@@ -525,7 +525,7 @@ def draw_noise(x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 class Sampler:
-    """The ``[sample]`` images of a run, made by ``kern.generate.Generator`` with the models the run holds.
+    """The ``[sample]`` images of a run, made by ``kern.generate.driver.Generator`` with the models the run holds.
 
     Sample prompts are prompt lines (``--w --h --d --s --g --n --ci``, wildcards not expanded): parsed and
     checked when the run starts, encoded while the text encoder is loaded for the cache, and denoised
@@ -533,8 +533,8 @@ class Sampler:
     """
 
     def __init__(self, plan: Plan, variant: Variant, device: Any, dtype: torch.dtype) -> None:
-        from kern.generate import Generator, Setup
-        from kern.prompts import parse_line
+        from kern.generate.driver import Generator, Setup
+        from kern.data.prompts import parse_line
 
         job = plan.job
         s = job.sample
@@ -578,14 +578,15 @@ def run(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train as ``job`` says; return the path of the final adapter.
 
     Everything is checked before any work (:func:`prepare`, :func:`check_inputs`, the dataset, the sample prompts,
-    the run folder); then the folder is locked for this process (:class:`kern.runs.RunLock`). An earlier run in the
+    the run folder); then the folder is locked for this process (:class:`kern.train.runs.RunLock`). An earlier run in the
     folder is continued with ``resume`` or replaced with ``overwrite``, never silently. SIGINT / SIGTERM during the
     loop finish the step, write a checkpoint and raise ``kern.errors.Interrupted``."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    from kern import distributed, runs
-    from kern.io import ensure_writable_dir
+    from kern.gpu import distributed
+    from kern.train import runs
+    from kern.core.io import ensure_writable_dir
 
     if resume and overwrite:
         raise UsageError("--resume continues the run in the folder and --overwrite replaces it: give one of them")
@@ -623,7 +624,7 @@ def run(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Path:
 
 def _open_run_folder(plan: Plan, acc: Any, resume: bool, overwrite: bool) -> tuple[Path, dict[str, Any]] | None:
     """Under the lock: refuse to replace an earlier run unasked, pick the checkpoint to resume from, clear debris."""
-    from kern import runs
+    from kern.train import runs
 
     out, name = plan.out, plan.job.save.name
     earlier = runs.earlier_outputs(out, name)
@@ -641,7 +642,9 @@ def _open_run_folder(plan: Plan, acc: Any, resume: bool, overwrite: bool) -> tup
 
 def _train(plan: Plan, variant: Variant, acc: Any, ddp: Any, stop: Any, resume_from: tuple[Path, dict[str, Any]] | None,
            specs: list[Any], items: list[Any], sampler: Sampler | None) -> Path:
-    from kern import cache, data, distributed
+    from kern.data import cache
+    from kern.data import datasets as data
+    from kern.gpu import distributed
 
     job, hook, arch, out = plan.job, plan.hook, plan.arch, plan.out
     cache_id = _cache_id(plan, variant)
@@ -656,7 +659,7 @@ def _train(plan: Plan, variant: Variant, acc: Any, ddp: Any, stop: Any, resume_f
             section, key = dotted.split(".")
             if resolved.get(section, {}).get(key):
                 resolved[section][key] = str(Path(resolved[section][key]).resolve())
-        from kern.io import write_text
+        from kern.core.io import write_text
 
         write_text(out / "config.toml", dump_toml(resolved))
 
@@ -668,7 +671,7 @@ def _train(plan: Plan, variant: Variant, acc: Any, ddp: Any, stop: Any, resume_f
     # Phase 3: the transformer and the network.
     # Sharded: load on the CPU, each process then moves only its shard to the device; block swap: likewise, the
     # swapped blocks stay there.
-    from kern import accel
+    from kern.gpu import accel
 
     transformer = hook.load_model(arch=arch.name, variant=variant.name, part="transformer", path=job.model.transformer,
                                   dtype=base_dtype, device="cpu" if sharded else accel.base_device(job.train, device), options={})
@@ -805,7 +808,7 @@ def _train(plan: Plan, variant: Variant, acc: Any, ddp: Any, stop: Any, resume_f
             save_adapter(final, step)
         make_samples(step)  # after the save: a failing sample loses no training
         if acc.is_main_process:
-            from kern.plot import loss_plot
+            from kern.train.plot import loss_plot
 
             loss_plot(history, out / "loss.png")
             log.info("training done", adapter=str(final), steps=step, final_loss=history[-1] if history else None,
@@ -852,7 +855,7 @@ def signal_name(signum: int) -> str:
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines past ``step`` (written after the checkpoint a resumed run restarts from), and a line torn
     by a killed process (it is the last one; any unreadable line is dropped with a warning)."""
-    from kern.io import write_text
+    from kern.core.io import write_text
 
     if not path.is_file():
         return

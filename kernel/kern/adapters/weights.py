@@ -19,7 +19,7 @@ import torch
 
 from kern.errors import AdapterError, KernError, PluginError, UsageError
 from kern.log import get_logger
-from kern.network import CHECKPOINT_PREFIXES, ModuleMap, NameTable, Network, candidate_paths
+from kern.adapters.network import CHECKPOINT_PREFIXES, ModuleMap, NameTable, Network, candidate_paths
 from kern.records import WeightsClaim
 
 log = get_logger(__name__)
@@ -33,7 +33,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     Every path that reads an adapter (generate, merge, convert) comes here: a corrupt header, an empty file
     and a tensor holding NaN or infinite values are refused, naming the file (and the key).
     """
-    from kern.io import describe_nonfinite, load_file
+    from kern.core.io import describe_nonfinite, load_file
 
     p = Path(path)
     try:
@@ -88,7 +88,7 @@ def describe_unclaimed(keys: Iterable[str], metadata: Mapping[str, str] | None =
 
 def detect(keys: Iterable[str], metadata: Mapping[str, str] | None = None, manager: Any = None, path: Any = None) -> WeightsClaim:
     """The one network plugin's claim on an adapter file with these ``keys``; ``AdapterError`` otherwise."""
-    from kern.plugins import get_manager
+    from kern.core.plugins import get_manager
 
     manager = manager or get_manager()
     keys = frozenset(keys)
@@ -158,7 +158,7 @@ def apply_adapters(
     BFL-named FLUX.2) is first mapped through the architecture's module map. On any error the networks
     applied so far are removed again.
     """
-    from kern.plugins import get_manager
+    from kern.core.plugins import get_manager
 
     manager = manager or get_manager()
     adapters = [(path, check_multiplier(path, multiplier)) for path, multiplier in adapters]

@@ -8,7 +8,7 @@ function returns, and once per cache folder ``_empty_{arch_id}_te.safetensors``,
 ``format_version``) plus kern's fingerprints: ``kern.source`` for latents (the image and control files'
 size and mtime, the sizes they are resized to, the dtype and the caller's settings), ``kern.settings``
 for text (the caller's encoder settings; the caption itself is ``caption1``). A cache whose fingerprint
-differs, or which is unreadable, is rebuilt; every write is atomic (``kern.io``). The architecture
+differs, or which is unreadable, is rebuilt; every write is atomic (``kern.core.io``). The architecture
 (its id, name and encode functions) comes from the caller.
 """
 
@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from kern.data import EMPTY_STEM, Item, load_image
+from kern.data.datasets import EMPTY_STEM, Item, load_image
 from kern.errors import DatasetError, KernError
-from kern.io import load_file, read_header, save_file
+from kern.core.io import load_file, read_header, save_file
 from kern.log import get_logger
 
 log = get_logger(__name__)
@@ -318,7 +318,7 @@ def load_batch(items: Sequence[Item], arch_id: str, generator: torch.Generator |
 
     With ``caption_dropout_rate`` > 0 each item's text is, with that probability (drawn from
     ``generator``), the empty caption's encoding; its ``captions`` entry is then ``""``. Items must
-    share a ``kern.data.batch_key`` (``batch_order`` makes such batches).
+    share a ``kern.data.datasets.batch_key`` (``batch_order`` makes such batches).
     """
     if not items:
         raise ValueError("load_batch needs at least one item")
@@ -332,7 +332,7 @@ def load_batch(items: Sequence[Item], arch_id: str, generator: torch.Generator |
         texts.append(_load_text(*_stamp(path)))
     n_refs = {len(r) for r in references}
     if len(n_refs) != 1:
-        raise KernError(f"batch {[i.key for i in items]} mixes items with different numbers of control images; build batches with kern.data.batch_order")
+        raise KernError(f"batch {[i.key for i in items]} mixes items with different numbers of control images; build batches with kern.data.datasets.batch_order")
     refs = [_stack([r[c] for r in references], "latents_control", items) for c in range(n_refs.pop())]
     return {
         "latents": _stack(latents, "latents", items),
@@ -408,7 +408,7 @@ def pad_sequences(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def _stack(tensors: Sequence[torch.Tensor], what: str, items: Sequence[Item]) -> torch.Tensor:
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:
-        raise KernError(f"{what} of batch {[i.key for i in items]} have different shapes {sorted(shapes)}; build batches with kern.data.batch_order")
+        raise KernError(f"{what} of batch {[i.key for i in items]} have different shapes {sorted(shapes)}; build batches with kern.data.datasets.batch_order")
     return torch.stack(list(tensors))
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kern.errors import Interrupted, UsageError
-from kern.io import TMP_SUFFIX
+from kern.core.io import TMP_SUFFIX
 from kern.log import get_logger
 
 log = get_logger(__name__)

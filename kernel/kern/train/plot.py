@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kern.io import atomic_path
+from kern.core.io import atomic_path
 
 
 def smooth(values: list[float], window: int) -> list[float]:

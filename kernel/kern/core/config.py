@@ -78,7 +78,7 @@ class TrainConfig:
     gradient_accumulation: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = attrs.field(default="bf16", validator=_choice("no", "bf16", "fp16"))
-    # true (= "full") | false | "selective" (also keep attention outputs); see kern.accel and docs/training.md
+    # true (= "full") | false | "selective" (also keep attention outputs); see kern.gpu.accel and docs/training.md
     gradient_checkpointing: bool | str = attrs.field(default=True, validator=_checkpointing)
     # with "selective": only the first N repeated blocks keep their attention outputs, the rest are full (a memory budget)
     selective_blocks: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
@@ -86,8 +86,8 @@ class TrainConfig:
     attention: str = attrs.field(default="auto", validator=_one_of("auto", "flash", "cudnn", "efficient", "math", "flash_attn"))  # SDPA backend, or the flash-attn package
     base_precision: str = attrs.field(default="bf16", validator=_one_of("bf16", "fp8"))  # fp8: frozen Linears in float8
     blocks_to_swap: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # repeated blocks whose frozen weights stay in CPU memory and stream in (block swap)
-    offload_activations: bool = False  # checkpointed blocks' inputs wait for backward in pinned CPU memory (kern.offload)
-    shard_base: bool = False  # several processes: FSDP2-shard the frozen base across them (kern.distributed)
+    offload_activations: bool = False  # checkpointed blocks' inputs wait for backward in pinned CPU memory (kern.gpu.offload)
+    shard_base: bool = False  # several processes: FSDP2-shard the frozen base across them (kern.gpu.distributed)
     seed: int = 42
     device: str | None = None  # default: what accelerate picks
 

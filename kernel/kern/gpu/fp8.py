@@ -111,9 +111,9 @@ class Float8Linear(nn.Module):
         return _dequantize(self.weight, self.weight_scale, dtype or self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The training base's fp8 matmul (kern.fp8_linear), dequantising path: it saves the fp8 weight, not a
+        # The training base's fp8 matmul (kern.gpu.fp8_linear), dequantising path: it saves the fp8 weight, not a
         # dequantised copy, for backward, so LoRA training through a frozen fp8 encoder keeps the memory saving.
-        from kern.fp8_linear import _FP8LinearFn
+        from kern.gpu.fp8_linear import _FP8LinearFn
 
         y = _FP8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, self.compute_dtype, False, False)
         return y.to(x.dtype)

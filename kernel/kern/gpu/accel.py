@@ -1,6 +1,6 @@
 """GPU fast paths of the training step, in one place: attention backend, per-block checkpointing, compiled blocks.
 
-``apply(transformer, train, device)`` is the one entry: ``kern.train.run`` and ``bench/train_step.py`` both call
+``apply(transformer, train, device)`` is the one entry: ``kern.train.driver.run`` and ``bench/train_step.py`` both call
 it after the network is attached, so the benchmark measures the trainer's real path. It never names an
 architecture. What it needs from the transformer is one class attribute:
 
@@ -13,7 +13,7 @@ the blocks of one class share their compiled code, the checkpoint is traced into
 adapters' patched ``Linear.forward`` are traced with it. A transformer without ``block_lists`` keeps its own
 ``gradient_checkpointing`` switch (when it has one) and is not compiled.
 
-Memory options (the other half of issue 8, ``kern.fp8_linear`` and ``kern.offload``): ``prepare_base`` quantises
+Memory options (the other half of issue 8, ``kern.gpu.fp8_linear`` and ``kern.gpu.offload``): ``prepare_base`` quantises
 the frozen Linears to fp8 before the network is built (``train.base_precision = "fp8"``), and ``apply`` sets up
 ``BlockSwap`` for ``train.blocks_to_swap`` blocks. With block swap, and with fp8 under full checkpointing, a
 compiled block compiles only its own forward and the checkpoint stays eager around it (``compile_inner``), so
@@ -56,7 +56,7 @@ def compile_enabled(value: str, device: torch.device, sharded: bool = False) -> 
 # --------------------------------------------------------------------------- attention
 
 # The SDPA backends each ``train.attention`` value allows, in order of preference. "flash_attn" (a flash-attention
-# package, kern.attention) keeps auto's order for the calls the package cannot take.
+# package, kern.gpu.attention) keeps auto's order for the calls the package cannot take.
 _BACKENDS = {
     "auto": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
     "flash_attn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
@@ -71,13 +71,13 @@ _saved_attention: tuple[Any, ...] | None = None  # torch's settings before set_a
 def set_attention(name: str) -> str:
     """Choose the attention backend process-wide (``train.attention``) and return what was chosen. SDPA values pick
     ``F.scaled_dot_product_attention``'s backends (``auto`` prefers cuDNN, then flash, then the others);
-    ``flash_attn`` routes ``kern.attention.attention`` through the installed flash-attention package (a
+    ``flash_attn`` routes ``kern.gpu.attention.attention`` through the installed flash-attention package (a
     ``ConfigError`` naming the key when there is none). Process-wide rather than a context manager around each
     call, so compiled blocks see it when they are traced and eager blocks pay nothing per call."""
     global _saved_attention
     from torch.nn.attention import SDPBackend, _sdpa_kernel
 
-    from kern import attention
+    from kern.gpu import attention
 
     chosen = name
     if name == "flash_attn":
@@ -103,7 +103,7 @@ def set_attention(name: str) -> str:
 def reset_attention() -> None:
     """Back to torch's own SDPA settings (the benchmark does this before it runs the anchor)."""
     global _saved_attention
-    from kern import attention
+    from kern.gpu import attention
 
     attention.use_flash_attn(None)
     if _saved_attention is None:
@@ -218,7 +218,7 @@ def compile_block(block: nn.Module, backend: str = "inductor") -> None:
 
 def prepare_base(transformer: nn.Module, train: Any, device: torch.device | str) -> dict[str, Any]:
     """Before the network is built (adapters wrap the layers' forward as they find them): fp8 base weights for
-    ``train.base_precision = "fp8"`` (``kern.fp8_linear.quantize_base``; quantised layer by layer on the GPU when
+    ``train.base_precision = "fp8"`` (``kern.gpu.fp8_linear.quantize_base``; quantised layer by layer on the GPU when
     there is one). A base that ``base_device`` put on the CPU only so it could be quantised there goes to
     ``device`` afterwards (fp8 bytes only: the bf16 model never has to fit the GPU).
 
@@ -229,7 +229,7 @@ def prepare_base(transformer: nn.Module, train: Any, device: torch.device | str)
     device = torch.device(device)
     if train.base_precision != "fp8":
         return {}
-    from kern.fp8_linear import quantize_base
+    from kern.gpu.fp8_linear import quantize_base
 
     sharded = bool(getattr(train, "shard_base", False))
     backward = "fp8" if compile_enabled(train.compile, device, sharded=sharded) else "bf16"
@@ -306,14 +306,14 @@ def apply(transformer: nn.Module, train: Any, device: torch.device | str) -> dic
         if mode == "selective" and budget < len(repeated):
             done["selective_blocks"] = min(budget, len(repeated))
     if train.blocks_to_swap > 0:
-        from kern.offload import BlockSwap
+        from kern.gpu.offload import BlockSwap
 
         swap = BlockSwap(repeated, resident=len(repeated) - train.blocks_to_swap, device=device)
         transformer.__dict__["_kern_block_swap"] = swap  # a handle (not a submodule); its hooks keep it alive anyway
         transformer.to(device)  # the rest of the model; swapped blocks stay in pinned CPU memory
         done["blocks_swapped"] = len(swap.swapped)
     if offload:
-        from kern.offload import ActivationOffload
+        from kern.gpu.offload import ActivationOffload
 
         transformer.__dict__["_kern_activation_offload"] = ActivationOffload(transformer)
         done["activations"] = "offloaded"

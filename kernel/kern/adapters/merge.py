@@ -3,7 +3,7 @@
 ``W' = W + Σ mᵢ · ΔWᵢ`` for every base weight some adapter module targets, where ``ΔWᵢ`` comes from the
 ``weight_delta`` hook of the adapter's network type (LoRA, LoHa, any plugin), computed in float32. Each base
 tensor is read on its own (positional reads, no memory map), merged, cast and appended to the output
-(:class:`kern.streaming.StreamingWriter`), so the peak memory is about one base tensor in float32 (times a
+(:class:`kern.adapters.streaming.StreamingWriter`), so the peak memory is about one base tensor in float32 (times a
 small constant: the read buffer, the float32 sum, one ΔW and the cast) plus the adapters, whatever the size of
 the checkpoint.
 
@@ -30,11 +30,11 @@ from typing import Any, Sequence
 import torch
 
 from kern.errors import AdapterError, KernError, ModelFileError, PluginError, UsageError
-from kern.io import check_output_file, describe_nonfinite
+from kern.core.io import check_output_file, describe_nonfinite
 from kern.log import get_logger
-from kern.network import NameTable
-from kern.streaming import SafetensorsReader, StreamingWriter, aligned_order
-from kern.weights import check_multiplier, detect, module_map_for, read_adapter, strip_checkpoint_prefix, to_kohya
+from kern.adapters.network import NameTable
+from kern.adapters.streaming import SafetensorsReader, StreamingWriter, aligned_order
+from kern.adapters.weights import check_multiplier, detect, module_map_for, read_adapter, strip_checkpoint_prefix, to_kohya
 
 log = get_logger(__name__)
 
@@ -90,7 +90,7 @@ def merge(
     variant, the base header; then the adapters (finite values, detection, shapes). While streaming, a base
     tensor holding NaN/Inf, or a merged tensor that becomes non-finite, stops the merge with nothing written.
     """
-    from kern.plugins import get_manager
+    from kern.core.plugins import get_manager
 
     manager = manager or get_manager()
     if not adapters:

@@ -31,7 +31,7 @@ except ImportError:  # Pillow built without LittleCMS: LAB images are then unsup
     ImageCms = None
 
 from kern.errors import DatasetError, UsageError
-from kern.io import ensure_writable_dir
+from kern.core.io import ensure_writable_dir
 from kern.log import get_logger
 
 log = get_logger(__name__)

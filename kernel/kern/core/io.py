@@ -8,7 +8,7 @@ so in words, the temporary file removed and the old target untouched.
 
 Reading: :func:`read_header` validates the whole header of a safetensors file (lengths, JSON, every
 entry's dtype / shape / offsets, the metadata) in one place, so every reader (``load_file``,
-``kern.streaming.SafetensorsReader``, ``kern.checkpoint``, adapters) turns a corrupt file into a
+``kern.adapters.streaming.SafetensorsReader``, ``kern.models.files``, adapters) turns a corrupt file into a
 ``KernError`` naming the file and the tensor. :func:`describe_nonfinite` finds NaN / Inf values.
 """
 

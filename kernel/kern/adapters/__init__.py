@@ -1,0 +1,1 @@
+"""Adapters: the network runtime, adapter files, merging, converting and streaming tensors."""

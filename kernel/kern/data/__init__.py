@@ -1,0 +1,1 @@
+"""Data: dataset configs and items, latent and text caches, prompt lines."""

@@ -1,0 +1,1 @@
+"""The generation driver and its denoising loop."""

@@ -1,0 +1,1 @@
+"""Building blocks for architecture plugins: reading model files, Hugging Face folders, tiled decoding."""
