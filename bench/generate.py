@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT / "plugins" / "qwen_image", ROOT / "plugins" / "lora", ROOT / "plugins" / "flux2", ROOT / "cli", ROOT / "kernel", ROOT):
+for _p in (
+    ROOT / "plugins" / "qwen_image",
+    ROOT / "plugins" / "lora",
+    ROOT / "plugins" / "flux2",
+    ROOT / "cli",
+    ROOT / "kernel",
+    ROOT,
+):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
@@ -57,8 +64,13 @@ def _manager():
 
     from kern.core.plugins import build_manager
 
-    return build_manager(entry_points=(), extra=[(n, importlib.import_module(m)) for n, m in
-                                                 (("flux2", "kern_flux2.plugin"), ("qwen_image", "kern_qwen_image.plugin"))])
+    return build_manager(
+        entry_points=(),
+        extra=[
+            (n, importlib.import_module(m))
+            for n, m in (("flux2", "kern_flux2.plugin"), ("qwen_image", "kern_qwen_image.plugin"))
+        ],
+    )
 
 
 def _params(cfg: GenConfig, tiny: bool):
@@ -76,12 +88,15 @@ def _text(cfg: GenConfig, p: Any, n: int, dev, dtype) -> dict[str, torch.Tensor]
     g = torch.Generator().manual_seed(n)
     if cfg.arch == "flux2":
         return {"ctx": torch.randn(1, n, p.context_in_dim, generator=g).to(dev, dtype)}
-    return {"ctx": torch.randn(1, n, p.joint_attention_dim, generator=g).to(dev, dtype), "mask": torch.ones(1, n, dtype=torch.long, device=dev)}
+    return {
+        "ctx": torch.randn(1, n, p.joint_attention_dim, generator=g).to(dev, dtype),
+        "mask": torch.ones(1, n, dtype=torch.long, device=dev),
+    }
 
 
 def run_kern(cfg: GenConfig, p: Any, res: int, runs: int, dev, dtype, compile: str = "off") -> dict:
-    from kern.gpu import accel
     from kern.generate.denoise import euler_denoise, seeded_noise
+    from kern.gpu import accel
 
     manager = _manager()
     arch, _ = manager.resolve_arch(cfg.arch)
@@ -103,8 +118,19 @@ def run_kern(cfg: GenConfig, p: Any, res: int, runs: int, dev, dtype, compile: s
     noise = seeded_noise([0], (arch.latent_channels, res // arch.latent_downscale, res // arch.latent_downscale))
 
     def image() -> torch.Tensor:
-        return euler_denoise(manager.hook, arch.name, variant, model, text, noise, cfg.steps, cfg.guidance,
-                             negative_text=negative, device=dev, dtype=dtype)
+        return euler_denoise(
+            manager.hook,
+            arch.name,
+            variant,
+            model,
+            text,
+            noise,
+            cfg.steps,
+            cfg.guidance,
+            negative_text=negative,
+            device=dev,
+            dtype=dtype,
+        )
 
     out = _time(image, runs, dev)
     accel.reset_attention()  # the anchor runs with torch's own SDPA choice
@@ -114,24 +140,44 @@ def run_kern(cfg: GenConfig, p: Any, res: int, runs: int, dev, dtype, compile: s
 def _diffusers_pipeline(cfg: GenConfig, p: Any, dev, dtype):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                max_image_seq_len=4096, shift=3.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        shift=3.0,
+    )
     with _default_dtype(dtype), torch.device(dev):
         if cfg.arch == "flux2":
             from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 
             model = Flux2Transformer2DModel(
-                patch_size=1, in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single,
-                attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
-                timestep_guidance_channels=256, mlp_ratio=p.mlp_ratio, axes_dims_rope=p.axes_dim, rope_theta=p.theta,
-                eps=p.eps, guidance_embeds=p.guidance_embed,
+                patch_size=1,
+                in_channels=p.in_channels,
+                num_layers=p.depth,
+                num_single_layers=p.depth_single,
+                attention_head_dim=p.head_dim,
+                num_attention_heads=p.num_heads,
+                joint_attention_dim=p.context_in_dim,
+                timestep_guidance_channels=256,
+                mlp_ratio=p.mlp_ratio,
+                axes_dims_rope=p.axes_dim,
+                rope_theta=p.theta,
+                eps=p.eps,
+                guidance_embeds=p.guidance_embed,
             )
         else:
             from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
             model = QwenImageTransformer2DModel(
-                patch_size=2, in_channels=p.in_channels, out_channels=p.out_channels, num_layers=p.num_layers,
-                attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.joint_attention_dim,
+                patch_size=2,
+                in_channels=p.in_channels,
+                out_channels=p.out_channels,
+                num_layers=p.num_layers,
+                attention_head_dim=p.head_dim,
+                num_attention_heads=p.num_heads,
+                joint_attention_dim=p.joint_attention_dim,
                 axes_dims_rope=p.axes_dim,
             )
     model.eval().requires_grad_(False)
@@ -145,18 +191,26 @@ def _diffusers_pipeline(cfg: GenConfig, p: Any, dev, dtype):
         vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
     if p.guidance_embed:
         return Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=model)
-    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=model, is_distilled=True)
+    return Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=model, is_distilled=True
+    )
 
 
 def run_anchor(cfg: GenConfig, p: Any, res: int, runs: int, dev, dtype) -> dict:
     pipe = _diffusers_pipeline(cfg, p, dev, dtype)
     pipe.set_progress_bar_config(disable=True)
     text = _text(cfg, p, cfg.n_txt, dev, dtype)
-    kwargs: dict[str, Any] = dict(prompt_embeds=text["ctx"], height=res, width=res, num_inference_steps=cfg.steps, output_type="latent")
+    kwargs: dict[str, Any] = dict(
+        prompt_embeds=text["ctx"], height=res, width=res, num_inference_steps=cfg.steps, output_type="latent"
+    )
     if cfg.arch == "qwen-image":
         neg = _text(cfg, p, cfg.n_neg, dev, dtype)
-        kwargs.update(prompt_embeds_mask=text["mask"], negative_prompt_embeds=neg["ctx"], negative_prompt_embeds_mask=neg["mask"],
-                      true_cfg_scale=cfg.guidance)
+        kwargs.update(
+            prompt_embeds_mask=text["mask"],
+            negative_prompt_embeds=neg["ctx"],
+            negative_prompt_embeds_mask=neg["mask"],
+            true_cfg_scale=cfg.guidance,
+        )
     else:
         kwargs.update(guidance_scale=cfg.guidance)
 
@@ -174,8 +228,12 @@ def _time(image: Callable[[], torch.Tensor], runs: int, dev) -> dict:
             timer.start()
             out = image()
             times.append(timer.stop())
-    return {"s_per_image": round(statistics.median(times), 4), "min_s": round(min(times), 4), "peak_gib": peak_gib(dev),
-            "finite": bool(torch.isfinite(out.float()).all())}
+    return {
+        "s_per_image": round(statistics.median(times), 4),
+        "min_s": round(min(times), 4),
+        "peak_gib": peak_gib(dev),
+        "finite": bool(torch.isfinite(out.float()).all()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,34 +242,74 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--res", type=int, default=None, help="square image side (default 1024; 64 with --tiny)")
     ap.add_argument("--runs", type=int, default=None, help="timed images (default 3; 1 with --tiny)")
     ap.add_argument("--only", choices=["kern", "anchor", "both"], default="both")
-    ap.add_argument("--kern-compile", nargs="+", default=["off"], choices=["off", "blocks"],
-                    help="kern runs per config: eager (off) and/or compiled blocks (kern generate --compile)")
+    ap.add_argument(
+        "--kern-compile",
+        nargs="+",
+        default=["off"],
+        choices=["off", "blocks"],
+        help="kern runs per config: eager (off) and/or compiled blocks (kern generate --compile)",
+    )
     ap.add_argument("--json-out", type=Path, default=None)
-    ap.add_argument("--tiny", action="store_true", help="toy sizes, fp32, on the CPU: tests this harness, measures nothing")
+    ap.add_argument(
+        "--tiny", action="store_true", help="toy sizes, fp32, on the CPU: tests this harness, measures nothing"
+    )
     args = ap.parse_args(argv)
     _quiet_logs()
     dev = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     res, runs = args.res or (64 if args.tiny else 1024), args.runs or (1 if args.tiny else 3)
-    lines = [{"kind": "header", "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-              "diffusers": _version("diffusers"), "commit": _git_commit(), "res": res, "runs": runs}]
+    lines = [
+        {
+            "kind": "header",
+            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "diffusers": _version("diffusers"),
+            "commit": _git_commit(),
+            "res": res,
+            "runs": runs,
+        }
+    ]
     for name in args.configs:
         cfg = CONFIGS[name]
         p = _params(cfg, args.tiny)
         found = {}
-        runs_of = [(f"kern[compile={c}]" if len(args.kern_compile) > 1 else "kern", lambda *a, c=c: run_kern(*a, compile=c))
-                   for c in args.kern_compile] if args.only != "anchor" else []
+        runs_of = (
+            [
+                (
+                    f"kern[compile={c}]" if len(args.kern_compile) > 1 else "kern",
+                    lambda *a, c=c: run_kern(*a, compile=c),
+                )
+                for c in args.kern_compile
+            ]
+            if args.only != "anchor"
+            else []
+        )
         if args.only != "kern":
             runs_of.append(("anchor", run_anchor))
         for impl, fn in runs_of:
             free_memory(dev)
-            found[impl] = {"kind": "result", "impl": impl, "config": name, "steps": cfg.steps, "cfg": bool(cfg.n_neg), **fn(cfg, p, res, runs, dev, dtype)}
+            found[impl] = {
+                "kind": "result",
+                "impl": impl,
+                "config": name,
+                "steps": cfg.steps,
+                "cfg": bool(cfg.n_neg),
+                **fn(cfg, p, res, runs, dev, dtype),
+            }
             lines.append(found[impl])
             free_memory(dev)
         for impl in (k for k in found if k != "anchor" and "anchor" in found):
-            lines.append({"kind": "ratio", "config": name, "impl": impl,
-                          "speedup": round(found["anchor"]["s_per_image"] / found[impl]["s_per_image"], 3),
-                          "memory": round(found[impl]["peak_gib"] / found["anchor"]["peak_gib"], 3) if found[impl]["peak_gib"] else None})
+            lines.append(
+                {
+                    "kind": "ratio",
+                    "config": name,
+                    "impl": impl,
+                    "speedup": round(found["anchor"]["s_per_image"] / found[impl]["s_per_image"], 3),
+                    "memory": round(found[impl]["peak_gib"] / found["anchor"]["peak_gib"], 3)
+                    if found[impl]["peak_gib"]
+                    else None,
+                }
+            )
     for line in lines:
         print(json.dumps(line), flush=True)
     if args.json_out:

@@ -12,10 +12,9 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-
 from kern_loha.module import HadaWeight
 
-# (out, in) of each adapted Linear and how many there are, per model (adapters.md §6.3, flux2.md §5).
+# (out, in) of each adapted Linear and their count, per model (default targets: docs/flux2.md, docs/qwen_image.md).
 MODELS = {
     "flux2-dev": (6144, 8, 48),
     "flux2-klein-9b": (4096, 8, 24),

@@ -14,7 +14,7 @@ tokens for FLUX.2 / 128 for Qwen-Image, batch 1, random weights, each step ``ker
   with swap run with ``compile = "off"``; the others use ``--compile`` (default ``off``: this measures what the
   memory modes cost or save, the compute speed-ups are train_step.py's business).
 
-Modes (``--modes``): ``bf16``, ``fp8`` (``kern.gpu.fp8_linear.quantize_base``, dequantised bf16 input-gradient),
+Modes (``--modes``): ``bf16``, ``fp8`` (``kern.gpu.fp8.quantize_base``, dequantised bf16 input-gradient),
 ``fp8g`` (the same with the fp8 input-gradient matmul), ``swap`` / ``fp8swap`` (block swap under the config's
 cap, bf16 / fp8 base). The number of resident blocks of a swap mode is planned from the same config's unswapped
 run (what it used beside the blocks' weights) unless ``--resident`` gives it; an OOM retries with fewer.
@@ -71,11 +71,14 @@ def _init_(module: nn.Module) -> None:
                 p.fill_(0.0 if name == "bias" else 1.0)
 
 
-def build(cfg: ts.Config, p: Any, dev: torch.device, fp8: bool, n_swapped: int) -> tuple[nn.Module, int]:
-    """The transformer, block by block: materialise on ``dev``, quantise (fp8), move the first ``n_swapped``
-    blocks to the CPU. Returns (model, bytes of one average block as stored)."""
-    from kern.gpu.fp8_linear import quantize_base
+def build(
+    cfg: ts.Config, p: Any, dev: torch.device, fp8: bool, n_swapped: int, keep: tuple[str, ...] = ()
+) -> tuple[nn.Module, int]:
+    """The transformer, block by block: materialise on ``dev``, quantise (fp8, but not the layers ``keep`` matches:
+    the architecture's ``keep_high_precision``), move the first ``n_swapped`` blocks to the CPU. Returns (model,
+    bytes of one average block as stored)."""
     from kern.gpu.accel import blocks as repeated_blocks
+    from kern.gpu.fp8 import quantize_base
 
     with ts._default_dtype(torch.bfloat16), torch.device("meta"):
         model = cfg.family.build_kern(p)
@@ -87,7 +90,7 @@ def build(cfg: ts.Config, p: Any, dev: torch.device, fp8: bool, n_swapped: int) 
         _init_(block)
         block.requires_grad_(False)
         if fp8:
-            quantize_base(block)
+            quantize_base(block, skip=keep)
         stored += sum(t.numel() * t.element_size() for t in (*block.parameters(), *block.buffers()))
         if i < n_swapped:
             block.to("cpu")
@@ -104,11 +107,12 @@ def build(cfg: ts.Config, p: Any, dev: torch.device, fp8: bool, n_swapped: int) 
 def run(r: Run, dev: torch.device) -> dict:
     """One training run of ``r.warmup + r.steps`` steps; the same path as train_step.run_kern, plus the memory mode."""
     from accelerate import Accelerator
-    from kern.train import driver as train
     from kern.core.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
     from kern.gpu.accel import blocks as repeated_blocks
     from kern.gpu.offload import BlockSwap
     from kern.records import TargetSpec
+    from kern.train import driver as train
+    from kern.train import optim
 
     cfg = ts.CONFIGS[r.config]
     family = cfg.family
@@ -120,9 +124,17 @@ def run(r: Run, dev: torch.device) -> dict:
     job = JobConfig(
         model=ModelConfig(arch=cfg.arch, dtype="bfloat16"),
         network=NetworkConfig(type="lora", options={"rank": r.rank, "alpha": float(r.rank)}),
-        train=TrainConfig(steps=r.warmup + r.steps, learning_rate=1e-4, optimizer="adamw", max_grad_norm=0.0,
-                          mixed_precision="bf16", gradient_checkpointing=True, seed=0, device=dev.type,
-                          compile="off" if swap else r.compile),
+        train=TrainConfig(
+            steps=r.warmup + r.steps,
+            learning_rate=1e-4,
+            optimizer="adamw",
+            max_grad_norm=0.0,
+            mixed_precision="bf16",
+            gradient_checkpointing=True,
+            seed=0,
+            device=dev.type,
+            compile="off" if swap else r.compile,
+        ),
     )
     job.source = "bench/memory_modes.py"
     plan = train.prepare(job, manager)
@@ -133,7 +145,7 @@ def run(r: Run, dev: torch.device) -> dict:
     n_blocks = len(repeated_blocks(_meta(cfg, p)))
     torch.manual_seed(1)  # every mode of a config gets the same random weights, so their losses compare
     resident = min(n_blocks, r.resident) if swap else n_blocks
-    transformer, block_bytes = build(cfg, p, dev, fp8, n_blocks - resident)
+    transformer, block_bytes = build(cfg, p, dev, fp8, n_blocks - resident, keep=plan.arch.keep_high_precision)
     if r.mode == "fp8g":
         for m in transformer.modules():
             if hasattr(m, "fp8_backward"):
@@ -143,7 +155,9 @@ def run(r: Run, dev: torch.device) -> dict:
     build_s = time.perf_counter() - t0
     arch = plan.arch
     targets = TargetSpec(targets=arch.default_targets, exclude=tuple(arch.default_excludes))
-    network = plan.hook.make_network(network_type="lora", model=transformer, targets=targets, options=plan.network_options)
+    network = plan.hook.make_network(
+        network_type="lora", model=transformer, targets=targets, options=plan.network_options
+    )
     network.to(dev)
     _same_adapter_init(network)
     network.train()
@@ -155,8 +169,8 @@ def run(r: Run, dev: torch.device) -> dict:
         transformer.gradient_checkpointing = True
         fast = {"checkpointing": "full", "compile": "off"}
     groups = network.optimizer_param_groups(job.train.learning_rate)
-    optimizer = train.make_optimizer("adamw", groups, job.train.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, train.lr_lambda("constant", 0, job.train.steps))
+    optimizer = optim.make_optimizer("adamw", groups, job.train.learning_rate)
+    scheduler = optim.make_scheduler(optimizer, job.train)  # the job's default: constant, no warmup
     trainee = train.Trainee(plan, variant.name, transformer, network)
     trainee, optimizer, scheduler = acc.prepare(trainee, optimizer, scheduler)
     trainee.train()
@@ -178,13 +192,26 @@ def run(r: Run, dev: torch.device) -> dict:
             warm_peak = torch.cuda.max_memory_allocated() / GIB
             torch.cuda.reset_peak_memory_stats()
     out = {
-        "kind": "result", "config": r.config, "mode": r.mode, "cap_gib": r.cap_gib, "step_s": round(statistics.median(times), 4),
-        "step_min_s": round(min(times), 4), "peak_gib": _peak(dev, warm_peak), "steady_peak_gib": ts.peak_gib(dev),
+        "kind": "result",
+        "config": r.config,
+        "mode": r.mode,
+        "cap_gib": r.cap_gib,
+        "step_s": round(statistics.median(times), 4),
+        "step_min_s": round(min(times), 4),
+        "peak_gib": _peak(dev, warm_peak),
+        "steady_peak_gib": ts.peak_gib(dev),
         "build_s": round(build_s, 1),
-        "blocks": n_blocks, "resident": resident, "block_gib": round(block_bytes / GIB, 3),
-        "swapped_gib": round(swapper.swapped_bytes() / GIB, 2) if swapper else 0.0, "loads": swapper.loads if swapper else 0,
-        "compile": fast.get("compile"), "checkpointing": fast.get("checkpointing"), "steps": r.steps, "warmup": r.warmup,
-        "losses": [round(v, 6) for v in losses], "lora_modules": len(network.adapters),
+        "blocks": n_blocks,
+        "resident": resident,
+        "block_gib": round(block_bytes / GIB, 3),
+        "swapped_gib": round(swapper.swapped_bytes() / GIB, 2) if swapper else 0.0,
+        "loads": swapper.loads if swapper else 0,
+        "compile": fast.get("compile"),
+        "checkpointing": fast.get("checkpointing"),
+        "steps": r.steps,
+        "warmup": r.warmup,
+        "losses": [round(v, 6) for v in losses],
+        "lora_modules": len(network.adapters),
     }
     if swapper:
         swapper.remove()
@@ -243,18 +270,23 @@ def plan_resident(unswapped: dict, cap_gib: float, margin_gib: float = 1.5) -> i
 
 
 def linear_microbench(dev: torch.device) -> list[dict]:
-    """FP8Linear against bf16 nn.Linear at the protocol's shapes: forward and forward+input-gradient times, error."""
-    from kern.gpu.fp8_linear import quantize_base
+    """Float8MatmulLinear against bf16 nn.Linear at the protocol's shapes: forward and forward+input-gradient times, error."""
+    from kern.gpu.fp8 import quantize_base
 
     out = []
-    shapes = [("klein4b linear1", 4608, 3072, 27648), ("klein4b linear2", 4608, 12288, 3072),
-              ("dev linear1", 4608, 6144, 55296), ("qwen to_q", 4096, 3072, 3072), ("qwen mlp.0", 4096, 3072, 12288)]
+    shapes = [
+        ("klein4b linear1", 4608, 3072, 27648),
+        ("klein4b linear2", 4608, 12288, 3072),
+        ("dev linear1", 4608, 6144, 55296),
+        ("qwen to_q", 4096, 3072, 3072),
+        ("qwen mlp.0", 4096, 3072, 12288),
+    ]
     for name, m, k, n in shapes:
         torch.manual_seed(0)
         lin = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16).requires_grad_(False)
         x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
         gy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
-        ref = (x.double() @ lin.weight.double().T)
+        ref = x.double() @ lin.weight.double().T
         row: dict[str, Any] = {"kind": "linear", "shape": name, "m": m, "k": k, "n": n}
         for label in ("bf16", "fp8", "fp8g"):
             if label != "bf16":
@@ -312,9 +344,18 @@ def compare_losses(results: list[dict]) -> list[dict]:
         n = min(len(x["losses"]), len(base["losses"]))
         d = [abs(a - b) for a, b in zip(x["losses"][:n], base["losses"][:n])]
         rel = [di / abs(b) for di, b in zip(d, base["losses"][:n]) if b]
-        out.append({"kind": "loss", "config": config, "mode": mode, "against": ref, "steps": n,
-                    "max_abs_diff": round(max(d), 6), "max_rel_diff": round(max(rel), 5),
-                    "mean_rel_diff": round(sum(rel) / len(rel), 5)})
+        out.append(
+            {
+                "kind": "loss",
+                "config": config,
+                "mode": mode,
+                "against": ref,
+                "steps": n,
+                "max_abs_diff": round(max(d), 6),
+                "max_rel_diff": round(max(rel), 5),
+                "mean_rel_diff": round(sum(rel) / len(rel), 5),
+            }
+        )
     return out
 
 
@@ -324,8 +365,10 @@ def table(results: list[dict], losses: list[dict]) -> str:
     base = {x["config"]: x for x in results if x.get("kind") == "result" and x["mode"] == "bf16"}
     for x in results:
         if x.get("kind") == "error":
-            lines.append(f"{x['config']:<10} {x['mode']:<8} {ts._fmt(x.get('cap_gib'), 'g'):>7} {ts._fmt(x.get('resident'), 'd'):>9} "
-                         f"{x['error']}: {x.get('detail', '')[:70]}")
+            lines.append(
+                f"{x['config']:<10} {x['mode']:<8} {ts._fmt(x.get('cap_gib'), 'g'):>7} {ts._fmt(x.get('resident'), 'd'):>9} "
+                f"{x['error']}: {x.get('detail', '')[:70]}"
+            )
         if x.get("kind") != "result":
             continue
         b = base.get(x["config"])
@@ -333,27 +376,43 @@ def table(results: list[dict], losses: list[dict]) -> str:
         lines.append(
             f"{x['config']:<10} {x['mode']:<8} {ts._fmt(x['cap_gib'], 'g'):>7} {x['resident']:>4}/{x['blocks']:<4} "
             f"{x['step_s']:>8.3f} {ts._fmt(x['peak_gib'], '.2f'):>9} "
-            f"{ts._fmt(x['step_s'] / b['step_s'] if b else None, '.2f'):>7} {ts._fmt(anchor[0] / x['step_s'] if anchor else None, '.2f'):>11}")
+            f"{ts._fmt(x['step_s'] / b['step_s'] if b else None, '.2f'):>7} {ts._fmt(anchor[0] / x['step_s'] if anchor else None, '.2f'):>11}"
+        )
     for q in losses:
-        lines.append(f"{q['config']} {q['mode']} vs {q['against']} over {q['steps']} steps: loss max |diff| {q['max_abs_diff']:.5f},"
-                     f" max rel {q['max_rel_diff']:.4f}, mean rel {q['mean_rel_diff']:.4f}")
+        lines.append(
+            f"{q['config']} {q['mode']} vs {q['against']} over {q['steps']} steps: loss max |diff| {q['max_abs_diff']:.5f},"
+            f" max rel {q['max_rel_diff']:.4f}, mean rel {q['mean_rel_diff']:.4f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=["klein4b"], choices=sorted(ts.CONFIGS))
-    ap.add_argument("--modes", nargs="+", default=["bf16", "fp8", "fp8swap"], choices=["bf16", "fp8", "fp8g", "swap", "fp8swap"])
-    ap.add_argument("--steps", type=int, default=17, help="timed steps (default 17: with 3 warm-up, 20-step loss curves)")
+    ap.add_argument(
+        "--modes", nargs="+", default=["bf16", "fp8", "fp8swap"], choices=["bf16", "fp8", "fp8g", "swap", "fp8swap"]
+    )
+    ap.add_argument(
+        "--steps", type=int, default=17, help="timed steps (default 17: with 3 warm-up, 20-step loss curves)"
+    )
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--compile", default="off", choices=["auto", "blocks", "off"], help="kern.gpu.accel compile for unswapped modes")
-    ap.add_argument("--cap", type=float, nargs="*", default=None,
-                    help="GiB caps for the swap modes, one per config (default: issue 8's: klein4b 8, klein9b 12, dev 24, qwen 12)")
+    ap.add_argument(
+        "--compile", default="off", choices=["auto", "blocks", "off"], help="kern.gpu.accel compile for unswapped modes"
+    )
+    ap.add_argument(
+        "--cap",
+        type=float,
+        nargs="*",
+        default=None,
+        help="GiB caps for the swap modes, one per config (default: issue 8's: klein4b 8, klein9b 12, dev 24, qwen 12)",
+    )
     ap.add_argument("--resident", type=int, default=None, help="resident blocks in swap modes (default: planned)")
-    ap.add_argument("--cap-all", action="store_true", help="also run the unswapped modes under the cap (after the uncapped run)")
-    ap.add_argument("--microbench", action="store_true", help="time FP8Linear against bf16 Linear first")
+    ap.add_argument(
+        "--cap-all", action="store_true", help="also run the unswapped modes under the cap (after the uncapped run)"
+    )
+    ap.add_argument("--microbench", action="store_true", help="time Float8MatmulLinear against bf16 Linear first")
     ap.add_argument("--json-out", type=Path, default=None)
     ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: tests this script, measures nothing")
     a = ap.parse_args(argv)
@@ -376,13 +435,21 @@ def main(argv: list[str] | None = None) -> int:
             sink.write(line + "\n")
             sink.flush()
 
-    from kern.gpu.fp8_linear import fp8_matmul_supported
+    from kern.gpu.fp8 import fp8_matmul_supported
 
     cuda = dev.type == "cuda"
-    emit({"kind": "header", "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-          "commit": ts._git_commit(), "fp8_matmul": fp8_matmul_supported(dev),
-          "fp8_matmul_why_not": __import__("kern.gpu.fp8_linear").fp8_linear._WHY_NOT.get(dev.index or 0), "h2d_gb_s": copy_bandwidth(dev) if cuda else None,
-          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+    emit(
+        {
+            "kind": "header",
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "torch": torch.__version__,
+            "commit": ts._git_commit(),
+            "fp8_matmul": fp8_matmul_supported(dev),
+            "fp8_matmul_why_not": __import__("kern.gpu.fp8").gpu.fp8._WHY_NOT.get(dev.index or 0),
+            "h2d_gb_s": copy_bandwidth(dev) if cuda else None,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+    )
     if a.microbench and cuda:
         for row in linear_microbench(dev):
             emit(row)
@@ -393,8 +460,17 @@ def main(argv: list[str] | None = None) -> int:
         done: dict[str, dict] = {}
         for mode in a.modes:
             swap = mode in ("swap", "fp8swap")
-            r = Run(config, mode, a.steps, a.warmup, a.res, a.rank, a.compile, cap_gib=caps[config] if swap and cuda else None,
-                    tiny=a.tiny)
+            r = Run(
+                config,
+                mode,
+                a.steps,
+                a.warmup,
+                a.res,
+                a.rank,
+                a.compile,
+                cap_gib=caps[config] if swap and cuda else None,
+                tiny=a.tiny,
+            )
             if swap:
                 ref = done.get("fp8" if mode == "fp8swap" else "bf16")
                 if a.resident is not None:
@@ -411,13 +487,26 @@ def main(argv: list[str] | None = None) -> int:
                     x = run(r, dev)
                     break
                 except torch.OutOfMemoryError as err:
-                    x = {"kind": "error", "error": "OOM", "config": config, "mode": mode, "cap_gib": r.cap_gib,
-                         "resident": r.resident, "detail": str(err)[:200], "peak_gib": ts.peak_gib(dev)}
+                    x = {
+                        "kind": "error",
+                        "error": "OOM",
+                        "config": config,
+                        "mode": mode,
+                        "cap_gib": r.cap_gib,
+                        "resident": r.resident,
+                        "detail": str(err)[:200],
+                        "peak_gib": ts.peak_gib(dev),
+                    }
                 except Exception as err:  # noqa: BLE001 - report and go on with the next run
                     import traceback
 
-                    x = {"kind": "error", "error": type(err).__name__, "config": config, "mode": mode,
-                         "detail": traceback.format_exc()[-1500:]}
+                    x = {
+                        "kind": "error",
+                        "error": type(err).__name__,
+                        "config": config,
+                        "mode": mode,
+                        "detail": traceback.format_exc()[-1500:],
+                    }
                     fatal = True
                 emit(x)  # outside the except: its traceback held the failed run's tensors
                 ts.free_memory(dev)
@@ -433,8 +522,16 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     emit({**run(r, dev), "mode": mode + "@cap"})
                 except torch.OutOfMemoryError as err:
-                    emit({"kind": "error", "error": "OOM", "config": config, "mode": mode + "@cap", "cap_gib": r.cap_gib,
-                          "detail": str(err)[:200]})
+                    emit(
+                        {
+                            "kind": "error",
+                            "error": "OOM",
+                            "config": config,
+                            "mode": mode + "@cap",
+                            "cap_gib": r.cap_gib,
+                            "detail": str(err)[:200],
+                        }
+                    )
                     ts.free_memory(dev)
                     _cap(dev, None)
     losses = compare_losses(results)

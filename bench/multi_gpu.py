@@ -23,7 +23,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT / "plugins" / "qwen_image", ROOT / "plugins" / "lora", ROOT / "plugins" / "flux2", ROOT / "cli", ROOT / "kernel", ROOT):
+for _p in (
+    ROOT / "plugins" / "qwen_image",
+    ROOT / "plugins" / "lora",
+    ROOT / "plugins" / "flux2",
+    ROOT / "cli",
+    ROOT / "kernel",
+    ROOT,
+):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
@@ -55,27 +62,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 with --tiny)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--no-ckpt", action="store_true")
-    ap.add_argument("--tiny", action="store_true", help="toy sizes, fp32, on the CPU (gloo): tests this script, measures nothing")
+    ap.add_argument(
+        "--tiny", action="store_true", help="toy sizes, fp32, on the CPU (gloo): tests this script, measures nothing"
+    )
     args = ap.parse_args(argv)
     _quiet_logs()
 
     from accelerate import Accelerator
-    from kern.gpu import accel
-    from kern.gpu import distributed
-    from kern.train import driver as train
     from kern.core.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
+    from kern.gpu import accel, distributed
     from kern.records import TargetSpec
+    from kern.train import driver as train
+    from kern.train import optim
 
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    res, steps, warmup = args.res or (64 if args.tiny else 1024), args.steps or (2 if args.tiny else 8), args.warmup or (1 if args.tiny else 3)
+    res, steps, warmup = (
+        args.res or (64 if args.tiny else 1024),
+        args.steps or (2 if args.tiny else 8),
+        args.warmup or (1 if args.tiny else 3),
+    )
     cfg = CONFIGS[args.config]
     family = cfg.family
     job = JobConfig(
         model=ModelConfig(arch=cfg.arch, dtype=str(dtype).removeprefix("torch.")),
         network=NetworkConfig(type="lora", options={"rank": args.rank, "alpha": float(args.rank)}),
-        train=TrainConfig(steps=warmup + steps, learning_rate=1e-4, optimizer="adamw", mixed_precision="no" if args.tiny else "bf16",
-                          gradient_checkpointing=not args.no_ckpt, seed=0, device="cpu" if args.tiny else None,
-                          shard_base=args.shard_base),
+        train=TrainConfig(
+            steps=warmup + steps,
+            learning_rate=1e-4,
+            optimizer="adamw",
+            mixed_precision="no" if args.tiny else "bf16",
+            gradient_checkpointing=not args.no_ckpt,
+            seed=0,
+            device="cpu" if args.tiny else None,
+            shard_base=args.shard_base,
+        ),
     )
     job.source = "bench/multi_gpu.py"
     plan = train.prepare(job, kern_manager(family))
@@ -98,17 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     transformer.eval()
     targets = TargetSpec(targets=arch.default_targets, exclude=tuple(arch.default_excludes))
     torch.manual_seed(0)
-    network = plan.hook.make_network(network_type="lora", model=transformer, targets=targets, options=plan.network_options)
+    network = plan.hook.make_network(
+        network_type="lora", model=transformer, targets=targets, options=plan.network_options
+    )
     network.to(dev)
     network.train()
-    fast = accel.apply(transformer, job.train, dev)  # as kern.train.driver.run: checkpointing, attention, compiled blocks
+    fast = accel.apply(
+        transformer, job.train, dev
+    )  # as kern.train.driver.run: checkpointing, attention, compiled blocks
     groups = network.optimizer_param_groups(job.train.learning_rate)
-    optimizer = train.make_optimizer("adamw", groups, job.train.learning_rate)
+    optimizer = optim.make_optimizer("adamw", groups, job.train.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     trainee = train.Trainee(plan, variant.name, transformer, network)
     if args.shard_base:  # as kern.train.driver.run does it: the base is sharded already, DDP for the adapter
         distributed.keep_out_of_ddp(trainee, transformer)
-        trainee = torch.nn.parallel.DistributedDataParallel(trainee, device_ids=[dev.index or 0] if dev.type == "cuda" else None)
+        trainee = torch.nn.parallel.DistributedDataParallel(
+            trainee, device_ids=[dev.index or 0] if dev.type == "cuda" else None
+        )
         optimizer, scheduler = acc.prepare(optimizer, scheduler)
     else:
         trainee, optimizer, scheduler = acc.prepare(trainee, optimizer, scheduler)
@@ -136,13 +162,26 @@ def main(argv: list[str] | None = None) -> int:
     if acc.is_main_process:
         slowest = [max(r["times"][i] for r in everyone) for i in range(steps)]
         step_s = statistics.median(slowest)
-        print(json.dumps({
-            "kind": "multi_gpu", "config": args.config, "processes": acc.num_processes, "shard_base": args.shard_base,
-            "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "res": res, "ckpt": not args.no_ckpt,
-            "step_s": round(step_s, 4), "images_per_s": round(acc.num_processes / step_s, 3),
-            "peak_gib": [r["peak_gib"] for r in everyone], "loss_finite": all(r["loss_finite"] for r in everyone),
-            "lora_modules": len(acc.unwrap_model(trainee).network.adapters), "fast_paths": fast,
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "kind": "multi_gpu",
+                    "config": args.config,
+                    "processes": acc.num_processes,
+                    "shard_base": args.shard_base,
+                    "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                    "res": res,
+                    "ckpt": not args.no_ckpt,
+                    "step_s": round(step_s, 4),
+                    "images_per_s": round(acc.num_processes / step_s, 3),
+                    "peak_gib": [r["peak_gib"] for r in everyone],
+                    "loss_finite": all(r["loss_finite"] for r in everyone),
+                    "lora_modules": len(acc.unwrap_model(trainee).network.adapters),
+                    "fast_paths": fast,
+                }
+            ),
+            flush=True,
+        )
     acc.wait_for_everyone()
     acc.end_training()
     return 0

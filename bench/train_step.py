@@ -15,9 +15,9 @@ hook, ``make_optimizer`` builds kern's AdamW, accelerate wraps model and optimiz
 
 Anchor side (when diffusers and peft import): diffusers' transformer of the same configuration with a peft
 LoRA on the same layers (diffusers splits q / k / v, so it holds more, thinner LoRA modules), autocast bf16,
-MSE to a random target, backward, fused AdamW, as /work/shared/bench/anchor_diffusers.py measures it.
+MSE to a random target, backward, fused AdamW; bench/ANCHOR.md states it, with its targets and issue 8's numbers.
 
-FLOPs: the reference forward count (flux2.md §13: 2 FLOPs per MAC, image-stream weights on image tokens,
+FLOPs: the reference forward count (bench/ANCHOR.md: 2 FLOPs per MAC, image-stream weights on image tokens,
 text-stream weights on text tokens, attention 4·L²·D per block, norms / RoPE / elementwise ignored).
 model TFLOP/s = 3 × forward FLOPs / step time (forward + activation-gradient backward ≈ 2×; the checkpoint
 recompute is not counted as useful work), MFU = model TFLOP/s / a measured bf16 8192³ matmul rate.
@@ -50,15 +50,23 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # The checkout's own code, whether or not it is pip-installed: kernel, CLI (logging set-up), the plugins used here.
-for _p in (ROOT / "plugins" / "lora", ROOT / "plugins" / "flux2", ROOT / "plugins" / "qwen_image", ROOT / "cli", ROOT / "kernel"):
+for _p in (
+    ROOT / "plugins" / "lora",
+    ROOT / "plugins" / "flux2",
+    ROOT / "plugins" / "qwen_image",
+    ROOT / "cli",
+    ROOT / "kernel",
+):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
 import torch
 
-FLOPS_CONVENTION = ("model TFLOP/s = 3 x forward FLOPs / median step time; forward FLOPs per flux2.md §13 "
-                    "(2 FLOPs/MAC, attention 4 L^2 D per block, norms/RoPE/elementwise ignored); "
-                    "MFU = model TFLOP/s / measured dense matmul rate")
+FLOPS_CONVENTION = (
+    "model TFLOP/s = 3 x forward FLOPs / median step time; forward FLOPs per bench/ANCHOR.md "
+    "(2 FLOPs/MAC, attention 4 L^2 D per block, norms/RoPE/elementwise ignored); "
+    "MFU = model TFLOP/s / measured dense matmul rate"
+)
 
 # Issue 8's anchor measurements (diffusers + peft, H100 80GB, res 1024, rank 16, batch 1): (step s, peak GiB).
 ISSUE_ANCHOR = {
@@ -82,7 +90,9 @@ class Family:
     n_txt: int  # text tokens of the protocol
     params: Callable[[str, bool], Any]  # (variant, tiny) -> kern params
     build_kern: Callable[[Any], torch.nn.Module]  # params -> kern transformer (called under device / dtype context)
-    kern_inputs: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]  # (p, batch, h, w, n_txt, dev, dtype) -> x0, text
+    kern_inputs: Callable[
+        ..., tuple[torch.Tensor, dict[str, torch.Tensor]]
+    ]  # (p, batch, h, w, n_txt, dev, dtype) -> x0, text
     forward_flops: Callable[[Any, int, int], tuple[float, float]]  # (p, n_img, n_txt) -> (linear, attention) FLOPs
     anchor: Callable[..., tuple[torch.nn.Module, Callable[[], torch.Tensor], torch.Tensor]]
     # (p, rank, ckpt, batch, h, w, n_txt, dev, dtype) -> (peft-wrapped diffusers model, forward(), random target)
@@ -115,13 +125,17 @@ def _flux2_flops(p, n_img, n_txt):
     # Per token and block: qkv 3D² + proj D² + gated MLP in 2MD + out MD (= 13 D² at M = 3D). Double blocks run
     # each stream's weights on its own tokens, so together they see n tokens, as a single block does.
     macs = blocks * (4 * d * d + 3 * m * d) * n
-    macs += p.in_channels * d * n_img + p.context_in_dim * d * n_txt + d * p.in_channels * n_img  # img_in, txt_in, final
+    macs += (
+        p.in_channels * d * n_img + p.context_in_dim * d * n_txt + d * p.in_channels * n_img
+    )  # img_in, txt_in, final
     return 2.0 * macs, 4.0 * blocks * n * n * d
 
 
-# The anchor's LoRA targets (anchor_diffusers.py): every Linear of the double and single blocks, modulations excluded.
-FLUX2_ANCHOR_TARGETS = (r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|linear_in|linear_out"
-                        r"|to_qkv_mlp_proj)$|.*single_transformer_blocks\.\d+\.attn\.to_out$")
+# The anchor's LoRA targets (bench/ANCHOR.md): every Linear of the double and single blocks, modulations excluded.
+FLUX2_ANCHOR_TARGETS = (
+    r".*(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out|linear_in|linear_out"
+    r"|to_qkv_mlp_proj)$|.*single_transformer_blocks\.\d+\.attn\.to_out$"
+)
 
 
 def _flux2_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype):
@@ -130,13 +144,24 @@ def _flux2_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype):
 
     with _default_dtype(dtype), torch.device(dev):
         model = Flux2Transformer2DModel(
-            patch_size=1, in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single,
-            attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
-            timestep_guidance_channels=256, mlp_ratio=p.mlp_ratio, axes_dims_rope=p.axes_dim, rope_theta=p.theta,
-            eps=p.eps, guidance_embeds=p.guidance_embed,
+            patch_size=1,
+            in_channels=p.in_channels,
+            num_layers=p.depth,
+            num_single_layers=p.depth_single,
+            attention_head_dim=p.head_dim,
+            num_attention_heads=p.num_heads,
+            joint_attention_dim=p.context_in_dim,
+            timestep_guidance_channels=256,
+            mlp_ratio=p.mlp_ratio,
+            axes_dims_rope=p.axes_dim,
+            rope_theta=p.theta,
+            eps=p.eps,
+            guidance_embeds=p.guidance_embed,
         )
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=FLUX2_ANCHOR_TARGETS, init_lora_weights="gaussian"))
+    model.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=FLUX2_ANCHOR_TARGETS, init_lora_weights="gaussian")
+    )
     for q in model.parameters():
         if q.requires_grad:
             q.data = q.data.float()
@@ -154,8 +179,15 @@ def _flux2_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype):
     g = torch.full((batch,), 4.0, device=dev, dtype=dtype) if p.guidance_embed else None
 
     def forward():
-        return model(hidden_states=x, encoder_hidden_states=ctx, timestep=t, img_ids=img_ids, txt_ids=txt_ids,
-                     guidance=g, return_dict=False)[0]
+        return model(
+            hidden_states=x,
+            encoder_hidden_states=ctx,
+            timestep=t,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=g,
+            return_dict=False,
+        )[0]
 
     return model, forward, torch.randn_like(x)
 
@@ -186,8 +218,10 @@ def _qwen_build(p):
 
 def _qwen_inputs(p, batch, h, w, n_txt, dev, dtype):
     x0 = torch.randn(batch, p.out_channels, 2 * h, 2 * w, device=dev)  # (B, 16, H/8, W/8): packed 2x2 into h*w tokens
-    text = {"ctx": torch.randn(batch, n_txt, p.joint_attention_dim, device=dev, dtype=dtype),
-            "mask": torch.ones(batch, n_txt, device=dev, dtype=torch.bool)}
+    text = {
+        "ctx": torch.randn(batch, n_txt, p.joint_attention_dim, device=dev, dtype=dtype),
+        "mask": torch.ones(batch, n_txt, device=dev, dtype=torch.bool),
+    }
     return x0, text
 
 
@@ -199,9 +233,11 @@ def _qwen_flops(p, n_img, n_txt):
     return 2.0 * macs, 4.0 * p.num_layers * n * n * d
 
 
-# The anchor's LoRA targets (anchor_diffusers.py QWEN_TARGETS): attention projections and both MLP Linears of every block.
-QWEN_ANCHOR_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-                       r"|(img|txt)_mlp\.net\.(0\.proj|2))$")
+# The anchor's LoRA targets (bench/ANCHOR.md): attention projections and both MLP Linears of every block.
+QWEN_ANCHOR_TARGETS = (
+    r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|(img|txt)_mlp\.net\.(0\.proj|2))$"
+)
 
 
 def _qwen_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype):
@@ -210,12 +246,19 @@ def _qwen_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype):
 
     with _default_dtype(dtype), torch.device(dev):
         model = QwenImageTransformer2DModel(
-            patch_size=p.patch_size, in_channels=p.in_channels, out_channels=p.out_channels, num_layers=p.num_layers,
-            attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.joint_attention_dim,
+            patch_size=p.patch_size,
+            in_channels=p.in_channels,
+            out_channels=p.out_channels,
+            num_layers=p.num_layers,
+            attention_head_dim=p.head_dim,
+            num_attention_heads=p.num_heads,
+            joint_attention_dim=p.joint_attention_dim,
             axes_dims_rope=tuple(p.axes_dim),
         )
     model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=QWEN_ANCHOR_TARGETS, init_lora_weights="gaussian"))
+    model.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=QWEN_ANCHOR_TARGETS, init_lora_weights="gaussian")
+    )
     for q in model.parameters():
         if q.requires_grad:
             q.data = q.data.float()
@@ -227,8 +270,14 @@ def _qwen_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype):
     t = torch.rand(batch, device=dev, dtype=dtype)
 
     def forward():
-        return model(hidden_states=x, encoder_hidden_states=ctx, encoder_hidden_states_mask=mask, timestep=t,
-                     img_shapes=[[(1, h, w)]] * batch, return_dict=False)[0]
+        return model(
+            hidden_states=x,
+            encoder_hidden_states=ctx,
+            encoder_hidden_states_mask=mask,
+            timestep=t,
+            img_shapes=[[(1, h, w)]] * batch,
+            return_dict=False,
+        )[0]
 
     return model, forward, torch.randn_like(x)
 
@@ -354,7 +403,9 @@ def kern_manager(family: Family):
 
     from kern.core.plugins import build_manager
 
-    extra = [(name, importlib.import_module(module)) for name, module in (*family.plugins, ("lora", "kern_lora.plugin"))]
+    extra = [
+        (name, importlib.import_module(module)) for name, module in (*family.plugins, ("lora", "kern_lora.plugin"))
+    ]
     return build_manager(entry_points=(), extra=extra)
 
 
@@ -369,13 +420,17 @@ def _quiet_logs() -> None:
 
         import structlog
 
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
-                            logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
+            logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        )
 
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -425,19 +480,36 @@ def _result(impl: str, s: Setup, family: Family, p: Any, times: list[float], los
     med = statistics.median(times)
     digits = 6 if s.tiny else 2
     return dict(
-        kind="result", impl=impl, config=s.config, res=s.res, n_img=h * w, n_txt=n_txt, batch=s.batch, rank=s.rank,
-        ckpt=s.ckpt, dtype=str(s.dtype).removeprefix("torch."), steps=len(times), warmup=s.warmup,
-        step_s=round(med, 4 if not s.tiny else 6), step_min_s=round(min(times), 4 if not s.tiny else 6),
+        kind="result",
+        impl=impl,
+        config=s.config,
+        res=s.res,
+        n_img=h * w,
+        n_txt=n_txt,
+        batch=s.batch,
+        rank=s.rank,
+        ckpt=s.ckpt,
+        dtype=str(s.dtype).removeprefix("torch."),
+        steps=len(times),
+        warmup=s.warmup,
+        step_s=round(med, 4 if not s.tiny else 6),
+        step_min_s=round(min(times), 4 if not s.tiny else 6),
         fwd_tflop=round(fwd / 1e12, digits),
-        model_tflops_per_s=round(3 * fwd / med / 1e12, digits), loss_finite=bool(torch.isfinite(loss).item()),
+        model_tflops_per_s=round(3 * fwd / med / 1e12, digits),
+        loss_finite=bool(torch.isfinite(loss).item()),
         **extra,
     )
 
 
 def kern_label(fast: dict[str, Any]) -> str:
     """``kern`` for the job defaults, ``kern[key=value,...]`` for a run with fast-path overrides."""
-    short = {"gradient_checkpointing": "ckpt", "base_precision": "base", "blocks_to_swap": "swap", "selective_blocks": "sel",
-             "offload_activations": "act"}
+    short = {
+        "gradient_checkpointing": "ckpt",
+        "base_precision": "base",
+        "blocks_to_swap": "swap",
+        "selective_blocks": "sel",
+        "offload_activations": "act",
+    }
     return "kern" + (f"[{','.join(f'{short.get(k, k)}={v}' for k, v in fast.items())}]" if fast else "")
 
 
@@ -448,12 +520,32 @@ def parse_fast(text: str) -> dict[str, Any]:
         return out
     for part in text.split(","):
         key, _, value = part.partition("=")
-        key = {"ckpt": "gradient_checkpointing", "base": "base_precision", "swap": "blocks_to_swap", "sel": "selective_blocks",
-               "act": "offload_activations"}.get(key, key)
-        if key not in ("compile", "attention", "gradient_checkpointing", "base_precision", "blocks_to_swap", "selective_blocks",
-                       "offload_activations") or not value:
+        key = {
+            "ckpt": "gradient_checkpointing",
+            "base": "base_precision",
+            "swap": "blocks_to_swap",
+            "sel": "selective_blocks",
+            "act": "offload_activations",
+        }.get(key, key)
+        if (
+            key
+            not in (
+                "compile",
+                "attention",
+                "gradient_checkpointing",
+                "base_precision",
+                "blocks_to_swap",
+                "selective_blocks",
+                "offload_activations",
+            )
+            or not value
+        ):
             raise SystemExit(f"--kern {text!r}: use key=value over compile, attention, ckpt, base, swap, sel, act")
-        out[key] = int(value) if key in ("blocks_to_swap", "selective_blocks") else {"true": True, "false": False}.get(value, value)
+        out[key] = (
+            int(value)
+            if key in ("blocks_to_swap", "selective_blocks")
+            else {"true": True, "false": False}.get(value, value)
+        )
     return out
 
 
@@ -489,10 +581,11 @@ def _anchor_step(forward, target, opt, bf16: bool, device_type: str) -> torch.Te
 def run_kern(s: Setup, cfg: Config) -> dict:
     """One config with kern's own pieces, in the order kern.train.driver.run uses them (data loading and logging left out)."""
     from accelerate import Accelerator
-    from kern.gpu import accel
-    from kern.train import driver as train
     from kern.core.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
+    from kern.gpu import accel
     from kern.records import TargetSpec
+    from kern.train import driver as train
+    from kern.train import optim
 
     family, dev = cfg.family, s.device
     free_memory(dev)
@@ -500,9 +593,16 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     job = JobConfig(
         model=ModelConfig(arch=cfg.arch, dtype=str(s.dtype).removeprefix("torch.")),
         network=NetworkConfig(type="lora", options={"rank": s.rank, "alpha": float(s.rank)}),
-        train=TrainConfig(steps=s.warmup + s.steps, learning_rate=1e-4, optimizer="adamw", max_grad_norm=s.max_grad_norm,
-                          mixed_precision="bf16" if s.dtype == torch.bfloat16 else "no", seed=0, device=dev.type,
-                          **{"gradient_checkpointing": s.ckpt, **(s.fast or {})}),
+        train=TrainConfig(
+            steps=s.warmup + s.steps,
+            learning_rate=1e-4,
+            optimizer="adamw",
+            max_grad_norm=s.max_grad_norm,
+            mixed_precision="bf16" if s.dtype == torch.bfloat16 else "no",
+            seed=0,
+            device=dev.type,
+            **{"gradient_checkpointing": s.ckpt, **(s.fast or {})},
+        ),
     )
     job.source = "bench/train_step.py"
     plan = train.prepare(job, manager)
@@ -519,20 +619,30 @@ def run_kern(s: Setup, cfg: Config) -> dict:
         transformer = family.build_kern(p)
     transformer.requires_grad_(False)
     transformer.eval()
-    base = accel.prepare_base(transformer, job.train, dev)  # fp8 base weights, before the adapters
-    targets = TargetSpec(targets=tuple(job.network.targets) or arch.default_targets,
-                         exclude=tuple(arch.default_excludes) + tuple(job.network.exclude), include=tuple(job.network.include))
+    base = accel.prepare_base(
+        transformer, job.train, dev, keep=arch.keep_high_precision
+    )  # fp8 base, before the adapters
+    targets = TargetSpec(
+        targets=tuple(job.network.targets) or arch.default_targets,
+        exclude=tuple(arch.default_excludes) + tuple(job.network.exclude),
+        include=tuple(job.network.include),
+    )
     torch.manual_seed(job.train.seed)
-    network = hook.make_network(network_type=plan.network.name, model=transformer, targets=targets, options=plan.network_options)
+    network = hook.make_network(
+        network_type=plan.network.name, model=transformer, targets=targets, options=plan.network_options
+    )
     network.to(dev)
     network.train()
-    fast = accel.apply(transformer, job.train, dev)  # as kern.train.driver.run: checkpointing, attention, compiled blocks
+    fast = accel.apply(
+        transformer, job.train, dev
+    )  # as kern.train.driver.run: checkpointing, attention, compiled blocks
     groups = network.optimizer_param_groups(job.train.learning_rate)
     params = [q for g in groups for q in g["params"]]
-    assert params and all(q.dtype == torch.float32 and q.device.type == dev.type for q in params), "adapter not fp32 on device"
-    optimizer = train.make_optimizer(job.train.optimizer, groups, job.train.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, train.lr_lambda(job.train.lr_scheduler, job.train.warmup_steps, job.train.steps))
+    assert params and all(q.dtype == torch.float32 and q.device.type == dev.type for q in params), (
+        "adapter not fp32 on device"
+    )
+    optimizer = optim.make_optimizer(job.train.optimizer, groups, job.train.learning_rate)
+    scheduler = optim.make_scheduler(optimizer, job.train)
     trainee = train.Trainee(plan, variant.name, transformer, network)
     trainee, optimizer, scheduler = acc.prepare(trainee, optimizer, scheduler)
     trainee.train()
@@ -543,8 +653,9 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     generator = torch.Generator().manual_seed(job.train.seed)
     before = [q.detach().clone() for q in params] if s.tiny else None
     # kern's own training step, the one kern.train.driver.run's loop calls
-    step = functools.partial(_kern_step, train.train_step, acc, trainee, optimizer, scheduler, plan, x0, text, generator,
-                             base_dtype)
+    step = functools.partial(
+        _kern_step, train.train_step, acc, trainee, optimizer, scheduler, plan, x0, text, generator, base_dtype
+    )
 
     timer, times, first, peaks = Timer(dev), [], None, Peaks(dev)
     graphs = accel.compiled_graphs()
@@ -562,11 +673,17 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     if s.profile is not None:
         profile_step(step, dev, f"{s.config} {kern_label(s.fast)}", s.profile)
     extra: dict[str, Any] = {
-        "fast": {**fast, **base}, "first_step_s": round(first, 2), "compiled_graphs": graphs_warm - graphs, "recompiles_timed": recompiles,
-        "lora_modules": len(network.adapters), "lora_params": sum(q.numel() for q in params),
+        "fast": {**fast, **base},
+        "first_step_s": round(first, 2),
+        "compiled_graphs": graphs_warm - graphs,
+        "recompiles_timed": recompiles,
+        "lora_modules": len(network.adapters),
+        "lora_params": sum(q.numel() for q in params),
         "optimizer": f"kern make_optimizer({job.train.optimizer!r}) {type(optimizer.optimizer).__name__}"
-                     + ("(fused=True)" if optimizer.optimizer.defaults.get("fused") else ""),
-        "max_grad_norm": job.train.max_grad_norm, "timestep_method": plan.timestep_method, **peaks.fields(),
+        + ("(fused=True)" if optimizer.optimizer.defaults.get("fused") else ""),
+        "max_grad_norm": job.train.max_grad_norm,
+        "timestep_method": plan.timestep_method,
+        **peaks.fields(),
     }
     if s.tiny:
         extra["lora_updated"] = sum(not torch.equal(a, q) for a, q in zip(before, params)) / len(params)
@@ -581,7 +698,7 @@ def run_kern(s: Setup, cfg: Config) -> dict:
 
 
 def run_anchor(s: Setup, cfg: Config) -> dict:
-    """diffusers' transformer + peft LoRA, as anchor_diffusers.py runs it."""
+    """diffusers' transformer + peft LoRA, the anchor of bench/ANCHOR.md."""
     from peft.tuners.lora import LoraLayer
 
     family, dev = cfg.family, s.device
@@ -606,9 +723,13 @@ def run_anchor(s: Setup, cfg: Config) -> dict:
     if s.profile is not None:
         profile_step(step, dev, f"{s.config} diffusers+peft", s.profile)
     extra: dict[str, Any] = {
-        "lora_modules": sum(isinstance(m, LoraLayer) for m in model.modules()), "lora_params": sum(q.numel() for q in params),
-        "optimizer": "torch AdamW(fused=True)", "max_grad_norm": 0.0,
-        "diffusers": _version("diffusers"), "peft": _version("peft"), **peaks.fields(),
+        "lora_modules": sum(isinstance(m, LoraLayer) for m in model.modules()),
+        "lora_params": sum(q.numel() for q in params),
+        "optimizer": "torch AdamW(fused=True)",
+        "max_grad_norm": 0.0,
+        "diffusers": _version("diffusers"),
+        "peft": _version("peft"),
+        **peaks.fields(),
     }
     if s.tiny:
         extra["lora_updated"] = sum(not torch.equal(a, q) for a, q in zip(before, params)) / len(params)
@@ -629,18 +750,33 @@ def ratio_lines(results: list[dict], tiny: bool) -> list[dict]:
             continue
         a = by.get((config, "diffusers+peft"))
         if a is not None:
-            out.append({
-                "kind": "ratio", "config": config, "impl": impl, "against": "diffusers+peft, this process",
-                "speedup": round(a["step_s"] / k["step_s"], 3), "speedup_min": round(a["step_min_s"] / k["step_min_s"], 3),
-                "memory_ratio": round(k["peak_gib"] / a["peak_gib"], 3) if k["peak_gib"] and a["peak_gib"] else None,
-            })
+            out.append(
+                {
+                    "kind": "ratio",
+                    "config": config,
+                    "impl": impl,
+                    "against": "diffusers+peft, this process",
+                    "speedup": round(a["step_s"] / k["step_s"], 3),
+                    "speedup_min": round(a["step_min_s"] / k["step_min_s"], 3),
+                    "memory_ratio": round(k["peak_gib"] / a["peak_gib"], 3)
+                    if k["peak_gib"] and a["peak_gib"]
+                    else None,
+                }
+            )
         ref = ISSUE_ANCHOR.get((config, k["ckpt"]))
         if ref and not tiny and k["res"] == 1024 and k["rank"] == 16 and k["batch"] == 1 and k["peak_gib"] is not None:
-            out.append({
-                "kind": "ratio", "config": config, "impl": impl, "against": "issue 8 anchor (diffusers+peft, H100 80GB)",
-                "speedup": round(ref[0] / k["step_s"], 3), "memory_ratio": round(k["peak_gib"] / ref[1], 3),
-                "anchor_step_s": ref[0], "anchor_peak_gib": ref[1],
-            })
+            out.append(
+                {
+                    "kind": "ratio",
+                    "config": config,
+                    "impl": impl,
+                    "against": "issue 8 anchor (diffusers+peft, H100 80GB)",
+                    "speedup": round(ref[0] / k["step_s"], 3),
+                    "memory_ratio": round(k["peak_gib"] / ref[1], 3),
+                    "anchor_step_s": ref[0],
+                    "anchor_peak_gib": ref[1],
+                }
+            )
     return out
 
 
@@ -677,18 +813,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--no-ckpt", action="store_true", help="no gradient checkpointing")
     ap.add_argument("--only", choices=["kern", "anchor", "both"], default="both")
-    ap.add_argument("--max-grad-norm", type=float, default=0.0,
-                    help="kern's gradient clipping (kern's job default is 1.0; the protocol and the anchor clip nothing)")
+    ap.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=0.0,
+        help="kern's gradient clipping (kern's job default is 1.0; the protocol and the anchor clip nothing)",
+    )
     ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON lines here")
-    ap.add_argument("--kern", nargs="+", default=["default"], metavar="SETTING",
-                    help="kern runs per config: 'default' (the job defaults) or key=value,... over compile (auto|blocks|off),"
-                         " attention (auto|flash|cudnn|efficient|math), ckpt (true|false|full|selective),"
-                         " base (bf16|fp8: train.base_precision), swap (N: train.blocks_to_swap), sel (N: train.selective_blocks)")
-    ap.add_argument("--profile", type=Path, default=None,
-                    help="after timing, profile one more step of each run; top kernels appended to this file")
-    ap.add_argument("--memory-cap-gib", type=float, default=None,
-                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)")
-    ap.add_argument("--tiny", action="store_true", help="toy sizes, fp32, on the CPU: tests this harness, measures nothing")
+    ap.add_argument(
+        "--kern",
+        nargs="+",
+        default=["default"],
+        metavar="SETTING",
+        help="kern runs per config: 'default' (the job defaults) or key=value,... over compile (auto|blocks|off),"
+        " attention (auto|flash|cudnn|efficient|math), ckpt (true|false|full|selective),"
+        " base (bf16|fp8: train.base_precision), swap (N: train.blocks_to_swap), sel (N: train.selective_blocks)",
+    )
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="after timing, profile one more step of each run; top kernels appended to this file",
+    )
+    ap.add_argument(
+        "--memory-cap-gib",
+        type=float,
+        default=None,
+        help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction)",
+    )
+    ap.add_argument(
+        "--tiny", action="store_true", help="toy sizes, fp32, on the CPU: tests this harness, measures nothing"
+    )
     a = ap.parse_args(argv)
     res = a.res or (128 if a.tiny else 1024)
     steps = a.steps or (2 if a.tiny else 8)
@@ -716,9 +871,16 @@ def main(argv: list[str] | None = None) -> int:
             sink.write(text + "\n")
             sink.flush()
 
-    header: dict[str, Any] = {"kind": "header", "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                                  "torch": torch.__version__, "diffusers": _version("diffusers"), "peft": _version("peft"),
-                                  "commit": _git_commit(), "tiny": a.tiny, "flops_convention": FLOPS_CONVENTION}
+    header: dict[str, Any] = {
+        "kind": "header",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "diffusers": _version("diffusers"),
+        "peft": _version("peft"),
+        "commit": _git_commit(),
+        "tiny": a.tiny,
+        "flops_convention": FLOPS_CONVENTION,
+    }
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(0).total_memory
         header["gpu_total_gib"] = round(total / 2**30, 2)
@@ -747,25 +909,55 @@ def main(argv: list[str] | None = None) -> int:
         cfg = CONFIGS[name]
         runs = [(impl, fast) for impl in impls for fast in (kern_runs if impl == "kern" else [None])]
         for impl, fast in runs:
-            s = Setup(config=name, res=res, rank=a.rank, ckpt=not a.no_ckpt, batch=a.batch, steps=steps, warmup=warmup,
-                      tiny=a.tiny, device=device, dtype=dtype, max_grad_norm=a.max_grad_norm, fast=fast, profile=a.profile)
+            s = Setup(
+                config=name,
+                res=res,
+                rank=a.rank,
+                ckpt=not a.no_ckpt,
+                batch=a.batch,
+                steps=steps,
+                warmup=warmup,
+                tiny=a.tiny,
+                device=device,
+                dtype=dtype,
+                max_grad_norm=a.max_grad_norm,
+                fast=fast,
+                profile=a.profile,
+            )
             label = kern_label(fast) if impl == "kern" else "diffusers+peft"
             if impl == "anchor" and anchor_missing:
-                r = {"kind": "error", "impl": label, "config": name, "error": "skipped", "detail": f"diffusers / peft: {anchor_missing}"}
+                r = {
+                    "kind": "error",
+                    "impl": label,
+                    "config": name,
+                    "error": "skipped",
+                    "detail": f"diffusers / peft: {anchor_missing}",
+                }
             else:
                 try:
                     r = (run_kern if impl == "kern" else run_anchor)(s, cfg)
                     r["mfu"] = round(r["model_tflops_per_s"] * 1e12 / rate, 4)
                 except torch.OutOfMemoryError as err:
-                    r = {"kind": "error", "impl": label, "config": name, "error": "OOM", "detail": str(err)[:300],
-                             "peak_gib": peak_gib(device)}
+                    r = {
+                        "kind": "error",
+                        "impl": label,
+                        "config": name,
+                        "error": "OOM",
+                        "detail": str(err)[:300],
+                        "peak_gib": peak_gib(device),
+                    }
                 except Exception as err:  # one failing configuration must not cost the rest of a device run
                     if a.tiny:
                         raise
                     import traceback
 
-                    r = {"kind": "error", "impl": label, "config": name, "error": type(err).__name__,
-                         "detail": "".join(traceback.format_exception(err))[-1500:]}
+                    r = {
+                        "kind": "error",
+                        "impl": label,
+                        "config": name,
+                        "error": type(err).__name__,
+                        "detail": "".join(traceback.format_exception(err))[-1500:],
+                    }
                 if r.get("kind") == "error":
                     import kern.gpu.accel
 

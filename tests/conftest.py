@@ -31,9 +31,21 @@ def toy_site(tmp_path_factory):
     """pip-install examples/plugins/kern-toy into a private folder (the test venv stays untouched)."""
     target = tmp_path_factory.mktemp("site")
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-         "-q", "--target", str(target), str(REPO / "examples" / "plugins" / "kern-toy")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "-q",
+            "--target",
+            str(target),
+            str(REPO / "examples" / "plugins" / "kern-toy"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert list(target.glob("kern_toy-0.1.0.dist-info/entry_points.txt")), "pip did not install the entry point"
@@ -51,7 +63,9 @@ def make_dist(root: Path, dist: str, version: str, ep_name: str, module: str, so
     return root
 
 
-def run_kern(*args: str, env: dict | None = None, pythonpath: list[Path] | None = None, input: str | None = None, cwd=None):
+def run_kern(
+    *args: str, env: dict | None = None, pythonpath: list[Path] | None = None, input: str | None = None, cwd=None
+):
     """Run ``python -m kern_cli.main ARGS`` and return the CompletedProcess (text)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("KERN_")}
     if pythonpath:
@@ -59,7 +73,12 @@ def run_kern(*args: str, env: dict | None = None, pythonpath: list[Path] | None 
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "kern_cli.main", *args],
-        capture_output=True, text=True, env=full_env, input=input, cwd=cwd, timeout=600,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        input=input,
+        cwd=cwd,
+        timeout=600,
     )
 
 

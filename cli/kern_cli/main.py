@@ -12,8 +12,8 @@ import traceback
 
 import click
 import structlog
-
 from kern.errors import Interrupted, KernError, UsageError
+
 from kern_cli import log as logsetup
 from kern_cli.commands import COMMANDS
 
@@ -103,13 +103,17 @@ def describe_failure(exc: BaseException) -> str:
     if isinstance(exc, MemoryError):
         return "out of memory (CPU RAM); use a smaller batch, fewer images per step or a smaller model"
     if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch here
-        return ("out of GPU memory; see docs/memory.md for the settings that fit your card "
-                "(train.base_precision = \"fp8\", train.blocks_to_swap, gradient checkpointing)")
+        return (
+            "out of GPU memory; see docs/memory.md for the settings that fit your card "
+            '(train.base_precision = "fp8", train.blocks_to_swap, gradient checkpointing)'
+        )
     if isinstance(exc, UnicodeError):
         return f"a file is not UTF-8 text ({exc}); save it as UTF-8"
     first = text.strip().splitlines()[0] if text.strip() else ""
-    return (f"unexpected {type(exc).__name__}{': ' + first[:500] if first else ''} "
-            "(a bug in kern or a plugin; run with -vv for the traceback and report it)")
+    return (
+        f"unexpected {type(exc).__name__}{': ' + first[:500] if first else ''} "
+        "(a bug in kern or a plugin; run with -vv for the traceback and report it)"
+    )
 
 
 if __name__ == "__main__":

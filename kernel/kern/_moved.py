@@ -35,7 +35,7 @@ MOVED = {
     "kern.sampling": "kern.generate.denoise",
     "kern.accel": "kern.gpu.accel",
     "kern.fp8": "kern.gpu.fp8",
-    "kern.fp8_linear": "kern.gpu.fp8_linear",
+    "kern.fp8_linear": "kern.gpu.fp8",
     "kern.offload": "kern.gpu.offload",
     "kern.distributed": "kern.gpu.distributed",
     "kern.attention": "kern.gpu.attention",

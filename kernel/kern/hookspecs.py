@@ -6,13 +6,50 @@ decorated ``@kern.hookimpl`` and named like the specs below. It implements only 
 Conventions:
 
 * ``arch`` is an architecture's canonical name and ``variant`` a variant's canonical name, as
-  declared in ``register_architectures``. Architecture hooks are ``firstresult``: an
-  implementation answers for its own architecture and returns ``None`` for every other one.
-* ``network_type`` is a network's canonical name; network hooks answer only for their own type,
-  except ``detect_weights``, which every network plugin answers and the kernel arbitrates.
+  declared in ``register_architectures``; ``network_type`` is a network's canonical name.
+* Dispatch: kern calls a hook that takes ``arch`` only on the plugin that registered that architecture,
+  and a hook that takes ``network_type`` only on the plugin that registered that network type
+  (``kern.core.routing``). So write each hook once, for your own names, with no ``if arch != ...: return
+  None`` guard; a plugin written with such guards keeps working. The kernel's own implementations
+  (``kern.core.defaults``: ``sample_timesteps``, ``combine_guidance``) are asked last, for every name, and
+  give the standard behaviour where your plugin has no hook or returns ``None``. The hooks without either
+  argument (``register_*``, ``detect_weights``) reach every plugin.
+* The routed hooks are ``firstresult``: the first answer that is not ``None`` is the result.
+  ``detect_weights`` is answered by every network plugin and the kernel arbitrates.
 * Tensors crossing hooks are ``torch.Tensor``; images are float in ``[-1, 1]``, shape (B, C, H, W).
 * Flow-matching convention: ``x_t = (1 - t) * x0 + t * noise`` with ``t`` in ``[0, 1]`` (1 = pure
   noise); models predict the velocity ``noise - x0``.
+
+The model protocol: what the kernel reads from the transformer ``load_model(part="transformer")`` returns.
+The VAE and the text encoder are opaque to the kernel: it only hands them back to your ``encode_latents``,
+``decode_latents``, ``encode_text`` and ``caption_image``. The transformer is an ``nn.Module``, and:
+
+* ``block_lists`` (class attribute, optional): names of the ``nn.ModuleList`` attributes that hold the
+  repeated blocks, in execution order, e.g. ``("blocks",)`` or ``("double_blocks", "single_blocks")``.
+  ``kern.gpu.accel`` wraps each block's ``forward`` in activation checkpointing
+  (``train.gradient_checkpointing``, ``"selective"`` included) and compiles blocks one by one
+  (``train.compile``, ``generate --compile``); ``kern.gpu.offload.BlockSwap`` streams them from CPU memory
+  (``train.blocks_to_swap``); ``kern.gpu.distributed`` shards the frozen base by them (``train.shard_base``).
+  Call blocks as ``block(...)`` so the wrappers apply, and keep their forward traceable by ``torch.compile``
+  (no ``.item()``, no Python branches on tensor values). Without ``block_lists``, block swap and sharding are
+  refused and nothing is compiled.
+* ``gradient_checkpointing`` (bool attribute, optional): a model without ``block_lists`` keeps its own
+  checkpointing, which ``kern.gpu.accel.apply`` switches with it; with ``block_lists`` it is set to ``False``
+  (the per-block wrappers checkpoint instead).
+* Module paths: adapters (``kern.adapters.network``) select modules by their dotted paths from the model
+  root (``Architecture.default_targets`` / ``default_excludes``, the job's ``network.targets``), name them in
+  files after those paths (kohya: ``lora_unet_`` + path with ``_``), and wrap the ``forward`` of the
+  ``nn.Linear`` (and ``Conv2d``) modules they select: call those modules, do not read their ``weight``
+  yourself. With ``train.base_precision = "fp8"``, ``kern.gpu.fp8`` stores every plain ``nn.Linear`` whose
+  sides are multiples of 16 in float8, except those matched by ``Architecture.keep_high_precision``.
+* Attention through ``kern.gpu.attention.attention(q, k, v, mask=None)`` gets the job's ``train.attention``
+  backend, and selective checkpointing recognises it (it keeps attention outputs).
+* ``.variant`` (attribute): when ``load_model`` gets ``variant=None``, set the variant it detected on the
+  returned object, so callers can tell what was loaded.
+* The kernel calls ``requires_grad_(False)``, ``eval()``, ``to(device)``, ``parameters()`` and
+  ``named_modules()`` on it, and may make it a child of another module (data parallel); everything else,
+  such as a ``params`` record or the forward's signature, is the plugin's own: only its
+  ``predict_velocity`` calls the model.
 """
 
 from __future__ import annotations
@@ -48,8 +85,11 @@ def register_networks(register: Callable[..., None]) -> None:
 
 
 @hookspec(firstresult=True)
-def load_model(arch: str, variant: str | None, part: str, path: str, dtype: Any, device: Any, options: Mapping[str, Any]) -> Any:
-    """Load one part of ``arch`` from ``path`` and return it ready to use, or ``None`` if not yours.
+def load_model(
+    arch: str, variant: str | None, part: str, path: str, dtype: Any, device: Any, options: Mapping[str, Any]
+) -> Any:
+    """Load one part of ``arch`` from ``path`` and return it ready to use (the transformer follows the model
+    protocol in the module docstring).
 
     ``part`` is ``"transformer"``, ``"vae"`` or ``"text_encoder"``. ``options`` for the text encoder: ``"fp8"``
     (store its weights in float8) and ``"caption"`` (it will caption images, so load what that needs).
@@ -63,7 +103,7 @@ def load_model(arch: str, variant: str | None, part: str, path: str, dtype: Any,
 @hookspec(firstresult=True)
 def detect_variant(arch: str, path: str) -> str | None:
     """Name the variant of the ``arch`` checkpoint at ``path`` from its keys and shapes alone (read the
-    safetensors header, not the tensors), or ``None`` if it is not yours. Raise
+    safetensors header, not the tensors), or ``None`` to use the default variant. Raise
     ``kern.errors.ModelFileError`` when the file is yours to judge but fits no variant."""
 
 
@@ -113,12 +153,17 @@ def predict_velocity(
 
 
 @hookspec(firstresult=True)
-def sample_timesteps(arch: str, method: str, batch_size: int, latent_shape: tuple, generator: Any, options: Mapping[str, Any]) -> Any:
+def sample_timesteps(
+    arch: str, method: str, batch_size: int, latent_shape: tuple, generator: Any, options: Mapping[str, Any]
+) -> Any:
     """Draw training timesteps ``t`` in ``[0, 1]``, shape ``(batch_size,)``, with ``method``.
 
-    The kernel ships the standard methods (``kern.maths.timesteps``) as a last-resort implementation; a
-    plugin may override a method for its architecture or add a new one. ``latent_shape`` is the
-    shape of one item's latent (resolution-dependent methods read it). Return ``None`` to decline.
+    The kernel ships the methods every architecture has (``kern.maths.timesteps.METHODS``) as a last-resort
+    implementation; a plugin may override a method for its architecture or add its own (a shift that depends on
+    its token count). To add methods, answer with ``kern.maths.timesteps.sample(method, batch_size, latent_shape,
+    generator, options, methods={**timesteps.METHODS, **yours})``: the range options, buckets and the
+    unknown-method error (which lists the methods) then cover yours too. ``latent_shape`` is the shape of one
+    item's latent (resolution-dependent methods read it). Return ``None`` to decline.
     """
 
 
@@ -134,16 +179,16 @@ def reference_sizes(arch: str, variant: str, sizes: list, target: tuple) -> list
 @hookspec(firstresult=True)
 def latent_shape(arch: str, variant: str, width: int, height: int, options: Mapping[str, Any]) -> tuple | None:
     """The shape, without batch, of the latents one image of ``width`` x ``height`` is denoised in, when it
-    is not ``(latent_channels, height / latent_downscale, width / latent_downscale)``: e.g. Qwen-Image-Layered's
-    ``(layers + 1, 16, h, w)``. ``decode_latents`` then returns one more dimension, (B, frames, C, H, W), and
+    is not ``(latent_channels, height / latent_downscale, width / latent_downscale)``: e.g. a variant that makes
+    a composite plus layers, ``(layers + 1, C, h, w)``. ``decode_latents`` then returns one more dimension, (B, frames, C, H, W), and
     the kernel saves every frame."""
 
 
 @hookspec(firstresult=True)
 def caption_image(arch: str, variant: str, encoder: Any, image: Any, language: str) -> str | None:
     """Describe ``image`` (a Pillow image) in ``language`` (``"en"`` or ``"zh"``) with the loaded text encoder,
-    for prompts left empty under ``kern generate --auto-caption-lang`` (Qwen-Image-Layered captions the image
-    it splits). ``None``: this architecture cannot caption."""
+    for prompts left empty under ``kern generate --auto-caption-lang`` (e.g. a variant that splits its input
+    image into layers captions that image). ``None``: this architecture cannot caption."""
 
 
 @hookspec(firstresult=True)
@@ -157,7 +202,7 @@ def generation_schedule(arch: str, variant: str, steps: int, latent_shape: tuple
 def combine_guidance(arch: str, variant: str, cond: Any, uncond: Any, scale: float, options: Mapping[str, Any]) -> Any:
     """Combine the conditional and unconditional velocities of a true-CFG step (same shape as the
     latents). The kernel's own answer, tried last, is ``uncond + scale * (cond - uncond)``; an
-    architecture overrides it for extra steps such as Qwen-Image's per-token norm rescale."""
+    architecture overrides it for extra steps such as a per-token norm rescale."""
 
 
 @hookspec(firstresult=True)
@@ -166,9 +211,9 @@ def adapter_module_map(arch: str, variant: str, layout: str) -> list | None:
 
     ``layout`` is e.g. ``"diffusers"``. Return a list of ``(native_path, [(other_path, rows)], ...)``
     tuples where ``rows`` is the ``(start, stop)`` slice of the native module's output rows that
-    ``other_path`` holds (``None`` for the whole module): FLUX.2's fused ``img_attn.qkv`` maps to
-    three diffusers projections this way; an empty list says the module exists but the other naming
-    cannot hold an adapter on it. Return ``None`` if the naming is not yours.
+    ``other_path`` holds (``None`` for the whole module): a fused qkv module maps to three projections
+    this way; an empty list says the module exists but the other naming cannot hold an adapter on it.
+    Return ``None`` if the naming is not yours.
     """
 
 
@@ -195,7 +240,14 @@ def detect_weights(keys: frozenset, metadata: Mapping[str, str]) -> Any:
 
 
 @hookspec(firstresult=True)
-def load_network(network_type: str, model: Any, state_dict: Mapping[str, Any], metadata: Mapping[str, str], claim: Any, multiplier: float) -> Any:
+def load_network(
+    network_type: str,
+    model: Any,
+    state_dict: Mapping[str, Any],
+    metadata: Mapping[str, str],
+    claim: Any,
+    multiplier: float,
+) -> Any:
     """Apply the adapter in ``state_dict`` (claimed by ``claim``) to ``model`` unmerged, scaled by
     ``multiplier``; return the applied ``kern.adapters.network.Network``. Keys that match no module raise
     ``kern.errors.AdapterError`` naming them."""
@@ -210,7 +262,12 @@ def weight_delta(network_type: str, tensors: Mapping[str, Any], base_shape: tupl
 
 @hookspec(firstresult=True)
 def convert_weights(
-    network_type: str, state_dict: Mapping[str, Any], metadata: Mapping[str, str], claim: Any, to_layout: str, module_map: list | None
+    network_type: str,
+    state_dict: Mapping[str, Any],
+    metadata: Mapping[str, str],
+    claim: Any,
+    to_layout: str,
+    module_map: list | None,
 ) -> Any:
     """Rewrite an adapter into ``to_layout`` (``kohya``, ``diffusers``, ``comfyui``); return
     ``(state_dict, metadata)``. ``module_map`` comes from ``adapter_module_map``. Convert losslessly

@@ -31,7 +31,6 @@ class Option:
     maximum: float | None = None
     check: Any = attrs.field(default=None, eq=False)  # optional callable(value): raises ValueError for a bad value
 
-
     def coerce(self, value: Any, where: str) -> Any:
         """Return ``value`` as this option's type; raise ``ValueError`` naming ``where`` if it is not one."""
         if value is None:
@@ -80,8 +79,11 @@ class Option:
             raise ValueError(f"{where}: option {self.name!r} must be a finite number, got {value!r}")
         low, high = self.minimum, self.maximum
         if (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"between {low} and {high}" if low is not None and high is not None else \
-                (f"at least {low}" if low is not None else f"at most {high}")
+            bounds = (
+                f"between {low} and {high}"
+                if low is not None and high is not None
+                else (f"at least {low}" if low is not None else f"at most {high}")
+            )
             raise ValueError(f"{where}: option {self.name!r} must be {bounds}, got {value!r}")
 
 
@@ -99,17 +101,18 @@ def resolve_options(schema: tuple[Option, ...], given: dict[str, Any], where: st
 
 @attrs.frozen
 class Variant:
-    """One variant of an architecture (``dev``, ``klein-4b``, ``edit-2511`` ...) with its generation defaults.
+    """One variant of an architecture (``base``, ``large``, ``edit`` ...) with its generation defaults.
 
     ``guidance_mode`` says how ``guidance`` is used at generation: ``"embedded"`` (fed to the model,
     one forward per step), ``"cfg"`` (true classifier-free guidance, two forwards per step) or
     ``"none"`` (distilled, guidance ignored).
 
-    ``references`` says whether generation takes reference/control images: ``"optional"`` (FLUX.2),
-    ``"required"`` (an edit model needs its control images, Layered the image it splits) or ``"none"``.
-    ``text_images``: the text encoder reads the control images too (Qwen-Image-Edit), so the kernel passes
-    each prompt's images to ``encode_text`` as ``options["images"]`` and keys text caches on them.
-    ``image_mode`` is the pixel format the VAE takes: ``"RGB"`` or ``"RGBA"`` (Layered).
+    ``references`` says whether generation takes reference/control images: ``"optional"`` (a model that can
+    also condition on references), ``"required"`` (an edit model needs its control images, an image-to-layers
+    model the image it splits) or ``"none"``.
+    ``text_images``: the text encoder reads the control images too (a vision-language encoder of an edit model),
+    so the kernel passes each prompt's images to ``encode_text`` as ``options["images"]`` and keys text caches on them.
+    ``image_mode`` is the pixel format the VAE takes: ``"RGB"`` or ``"RGBA"`` (layers with alpha).
     """
 
     name: str
@@ -121,7 +124,7 @@ class Variant:
     width: int = 1024
     height: int = 1024
     cache_id: str = ""  # id in cache file names; variants that share latents and text share it (musubi's f2k4b ...)
-    modelspec: str = ""  # modelspec.architecture name in adapter metadata, e.g. "Flux.2-klein-4b"
+    modelspec: str = ""  # modelspec.architecture name in adapter metadata, e.g. "Toy-DiT-large"
     negative_prompt: str = ""  # the unconditional prompt of true CFG when the user gives none
     references: str = attrs.field(default="optional", validator=attrs.validators.in_(("none", "optional", "required")))
     text_images: bool = False
@@ -137,8 +140,15 @@ class Architecture:
     user must give (``model.transformer`` ...); the drivers check they are set and exist before any work.
 
     ``default_targets`` and ``default_excludes`` are regular expressions matched with
-    ``re.fullmatch`` against dotted module paths from the model root (``double_blocks.0.img_attn.qkv``);
+    ``re.fullmatch`` against dotted module paths from the model root (``blocks.0.attn.qkv``);
     network plugins wrap the ``nn.Linear`` (and ``Conv2d``) modules they select.
+
+    ``keep_high_precision``: regular expressions searched (``re.search``) in those module paths; the Linears they
+    match stay in the model dtype when ``train.base_precision = "fp8"`` stores the frozen base in float8
+    (typically the embedders, modulation and final layer: small, and an error there shifts every token).
+
+    ``timestep_method`` is the training timestep method a job gets when it sets none: one of the kernel's
+    (``kern.maths.timesteps.METHODS``) or one the plugin's ``sample_timesteps`` adds.
     """
 
     name: str
@@ -151,6 +161,7 @@ class Architecture:
     latent_downscale: int = 8  # pixels per latent cell of encode_latents' output
     default_targets: tuple[str, ...] = (".*",)
     default_excludes: tuple[str, ...] = ()
+    keep_high_precision: tuple[str, ...] = ()
     timestep_method: str = "uniform"
     required_files: tuple[str, ...] = ()
     implementation: str = ""  # modelspec.implementation: where the reference implementation lives
@@ -162,7 +173,9 @@ class Architecture:
         for v in self.variants:
             if name == v.name or name in v.aliases:
                 return v
-        raise KeyError(f"architecture {self.name!r} has no variant {name!r}; variants: {[v.name for v in self.variants]}")
+        raise KeyError(
+            f"architecture {self.name!r} has no variant {name!r}; variants: {[v.name for v in self.variants]}"
+        )
 
 
 @attrs.frozen

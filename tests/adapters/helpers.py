@@ -7,14 +7,13 @@ import contextlib
 import logging
 import types
 
-import torch
-from torch import nn
-
 import kern
-from kern.core.io import save_file
+import torch
 from kern.adapters.network import kohya_name
+from kern.core.io import save_file
 from kern.core.plugins import build_manager
 from kern_flux2.adapter_map import flux2_module_map
+from torch import nn
 
 D, DEPTH, SINGLE = 8, 2, 2  # hidden size, double blocks, single blocks of the tiny layer tree
 ARCH = "tinyflux"
@@ -77,7 +76,10 @@ def tiny_arch_plugin(d: int = D, depth: int = DEPTH, single: int = SINGLE) -> ty
         register(
             kern.Architecture(
                 name=ARCH,
-                variants=(kern.Variant(name="wide", aliases=("tinyflux-wide",)), kern.Variant(name="base", aliases=("tinyflux-base",))),
+                variants=(
+                    kern.Variant(name="wide", aliases=("tinyflux-wide",)),
+                    kern.Variant(name="base", aliases=("tinyflux-base",)),
+                ),
                 default_variant="base",
             )
         )
@@ -113,7 +115,9 @@ def random_lora(model: nn.Module, paths, rank: int = 3, alpha: float = 1.5, seed
     return out
 
 
-def random_loha(model: nn.Module, paths, rank: int = 2, alpha: float = 1.0, seed: int = 0, prefix: str = "lora_unet_") -> dict[str, torch.Tensor]:
+def random_loha(
+    model: nn.Module, paths, rank: int = 2, alpha: float = 1.0, seed: int = 0, prefix: str = "lora_unet_"
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = {}
     layers = dict(model.named_modules())

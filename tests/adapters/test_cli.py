@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kern.errors import AdapterError, UsageError
 from kern.core.io import load_file
-from tests.adapters.helpers import BLOCK_PATHS, LayerTree, random_lora, random_loha, write
+from kern.errors import AdapterError, UsageError
+
+from tests.adapters.helpers import BLOCK_PATHS, LayerTree, random_loha, random_lora, write
 from tests.conftest import make_dist, run_kern
 
 PLUGIN = """
@@ -33,8 +33,19 @@ def files(tmp_path_factory):
 def test_merge_cli(files):
     tmp, _ = files
     out = tmp / "merged.safetensors"
-    proc = run_kern("merge", "--model", str(tmp / "base.safetensors"), "--weights", f"{tmp / 'lora.safetensors'}:0.5",
-                    "--weights", str(tmp / "loha.safetensors"), "--out", str(out), "--dtype", "bf16")
+    proc = run_kern(
+        "merge",
+        "--model",
+        str(tmp / "base.safetensors"),
+        "--weights",
+        f"{tmp / 'lora.safetensors'}:0.5",
+        "--weights",
+        str(tmp / "loha.safetensors"),
+        "--out",
+        str(out),
+        "--dtype",
+        "bf16",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "merged 20 weights from 2 adapter(s)" in proc.stdout
     merged, _ = load_file(out)
@@ -55,12 +66,15 @@ def test_merge_cli_errors(files, args, error, message):
     """In-process (no interpreter start-up per case): the command raises kern's errors, which the CLI maps to
     exit code 2 (UsageError) or 1 (any other KernError)."""
     from click.testing import CliRunner
-
     from kern_cli.commands.merge import command
 
     tmp, _ = files
     out = tmp / "bad.safetensors"
-    result = CliRunner().invoke(command, ["--model", str(tmp / "base.safetensors"), "--out", str(out), *[a.format(tmp=tmp) for a in args]], standalone_mode=False)
+    result = CliRunner().invoke(
+        command,
+        ["--model", str(tmp / "base.safetensors"), "--out", str(out), *[a.format(tmp=tmp) for a in args]],
+        standalone_mode=False,
+    )
     assert type(result.exception) is error, result.exception
     assert message in str(result.exception)
     assert issubclass(error, UsageError) or not isinstance(result.exception, UsageError)
@@ -70,13 +84,33 @@ def test_merge_cli_errors(files, args, error, message):
 def test_convert_cli(files):
     tmp, dist = files
     out = tmp / "comfy.safetensors"
-    proc = run_kern("convert", str(tmp / "lora.safetensors"), "--to", "comfyui", "--arch", "tinyflux", "--out", str(out), pythonpath=[dist])
+    proc = run_kern(
+        "convert",
+        str(tmp / "lora.safetensors"),
+        "--to",
+        "comfyui",
+        "--arch",
+        "tinyflux",
+        "--out",
+        str(out),
+        pythonpath=[dist],
+    )
     assert proc.returncode == 0, proc.stderr
     assert "lora kohya → comfyui" in proc.stdout
     assert any(k.startswith("diffusion_model.double_blocks.0.img_attn.qkv.lora_A") for k in load_file(out)[0])
 
     bad = tmp / "loha_diffusers.safetensors"
-    proc = run_kern("convert", str(tmp / "loha.safetensors"), "--to", "diffusers", "--arch", "tinyflux", "--out", str(bad), pythonpath=[dist])
+    proc = run_kern(
+        "convert",
+        str(tmp / "loha.safetensors"),
+        "--to",
+        "diffusers",
+        "--arch",
+        "tinyflux",
+        "--out",
+        str(bad),
+        pythonpath=[dist],
+    )
     assert proc.returncode == 1
     assert "loha.safetensors: a LoHa (hada_*) adapter cannot be written in the diffusers layout" in proc.stderr
     assert not bad.exists()

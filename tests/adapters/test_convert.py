@@ -9,13 +9,24 @@ import json
 
 import pytest
 import torch
-
 from kern.adapters.convert import convert
-from kern.errors import AdapterError, UsageError
 from kern.core.io import load_file
+from kern.errors import AdapterError, UsageError
 from kern_flux2.adapter_map import flux2_module_map
 
-from tests.adapters.helpers import ALL_PATHS, ARCH, BLOCK_PATHS, D, DEPTH, SINGLE, LayerTree, manager_with_arch, random_lora, random_loha, write
+from tests.adapters.helpers import (
+    ALL_PATHS,
+    ARCH,
+    BLOCK_PATHS,
+    DEPTH,
+    SINGLE,
+    D,
+    LayerTree,
+    manager_with_arch,
+    random_loha,
+    random_lora,
+    write,
+)
 
 NATIVE = ALL_PATHS
 FLAT = {p.replace(".", "_"): p for p in NATIVE}
@@ -28,15 +39,25 @@ def _module_deltas(tensors: dict) -> dict[str, torch.Tensor]:
     """{dotted module path (native or diffusers): ΔW} read straight from the keys, for every layout."""
     groups: dict[str, dict] = {}
     for k, v in tensors.items():
-        for suffix in ("lora_down.weight", "lora_up.weight", "lora_A.weight", "lora_B.weight", "alpha", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+        for suffix in (
+            "lora_down.weight",
+            "lora_up.weight",
+            "lora_A.weight",
+            "lora_B.weight",
+            "alpha",
+            "hada_w1_a",
+            "hada_w1_b",
+            "hada_w2_a",
+            "hada_w2_b",
+        ):
             if k.endswith("." + suffix):
                 groups.setdefault(k[: -len(suffix) - 1], {})[suffix] = v.float()
     out = {}
     for name, t in groups.items():
         if name.startswith("lora_unet_"):
-            path = FLAT[name[len("lora_unet_"):]]
+            path = FLAT[name[len("lora_unet_") :]]
         elif name.startswith("lycoris_"):
-            path = DIFFUSERS_FLAT[name[len("lycoris_"):]]
+            path = DIFFUSERS_FLAT[name[len("lycoris_") :]]
         else:
             path = name.removeprefix("diffusion_model.").removeprefix("transformer.")
         if "hada_w1_a" in t:
@@ -143,7 +164,10 @@ def test_independent_q_k_v_fuse_to_rank_3r_block_diagonal_and_split_back(tmp_pat
     assert_same_deltas(src, fused)
     convert(tmp_path / "k.safetensors", tmp_path / "d2.safetensors", "diffusers", ARCH, manager=manager)
     again, _ = load_file(tmp_path / "d2.safetensors")
-    assert again["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"].shape == (3, D)  # block-diagonal → rank r back
+    assert again["transformer.transformer_blocks.0.attn.to_k.lora_A.weight"].shape == (
+        3,
+        D,
+    )  # block-diagonal → rank r back
     assert_same_deltas(src, again)
 
 
@@ -156,7 +180,9 @@ def test_loha_comfyui_keeps_hada_and_alpha_and_diffusers_is_refused(tmp_path, ma
     assert "diffusion_model.double_blocks.0.img_attn.qkv.hada_w2_b" in out
     assert float(out["diffusion_model.double_blocks.0.img_attn.qkv.alpha"]) == 1.0
     assert_same_deltas(src, out)
-    with pytest.raises(AdapterError, match=r"h\.safetensors: a LoHa .* cannot be written in the diffusers layout.*comfyui"):
+    with pytest.raises(
+        AdapterError, match=r"h\.safetensors: a LoHa .* cannot be written in the diffusers layout.*comfyui"
+    ):
         convert(tmp_path / "h.safetensors", tmp_path / "d.safetensors", "diffusers", ARCH, manager=manager)
     assert not (tmp_path / "d.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "h.safetensors"]
@@ -209,5 +235,7 @@ def test_usage_errors(tmp_path, manager):
     with pytest.raises(AdapterError, match=r"does not fit tinyflux.*wide"):
         big = random_lora(LayerTree(), ["double_blocks.0.img_attn.qkv"])
         write(tmp_path / "q.safetensors", big)
-        convert(tmp_path / "q.safetensors", tmp_path / "o.safetensors", "diffusers", ARCH, variant="wide", manager=manager)
+        convert(
+            tmp_path / "q.safetensors", tmp_path / "o.safetensors", "diffusers", ARCH, variant="wide", manager=manager
+        )
     assert not (tmp_path / "o.safetensors").exists()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import types
 
-import pytest
-
 import kern
-from kern.errors import AdapterError
-from kern.core.plugins import build_manager
+import pytest
 from kern.adapters.weights import detect
+from kern.core.plugins import build_manager
+from kern.errors import AdapterError
 
 M = "double_blocks.0.img_attn.qkv"
 Q = "transformer_blocks.0.attn.to_q"
@@ -21,12 +20,19 @@ def _lora(name, a="lora_down.weight", b="lora_up.weight", alpha=True):
 
 
 def _loha(name, alpha=True):
-    return {f"{name}.hada_w1_a", f"{name}.hada_w1_b", f"{name}.hada_w2_a", f"{name}.hada_w2_b"} | ({f"{name}.alpha"} if alpha else set())
+    return {f"{name}.hada_w1_a", f"{name}.hada_w1_b", f"{name}.hada_w2_a", f"{name}.hada_w2_b"} | (
+        {f"{name}.alpha"} if alpha else set()
+    )
 
 
 POSITIVE = [
     ("kohya lora", _lora("lora_unet_" + M.replace(".", "_")), "lora", "kohya"),
-    ("peft with transformer.", _lora(f"transformer.{Q}", "lora_A.weight", "lora_B.weight", alpha=False), "lora", "peft"),
+    (
+        "peft with transformer.",
+        _lora(f"transformer.{Q}", "lora_A.weight", "lora_B.weight", alpha=False),
+        "lora",
+        "peft",
+    ),
     ("peft without prefix", _lora(Q, "lora_A.weight", "lora_B.weight", alpha=False), "lora", "peft"),
     ("peft .default", _lora(Q, "lora_A.default.weight", "lora_B.default.weight", alpha=False), "lora", "peft"),
     ("comfyui folded", _lora(f"diffusion_model.{M}", "lora_A.weight", "lora_B.weight", alpha=False), "lora", "comfyui"),

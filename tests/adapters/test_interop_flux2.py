@@ -8,47 +8,35 @@ from __future__ import annotations
 
 import types
 
+import kern
 import pytest
 import torch
-
-import kern
 from kern.adapters.convert import convert
+from kern.adapters.weights import apply_adapters
 from kern.core.plugins import build_manager
 from kern.records import TargetSpec
-from kern.adapters.weights import apply_adapters
 from kern_flux2 import geometry, keys
 from kern_flux2.adapter_map import flux2_module_map
 from kern_flux2.params import tiny_params
 from kern_flux2.transformer import Flux2Transformer
 
 from tests.adapters.helpers import diffusers_warnings
+from tests.helpers import flux2_diffusers_model, init_flux2_random
 
 PARAMS = tiny_params(False, depth=2, depth_single=2)
 ARCH = "tinyflux2"
 # Everything diffusers' kohya FLUX.2 converter knows: blocks, img_in, txt_in, time_in, final_layer.linear.
-TARGETS = TargetSpec(targets=(r"(double|single)_blocks\..*", "img_in", "txt_in", r"time_in\..*", r"final_layer\.linear"))
+TARGETS = TargetSpec(
+    targets=(r"(double|single)_blocks\..*", "img_in", "txt_in", r"time_in\..*", r"final_layer\.linear")
+)
 
 
 def kern_model(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    model = Flux2Transformer(PARAMS)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.1 * noise if name.endswith(".scale") else 0.05 * noise)
-    return model.eval()
+    return init_flux2_random(Flux2Transformer(PARAMS), seed).eval()
 
 
 def diffusers_model(base_state):
-    from diffusers import Flux2Transformer2DModel
-
-    p = PARAMS
-    model = Flux2Transformer2DModel(
-        patch_size=1, in_channels=p.in_channels, num_layers=p.depth, num_single_layers=p.depth_single,
-        attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
-        timestep_guidance_channels=256, mlp_ratio=p.mlp_ratio, axes_dims_rope=p.axes_dim, rope_theta=p.theta,
-        eps=p.eps, guidance_embeds=p.guidance_embed,
-    )
+    model = flux2_diffusers_model(PARAMS)
     model.load_state_dict(keys.bfl_to_diffusers(base_state), strict=True)
     return model.eval()
 
@@ -61,8 +49,15 @@ def inputs(seed=1):
 
 
 def run_diffusers(model, x):
-    return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], timestep=x["timesteps"], img_ids=x["img_ids"],
-                 txt_ids=x["txt_ids"], guidance=None, return_dict=False)[0]
+    return model(
+        hidden_states=x["img"],
+        encoder_hidden_states=x["txt"],
+        timestep=x["timesteps"],
+        img_ids=x["img_ids"],
+        txt_ids=x["txt_ids"],
+        guidance=None,
+        return_dict=False,
+    )[0]
 
 
 def rel_err(a, b):
@@ -114,8 +109,15 @@ def trained(tmp_path_factory):
     for layout in ("comfyui", "diffusers"):
         files[layout] = tmp / f"{layout}.safetensors"
         convert(files["kohya"], files[layout], layout, ARCH, manager=manager)
-    return dict(manager=manager, base_state=base_state, x=x, expected=expected, files=files,
-                paths={m.path for m in net.adapters.values()}, tmp=tmp)
+    return dict(
+        manager=manager,
+        base_state=base_state,
+        x=x,
+        expected=expected,
+        files=files,
+        paths={m.path for m in net.adapters.values()},
+        tmp=tmp,
+    )
 
 
 @pytest.mark.parametrize("layout", ["kohya", "comfyui", "diffusers"])

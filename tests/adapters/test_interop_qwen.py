@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import types
 
+import kern
 import pytest
 import torch
-
-import kern
 from kern.adapters.convert import convert
+from kern.adapters.weights import apply_adapters
 from kern.core.plugins import build_manager
 from kern.records import TargetSpec
-from kern.adapters.weights import apply_adapters
 from kern_qwen_image.adapter_map import qwen_module_map, qwen_module_paths
 
 from tests.adapters.helpers import diffusers_warnings
@@ -33,8 +32,14 @@ def tiny_qwen(seed=0):
 
     torch.manual_seed(seed)
     return QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=LAYERS, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=12, axes_dims_rope=(2, 2, 4),
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=LAYERS,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=12,
+        axes_dims_rope=(2, 2, 4),
     ).eval()
 
 

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
-
+from kern.adapters.network import Network
 from kern_loha.module import HadaWeight, LoHaModule, loha_delta
 from kern_lora.module import LoRAModule
-from kern.adapters.network import Network
+from torch import nn
 
 
 def _seeded(*shape, seed=0, scale=0.5, dtype=torch.float32):
@@ -41,7 +40,9 @@ def test_lora_delta_and_forward_equal_peft(kind, use_rslora):
     ref = OneLayer(layer)
     peft_model = OneLayer(nn.Linear(12, 10) if kind == "linear" else nn.Conv2d(6, 5, 3, padding=1, stride=2))
     peft_model.load_state_dict(ref.state_dict())
-    peft_model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"], use_rslora=use_rslora), peft_model)
+    peft_model = inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=alpha, target_modules=["proj"], use_rslora=use_rslora), peft_model
+    )
 
     kern_mod = LoRAModule("lora_unet_proj", "proj", ref.proj, rank, alpha, use_rslora=use_rslora)
     with torch.no_grad():
@@ -108,7 +109,9 @@ def test_loha_delta_equals_lycoris(alpha):
     tensors = dict(f, alpha=torch.tensor(float(alpha or rank)))
     ours = loha_delta(tensors, (out_f, in_f))
 
-    ref = diff_weight(f["hada_w1_b"], f["hada_w1_a"], f["hada_w2_b"], f["hada_w2_a"], None, None, gamma=gamma, backend="torch")
+    ref = diff_weight(
+        f["hada_w1_b"], f["hada_w1_a"], f["hada_w2_b"], f["hada_w2_a"], None, None, gamma=gamma, backend="torch"
+    )
     assert torch.allclose(ours, ref, atol=1e-6)
 
     ly = LohaModule("lora_unet_x", nn.Linear(in_f, out_f), lora_dim=rank, alpha=alpha or 0)
@@ -124,7 +127,7 @@ def test_loha_delta_equals_lycoris(alpha):
 
 
 def test_lycoris_get_diff_weight_applies_gamma_twice():
-    """Documents the suspected LyCORIS merge bug (adapters.md §2.4) at runtime: get_diff_weight = γ² · (T1 ⊙ T2).
+    """Documents the suspected LyCORIS merge bug at runtime: get_diff_weight = γ² · (T1 ⊙ T2).
 
     kern's merge uses γ once, like every forward (LyCORIS' included); this test pins the upstream behaviour.
     """
@@ -146,7 +149,9 @@ def test_loha_delta_equals_peft():
 
     out_f, in_f, rank, alpha = 9, 7, 3, 2.0
     f = _loha_factors(out_f, in_f, rank, seed=7)
-    model = inject_adapter_in_model(LoHaConfig(r=rank, alpha=alpha, target_modules=["proj"]), OneLayer(nn.Linear(in_f, out_f)))
+    model = inject_adapter_in_model(
+        LoHaConfig(r=rank, alpha=alpha, target_modules=["proj"]), OneLayer(nn.Linear(in_f, out_f))
+    )
     with torch.no_grad():
         for k, v in f.items():
             getattr(model.proj, k)["default"].copy_(v)
@@ -184,7 +189,9 @@ def test_loha_custom_backward_equals_plain_autograd(kind):
     ours = {k: getattr(m, k).grad.clone() for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
 
     params = {k: getattr(m, k).detach().clone().requires_grad_() for k in ours}
-    dw = ((params["hada_w1_a"] @ params["hada_w1_b"]) * (params["hada_w2_a"] @ params["hada_w2_b"]) * m.scale).reshape(layer.weight.shape)
+    dw = ((params["hada_w1_a"] @ params["hada_w1_b"]) * (params["hada_w2_a"] @ params["hada_w2_b"]) * m.scale).reshape(
+        layer.weight.shape
+    )
     y = F.linear(x, dw) if kind == "linear" else F.conv2d(x, dw, padding=1)
     (y * g).sum().backward()
     for k in ours:

@@ -9,14 +9,23 @@ import textwrap
 
 import pytest
 import torch
-
 from kern.adapters.convert import convert
-from kern.errors import AdapterError, ModelFileError, UsageError
-from kern.core.io import load_file, read_header
 from kern.adapters.merge import merge
 from kern.adapters.weights import apply_adapters
+from kern.core.io import load_file, read_header
+from kern.errors import AdapterError, ModelFileError, UsageError
 
-from tests.adapters.helpers import ARCH, BLOCK_PATHS, LayerTree, close, manager_with_arch, max_diff, random_lora, random_loha, write
+from tests.adapters.helpers import (
+    ARCH,
+    BLOCK_PATHS,
+    LayerTree,
+    close,
+    manager_with_arch,
+    max_diff,
+    random_loha,
+    random_lora,
+    write,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,7 +39,7 @@ def save_base(model, path, prefix="", dtype=None):
 def load_merged(path, prefix=""):
     sd, _ = load_file(path)
     model = LayerTree()
-    model.load_state_dict({k[len(prefix):]: v.float() for k, v in sd.items()})
+    model.load_state_dict({k[len(prefix) :]: v.float() for k, v in sd.items()})
     return model
 
 
@@ -78,7 +87,11 @@ def test_merge_peft_layout_with_adapter_metadata(tmp_path):
         path = {"lora_unet_img_in": "img_in", "lora_unet_final_layer_linear": "final_layer.linear"}[name]
         if suffix != "alpha":
             peft[f"{path}.{'lora_A' if 'down' in suffix else 'lora_B'}.weight"] = v
-    md = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 2, "transformer.alpha_pattern": {"final_layer.linear": 8}})}
+    md = {
+        "lora_adapter_metadata": json.dumps(
+            {"transformer.r": 4, "transformer.lora_alpha": 2, "transformer.alpha_pattern": {"final_layer.linear": 8}}
+        )
+    }
     write(tmp_path / "peft.safetensors", peft, md)
     merge(base, [(tmp_path / "peft.safetensors", 1.0)], tmp_path / "merged.safetensors")
     kohya["lora_unet_img_in.alpha"] = torch.tensor(2.0)
@@ -112,7 +125,10 @@ def test_unmatched_modules_error_or_warn(tmp_path):
     sd = random_lora(model, ["double_blocks.0.img_attn.qkv"])
     sd.update(random_lora(LayerTree(depth=3), ["double_blocks.2.img_attn.qkv"], seed=9))
     adapter = write(tmp_path / "a.safetensors", sd)
-    with pytest.raises(AdapterError, match=r"1 adapter modules match no weight.*a\.safetensors: \['lora_unet_double_blocks_2_img_attn_qkv'\].*--allow-unmatched"):
+    with pytest.raises(
+        AdapterError,
+        match=r"1 adapter modules match no weight.*a\.safetensors: \['lora_unet_double_blocks_2_img_attn_qkv'\].*--allow-unmatched",
+    ):
         merge(base, [(adapter, 1.0)], tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
     result = merge(base, [(adapter, 1.0)], tmp_path / "m.safetensors", allow_unmatched=True)
@@ -172,7 +188,10 @@ def test_bad_inputs_fail_cleanly_without_partial_output(tmp_path):
     cases = [
         ("trunc.safetensors", r"trunc\.safetensors: truncated"),
         ("pickle.ckpt", r"pickle\.ckpt: not a safetensors file"),
-        ("wrong.safetensors", r"wrong\.safetensors: lora_unet_single_blocks_1_linear2: .*lora_up \(5, 3\).*does not fit"),
+        (
+            "wrong.safetensors",
+            r"wrong\.safetensors: lora_unet_single_blocks_1_linear2: .*lora_up \(5, 3\).*does not fit",
+        ),
         ("missing.safetensors", r"missing\.safetensors: no such file"),
     ]
     for name, pattern in cases:
@@ -183,7 +202,9 @@ def test_bad_inputs_fail_cleanly_without_partial_output(tmp_path):
         merge(tmp_path / "good.safetensors", [(tmp_path / "good.safetensors", 1.0)], out)
     with pytest.raises(ModelFileError, match=r"trunc\.safetensors: truncated"):
         merge(tmp_path / "trunc.safetensors", [(tmp_path / "good.safetensors", 1.0)], out)
-    no_leftovers(tmp_path, "base.safetensors", "good.safetensors", "trunc.safetensors", "pickle.ckpt", "wrong.safetensors")
+    no_leftovers(
+        tmp_path, "base.safetensors", "good.safetensors", "trunc.safetensors", "pickle.ckpt", "wrong.safetensors"
+    )
 
 
 PEAK_SCRIPT = textwrap.dedent(
@@ -246,8 +267,19 @@ def test_streaming_merge_peak_memory_is_about_one_tensor(tmp_path):
     write(tmp_path / "lora.safetensors", lora)
     small_lora = {k: (v[:, :8] if "down" in k else v[:8]) for k, v in lora.items()}
     write(tmp_path / "small_lora.safetensors", small_lora)
-    files = [tmp_path / f for f in ("small.safetensors", "small_lora.safetensors", "big.safetensors", "lora.safetensors", "out.safetensors")]
-    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *map(str, files)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    files = [
+        tmp_path / f
+        for f in (
+            "small.safetensors",
+            "small_lora.safetensors",
+            "big.safetensors",
+            "lora.safetensors",
+            "out.safetensors",
+        )
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, *map(str, files)], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     import json
 

@@ -7,10 +7,6 @@ import json
 
 import pytest
 import torch
-from torch import nn
-
-from kern.errors import AdapterError, UsageError
-from kern.core.io import read_header
 from kern.adapters.network import (
     attached_adapters,
     kohya_name,
@@ -18,11 +14,14 @@ from kern.adapters.network import (
     select_targets,
     ss_metadata,
 )
-from kern.core.plugins import build_manager
-from kern.records import TargetSpec
 from kern.adapters.weights import apply_adapters
+from kern.core.io import read_header
+from kern.core.plugins import build_manager
+from kern.errors import AdapterError, UsageError
+from kern.records import TargetSpec
+from torch import nn
 
-from tests.adapters.helpers import LayerTree, close, random_lora, random_loha, write
+from tests.adapters.helpers import LayerTree, close, random_loha, random_lora, write
 
 
 def make(network, model, spec=TargetSpec(), **options):
@@ -45,7 +44,9 @@ def test_kohya_name():
 
 def test_select_targets_fullmatch_and_include_overrides_exclude():
     model = LayerTree()
-    spec = TargetSpec(targets=(r"double_blocks\.\d+\..*",), exclude=(r".*mlp.*",), include=(r"double_blocks\.1\.img_mlp\.0",))
+    spec = TargetSpec(
+        targets=(r"double_blocks\.\d+\..*",), exclude=(r".*mlp.*",), include=(r"double_blocks\.1\.img_mlp\.0",)
+    )
     got = [p for p, _ in select_targets(model, spec)]
     assert "double_blocks.0.img_attn.qkv" in got
     assert "double_blocks.0.img_mlp.0" not in got and "double_blocks.1.img_mlp.0" in got
@@ -63,9 +64,9 @@ def test_select_targets_conv_only_when_allowed():
 
 
 def test_fp8_linear_is_a_target_and_merges():
-    from kern.gpu.fp8 import Float8Linear
+    from kern.gpu.fp8 import Float8StorageLinear
 
-    layer = Float8Linear.from_linear(nn.Linear(16, 8), compute_dtype=torch.float32)
+    layer = Float8StorageLinear.from_linear(nn.Linear(16, 8), compute_dtype=torch.float32)
     model = nn.Sequential(layer)
     net = make("lora", model, rank=2)
     assert len(net) == 1
@@ -168,7 +169,9 @@ def test_loraplus_param_groups():
 
 def test_rank_pattern_and_rslora():
     model = LayerTree()
-    net = make("lora", model, rank=4, alpha=4.0, rank_pattern=[r".*img_attn\.qkv=8", r"single_blocks\..*=2"], use_rslora=True)
+    net = make(
+        "lora", model, rank=4, alpha=4.0, rank_pattern=[r".*img_attn\.qkv=8", r"single_blocks\..*=2"], use_rslora=True
+    )
     ranks = {m.path: m.rank for m in net.adapters.values()}
     assert ranks["double_blocks.0.img_attn.qkv"] == 8 and ranks["single_blocks.0.linear1"] == 2 and ranks["img_in"] == 4
     m = net.adapters[kohya_name("img_in")]
@@ -194,7 +197,11 @@ def test_metadata_modelspec_and_ss_keys(tmp_path):
         resolution=(1024, 768),
         date=dt.datetime(2026, 1, 24, 12, 34, 56, 789),
     )
-    md.update(ss_metadata({"base_model_version": "flux_2_klein_4b", "learning_rate": 1e-4, "datasets": [{"resolution": [1024, 1024]}]}))
+    md.update(
+        ss_metadata(
+            {"base_model_version": "flux_2_klein_4b", "learning_rate": 1e-4, "datasets": [{"resolution": [1024, 1024]}]}
+        )
+    )
     net.save(tmp_path / "m.safetensors", metadata=md)
     _, got = read_header(tmp_path / "m.safetensors")
     assert got["modelspec.sai_model_spec"] == "1.0.0"
@@ -206,8 +213,11 @@ def test_metadata_modelspec_and_ss_keys(tmp_path):
     assert got["ss_base_model_version"] == "flux_2_klein_4b"
     assert got["ss_learning_rate"] == "0.0001"
     assert json.loads(got["ss_datasets"]) == [{"resolution": [1024, 1024]}]
-    assert got["ss_network_module"] == "kern_lora" and got["ss_network_dim"] == "4" and got["ss_network_alpha"] == "1"
-    assert json.loads(got["ss_network_args"])["rank"] == 4
+    # The network's keys are the ones a trained adapter has (kern.adapters.network.metadata owns them all).
+    assert got["ss_network_module"] == "lora" and got["ss_network_dim"] == "4" and got["ss_network_alpha"] == "1.0"
+    assert json.loads(got["ss_network_args"])["use_rslora"] is False and "rank" not in json.loads(
+        got["ss_network_args"]
+    )
     assert len(got["sshs_model_hash"]) == 64 and len(got["sshs_legacy_hash"]) == 8
     defaults = modelspec_metadata(architecture="Qwen-Image", implementation="https://github.com/QwenLM/Qwen-Image")
     assert defaults["modelspec.resolution"] == "1280x720" and defaults["modelspec.title"].startswith("LoRA@")
@@ -225,17 +235,24 @@ def test_sshs_model_hash_matches_sd_scripts_definition(tmp_path):
     net.save(tmp_path / "h.safetensors", metadata={"ss_seed": "1", "modelspec.title": "x"})
     _, md = read_header(tmp_path / "h.safetensors")
     ss = {k: v for k, v in md.items() if k.startswith("ss_")}
-    st_save({k: v.contiguous() for k, v in net.adapter_state_dict(torch.float32).items()}, str(tmp_path / "ss.safetensors"), metadata=ss)
+    st_save(
+        {k: v.contiguous() for k, v in net.adapter_state_dict(torch.float32).items()},
+        str(tmp_path / "ss.safetensors"),
+        metadata=ss,
+    )
     raw = (tmp_path / "ss.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    assert md["sshs_model_hash"] == hashlib.sha256(raw[8 + n:]).hexdigest()
+    assert md["sshs_model_hash"] == hashlib.sha256(raw[8 + n :]).hexdigest()
 
 
 def test_load_network_unmatched_and_wrong_shape_errors(tmp_path):
     model = LayerTree()
     sd = random_lora(model, ["double_blocks.0.img_attn.qkv"])
     sd.update(random_lora(LayerTree(d=16), ["double_blocks.0.img_attn.proj"]))  # wrong shape for this model
-    with pytest.raises(AdapterError, match=r"w\.safetensors.*lora_unet_double_blocks_0_img_attn_proj.*shape \(3, 16\) does not fit layer"):
+    with pytest.raises(
+        AdapterError,
+        match=r"w\.safetensors.*lora_unet_double_blocks_0_img_attn_proj.*shape \(3, 16\) does not fit layer",
+    ):
         apply_adapters(model, [(write(tmp_path / "w.safetensors", sd), 1.0)])
     nothing = random_lora(LayerTree(depth=4), ["double_blocks.3.img_attn.qkv", "double_blocks.0.img_attn.qkv"])
     with pytest.raises(AdapterError, match=r"n\.safetensors: 1 of 2 LoRA modules match no layer.*double_blocks_3"):

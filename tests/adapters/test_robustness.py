@@ -9,12 +9,12 @@ import struct
 
 import pytest
 import torch
-
 from kern.adapters.convert import convert
-from kern.errors import AdapterError, KernError, ModelFileError, UsageError
-from kern.core.io import load_file
 from kern.adapters.merge import merge
 from kern.adapters.weights import parse_weights_arg
+from kern.core.io import load_file
+from kern.errors import AdapterError, KernError, ModelFileError, UsageError
+
 from tests.adapters.helpers import ARCH, BLOCK_PATHS, LayerTree, manager_with_arch, random_lora, write
 from tests.conftest import REPO, make_dist, run_kern
 
@@ -61,7 +61,9 @@ def files(tmp_path_factory):
     bad_header_file(tmp / "list_header.safetensors", {"a": [1, 2]})
     bad_header_file(tmp / "bad_offsets.safetensors", {"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}})
     (tmp / "folder.safetensors").mkdir()
-    dist = make_dist(tmp_path_factory.mktemp("site"), "kern-tinyflux-robust", "0.1", "tinyflux", "kern_tinyflux_robust", PLUGIN)
+    dist = make_dist(
+        tmp_path_factory.mktemp("site"), "kern-tinyflux-robust", "0.1", "tinyflux", "kern_tinyflux_robust", PLUGIN
+    )
     return tmp, dist
 
 
@@ -92,7 +94,10 @@ def test_merge_never_writes_over_an_input(work):
     out = tmp / "lora_hard.safetensors"
     proc = kern_merge(tmp, "--weights", str(tmp / "lora.safetensors"), "--out", str(out), "--overwrite")
     assert proc.returncode == 2, proc.stderr
-    assert f"--out {out} is the adapter {tmp / 'lora.safetensors'} (through a link)" in proc.stderr and "choose another --out" in proc.stderr
+    assert (
+        f"--out {out} is the adapter {tmp / 'lora.safetensors'} (through a link)" in proc.stderr
+        and "choose another --out" in proc.stderr
+    )
     for name in ("base.safetensors", "base_link.safetensors"):
         with pytest.raises(UsageError, match=rf"--out .*{name} is the base model"):
             merge(tmp / "base.safetensors", [(tmp / "lora.safetensors", 1.0)], tmp / name, overwrite=True)
@@ -113,12 +118,13 @@ def test_merge_replaces_an_existing_output_only_with_overwrite(work):
     merged, md = load_file(out)
     assert "kern.merged_adapters" in md and set(merged) == set(load_file(tmp / "base.safetensors")[0])
     after = snapshot(tmp)
-    assert {k: v for k, v in after.items() if k != "merged.safetensors"} == {k: v for k, v in before.items() if k != "merged.safetensors"}
+    assert {k: v for k, v in after.items() if k != "merged.safetensors"} == {
+        k: v for k, v in before.items() if k != "merged.safetensors"
+    }
 
 
 def test_merge_output_path_problems_are_usage_errors(work):
     from click.testing import CliRunner
-
     from kern_cli.commands.merge import command
 
     tmp, _ = work
@@ -131,8 +137,19 @@ def test_merge_output_path_problems_are_usage_errors(work):
         ("/dev/null", "exists and is not a regular file"),
     ]
     for out, message in cases:
-        result = CliRunner().invoke(command, ["--model", str(tmp / "base.safetensors"), "--weights", str(tmp / "lora.safetensors"),
-                                              "--out", str(out), "--overwrite"], standalone_mode=False)
+        result = CliRunner().invoke(
+            command,
+            [
+                "--model",
+                str(tmp / "base.safetensors"),
+                "--weights",
+                str(tmp / "lora.safetensors"),
+                "--out",
+                str(out),
+                "--overwrite",
+            ],
+            standalone_mode=False,
+        )
         assert isinstance(result.exception, UsageError) and message in str(result.exception), result.exception
         assert "--out" in str(result.exception)
     assert snapshot(tmp) == before
@@ -144,22 +161,40 @@ def test_merge_output_path_problems_are_usage_errors(work):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--weights", "{tmp}/lora.safetensors:nan"], "--weights {tmp}/lora.safetensors:nan: multiplier 'nan' is not a finite number"),
+        (
+            ["--weights", "{tmp}/lora.safetensors:nan"],
+            "--weights {tmp}/lora.safetensors:nan: multiplier 'nan' is not a finite number",
+        ),
         (["--weights", "{tmp}/lora.safetensors:-inf"], "multiplier '-inf' is not a finite number"),
         (["--weights", "{tmp}/lora.safetensors:1e999"], "multiplier '1e999' is not a finite number"),
-        (["--weights", "{tmp}/folder.safetensors:0.5"], "--weights {tmp}/folder.safetensors:0.5: {tmp}/folder.safetensors is a folder"),
-        (["--weights", "{tmp}/missing.safetensors"], "--weights {tmp}/missing.safetensors: {tmp}/missing.safetensors: no such file"),
+        (
+            ["--weights", "{tmp}/folder.safetensors:0.5"],
+            "--weights {tmp}/folder.safetensors:0.5: {tmp}/folder.safetensors is a folder",
+        ),
+        (
+            ["--weights", "{tmp}/missing.safetensors"],
+            "--weights {tmp}/missing.safetensors: {tmp}/missing.safetensors: no such file",
+        ),
         (["--weights", "{tmp}/lora.safetensors", "--dtype", "int4"], "unknown dtype 'int4'"),
         (["--weights", "{tmp}/lora.safetensors", "--arch", "nope"], "unknown architecture 'nope'"),
         (["--weights", "{tmp}/lora.safetensors", "--variant", "dev"], "--variant dev needs the architecture (--arch)"),
         (["--weights", "{tmp}/lora.safetensors", "--out", "{tmp}/lora.safetensors"], "is the adapter"),
     ],
-    ids=["nan", "-inf", "overflowing-literal", "folder", "missing", "dtype", "arch", "variant-without-arch", "out-is-adapter"],
+    ids=[
+        "nan",
+        "-inf",
+        "overflowing-literal",
+        "folder",
+        "missing",
+        "dtype",
+        "arch",
+        "variant-without-arch",
+        "out-is-adapter",
+    ],
 )
 def test_merge_usage_errors_come_before_the_base_is_read(work, args, message):
     """The base model here is corrupt: each of these mistakes must be reported first (exit 2), not the base."""
     from click.testing import CliRunner
-
     from kern_cli.commands.merge import command
 
     tmp, _ = work
@@ -191,8 +226,16 @@ def test_merge_refuses_an_adapter_with_nan(work):
     out = tmp / "merged.safetensors"
     out.write_bytes(b"keep me")
     before = snapshot(tmp)
-    proc = kern_merge(tmp, "--weights", str(tmp / "lora.safetensors"), "--weights", str(tmp / "nan_lora.safetensors"),
-                      "--out", str(out), "--overwrite")
+    proc = kern_merge(
+        tmp,
+        "--weights",
+        str(tmp / "lora.safetensors"),
+        "--weights",
+        str(tmp / "nan_lora.safetensors"),
+        "--out",
+        str(out),
+        "--overwrite",
+    )
     assert proc.returncode == 1, proc.stderr
     assert f"{tmp / 'nan_lora.safetensors'}: tensor '{QKV}.lora_up.weight' holds 1 NaN of 72 values" in proc.stderr
     assert snapshot(tmp) == before
@@ -201,10 +244,20 @@ def test_merge_refuses_an_adapter_with_nan(work):
 def test_merge_refuses_a_base_with_inf(work):
     tmp, _ = work
     before = snapshot(tmp)
-    proc = run_kern("merge", "--model", str(tmp / "inf_base.safetensors"), "--weights", str(tmp / "lora.safetensors"),
-                    "--out", str(tmp / "m.safetensors"))
+    proc = run_kern(
+        "merge",
+        "--model",
+        str(tmp / "inf_base.safetensors"),
+        "--weights",
+        str(tmp / "lora.safetensors"),
+        "--out",
+        str(tmp / "m.safetensors"),
+    )
     assert proc.returncode == 1, proc.stderr
-    assert f"{tmp / 'inf_base.safetensors'}: tensor 'single_blocks.1.linear2.weight' holds 1 infinite of 256 values" in proc.stderr
+    assert (
+        f"{tmp / 'inf_base.safetensors'}: tensor 'single_blocks.1.linear2.weight' holds 1 infinite of 256 values"
+        in proc.stderr
+    )
     assert snapshot(tmp) == before
 
 
@@ -224,12 +277,16 @@ def test_merge_overflow_leaves_no_output_and_names_the_key(work):
     out = tmp / "merged.safetensors"
     out.write_bytes(b"keep me")
     before = snapshot(tmp)
-    proc = kern_merge(tmp, "--weights", f"{tmp / 'lora.safetensors'}:1e30", "--dtype", "fp16", "--out", str(out), "--overwrite")
+    proc = kern_merge(
+        tmp, "--weights", f"{tmp / 'lora.safetensors'}:1e30", "--dtype", "fp16", "--out", str(out), "--overwrite"
+    )
     assert proc.returncode == 1, proc.stderr
     assert "does not fit float16" in proc.stderr and "lower the multipliers" in proc.stderr
     assert "double_blocks." in proc.stderr and "Nothing was written" in proc.stderr
     assert snapshot(tmp) == before
-    with pytest.raises(AdapterError, match=r"merging .*lora\.safetensors: lora_unet_.* into '.*' gives .*infinite.*float32 overflow"):
+    with pytest.raises(
+        AdapterError, match=r"merging .*lora\.safetensors: lora_unet_.* into '.*' gives .*infinite.*float32 overflow"
+    ):
         merge(tmp / "base.safetensors", [(tmp / "lora.safetensors", 1e300)], out, overwrite=True)
     assert snapshot(tmp) == before
 
@@ -240,15 +297,34 @@ def test_merge_overflow_leaves_no_output_and_names_the_key(work):
 def test_corrupt_headers_at_the_cli(work):
     tmp, dist = work
     before = snapshot(tmp)
-    proc = run_kern("merge", "--model", str(tmp / "list_header.safetensors"), "--weights", str(tmp / "lora.safetensors"),
-                    "--out", str(tmp / "m.safetensors"))
+    proc = run_kern(
+        "merge",
+        "--model",
+        str(tmp / "list_header.safetensors"),
+        "--weights",
+        str(tmp / "lora.safetensors"),
+        "--out",
+        str(tmp / "m.safetensors"),
+    )
     assert proc.returncode == 1
     assert f"{tmp / 'list_header.safetensors'}: corrupt safetensors header: tensor 'a' is a JSON list" in proc.stderr
     with pytest.raises(AdapterError) as info:
         merge(tmp / "base.safetensors", [(tmp / "bad_offsets.safetensors", 1.0)], tmp / "m.safetensors")
-    assert f"{tmp / 'bad_offsets.safetensors'}: corrupt safetensors header: tensor 'w': data_offsets [8, 0] end before they begin" in str(info.value)
-    proc = run_kern("convert", str(tmp / "bad_offsets.safetensors"), "--to", "comfyui", "--arch", ARCH, "--out", str(tmp / "c.safetensors"),
-                    pythonpath=[dist])
+    assert (
+        f"{tmp / 'bad_offsets.safetensors'}: corrupt safetensors header: tensor 'w': data_offsets [8, 0] end before they begin"
+        in str(info.value)
+    )
+    proc = run_kern(
+        "convert",
+        str(tmp / "bad_offsets.safetensors"),
+        "--to",
+        "comfyui",
+        "--arch",
+        ARCH,
+        "--out",
+        str(tmp / "c.safetensors"),
+        pythonpath=[dist],
+    )
     assert proc.returncode == 1 and "bad_offsets.safetensors: corrupt safetensors header" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert snapshot(tmp) == before
@@ -287,7 +363,6 @@ def test_corrupt_adapter_or_base_in_merge_and_convert(tmp_path, header):
 
 def test_convert_output_rules(work, monkeypatch):
     from click.testing import CliRunner
-
     from kern.core import plugins
     from kern_cli.commands.convert import command
 
@@ -298,7 +373,9 @@ def test_convert_output_rules(work, monkeypatch):
     before = snapshot(tmp)
 
     def kern_convert(src, out, *extra):
-        return run_kern("convert", str(src), "--to", "comfyui", "--arch", ARCH, "--out", str(out), *extra, pythonpath=[dist])
+        return run_kern(
+            "convert", str(src), "--to", "comfyui", "--arch", ARCH, "--out", str(out), *extra, pythonpath=[dist]
+        )
 
     proc = kern_convert(tmp / "lora.safetensors", tmp / "lora_hard.safetensors", "--overwrite")
     assert proc.returncode == 2 and f"--out {tmp / 'lora_hard.safetensors'} is the input" in proc.stderr
@@ -308,8 +385,11 @@ def test_convert_output_rules(work, monkeypatch):
         ("nan_lora.safetensors", AdapterError, f"nan_lora.safetensors: tensor '{QKV}.lora_up.weight' holds 1 NaN"),
         ("folder.safetensors", UsageError, f"IN {tmp / 'folder.safetensors'}: is a folder"),
     ]:
-        result = CliRunner().invoke(command, [str(tmp / src), "--to", "comfyui", "--arch", ARCH, "--out", str(tmp / "c.safetensors"), "--overwrite"],
-                                    standalone_mode=False)
+        result = CliRunner().invoke(
+            command,
+            [str(tmp / src), "--to", "comfyui", "--arch", ARCH, "--out", str(tmp / "c.safetensors"), "--overwrite"],
+            standalone_mode=False,
+        )
         assert type(result.exception) is error and message in str(result.exception), result.exception
     assert snapshot(tmp) == before
     proc = kern_convert(tmp / "lora.safetensors", tmp / "c.safetensors", "--overwrite")
@@ -344,7 +424,9 @@ def test_parse_weights_arg(tmp_path):
     assert parse_weights_arg(str(colon)) == (str(colon), 1.0)
     assert parse_weights_arg(f"{colon}:-0.5") == (str(colon), -0.5)
     for tail in ("nan", "inf", "-inf", "NaN", "1e400"):
-        with pytest.raises(UsageError, match=rf"--weights .*a\.safetensors:{tail}: multiplier '{tail}' is not a finite number"):
+        with pytest.raises(
+            UsageError, match=rf"--weights .*a\.safetensors:{tail}: multiplier '{tail}' is not a finite number"
+        ):
             parse_weights_arg(f"{a}:{tail}")
     with pytest.raises(UsageError, match="is a folder"):
         parse_weights_arg(f"{tmp_path}:0.5")
@@ -372,10 +454,30 @@ def test_generate_weights_errors_at_the_cli(work):
     site = make_dist(tmp / "site", "kern-toy-robust", "0.1", "toy", "kern_toy_robust_shim", TOY_SHIM)
     toy = REPO / "examples" / "plugins" / "kern-toy"
     before = snapshot(tmp)
-    common = ["generate", "--arch", "toy", "-p", "a cube", "--device", "cpu", "--dtype", "float32", "-W", "32", "-H", "32", "--steps", "1"]
-    proc = run_kern(*common, "--weights", f"{tmp / 'lora.safetensors'}:inf", "--out", str(tmp / "images"), pythonpath=[site, toy])
+    common = [
+        "generate",
+        "--arch",
+        "toy",
+        "-p",
+        "a cube",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "-W",
+        "32",
+        "-H",
+        "32",
+        "--steps",
+        "1",
+    ]
+    proc = run_kern(
+        *common, "--weights", f"{tmp / 'lora.safetensors'}:inf", "--out", str(tmp / "images"), pythonpath=[site, toy]
+    )
     assert proc.returncode == 2 and "multiplier 'inf' is not a finite number" in proc.stderr
-    proc = run_kern(*common, "--weights", str(tmp / "nan_lora.safetensors"), "--out", str(tmp / "images"), pythonpath=[site, toy])
+    proc = run_kern(
+        *common, "--weights", str(tmp / "nan_lora.safetensors"), "--out", str(tmp / "images"), pythonpath=[site, toy]
+    )
     assert proc.returncode == 1, proc.stderr
     assert f"{tmp / 'nan_lora.safetensors'}: tensor '{QKV}.lora_up.weight' holds 1 NaN" in proc.stderr
     assert not list(tmp.rglob("*.png"))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
-
-from kern.errors import KernError
 from kern.adapters.streaming import SafetensorsReader, StreamingWriter, aligned_order
+from kern.errors import KernError
+from safetensors import safe_open
 
 
 def sample():

@@ -16,8 +16,14 @@ REPO = Path(__file__).resolve().parents[2]
 def test_generate_bench_runs_both_sides(tmp_path):
     pytest.importorskip("diffusers")
     out = tmp_path / "generate.jsonl"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "generate.py"), "--tiny", "--json-out", str(out)],
-                          check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "generate.py"), "--tiny", "--json-out", str(out)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines == [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -15,8 +15,27 @@ SCRIPT = REPO / "bench" / "train_step.py"
 CONFIGS = ("klein4b", "dev")  # dev: the guidance-embedding path too
 
 RESULT_FIELDS = {
-    "impl", "config", "res", "n_img", "n_txt", "batch", "rank", "ckpt", "dtype", "steps", "warmup", "step_s", "step_min_s",
-    "peak_gib", "fwd_tflop", "model_tflops_per_s", "mfu", "loss_finite", "lora_modules", "lora_params", "optimizer",
+    "impl",
+    "config",
+    "res",
+    "n_img",
+    "n_txt",
+    "batch",
+    "rank",
+    "ckpt",
+    "dtype",
+    "steps",
+    "warmup",
+    "step_s",
+    "step_min_s",
+    "peak_gib",
+    "fwd_tflop",
+    "model_tflops_per_s",
+    "mfu",
+    "loss_finite",
+    "lora_modules",
+    "lora_params",
+    "optimizer",
 }
 
 
@@ -27,7 +46,11 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "train_step.jsonl"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--tiny", "--only", "both", "--configs", *CONFIGS, "--json-out", str(out)],
-        check=False, cwd=REPO, capture_output=True, text=True, timeout=120,
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     file_lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -47,7 +70,8 @@ def test_one_result_per_config_and_implementation(run):
     assert not [r for r in lines if r["kind"] == "error"]
     results = [r for r in lines if r["kind"] == "result"]
     assert sorted((r["config"], r["impl"]) for r in results) == sorted(
-        (c, i) for c in CONFIGS for i in ("kern", "diffusers+peft"))
+        (c, i) for c in CONFIGS for i in ("kern", "diffusers+peft")
+    )
     for r in results:
         assert RESULT_FIELDS <= r.keys(), RESULT_FIELDS - r.keys()
         assert r["steps"] == 2 and r["warmup"] == 1 and r["ckpt"] is True and r["dtype"] == "float32"

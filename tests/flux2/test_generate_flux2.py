@@ -9,9 +9,9 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from kern.generate.driver import Setup, run_batch, run_interactive
 from kern.core.plugins import get_manager
 from kern.data.prompts import Request, Wildcards, expand_request, read_prompt_file
+from kern.generate.driver import Setup, run_batch, run_interactive
 from PIL import Image
 
 from tests.conftest import run_kern
@@ -26,8 +26,16 @@ def _threads():
 
 def setup(bundle, out, **kw):
     kw = {"width": 32, "height": 32, "steps": 2, **kw}
-    return Setup(arch="flux2-klein-4b", transformer=str(bundle["transformer"]), vae=str(bundle["vae"]),
-                 text_encoder=str(bundle["text_encoder"]), dtype="float32", device="cpu", out=out, **kw)
+    return Setup(
+        arch="flux2-klein-4b",
+        transformer=str(bundle["transformer"]),
+        vae=str(bundle["vae"]),
+        text_encoder=str(bundle["text_encoder"]),
+        dtype="float32",
+        device="cpu",
+        out=out,
+        **kw,
+    )
 
 
 def pixels(path) -> np.ndarray:
@@ -115,8 +123,15 @@ def test_batch_of_several_prompts_with_count_keeps_every_image_at_its_size(tiny_
         Request(prompt="a green triangle", width=32, height=32, seed=30),
     ]
     paths = run_batch(setup(tiny_bundle, tmp_path / "batch", batch_size=3), requests)
-    assert [p.name for p in paths] == ["00000_10.png", "00001_11.png", "00002_12.png", "00003_13.png",
-                                       "00004_20.png", "00005_21.png", "00006_30.png"]
+    assert [p.name for p in paths] == [
+        "00000_10.png",
+        "00001_11.png",
+        "00002_12.png",
+        "00003_13.png",
+        "00004_20.png",
+        "00005_21.png",
+        "00006_30.png",
+    ]
     assert [Image.open(p).size for p in paths] == [(32, 32)] * 4 + [(48, 16)] * 2 + [(32, 32)]
     assert len({pixels(p).tobytes() for p in paths}) == 7
     # 32x32: five images in batches of 3 and 2; 48x16: one batch of 2; two steps each.
@@ -124,7 +139,10 @@ def test_batch_of_several_prompts_with_count_keeps_every_image_at_its_size(tiny_
     assert {tuple(kw["latents"].shape[2:]) for kw in calls} == {(2, 2), (1, 3)}
 
     # An image made in a batch is the image made alone (its own seed, its own prompt).
-    for request, name, index in ((requests[2], "00006_30.png", 6), (Request(prompt="a blue square", width=48, height=16, seed=21), "00005_21.png", 5)):
+    for request, name, index in (
+        (requests[2], "00006_30.png", 6),
+        (Request(prompt="a blue square", width=48, height=16, seed=21), "00005_21.png", 5),
+    ):
         alone = run_batch(setup(tiny_bundle, tmp_path / f"alone{index}"), [request])
         assert alone[0].name == name.replace(f"{index:05d}", "00000")
         assert np.abs(pixels(alone[0]) - pixels(tmp_path / "batch" / name)).max() <= 1
@@ -158,16 +176,30 @@ def lora_file(tiny_bundle, tmp_path):
     from kern.records import TargetSpec, resolve_options
 
     manager = get_manager()
-    model = manager.hook.load_model(arch="flux2", variant="klein-4b", part="transformer", path=str(tiny_bundle["transformer"]),
-                                    dtype=torch.float32, device=torch.device("cpu"), options={})
+    model = manager.hook.load_model(
+        arch="flux2",
+        variant="klein-4b",
+        part="transformer",
+        path=str(tiny_bundle["transformer"]),
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        options={},
+    )
     options = resolve_options(manager.resolve_network("lora").options, {"rank": 4, "alpha": 4.0}, "test")
-    network = manager.hook.make_network(network_type="lora", model=model, targets=TargetSpec(targets=TARGETS), options=options)
+    network = manager.hook.make_network(
+        network_type="lora", model=model, targets=TargetSpec(targets=TARGETS), options=options
+    )
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in network.parameters():
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
     path = tmp_path / "a.safetensors"
-    network.save(path, metadata=modelspec_metadata(architecture="Flux.2-klein-4b", implementation="https://github.com/kohya-ss/musubi-tuner"))
+    network.save(
+        path,
+        metadata=modelspec_metadata(
+            architecture="Flux.2-klein-4b", implementation="https://github.com/kohya-ss/musubi-tuner"
+        ),
+    )
     return path
 
 
@@ -193,8 +225,10 @@ def test_klein_base_uses_true_cfg_two_forwards_per_step(tiny_bundle, tmp_path, m
     assert len(calls) == 3  # klein 4B is distilled: one forward per step
 
     calls.clear()
-    paths = run_batch(setup(tiny_bundle, tmp_path / "base", variant="klein-base-4b", steps=3),
-                      [Request(prompt="a red circle", seed=1, negative="blurry")])
+    paths = run_batch(
+        setup(tiny_bundle, tmp_path / "base", variant="klein-base-4b", steps=3),
+        [Request(prompt="a red circle", seed=1, negative="blurry")],
+    )
     assert len(calls) == 6
     assert all(kw["variant"] == "klein-base-4b" for kw in calls)
     cond, uncond = calls[0]["text"]["ctx"], calls[1]["text"]["ctx"]
@@ -204,16 +238,35 @@ def test_klein_base_uses_true_cfg_two_forwards_per_step(tiny_bundle, tmp_path, m
     assert info["model"] == "flux2/klein-base-4b" and info["guidance"] == "4.0" and info["negative_prompt"] == "blurry"
 
     calls.clear()
-    run_batch(setup(tiny_bundle, tmp_path / "g1", variant="klein-base-4b", steps=3, guidance=1.0), [Request(prompt="a red circle", seed=1)])
+    run_batch(
+        setup(tiny_bundle, tmp_path / "g1", variant="klein-base-4b", steps=3, guidance=1.0),
+        [Request(prompt="a red circle", seed=1)],
+    )
     assert len(calls) == 3  # guidance 1: the unconditional forward is skipped
 
 
 def test_cli_generate_writes_a_png(tiny_bundle, tmp_path):
     out = tmp_path / "cli"
     proc = run_kern(
-        "generate", "--arch", "flux2-klein-4b", "--transformer", str(tiny_bundle["transformer"]), "--vae", str(tiny_bundle["vae"]),
-        "--text-encoder", str(tiny_bundle["text_encoder"]), "-p", "a red circle", "--steps", "2", "--width", "32", "--height", "32",
-        "--out", str(out),
+        "generate",
+        "--arch",
+        "flux2-klein-4b",
+        "--transformer",
+        str(tiny_bundle["transformer"]),
+        "--vae",
+        str(tiny_bundle["vae"]),
+        "--text-encoder",
+        str(tiny_bundle["text_encoder"]),
+        "-p",
+        "a red circle",
+        "--steps",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--out",
+        str(out),
     )
     assert proc.returncode == 0, proc.stderr
     pngs = sorted(out.glob("*.png"))

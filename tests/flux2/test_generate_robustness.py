@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kern.generate.driver import Generator, Setup
 from kern.core.plugins import get_manager
 from kern.data.prompts import Request
+from kern.generate.driver import Generator, Setup
 
 
 @pytest.fixture(autouse=True)
@@ -16,9 +16,21 @@ def _threads():
 
 
 def _latents(bundle, requests, batch_size):
-    gen = Generator(Setup(arch="flux2", variant="klein-base-4b", transformer=str(bundle["transformer"]), vae=str(bundle["vae"]),
-                          text_encoder=str(bundle["text_encoder"]), dtype="float32", device="cpu", width=32, height=32, steps=2,
-                          batch_size=batch_size))
+    gen = Generator(
+        Setup(
+            arch="flux2",
+            variant="klein-base-4b",
+            transformer=str(bundle["transformer"]),
+            vae=str(bundle["vae"]),
+            text_encoder=str(bundle["text_encoder"]),
+            dtype="float32",
+            device="cpu",
+            width=32,
+            height=32,
+            steps=2,
+            batch_size=batch_size,
+        )
+    )
     images = gen.plan(requests)
     gen.denoise(images, gen.encode(images))
     return images
@@ -30,7 +42,9 @@ def test_mixed_prompts_and_negatives_in_one_batch_equal_single_images(tiny_bundl
     monkeypatch.setattr(hook, "predict_velocity", lambda **kw: (calls.append(kw["latents"].shape[0]), real(**kw))[1])
     requests = [
         Request(prompt="a red circle", negative="blurry", seed=1),
-        Request(prompt="a blue square on a long wooden table", negative="ugly, deformed, low quality, extra limbs", seed=2),
+        Request(
+            prompt="a blue square on a long wooden table", negative="ugly, deformed, low quality, extra limbs", seed=2
+        ),
         Request(prompt="a red circle", seed=3),  # the variant's default negative prompt
         Request(prompt="a green triangle", negative="", seed=4, guidance=4.0),
     ]

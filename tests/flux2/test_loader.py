@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kern.errors import ModelFileError
 from kern.core.io import load_file, save_file
+from kern.errors import ModelFileError
 from kern_flux2 import keys, loader
 from kern_flux2.params import tiny_params
 from kern_flux2.transformer import Flux2Transformer
@@ -58,8 +57,12 @@ def test_klein_base_is_named_from_the_file_name_and_metadata(tmp_path):
 def test_real_widths_detect_their_variant(tmp_path):
     # Headers are all detection reads, so a file of meta-shaped zeros stands in for the real one.
     for hidden, variant in ((3072, "klein-4b"), (4096, "klein-9b")):
-        shapes = {"img_in.weight": torch.zeros(hidden, 1), "txt_in.weight": torch.zeros(hidden, 1),
-                  "double_blocks.0.img_attn.qkv.weight": torch.zeros(1, 1), "single_stream_modulation.lin.weight": torch.zeros(1, 1)}
+        shapes = {
+            "img_in.weight": torch.zeros(hidden, 1),
+            "txt_in.weight": torch.zeros(hidden, 1),
+            "double_blocks.0.img_attn.qkv.weight": torch.zeros(1, 1),
+            "single_stream_modulation.lin.weight": torch.zeros(1, 1),
+        }
         assert loader.detect_variant(write(tmp_path / f"{variant}.safetensors", shapes)) == variant
 
 
@@ -72,8 +75,12 @@ def test_truncated_file_is_named(tmp_path, tiny_sd):
 
 
 def test_qwen_image_checkpoint_is_named_as_such(tmp_path):
-    sd = {"transformer_blocks.0.img_mod.1.weight": torch.zeros(4, 2), "transformer_blocks.0.attn.to_q.weight": torch.zeros(2, 2),
-          "img_in.weight": torch.zeros(2, 2), "txt_norm.weight": torch.zeros(2)}
+    sd = {
+        "transformer_blocks.0.img_mod.1.weight": torch.zeros(4, 2),
+        "transformer_blocks.0.attn.to_q.weight": torch.zeros(2, 2),
+        "img_in.weight": torch.zeros(2, 2),
+        "txt_norm.weight": torch.zeros(2),
+    }
     path = write(tmp_path / "qwen_image.safetensors", sd)
     with pytest.raises(ModelFileError, match="qwen_image.safetensors: not a FLUX.2 transformer.*Qwen-Image"):
         loader.load_transformer(path, None, torch.float32, "cpu")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kern.adapters.network import select_targets
 from kern.core.plugins import get_manager
 from kern.records import TargetSpec
@@ -12,10 +11,17 @@ from kern_flux2.params import PARAMS_BY_VARIANT
 from kern_flux2.transformer import Flux2Transformer
 
 
-@pytest.mark.parametrize(("alias", "variant"), [
-    ("flux2", None), ("flux2-dev", "dev"), ("flux2-klein-4b", "klein-4b"), ("flux2-klein-9b", "klein-9b"),
-    ("flux2-klein-base-4b", "klein-base-4b"), ("flux2-klein-base-9b", "klein-base-9b"),
-])
+@pytest.mark.parametrize(
+    ("alias", "variant"),
+    [
+        ("flux2", None),
+        ("flux2-dev", "dev"),
+        ("flux2-klein-4b", "klein-4b"),
+        ("flux2-klein-9b", "klein-9b"),
+        ("flux2-klein-base-4b", "klein-base-4b"),
+        ("flux2-klein-base-9b", "klein-base-9b"),
+    ],
+)
 def test_names_resolve(alias, variant):
     arch, v = get_manager().resolve_arch(alias)
     assert arch.name == "flux2" and v == variant
@@ -26,8 +32,10 @@ def test_variant_generation_defaults():
     got = {v.name: (v.steps, v.guidance, v.guidance_mode) for v in arch.variants}
     assert got == {
         "dev": (50, 4.0, "embedded"),
-        "klein-4b": (4, 1.0, "none"), "klein-9b": (4, 1.0, "none"),
-        "klein-base-4b": (50, 4.0, "cfg"), "klein-base-9b": (50, 4.0, "cfg"),
+        "klein-4b": (4, 1.0, "none"),
+        "klein-9b": (4, 1.0, "none"),
+        "klein-base-4b": (50, 4.0, "cfg"),
+        "klein-base-9b": (50, 4.0, "cfg"),
     }
     assert arch.timestep_method == "flux2_shift" and arch.resolution_step == 16
     assert {v.cache_id for v in arch.variants} == {"f2d", "f2k4b", "f2k9b"}

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
-from PIL import Image
-
-from kern.generate.driver import Setup, run_batch
 from kern.core.plugins import get_manager
 from kern.data.prompts import Request, parse_line
+from kern.generate.driver import Setup, run_batch
+from PIL import Image
 
 
 def test_reference_sizes_follow_the_official_caps():
@@ -34,13 +33,23 @@ def test_generation_with_reference_images(tmp_path, tiny_bundle, monkeypatch):
         return real(**kw)
 
     monkeypatch.setattr(manager.hook, "predict_velocity", spy)
-    setup = Setup(arch="flux2-klein-4b", transformer=str(tiny_bundle["transformer"]), vae=str(tiny_bundle["vae"]),
-                  text_encoder=str(tiny_bundle["text_encoder"]), dtype="float32", device="cpu", out=tmp_path / "out", steps=2)
+    setup = Setup(
+        arch="flux2-klein-4b",
+        transformer=str(tiny_bundle["transformer"]),
+        vae=str(tiny_bundle["vae"]),
+        text_encoder=str(tiny_bundle["text_encoder"]),
+        dtype="float32",
+        device="cpu",
+        out=tmp_path / "out",
+        steps=2,
+    )
     line = parse_line(f"a red circle --w 32 --h 32 --d 3 --ci {refs[0]} --ci {refs[1]}", "p.txt:1")
     with_refs = run_batch(setup, [line])
     import attrs
 
-    plain = run_batch(attrs.evolve(setup, out=tmp_path / "plain"), [Request(prompt="a red circle", width=32, height=32, seed=3)])
+    plain = run_batch(
+        attrs.evolve(setup, out=tmp_path / "plain"), [Request(prompt="a red circle", width=32, height=32, seed=3)]
+    )
     assert seen[0] == [(1, 128, 2, 3), (1, 128, 2, 4)]  # (40 x 48) and (40 x 64) pixels at 16 px per token
     assert seen[-1] == []
     assert Image.open(with_refs[0]).tobytes() != Image.open(plain[0]).tobytes()

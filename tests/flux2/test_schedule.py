@@ -6,14 +6,23 @@ import math
 
 import pytest
 import torch
-
 from kern_flux2 import schedule
 
 
 @pytest.mark.parametrize(
     ("tokens", "steps", "mu"),
-    [(1024, 4, 2.031), (1024, 28, 1.859), (1024, 50, 1.702), (2304, 50, 1.836), (4096, 4, 2.291),
-     (4096, 28, 2.151), (4096, 50, 2.023), (6889, 50, 1.623), (9216, 4, 2.017), (16384, 50, 3.230)],
+    [
+        (1024, 4, 2.031),
+        (1024, 28, 1.859),
+        (1024, 50, 1.702),
+        (2304, 50, 1.836),
+        (4096, 4, 2.291),
+        (4096, 28, 2.151),
+        (4096, 50, 2.023),
+        (6889, 50, 1.623),
+        (9216, 4, 2.017),
+        (16384, 50, 3.230),
+    ],
 )
 def test_empirical_mu_matches_reference_table(tokens, steps, mu):
     assert schedule.empirical_mu(tokens, steps) == pytest.approx(mu, abs=1e-3)

@@ -16,7 +16,18 @@ import torch
 
 pytest.importorskip("diffusers")
 from diffusers import Flux2KleinPipeline, Flux2Pipeline  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from kern.errors import ModelFileError, UsageError  # noqa: E402
+from kern.gpu.fp8 import Float8StorageLinear  # noqa: E402
+from kern.models.tiny import byte_level_bpe  # noqa: E402
+from kern_flux2.text_encoder import (  # noqa: E402
+    SYSTEM_MESSAGE,
+    MistralEmbedder,
+    Qwen3Embedder,
+    detect_text_encoder_kind,
+    load_text_encoder,
+)
+from kern_flux2.tiny import QWEN3_SPECIALS, QWEN3_TEMPLATE  # noqa: E402  (close to Qwen3's, enable_thinking too)
+from tokenizers import Tokenizer, processors  # noqa: E402
 from transformers import (  # noqa: E402
     AutoTokenizer,
     Mistral3Config,
@@ -26,16 +37,6 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
-)
-
-from kern.errors import ModelFileError, UsageError  # noqa: E402
-from kern.gpu.fp8 import Float8Linear  # noqa: E402
-from kern_flux2.text_encoder import (  # noqa: E402
-    SYSTEM_MESSAGE,
-    MistralEmbedder,
-    Qwen3Embedder,
-    detect_text_encoder_kind,
-    load_text_encoder,
 )
 
 N_LAYERS = 32  # deeper than 30 so hidden_states[30] is a raw layer output, as in the 40-layer Mistral
@@ -66,40 +67,40 @@ MISTRAL_TEMPLATE = (
     "{%- endfor %}"
 )
 
-# Close to Qwen3's template for a plain user turn, including the enable_thinking switch.
-QWEN3_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
-
-MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
-                    "[IMG]", "[IMG_BREAK]", "[IMG_END]"]
-QWEN3_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+MISTRAL_SPECIALS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+]
 
 
 def _bpe(specials: list[str], bos: str | None) -> Tokenizer:
     # Byte-level BPE like both real tokenizers, so the system message's newline is a token of its own.
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=420, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([SYSTEM_MESSAGE, WORDS, *PROMPTS[:2]] * 3, trainer)
+    tok = byte_level_bpe([SYSTEM_MESSAGE, WORDS, *PROMPTS[:2]] * 3, 420, specials)
     if bos is not None:  # Mistral's tokenizer adds BOS itself; the chat template writes it too
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     return tok
 
 
 def _mistral_tokenizer(padding_side: str, template: str | None) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
-        tokenizer_object=_bpe(MISTRAL_SPECIALS, "<s>"), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", padding_side=padding_side, chat_template=template,
+        tokenizer_object=_bpe(MISTRAL_SPECIALS, "<s>"),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side=padding_side,
+        chat_template=template,
     )
 
 
@@ -108,14 +109,28 @@ def _mistral_folder(root, padding_side: str, legacy_template: bool):
     chat_template.json (as processors saved by older transformers keep it), else in the tokenizer files."""
     tok = _mistral_tokenizer(padding_side, None if legacy_template else MISTRAL_TEMPLATE)
     text = MistralConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, sliding_window=None,
-        initializer_range=0.1, pad_token_id=tok.pad_token_id, rope_theta=1e9,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        sliding_window=None,
+        initializer_range=0.1,
+        pad_token_id=tok.pad_token_id,
+        rope_theta=1e9,
     )
-    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 image_size=32, patch_size=8)
-    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=tok.convert_tokens_to_ids("[IMG]"),
-                            spatial_merge_size=2)
+    vision = PixtralVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    config = Mistral3Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+    )
     torch.manual_seed(0)
     Mistral3ForConditionalGeneration(config).save_pretrained(root)
     tok.save_pretrained(root)
@@ -126,13 +141,24 @@ def _mistral_folder(root, padding_side: str, legacy_template: bool):
 
 def _qwen3_folder(root, padding_side: str):
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=_bpe(QWEN3_SPECIALS, None), eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        padding_side=padding_side, chat_template=QWEN3_TEMPLATE,
+        tokenizer_object=_bpe(QWEN3_SPECIALS, None),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side=padding_side,
+        chat_template=QWEN3_TEMPLATE,
     )
     config = Qwen3Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=1024, initializer_range=0.1,
-        tie_word_embeddings=True, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=1024,
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
     Qwen3ForCausalLM(config).save_pretrained(root)
@@ -207,7 +233,9 @@ def test_mistral_processor_matches(tmp_path):
     path = _mistral_folder(tmp_path, "left", legacy_template=False)
     proc = PixtralProcessor(
         image_processor=PixtralImageProcessor(patch_size=8, size={"longest_edge": 32}),
-        tokenizer=AutoTokenizer.from_pretrained(path), patch_size=8, spatial_merge_size=2,
+        tokenizer=AutoTokenizer.from_pretrained(path),
+        patch_size=8,
+        spatial_merge_size=2,
         chat_template=MISTRAL_TEMPLATE,
     )
     te = Mistral3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32, local_files_only=True)
@@ -240,7 +268,7 @@ def test_stacking_order_is_per_token_layer_concat(qwen3_dir):
         hs = full(**ids, output_hidden_states=True, use_cache=False).hidden_states
     ctx = enc(PROMPTS[:2])["ctx"]
     for i, k in enumerate((9, 18, 27)):
-        assert torch.equal(ctx[..., i * 32:(i + 1) * 32], hs[k])
+        assert torch.equal(ctx[..., i * 32 : (i + 1) * 32], hs[k])
     assert not torch.equal(ctx[..., 64:], hs[28])  # an off-by-one layer would be caught
 
 
@@ -252,7 +280,7 @@ def test_shorter_max_length(qwen3_dir):
 def test_bf16_and_fp8(qwen3_dir):
     ref = load_text_encoder("qwen3", qwen3_dir, torch.bfloat16, "cpu")
     q = load_text_encoder("qwen3", qwen3_dir, torch.bfloat16, "cpu", fp8=True)
-    n_fp8 = sum(isinstance(m, Float8Linear) for m in q.backbone.modules())
+    n_fp8 = sum(isinstance(m, Float8StorageLinear) for m in q.backbone.modules())
     assert n_fp8 == 27 * 7  # q, k, v, o, gate, up, down per kept layer; embeddings and norms untouched
     a, b = ref(PROMPTS)["ctx"], q(PROMPTS)["ctx"]
     assert a.dtype == b.dtype == torch.bfloat16 and q.dtype == torch.bfloat16

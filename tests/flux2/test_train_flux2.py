@@ -8,21 +8,21 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import kern.data as data
 import numpy as np
 import pytest
 import torch
-from kern.data import cache
 from kern.core import config
-from kern.data import datasets as data
-from kern.train import driver as train
-from kern.generate.driver import Setup, run_batch
 from kern.core.io import load_file
 from kern.core.plugins import get_manager
+from kern.data import cache
 from kern.data.prompts import Request
+from kern.generate.driver import Setup, run_batch
+from kern.train import driver as train
 from PIL import Image
 
 from tests.conftest import run_kern
-from tests.train.conftest import make_dataset
+from tests.helpers import make_dataset
 
 # As the demo job (examples/tiny/job.toml): a random tiny base needs its input and output projections
 # adapted to learn visibly.
@@ -36,12 +36,23 @@ def _threads():
 
 def overrides(bundle, dataset, out, **over):
     base = {
-        "model.arch": "flux2-klein-4b", "model.transformer": str(bundle["transformer"]), "model.vae": str(bundle["vae"]),
-        "model.text_encoder": str(bundle["text_encoder"]), "model.dtype": "float32",
-        "network.type": "lora", "network.rank": 8, "network.alpha": 8.0, "network.targets": TARGETS,
-        "dataset.config": str(dataset), "save.out": str(out),
-        "train.steps": 2, "train.learning_rate": 2e-2, "train.mixed_precision": "no", "train.device": "cpu",
-        "train.gradient_checkpointing": False, "sample.prompts": [],
+        "model.arch": "flux2-klein-4b",
+        "model.transformer": str(bundle["transformer"]),
+        "model.vae": str(bundle["vae"]),
+        "model.text_encoder": str(bundle["text_encoder"]),
+        "model.dtype": "float32",
+        "network.type": "lora",
+        "network.rank": 8,
+        "network.alpha": 8.0,
+        "network.targets": TARGETS,
+        "dataset.config": str(dataset),
+        "save.out": str(out),
+        "train.steps": 2,
+        "train.learning_rate": 2e-2,
+        "train.mixed_precision": "no",
+        "train.device": "cpu",
+        "train.gradient_checkpointing": False,
+        "sample.prompts": [],
     }
     base.update(over)
     return base
@@ -81,14 +92,29 @@ class Spy:
 
 
 def fresh_transformer(bundle):
-    return get_manager().hook.load_model(arch="flux2", variant="klein-4b", part="transformer", path=str(bundle["transformer"]),
-                                         dtype=torch.float32, device=torch.device("cpu"), options={})
+    return get_manager().hook.load_model(
+        arch="flux2",
+        variant="klein-4b",
+        part="transformer",
+        path=str(bundle["transformer"]),
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        options={},
+    )
 
 
 def velocity(model, latents, t, text, references=None):
     with torch.no_grad():
-        return get_manager().hook.predict_velocity(arch="flux2", variant="klein-4b", model=model, latents=latents, timesteps=t,
-                                                   text=text, references=references, options={"guidance": 1.0})
+        return get_manager().hook.predict_velocity(
+            arch="flux2",
+            variant="klein-4b",
+            model=model,
+            latents=latents,
+            timesteps=t,
+            text=text,
+            references=references,
+            options={"guidance": 1.0},
+        )
 
 
 # --------------------------------------------------------------------------- LoRA and LoHa
@@ -104,10 +130,25 @@ def test_loss_falls_and_the_saved_adapter_reproduces_the_trained_model(tiny_bund
     steps = 60
     # LoHa's update has rank up to rank², and each of its steps costs more.
     rank, lr = {"lora": (16, 1e-2), "loha": (4, 2e-2)}[network]
-    adapter = train.run(job(tiny_bundle, dataset, out, **{"network.type": network, "network.rank": rank, "network.alpha": float(rank),
-                                                          "train.learning_rate": lr, "train.steps": steps,
-                                                          "sample.prompts": ["a red square"], "sample.width": 32,
-                                                          "sample.height": 32, "sample.steps": 2, "sample.seed": 5}))
+    adapter = train.run(
+        job(
+            tiny_bundle,
+            dataset,
+            out,
+            **{
+                "network.type": network,
+                "network.rank": rank,
+                "network.alpha": float(rank),
+                "train.learning_rate": lr,
+                "train.steps": steps,
+                "sample.prompts": ["a red square"],
+                "sample.width": 32,
+                "sample.height": 32,
+                "sample.steps": 2,
+                "sample.seed": 5,
+            },
+        )
+    )
 
     # The loss falls on a dataset of two flat images the adapter can overfit.
     curve = losses(out)
@@ -144,10 +185,22 @@ def test_loss_falls_and_the_saved_adapter_reproduces_the_trained_model(tiny_bund
 
     # The run's final sample image is what `kern generate` makes with the saved adapter.
     sample = out / "samples" / f"step-{steps:06d}_00.png"
-    generated = run_batch(Setup(arch="flux2-klein-4b", transformer=str(tiny_bundle["transformer"]), vae=str(tiny_bundle["vae"]),
-                                text_encoder=str(tiny_bundle["text_encoder"]), dtype="float32", device="cpu", out=tmp_path / "gen",
-                                weights=[(str(adapter), 1.0)], width=32, height=32, steps=2),
-                          [Request(prompt="a red square", seed=5)])
+    generated = run_batch(
+        Setup(
+            arch="flux2-klein-4b",
+            transformer=str(tiny_bundle["transformer"]),
+            vae=str(tiny_bundle["vae"]),
+            text_encoder=str(tiny_bundle["text_encoder"]),
+            dtype="float32",
+            device="cpu",
+            out=tmp_path / "gen",
+            weights=[(str(adapter), 1.0)],
+            width=32,
+            height=32,
+            steps=2,
+        ),
+        [Request(prompt="a red square", seed=5)],
+    )
     a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (sample, generated[0]))
     assert a.shape == (32, 32, 3) and np.abs(a - b).max() <= 1
 
@@ -212,7 +265,9 @@ def test_second_run_reuses_the_caches_and_a_changed_caption_reencodes_only_its_t
     dataset = make_dataset(tmp_path / "data", n=3, size=(32, 32))
     spy = Spy(monkeypatch, "encode_text", "encode_latents")
     train.run(job(tiny_bundle, dataset, tmp_path / "a"))
-    assert sorted(spy.prompts()) == sorted(["", "a red square", "a green square", "a blue square"])  # "" for caption dropout
+    assert sorted(spy.prompts()) == sorted(
+        ["", "a red square", "a green square", "a blue square"]
+    )  # "" for caption dropout
     assert sum(kw["images"].shape[0] for kw in spy.calls["encode_latents"]) == 3
 
     spy.calls = {n: [] for n in spy.calls}
@@ -229,10 +284,20 @@ def test_second_run_reuses_the_caches_and_a_changed_caption_reencodes_only_its_t
 def test_rerunning_the_run_folders_config_reuses_caches_made_with_relative_paths(tiny_bundle, tmp_path, monkeypatch):
     dataset = make_dataset(tmp_path / "data", n=2, size=(32, 32))
     monkeypatch.chdir(tmp_path)
-    rel = lambda p: os.path.relpath(p, tmp_path)  # as typed on the command line, from the cwd
-    first = overrides(tiny_bundle, rel(dataset), "run", **{
-        "model.transformer": rel(tiny_bundle["transformer"]), "model.vae": rel(tiny_bundle["vae"]),
-        "model.text_encoder": rel(tiny_bundle["text_encoder"])})
+
+    def rel(p):
+        return os.path.relpath(p, tmp_path)  # as typed on the command line, from the cwd
+
+    first = overrides(
+        tiny_bundle,
+        rel(dataset),
+        "run",
+        **{
+            "model.transformer": rel(tiny_bundle["transformer"]),
+            "model.vae": rel(tiny_bundle["vae"]),
+            "model.text_encoder": rel(tiny_bundle["text_encoder"]),
+        },
+    )
     train.run(config.load_job(None, first))
     spy = Spy(monkeypatch, "encode_text", "encode_latents")
     # The documented way to rerun a run: `kern train --config runs/x/config.toml` (paths there are absolute).
@@ -244,7 +309,10 @@ def test_kern_cache_all_fills_the_caches_that_training_then_reuses(tiny_bundle, 
     dataset = make_dataset(tmp_path / "data", n=2, size=(32, 32))
     folder = tmp_path / "job"
     folder.mkdir()
-    rel = lambda p: Path(os.path.relpath(p, folder)).as_posix()  # relative to the job file, as documented
+
+    def rel(p):
+        return Path(os.path.relpath(p, folder)).as_posix()  # relative to the job file, as documented
+
     job_file = folder / "job.toml"
     job_file.write_text(
         "[model]\n"
@@ -269,8 +337,10 @@ def test_kern_cache_all_fills_the_caches_that_training_then_reuses(tiny_bundle, 
     cache_dir = tmp_path / "data" / "cache"
     assert sorted(p.name for p in cache_dir.iterdir()) == [
         "_empty_f2k4b_te.safetensors",
-        "img0_0032x0032_f2k4b.safetensors", "img0_f2k4b_te.safetensors",
-        "img1_0032x0032_f2k4b.safetensors", "img1_f2k4b_te.safetensors",
+        "img0_0032x0032_f2k4b.safetensors",
+        "img0_f2k4b_te.safetensors",
+        "img1_0032x0032_f2k4b.safetensors",
+        "img1_f2k4b_te.safetensors",
     ]
 
     spy = Spy(monkeypatch, "encode_text", "encode_latents")

@@ -1,40 +1,22 @@
-"""kern's FLUX.2 transformer against diffusers' Flux2Transformer2DModel, plus checkpoint-layout facts (flux2.md §2, §5)."""
+"""kern's FLUX.2 transformer against diffusers' Flux2Transformer2DModel, plus checkpoint-layout facts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel
-
 from kern_flux2 import geometry, keys
 from kern_flux2.params import FLUX2_DEV, FLUX2_KLEIN_4B, FLUX2_KLEIN_9B, PARAMS_BY_VARIANT, Flux2Params, tiny_params
 from kern_flux2.transformer import Flux2Transformer
+
+from tests.helpers import flux2_diffusers_model, init_flux2_random
 
 TOL = 1e-5
 L_TXT = 7
 
 
-def init_random(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.1 * noise if name.endswith(".scale") else 0.05 * noise)
-    return model
-
-
-def diffusers_model(params: Flux2Params) -> Flux2Transformer2DModel:
-    return Flux2Transformer2DModel(
-        patch_size=1, in_channels=params.in_channels, num_layers=params.depth, num_single_layers=params.depth_single,
-        attention_head_dim=params.head_dim, num_attention_heads=params.num_heads, joint_attention_dim=params.context_in_dim,
-        timestep_guidance_channels=256, mlp_ratio=params.mlp_ratio, axes_dims_rope=params.axes_dim, rope_theta=params.theta,
-        eps=params.eps, guidance_embeds=params.guidance_embed,
-    )
-
-
 def pair(params: Flux2Params, seed: int = 0):
-    ours = init_random(Flux2Transformer(params), seed).eval()
-    theirs = diffusers_model(params).eval()
+    ours = init_flux2_random(Flux2Transformer(params), seed).eval()
+    theirs = flux2_diffusers_model(params).eval()
     theirs.load_state_dict(keys.bfl_to_diffusers(ours.state_dict()), strict=True)
     return ours, theirs
 
@@ -47,7 +29,9 @@ def inputs(params: Flux2Params, batch: int = 1, ref_shapes=(), seed: int = 1):
     txt = torch.randn(batch, L_TXT, params.context_in_dim, generator=g)
     t = torch.rand(batch, generator=g)
     guidance = 1.0 + 4.0 * torch.rand(batch, generator=g) if params.guidance_embed else None
-    return dict(img=img, img_ids=img_ids, txt=txt, txt_ids=geometry.text_ids(L_TXT), timesteps=t, guidance=guidance), n_target
+    return dict(
+        img=img, img_ids=img_ids, txt=txt, txt_ids=geometry.text_ids(L_TXT), timesteps=t, guidance=guidance
+    ), n_target
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -57,8 +41,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_both(ours, theirs, x):
     with torch.no_grad():
         a = ours(**x)
-        b = theirs(hidden_states=x["img"], encoder_hidden_states=x["txt"], timestep=x["timesteps"], img_ids=x["img_ids"],
-                   txt_ids=x["txt_ids"], guidance=x["guidance"], return_dict=False)[0]
+        b = theirs(
+            hidden_states=x["img"],
+            encoder_hidden_states=x["txt"],
+            timestep=x["timesteps"],
+            img_ids=x["img_ids"],
+            txt_ids=x["txt_ids"],
+            guidance=x["guidance"],
+            return_dict=False,
+        )[0]
     return a, b
 
 
@@ -85,7 +76,9 @@ def test_matches_diffusers(case):
 
 
 def test_reference_ids_use_time_offsets_of_ten():
-    _, ids, n_target = geometry.prepare_tokens(torch.zeros(1, 128, 2, 3), [torch.zeros(1, 128, 1, 2), torch.zeros(128, 2, 1)])
+    _, ids, n_target = geometry.prepare_tokens(
+        torch.zeros(1, 128, 2, 3), [torch.zeros(1, 128, 1, 2), torch.zeros(128, 2, 1)]
+    )
     assert n_target == 6 and ids.shape == (10, 4)
     assert ids[:6].tolist() == [[0, r, c, 0] for r in range(2) for c in range(3)]
     assert ids[6:8].tolist() == [[10, 0, 0, 0], [10, 0, 1, 0]]
@@ -117,13 +110,15 @@ def test_batched_ids_equal_shared_ids():
     x, _ = inputs(params, batch=2, ref_shapes=((2, 2),))
     with torch.no_grad():
         shared = ours(**x)
-        batched = ours(**{**x, "img_ids": x["img_ids"].expand(2, -1, -1).float(), "txt_ids": x["txt_ids"].expand(2, -1, -1)})
+        batched = ours(
+            **{**x, "img_ids": x["img_ids"].expand(2, -1, -1).float(), "txt_ids": x["txt_ids"].expand(2, -1, -1)}
+        )
     assert rel_err(batched, shared) <= 1e-6
 
 
 def test_key_round_trip_and_prefixes():
     for params in (tiny_params(True), tiny_params(False, depth=3, depth_single=1)):
-        sd = init_random(Flux2Transformer(params)).state_dict()
+        sd = init_flux2_random(Flux2Transformer(params)).state_dict()
         back = keys.diffusers_to_bfl(keys.bfl_to_diffusers(sd))
         assert list(back) == list(sd)
         assert all(torch.equal(back[k], sd[k]) for k in sd)
@@ -133,11 +128,13 @@ def test_key_round_trip_and_prefixes():
     # the final modulation halves are swapped: BFL (shift, scale) -> diffusers (scale, shift)
     w = sd["final_layer.adaLN_modulation.1.weight"]
     d = keys.bfl_to_diffusers(sd)["norm_out.linear.weight"]
-    assert torch.equal(d[: len(w) // 2], w[len(w) // 2:])
+    assert torch.equal(d[: len(w) // 2], w[len(w) // 2 :])
 
 
-@pytest.mark.parametrize(("params", "n_keys", "billions", "n_linear"),
-                         [(FLUX2_DEV, 299, 32.22, 160), (FLUX2_KLEIN_9B, 201, 9.08, 112), (FLUX2_KLEIN_4B, 149, 3.88, 80)])
+@pytest.mark.parametrize(
+    ("params", "n_keys", "billions", "n_linear"),
+    [(FLUX2_DEV, 299, 32.22, 160), (FLUX2_KLEIN_9B, 201, 9.08, 112), (FLUX2_KLEIN_4B, 149, 3.88, 80)],
+)
 def test_real_sizes_on_meta(params, n_keys, billions, n_linear):
     with torch.device("meta"):
         model = Flux2Transformer(params)
@@ -156,7 +153,7 @@ def test_real_sizes_on_meta(params, n_keys, billions, n_linear):
 def test_real_klein_4b_keys_match_diffusers_on_meta():
     with torch.device("meta"):
         ours = Flux2Transformer(FLUX2_KLEIN_4B)
-        theirs = diffusers_model(FLUX2_KLEIN_4B)
+        theirs = flux2_diffusers_model(FLUX2_KLEIN_4B)
     converted = {k: tuple(v.shape) for k, v in keys.bfl_to_diffusers(ours.state_dict()).items()}
     assert converted == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
 
@@ -195,7 +192,7 @@ def test_gradient_checkpointing_same_gradients(train_mode):
 
 def test_meta_model_loads_with_assign():
     params = tiny_params(False)
-    ref = init_random(Flux2Transformer(params))
+    ref = init_flux2_random(Flux2Transformer(params))
     with torch.device("meta"):
         model = Flux2Transformer(params)
     model.load_state_dict(ref.state_dict(), assign=True, strict=True)

@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 from kern.models.tiling import ramp
+from kern.models.tiny import init_random_
 
 pytest.importorskip("diffusers")
 from diffusers import AutoencoderKLFlux2, Flux2Pipeline  # noqa: E402
@@ -31,6 +32,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tiny_diffusers_vae() -> AutoencoderKLFlux2:
+    def draw(name, t):  # GroupNorm affine away from the identity, biases off zero, other weights as initialised
+        if "norm" in name and name.endswith("weight"):
+            return 1.0, 0.2
+        return (0.0, 0.1) if name.endswith("bias") else None
+
     p = tiny_ae_params()
     levels = len(p.ch_mult)
     vae = AutoencoderKLFlux2(
@@ -44,12 +50,8 @@ def tiny_diffusers_vae() -> AutoencoderKLFlux2:
         batch_norm_eps=p.bn_eps,
     )
     g = torch.Generator().manual_seed(0)
+    init_random_(vae, g, draw, sorted_names=False)
     with torch.no_grad():
-        for name, t in vae.named_parameters():
-            if "norm" in name and name.endswith("weight"):  # GroupNorm affine away from the identity
-                t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))
-            elif name.endswith("bias"):
-                t.copy_(0.1 * torch.randn(t.shape, generator=g))
         vae.bn.running_mean.copy_(0.5 * torch.randn(vae.bn.running_mean.shape, generator=g))
         vae.bn.running_var.copy_(0.2 + torch.rand(vae.bn.running_var.shape, generator=g))
         vae.bn.num_batches_tracked.fill_(1000)

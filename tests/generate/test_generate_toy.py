@@ -5,17 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from PIL import Image
-
+from kern.data.prompts import Request, read_prompt_file
 from kern.errors import AdapterError, UsageError
 from kern.generate.driver import Setup, run_batch, run_interactive
-from kern.data.prompts import Request, read_prompt_file
+from PIL import Image
 
 
 @pytest.fixture
 def toy(monkeypatch):
-    from tests.conftest import REPO
     from kern.core import plugins
+
+    from tests.conftest import REPO
 
     monkeypatch.setenv(plugins.ENV_DENY, "toy")  # an in-tree build may have left an entry point for it
     monkeypatch.syspath_prepend(str(REPO / "examples" / "plugins" / "kern-toy"))
@@ -56,7 +56,7 @@ def test_prompt_file_with_options_and_wildcards(tmp_path, toy):
         "a __color__ ball --w 32 --h 48 --d 5\n"
         "\n"
         "--w 64 --h 16 --f 2\n"
-        "a __color__ cube --n \"__shade__ shadows\" --s 3\n"
+        'a __color__ cube --n "__shade__ shadows" --s 3\n'
     )
     requests = read_prompt_file(prompts, base_prompt="a plain __color__ disc")
     paths = run_batch(setup(tmp_path, wildcards=str(cards), grid=True, batch_size=2), requests)
@@ -74,7 +74,10 @@ def test_prompt_file_with_options_and_wildcards(tmp_path, toy):
 
 
 def test_batch_of_several_prompts_with_count_keeps_every_image(tmp_path, toy):
-    requests = [Request(prompt="one", width=32, height=32, count=3), Request(prompt="two", width=48, height=16, count=2)]
+    requests = [
+        Request(prompt="one", width=32, height=32, count=3),
+        Request(prompt="two", width=48, height=16, count=2),
+    ]
     paths = run_batch(setup(tmp_path, batch_size=4), requests)
     assert [Image.open(p).size for p in paths] == [(32, 32)] * 3 + [(48, 16)] * 2
     assert len({Image.open(p).tobytes() for p in paths[:3]}) == 3  # each image its own seed
@@ -95,10 +98,14 @@ def test_size_not_on_the_step_is_an_error_naming_the_line(tmp_path, toy):
 
 
 def test_adapter_for_another_architecture_is_refused_before_loading(tmp_path, toy):
-    from kern.core.io import save_file
     import torch
+    from kern.core.io import save_file
 
     adapter = tmp_path / "flux_lora.safetensors"
-    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, adapter, {"kern.arch": "flux2", "modelspec.architecture": "Flux.2-dev/lora"})
+    save_file(
+        {"lora_unet_x.lora_down.weight": torch.zeros(1, 1)},
+        adapter,
+        {"kern.arch": "flux2", "modelspec.architecture": "Flux.2-dev/lora"},
+    )
     with pytest.raises(AdapterError, match="made for 'flux2', not for 'toy'"):
         run_batch(setup(tmp_path, weights=[(str(adapter), 1.0)]), [Request(prompt="x")])

@@ -7,13 +7,40 @@ import math
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from kern.errors import UsageError
 from kern.data.prompts import LIMITS, Request, iter_interactive, parse_line, read_prompt_file
+from kern.errors import UsageError
 
 OPTIONS = ["--w", "--h", "--d", "--s", "--g", "--n", "--f", "--ci", "--layers", "--zz", "--", "-w", "w"]
-VALUES = ["0", "1", "-1", "16", "64.0", "1e9", "nan", "inf", "-inf", "1e999", "NaN", str(2**64), str(2**64 - 1),
-          "99999999", "٣", "1_0", "0x10", "", "''", '"', "'", "a b", '"quoted value"', "__card__", "\\", "\x00", "é", "--w"]
+VALUES = [
+    "0",
+    "1",
+    "-1",
+    "16",
+    "64.0",
+    "1e9",
+    "nan",
+    "inf",
+    "-inf",
+    "1e999",
+    "NaN",
+    str(2**64),
+    str(2**64 - 1),
+    "99999999",
+    "٣",
+    "1_0",
+    "0x10",
+    "",
+    "''",
+    '"',
+    "'",
+    "a b",
+    '"quoted value"',
+    "__card__",
+    "\\",
+    "\x00",
+    "é",
+    "--w",
+]
 token = st.one_of(st.sampled_from(OPTIONS), st.sampled_from(VALUES), st.text(max_size=6))
 line = st.one_of(
     st.lists(token, max_size=8).map(" ".join),

@@ -5,15 +5,22 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from kern.errors import UsageError
 from kern.data.prompts import Request, Wildcards, expand_request, iter_interactive, parse_line, read_prompt_file
+from kern.errors import UsageError
 
 
 def test_line_with_every_option():
     r = parse_line('a red fox in snow --w 768 --h 512 --d 42 --s 28 --g 3.5 --n "blurry, low quality" --f 3', "p.txt:1")
     assert (r.prompt, r.width, r.height, r.seed, r.steps, r.guidance, r.negative, r.count) == (
-        "a red fox in snow", 768, 512, 42, 28, 3.5, "blurry, low quality", 3)
+        "a red fox in snow",
+        768,
+        512,
+        42,
+        28,
+        3.5,
+        "blurry, low quality",
+        3,
+    )
     assert r.source == "p.txt:1"
 
 
@@ -32,13 +39,16 @@ def test_option_only_line_without_base_prompt_names_the_line():
         parse_line("--w 256", "p.txt:4")
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("cat --zz 3", "unknown option --zz"),
-    ("cat --w wide", "--w wants int"),
-    ("cat --w 0", "--w must be at least 1"),
-    ("cat --w", "option --w needs a value"),
-    ('cat --n "unclosed', "cannot read the options"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("cat --zz 3", "unknown option --zz"),
+        ("cat --w wide", "--w wants int"),
+        ("cat --w 0", "--w must be at least 1"),
+        ("cat --w", "option --w needs a value"),
+        ('cat --n "unclosed', "cannot read the options"),
+    ],
+)
 def test_bad_options_name_line(line, message):
     with pytest.raises(UsageError, match=message) as err:
         parse_line(line, "f.txt:9")

@@ -8,19 +8,20 @@ from __future__ import annotations
 import os
 
 import pytest
-from PIL import Image
-
-from kern.errors import KernError, UsageError
-from kern.generate.driver import Generator, Setup, contact_sheet, next_index, publish, run_batch, run_interactive
 from kern.data.prompts import MAX_SEED, Request, Wildcards, read_prompt_file
+from kern.errors import KernError, UsageError
+from kern.generate.driver import Generator, Setup, run_batch, run_interactive
+from kern.generate.outputs import contact_sheet, next_index, publish
+from PIL import Image
 
 from tests.conftest import run_kern
 
 
 @pytest.fixture
 def toy(monkeypatch):
-    from tests.conftest import REPO
     from kern.core import plugins
+
+    from tests.conftest import REPO
 
     monkeypatch.setenv(plugins.ENV_DENY, "toy")  # an in-tree build may have left an entry point for it
     monkeypatch.syspath_prepend(str(REPO / "examples" / "plugins" / "kern-toy"))
@@ -37,8 +38,25 @@ def setup(tmp_path, **kw):
 
 
 def kern_toy(toy_site, *args, input=None, cwd=None):
-    return run_kern("generate", "--arch", "toy", "--device", "cpu", "--dtype", "float32", "--steps", "2", "-W", "16", "-H", "16",
-                    *args, pythonpath=[toy_site], input=input, cwd=cwd)
+    return run_kern(
+        "generate",
+        "--arch",
+        "toy",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--steps",
+        "2",
+        "-W",
+        "16",
+        "-H",
+        "16",
+        *args,
+        pythonpath=[toy_site],
+        input=input,
+        cwd=cwd,
+    )
 
 
 def snapshot(folder):
@@ -53,14 +71,17 @@ def png(path, size=(16, 16), mode="RGB"):
 # --------------------------------------------------------------------------- numbers
 
 
-@pytest.mark.parametrize(("option", "value", "message"), [
-    ("--width", "1000000000", "--width"),
-    ("--guidance", "nan", "not a finite number"),
-    ("--seed", "-1", "--seed"),
-    ("--seed", str(2**64), "--seed"),
-    ("--steps", "0", "--steps"),
-    ("--count", "99999999", "--count"),
-])
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--width", "1000000000", "--width"),
+        ("--guidance", "nan", "not a finite number"),
+        ("--seed", "-1", "--seed"),
+        ("--seed", str(2**64), "--seed"),
+        ("--steps", "0", "--steps"),
+        ("--count", "99999999", "--count"),
+    ],
+)
 def test_cli_numbers_out_of_range_are_usage_errors_before_anything(toy_site, tmp_path, option, value, message):
     out = tmp_path / "out"
     proc = kern_toy(toy_site, "-p", "a cat", option, value, "--out", str(out))
@@ -69,31 +90,48 @@ def test_cli_numbers_out_of_range_are_usage_errors_before_anything(toy_site, tmp
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("field", "value", "option"), [
-    ("width", 0, "--width"), ("width", 10**9, "--width"), ("height", -16, "--height"), ("steps", 0, "--steps"),
-    ("steps", 10**6, "--steps"), ("guidance", float("nan"), "--guidance"), ("guidance", float("-inf"), "--guidance"),
-    ("seed", -1, "--seed"), ("seed", MAX_SEED + 1, "--seed"), ("count", 0, "--count"), ("count", 10**8, "--count"),
-    ("batch_size", 0, "--batch-size"), ("layers", 0, "--layers"), ("layers", 10**6, "--layers"), ("width", 16.5, "--width"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "option"),
+    [
+        ("width", 0, "--width"),
+        ("width", 10**9, "--width"),
+        ("height", -16, "--height"),
+        ("steps", 0, "--steps"),
+        ("steps", 10**6, "--steps"),
+        ("guidance", float("nan"), "--guidance"),
+        ("guidance", float("-inf"), "--guidance"),
+        ("seed", -1, "--seed"),
+        ("seed", MAX_SEED + 1, "--seed"),
+        ("count", 0, "--count"),
+        ("count", 10**8, "--count"),
+        ("batch_size", 0, "--batch-size"),
+        ("layers", 0, "--layers"),
+        ("layers", 10**6, "--layers"),
+        ("width", 16.5, "--width"),
+    ],
+)
 def test_setup_numbers_out_of_range_name_the_option(tmp_path, toy, field, value, option):
     with pytest.raises(UsageError, match=option):
         Generator(setup(tmp_path, **{field: value}))
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ("a cat --g nan", "--g must be a finite number"),
-    ("a cat --g inf", "--g must be a finite number"),
-    ("a cat --g 1e999", "--g must be a finite number"),
-    ("a cat --d -1", "--d must be at least 0"),
-    ("a cat --d 18446744073709551616", "--d must be at most 18446744073709551615"),
-    ("a cat --w 1e9", "--w wants int"),
-    ("a cat --w 1000000000", "--w must be at most 16384"),
-    ("a cat --s 0", "--s must be at least 1"),
-    ("a cat --s 999999", "--s must be at most"),
-    ("a cat --f 99999999", "--f must be at most"),
-    ("a cat --layers 100000", "--layers must be at most"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("a cat --g nan", "--g must be a finite number"),
+        ("a cat --g inf", "--g must be a finite number"),
+        ("a cat --g 1e999", "--g must be a finite number"),
+        ("a cat --d -1", "--d must be at least 0"),
+        ("a cat --d 18446744073709551616", "--d must be at most 18446744073709551615"),
+        ("a cat --w 1e9", "--w wants int"),
+        ("a cat --w 1000000000", "--w must be at most 16384"),
+        ("a cat --s 0", "--s must be at least 1"),
+        ("a cat --s 999999", "--s must be at most"),
+        ("a cat --f 99999999", "--f must be at most"),
+        ("a cat --layers 100000", "--layers must be at most"),
+    ],
+)
 def test_prompt_file_numbers_out_of_range_name_file_and_line(tmp_path, line, message):
     prompts = tmp_path / "p.txt"
     prompts.write_text(f"# header\na good line --w 16\n{line}\n")
@@ -261,8 +299,8 @@ def test_cli_unusable_prompt_files_are_usage_errors(toy_site, tmp_path, content)
 
 
 def test_cli_weights_multiplier_must_be_finite(toy_site, tmp_path):
-    from kern.core.io import save_file
     import torch
+    from kern.core.io import save_file
 
     adapter = tmp_path / "a.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, adapter)
@@ -382,7 +420,9 @@ def test_a_name_taken_meanwhile_gets_the_next_one(tmp_path):
 
     path = publish(folder, "00000_1", write)
     assert path.name == "00000_1-2.png" and path.read_bytes() == b"new"
-    assert (folder / "00000_1.png").read_bytes() == b"existing" and (folder / "00000_1-1.png").read_bytes() == b"other run"
+    assert (folder / "00000_1.png").read_bytes() == b"existing" and (
+        folder / "00000_1-1.png"
+    ).read_bytes() == b"other run"
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
@@ -428,17 +468,17 @@ def test_cli_interactive_session_survives_every_kind_of_bad_line(toy_site, tmp_p
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
     lines = [
-        "a __color__ cat --d 1",            # fine
-        '--n "unclosed',                    # parse error
-        "a cat --w 1e9",                    # bad number
-        "a cat --g nan",                    # not finite
-        "a __missing__ dog",                # missing wildcard
-        "a __../x__ dog",                   # wildcard escape
+        "a __color__ cat --d 1",  # fine
+        '--n "unclosed',  # parse error
+        "a cat --w 1e9",  # bad number
+        "a cat --g nan",  # not finite
+        "a __missing__ dog",  # missing wildcard
+        "a __../x__ dog",  # wildcard escape
         f"a cat --ci {tmp_path / 'nope.png'}",  # missing reference
-        f"a cat --ci {notes}",              # a reference that is not an image
-        "a cat --bogus 3",                  # unknown option
-        "a cat --w 12",                     # not a multiple of the step
-        "a dog --d 2",                      # fine again
+        f"a cat --ci {notes}",  # a reference that is not an image
+        "a cat --bogus 3",  # unknown option
+        "a cat --w 12",  # not a multiple of the step
+        "a dog --d 2",  # fine again
         "exit",
         "never read --d 3",
     ]
@@ -450,7 +490,10 @@ def test_cli_interactive_session_survives_every_kind_of_bad_line(toy_site, tmp_p
     assert len(errors) == 9, said
     for n, error in zip((2, 3, 4, 5, 6, 7, 8, 9, 10), errors):
         assert error.startswith(f"error: <stdin>:{n}: ")
-    assert [s for s in said if s.startswith("saved ")] == [f"saved {out / '00000_1.png'}", f"saved {out / '00001_2.png'}"]
+    assert [s for s in said if s.startswith("saved ")] == [
+        f"saved {out / '00000_1.png'}",
+        f"saved {out / '00001_2.png'}",
+    ]
     assert sorted(p.name for p in out.iterdir()) == ["00000_1.png", "00001_2.png"]
     assert "Traceback" not in proc.stderr
 

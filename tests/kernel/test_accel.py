@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kern.gpu import accel
 from kern.core.config import TrainConfig, load_job
-from kern.errors import ConfigError
 from kern.core.plugins import build_manager
+from kern.errors import ConfigError
+from kern.gpu import accel
 from kern.records import TargetSpec
 
 
@@ -24,17 +24,30 @@ def test_defaults_and_values_parse(tmp_path):
     f.write_text('[train]\ngradient_checkpointing = "selective"\ncompile = "off"\nattention = "cudnn"\n')
     t = load_job(f).train
     assert (t.gradient_checkpointing, t.compile, t.attention) == ("selective", "off", "cudnn")
-    assert [accel.checkpoint_mode(v) for v in (True, False, "full", "selective")] == ["full", "off", "full", "selective"]
+    assert [accel.checkpoint_mode(v) for v in (True, False, "full", "selective")] == [
+        "full",
+        "off",
+        "full",
+        "selective",
+    ]
     assert accel.compile_enabled("auto", torch.device("cpu")) is False
     assert accel.compile_enabled("auto", torch.device("cuda")) is True
     assert accel.compile_enabled("off", torch.device("cuda")) is False
 
 
-@pytest.mark.parametrize(("key", "value"), [("compile", '"yes"'), ("attention", '"fa3"'), ("gradient_checkpointing", '"partial"'),
-                                          ("base_precision", '"fp4"'), ("blocks_to_swap", "-1")])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("compile", '"yes"'),
+        ("attention", '"fa3"'),
+        ("gradient_checkpointing", '"partial"'),
+        ("base_precision", '"fp4"'),
+        ("blocks_to_swap", "-1"),
+    ],
+)
 def test_bad_values_name_the_key(tmp_path, key, value):
     f = tmp_path / "job.toml"
-    f.write_text(f'[train]\n{key} = {value}\n')
+    f.write_text(f"[train]\n{key} = {value}\n")
     with pytest.raises(ConfigError, match=rf"job.toml.*{key}.*{value.strip(chr(34))}"):
         load_job(f)
 
@@ -50,11 +63,20 @@ def _tiny_lora_model(seed: int = 0, base_precision: str = "bf16"):
     model = Flux2Transformer(params)
     model.requires_grad_(False)
     model.eval()
-    accel.prepare_base(model, TrainConfig(base_precision=base_precision), "cpu")  # before the adapters, as kern.train.driver.run
+    accel.prepare_base(
+        model,
+        TrainConfig(base_precision=base_precision),
+        "cpu",  # before the adapters, as the trainer
+        keep=kern_flux2.plugin.KEEP_HIGH_PRECISION,
+    )
     manager = build_manager(entry_points=(), extra=[("flux2", kern_flux2.plugin), ("lora", kern_lora.plugin)])
     arch, _ = manager.resolve_arch("flux2-klein-4b")
-    network = manager.hook.make_network(network_type="lora", model=model, options={"rank": 4, "alpha": 4.0},
-                                        targets=TargetSpec(targets=arch.default_targets, exclude=tuple(arch.default_excludes)))
+    network = manager.hook.make_network(
+        network_type="lora",
+        model=model,
+        options={"rank": 4, "alpha": 4.0},
+        targets=TargetSpec(targets=arch.default_targets, exclude=tuple(arch.default_excludes)),
+    )
     for p in network.parameters():  # non-zero up factors: every adapter contributes and gets gradients
         torch.nn.init.normal_(p, std=0.1)
     network.train()
@@ -63,8 +85,13 @@ def _tiny_lora_model(seed: int = 0, base_precision: str = "bf16"):
     img_ids[..., 1], img_ids[..., 2] = torch.arange(n_img) // 4, torch.arange(n_img) % 4
     txt_ids = torch.zeros(b, n_txt, 4)
     txt_ids[..., 3] = torch.arange(n_txt)
-    inputs = (torch.randn(b, n_img, params.in_channels), img_ids, torch.randn(b, n_txt, params.context_in_dim), txt_ids,
-              torch.rand(b))
+    inputs = (
+        torch.randn(b, n_img, params.in_channels),
+        img_ids,
+        torch.randn(b, n_txt, params.context_in_dim),
+        txt_ids,
+        torch.rand(b),
+    )
     return model, network, inputs
 
 
@@ -131,7 +158,7 @@ def test_block_swap_and_fp8_base_through_apply(base_precision):
     model, network, inputs = _tiny_lora_model(base_precision=base_precision)
     ref, ref_network, _ = _tiny_lora_model(base_precision=base_precision)
     if base_precision == "fp8":
-        assert type(model.single_blocks[0].linear1).__name__ == "FP8Linear"
+        assert type(model.single_blocks[0].linear1).__name__ == "Float8MatmulLinear"
     loss0, grads0 = _loss_and_grads(ref, ref_network, inputs)
     cfg = TrainConfig(gradient_checkpointing=True, compile="off", base_precision=base_precision, blocks_to_swap=2)
     done = accel.apply(model, cfg, "cpu")
@@ -149,7 +176,9 @@ def test_compiled_inner_forward_with_block_swap(monkeypatch):
     loss0, grads0 = _loss_and_grads(model, network, inputs)
     real = accel.compile_inner
     monkeypatch.setattr(accel, "compile_inner", lambda block: real(block, backend="aot_eager"))
-    done = accel.apply(model, TrainConfig(gradient_checkpointing="selective", compile="blocks", blocks_to_swap=1), "cpu")
+    done = accel.apply(
+        model, TrainConfig(gradient_checkpointing="selective", compile="blocks", blocks_to_swap=1), "cpu"
+    )
     assert done["compile"] == "blocks (inner forward)" and done["checkpointing"] == "full"
     loss1, grads1 = _loss_and_grads(model, network, inputs)
     first = accel.compiled_graphs()
@@ -176,31 +205,40 @@ def test_selective_blocks_spends_the_attention_budget_on_the_first_blocks():
         TrainConfig(selective_blocks=-1)
 
 
-@pytest.mark.parametrize(("ckpt", "base", "swap", "arrangement", "checkpointing"), [
-    ("full", "fp8", 0, "inner", "full"),  # fp8's memory saving: the eager checkpoint decides what is kept
-    ("selective", "fp8", 0, "graph", "selective"),  # fp8 spending memory on speed: the compiler decides
-    ("selective", "fp8", 2, "inner", "full"),  # block swap: never in the graph (it would hold the swapped copies)
-    ("selective", "bf16", 0, "graph", "selective"),
-])
+@pytest.mark.parametrize(
+    ("ckpt", "base", "swap", "arrangement", "checkpointing"),
+    [
+        ("full", "fp8", 0, "inner", "full"),  # fp8's memory saving: the eager checkpoint decides what is kept
+        ("selective", "fp8", 0, "graph", "selective"),  # fp8 spending memory on speed: the compiler decides
+        ("selective", "fp8", 2, "inner", "full"),  # block swap: never in the graph (it would hold the swapped copies)
+        ("selective", "bf16", 0, "graph", "selective"),
+    ],
+)
 def test_where_the_checkpoint_goes(monkeypatch, ckpt, base, swap, arrangement, checkpointing):
     model, _, _ = _tiny_lora_model(base_precision=base)
     seen = []
     monkeypatch.setattr(accel, "compile_inner", lambda block: seen.append("inner"))
     monkeypatch.setattr(accel, "compile_block", lambda block: seen.append("graph"))
-    done = accel.apply(model, TrainConfig(gradient_checkpointing=ckpt, compile="blocks", base_precision=base, blocks_to_swap=swap), "cpu")
+    done = accel.apply(
+        model,
+        TrainConfig(gradient_checkpointing=ckpt, compile="blocks", base_precision=base, blocks_to_swap=swap),
+        "cpu",
+    )
     assert set(seen) == {arrangement} and len(seen) == done["blocks"] == 4
     assert done["checkpointing"] == checkpointing
 
 
 def test_fp8_base_with_the_checkpoint_compiled_into_the_graph(monkeypatch):
-    """fp8 + "selective": the FP8Linear autograd function traced into the compiled checkpoint (fullgraph, no break)
-    gives the eager fp8 model's loss and adapter gradients."""
+    """fp8 + "selective": the Float8MatmulLinear autograd function traced into the compiled checkpoint (fullgraph,
+    no break) gives the eager fp8 model's loss and adapter gradients."""
     torch._dynamo.reset()
     model, network, inputs = _tiny_lora_model(base_precision="fp8")
     loss0, grads0 = _loss_and_grads(model, network, inputs)
     real = accel.compile_block
     monkeypatch.setattr(accel, "compile_block", lambda block: real(block, backend="aot_eager"))
-    done = accel.apply(model, TrainConfig(gradient_checkpointing="selective", compile="blocks", base_precision="fp8"), "cpu")
+    done = accel.apply(
+        model, TrainConfig(gradient_checkpointing="selective", compile="blocks", base_precision="fp8"), "cpu"
+    )
     assert done["compile"] == "blocks"
     loss1, grads1 = _loss_and_grads(model, network, inputs)
     assert accel.compiled_graphs() > 0
@@ -217,10 +255,10 @@ def test_fp8_base_loads_on_the_cpu_and_backward_follows_compile(monkeypatch):
     assert accel.base_device(TrainConfig(base_precision="fp8"), "cpu").type == "cpu"
     assert accel.base_device(TrainConfig(), cuda).type == "cuda"
     assert accel.base_device(TrainConfig(blocks_to_swap=1), cuda).type == "cpu"
-    import kern.gpu.fp8_linear
+    import kern.gpu.fp8
 
     asked = []
-    monkeypatch.setattr(kern.gpu.fp8_linear, "quantize_base", lambda model, **kw: asked.append(kw["backward"]) or 0)
+    monkeypatch.setattr(kern.gpu.fp8, "quantize_base", lambda model, **kw: asked.append(kw["backward"]) or 0)
     for compile_, backward in (("blocks", "fp8"), ("off", "bf16"), ("auto", "bf16")):  # auto: off on the CPU
         done = accel.prepare_base(torch.nn.Linear(16, 16), TrainConfig(base_precision="fp8", compile=compile_), "cpu")
         assert done["fp8_backward"] == backward == asked[-1]

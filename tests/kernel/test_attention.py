@@ -13,10 +13,9 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from kern.gpu import accel
-from kern.gpu import attention
 from kern.core.config import TrainConfig
 from kern.errors import ConfigError
+from kern.gpu import accel, attention
 
 
 def _reference(q, k, v, mask=None):

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from kern.core.io import load_file
+from kern.data import cache
+from kern.data.dataset_config import load_dataset_config
+from kern.data.items import batch_order, scan_items
+from kern.errors import KernError
 from PIL import Image
 from structlog.testing import capture_logs
-
-from kern.data import cache
-from kern.data.datasets import batch_order, load_dataset_config, scan_items
-from kern.errors import KernError
-from kern.core.io import load_file
 
 ARCH = "toy4"
 STEP = 16
@@ -64,7 +64,8 @@ def dataset(tmp_path: Path, names=("a", "b", "c"), extra: str = "", controls: di
         for c in range(n):
             image(tmp_path / "controls" / f"{stem}_{c}.png", (48, 80), (10, 20 * c, 30))
     cfg = tmp_path / "dataset.toml"
-    cfg.write_text(textwrap.dedent(f"""
+    cfg.write_text(
+        textwrap.dedent(f"""
         [general]
         resolution = 64
         caption_extension = ".txt"
@@ -74,7 +75,8 @@ def dataset(tmp_path: Path, names=("a", "b", "c"), extra: str = "", controls: di
         image_directory = "images"
         cache_directory = "cache"
         {extra}
-        """))
+        """)
+    )
     specs = load_dataset_config(cfg)
     return specs, tmp_path / "cache"
 
@@ -82,7 +84,9 @@ def dataset(tmp_path: Path, names=("a", "b", "c"), extra: str = "", controls: di
 def build(specs, vae=None, te=None, settings=None, text_settings=None):
     """Scan and cache; returns (items, latents encoded, texts encoded)."""
     items = scan_items(specs, STEP)
-    n_lat = cache.ensure_latent_cache(items, ARCH, vae or FakeVAE(), torch.float32, batch_size=2, settings=settings or {"vae": "v1"})
+    n_lat = cache.ensure_latent_cache(
+        items, ARCH, vae or FakeVAE(), torch.float32, batch_size=2, settings=settings or {"vae": "v1"}
+    )
     n_txt = cache.ensure_text_cache(items, ARCH, te or FakeTE(), settings=text_settings or {"te": "t1"})
     return items, n_lat, n_txt
 
@@ -115,7 +119,11 @@ def test_file_names_keys_and_metadata(tmp_path):
     assert list(tensors) == ["latents_8x8_float32"]  # (C, h, w) → h x w
     assert tensors["latents_8x8_float32"].shape == (4, 8, 8)
     assert {k: meta[k] for k in ("architecture", "width", "height", "format_version")} == {
-        "architecture": ARCH, "width": "64", "height": "64", "format_version": "1.0.1"}
+        "architecture": ARCH,
+        "width": "64",
+        "height": "64",
+        "format_version": "1.0.1",
+    }
     assert "kern.source" in meta
     tensors, meta = load_file(cache_dir / "a_toy4_te.safetensors")
     assert list(tensors) == ["ctx_vec_bfloat16"] and tensors["ctx_vec_bfloat16"].shape == (4, 8)
@@ -177,7 +185,9 @@ def test_changed_settings_rebuild(tmp_path):
     assert (n_lat, n_txt) == (0, 3)
     assert "" in te.prompts  # the empty caption is re-encoded too
     items = scan_items(specs, STEP)
-    assert cache.ensure_latent_cache(items, ARCH, FakeVAE(), torch.bfloat16, settings={"vae": "v2"}) == 3  # dtype counts
+    assert (
+        cache.ensure_latent_cache(items, ARCH, FakeVAE(), torch.bfloat16, settings={"vae": "v2"}) == 3
+    )  # dtype counts
     # Resize settings: a new resolution changes every bucket.
     specs2, _ = dataset(tmp_path, extra="resolution = 128")
     _, n_lat, _ = build(specs2, settings={"vae": "v2"})
@@ -198,7 +208,9 @@ def test_resized_image_replaces_its_old_cache(tmp_path):
 
 
 def test_batch_of_two_with_two_references_stacks(tmp_path):
-    specs, cache_dir = dataset(tmp_path, names=("a", "c"), controls={"a": 2, "c": 2}, extra='control_directory = "controls"\nbatch_size = 2')
+    specs, cache_dir = dataset(
+        tmp_path, names=("a", "c"), controls={"a": 2, "c": 2}, extra='control_directory = "controls"\nbatch_size = 2'
+    )
     items, n_lat, _ = build(specs)
     assert n_lat == 2
     tensors, _ = load_file(cache_dir / "a_0064x0064_toy4.safetensors")
@@ -214,7 +226,12 @@ def test_batch_of_two_with_two_references_stacks(tmp_path):
 
 
 def test_mixed_reference_counts_never_share_a_batch(tmp_path):
-    specs, _ = dataset(tmp_path, names=("a", "c", "e"), controls={"a": 2, "c": 1}, extra='control_directory = "controls"\nbatch_size = 4')
+    specs, _ = dataset(
+        tmp_path,
+        names=("a", "c", "e"),
+        controls={"a": 2, "c": 1},
+        extra='control_directory = "controls"\nbatch_size = 4',
+    )
     items, _, _ = build(specs)
     batches = batch_order(items, specs, seed=0, epoch=0)
     assert sorted(len(b) for b in batches) == [1, 1, 1]
@@ -304,7 +321,11 @@ def test_bad_items_leave_a_clean_cache(tmp_path):
     with capture_logs():
         items, n_lat, n_txt = build(specs)
     assert [i.stem for i in items] == ["good"] and (n_lat, n_txt) == (1, 1)
-    assert sorted(p.name for p in cache_dir.iterdir()) == ["_empty_toy4_te.safetensors", "good_0064x0064_toy4.safetensors", "good_toy4_te.safetensors"]
+    assert sorted(p.name for p in cache_dir.iterdir()) == [
+        "_empty_toy4_te.safetensors",
+        "good_0064x0064_toy4.safetensors",
+        "good_toy4_te.safetensors",
+    ]
     assert_clean(cache_dir)
 
 

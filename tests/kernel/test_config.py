@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kern.core import config
 from kern.errors import ConfigError
+
 from tests.conftest import run_kern
 
 GOOD = """
@@ -65,11 +65,11 @@ def test_integer_is_accepted_for_float():
     [
         ("[train]\nstepz = 3\n", "unknown key 'train.stepz'"),
         ("[bogus]\nx = 1\n", "unknown key 'bogus'"),
-        ("[train]\nsteps = \"many\"\n", "train.steps: expected int"),
+        ('[train]\nsteps = "many"\n', "train.steps: expected int"),
         ("[train]\nsteps = 2.5\n", "train.steps: expected int"),
         ("[train]\ngradient_checkpointing = 1\n", "train.gradient_checkpointing: expected bool"),
-        ("[model]\ndtype = \"float64\"\n", "dtype"),
-        ("[sample]\nprompts = \"one\"\n", "sample.prompts: expected a list"),
+        ('[model]\ndtype = "float64"\n', "dtype"),
+        ('[sample]\nprompts = "one"\n', "sample.prompts: expected a list"),
         ("train = 3\n", "'train' must be a table"),
         ("[train\n", "not valid TOML"),
     ],
@@ -93,7 +93,14 @@ def test_bad_override_names_the_key():
 
 
 def test_parse_value_reads_toml_scalars():
-    assert [config.parse_value(v) for v in ("3", "1e-4", "true", "[1, 2]", "hello", "a b")] == [3, 1e-4, True, [1, 2], "hello", "a b"]
+    assert [config.parse_value(v) for v in ("3", "1e-4", "true", "[1, 2]", "hello", "a b")] == [
+        3,
+        1e-4,
+        True,
+        [1, 2],
+        "hello",
+        "a b",
+    ]
 
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
@@ -113,7 +120,10 @@ def test_cli_config_error_exits_2_and_names_file_and_key(tmp_path):
 def test_relative_paths_in_a_job_file_are_relative_to_it(tmp_path):
     sub = tmp_path / "jobs"
     sub.mkdir()
-    path = write(sub, '[model]\ntransformer = "models/t.safetensors"\nvae = "/abs/ae.safetensors"\n[dataset]\nconfig = "../data.toml"\n')
+    path = write(
+        sub,
+        '[model]\ntransformer = "models/t.safetensors"\nvae = "/abs/ae.safetensors"\n[dataset]\nconfig = "../data.toml"\n',
+    )
     job = config.load_job(path, {"save.out": "runs/x"})
     assert job.model.transformer == str(sub / "models" / "t.safetensors")
     assert job.model.vae == "/abs/ae.safetensors"
@@ -132,8 +142,16 @@ _TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=4
 def test_every_written_config_reads_back_to_the_same_job(tmp_path_factory, prompts, out, rate):
     """Control characters, quotes, backslashes, any Unicode: config.toml is TOML that parses back to the job."""
     folder = tmp_path_factory.mktemp("c")
-    job = config.load_job(None, {"sample.prompts": prompts, "save.out": str(folder / ("x" + out.replace("\0", ""))),
-                                 "train.learning_rate": rate, "network.rank": 3, "network.rank_pattern": ["a\\d=2"]})
+    job = config.load_job(
+        None,
+        {
+            "sample.prompts": prompts,
+            "save.out": str(folder / ("x" + out.replace("\0", ""))),
+            "train.learning_rate": rate,
+            "network.rank": 3,
+            "network.rank_pattern": ["a\\d=2"],
+        },
+    )
     path = folder / "config.toml"
     path.write_text(config.dump_toml(job.to_dict()), encoding="utf-8")
     assert config.load_job(path).to_dict() == job.to_dict()
@@ -143,25 +161,60 @@ def test_option_ranges_and_checks():
     from kern.adapters.network import parse_rank_patterns
     from kern.records import Option, resolve_options
 
-    schema = (Option("rank", "int", 16, minimum=1), Option("p", "float", 0.0, minimum=0.0, maximum=0.99),
-              Option("pattern", "list", (), check=parse_rank_patterns))
-    assert resolve_options(schema, {"rank": 4, "p": 0.5, "pattern": ["a=2"]}, "w") == {"rank": 4, "p": 0.5, "pattern": ("a=2",)}
-    for values, words in (({"rank": 0}, "at least 1"), ({"rank": -2}, "at least 1"), ({"p": float("nan")}, "finite"),
-                          ({"p": 1.0}, "between 0.0 and 0.99"), ({"p": float("inf")}, "finite"),
-                          ({"pattern": ["(=2"]}, "bad regular expression"), ({"pattern": ["a=0"]}, "at least 1"),
-                          ({"pattern": ["a"]}, "regex=rank"), ({"rank": 2.5}, "wants int")):
+    schema = (
+        Option("rank", "int", 16, minimum=1),
+        Option("p", "float", 0.0, minimum=0.0, maximum=0.99),
+        Option("pattern", "list", (), check=parse_rank_patterns),
+    )
+    assert resolve_options(schema, {"rank": 4, "p": 0.5, "pattern": ["a=2"]}, "w") == {
+        "rank": 4,
+        "p": 0.5,
+        "pattern": ("a=2",),
+    }
+    for values, words in (
+        ({"rank": 0}, "at least 1"),
+        ({"rank": -2}, "at least 1"),
+        ({"p": float("nan")}, "finite"),
+        ({"p": 1.0}, "between 0.0 and 0.99"),
+        ({"p": float("inf")}, "finite"),
+        ({"pattern": ["(=2"]}, "bad regular expression"),
+        ({"pattern": ["a=0"]}, "at least 1"),
+        ({"pattern": ["a"]}, "regex=rank"),
+        ({"rank": 2.5}, "wants int"),
+    ):
         with pytest.raises(ValueError, match=words):
             resolve_options(schema, values, "w")
 
 
-@pytest.mark.parametrize("key, value", [
-    ("train.learning_rate", float("nan")), ("train.learning_rate", 0.0), ("train.steps", 0), ("train.steps", 2**40),
-    ("train.gradient_accumulation", 0), ("train.warmup_steps", -1), ("train.max_grad_norm", float("-inf")),
-    ("train.seed", -5), ("train.seed", 2**64), ("train.device", "gpu"), ("train.device", "cuda:0"),
-    ("sample.seed", -1), ("sample.steps", 0), ("sample.width", 0), ("save.keep_last", -2), ("save.every_n_steps", -1),
-    ("save.name", ""), ("save.name", ".."), ("save.name", "a\\b"), ("save.name", "x\ny"), ("save.name", " padded "),
-    ("save.out", "  "), ("model.vae", "a\0b"), ("network.exclude", ["[z-a]"]),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train.learning_rate", float("nan")),
+        ("train.learning_rate", 0.0),
+        ("train.steps", 0),
+        ("train.steps", 2**40),
+        ("train.gradient_accumulation", 0),
+        ("train.warmup_steps", -1),
+        ("train.max_grad_norm", float("-inf")),
+        ("train.seed", -5),
+        ("train.seed", 2**64),
+        ("train.device", "gpu"),
+        ("train.device", "cuda:0"),
+        ("sample.seed", -1),
+        ("sample.steps", 0),
+        ("sample.width", 0),
+        ("save.keep_last", -2),
+        ("save.every_n_steps", -1),
+        ("save.name", ""),
+        ("save.name", ".."),
+        ("save.name", "a\\b"),
+        ("save.name", "x\ny"),
+        ("save.name", " padded "),
+        ("save.out", "  "),
+        ("model.vae", "a\0b"),
+        ("network.exclude", ["[z-a]"]),
+    ],
+)
 def test_context_free_checks_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.load_job(None, {key: value, "sample.prompts": ["p"]} if key.startswith("sample.") else {key: value})

@@ -1,4 +1,4 @@
-"""kern.data.datasets: the musubi dataset TOML, scanning, buckets, control matching, batch order, image loading."""
+"""kern.data (dataset_config, items, buckets, images): the musubi dataset TOML, scanning, buckets, control matching, batch order, image loading."""
 
 from __future__ import annotations
 
@@ -8,21 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from kern.data.buckets import fit_area, make_buckets
+from kern.data.dataset_config import DatasetSpec, load_dataset_config
+from kern.data.images import load_image
+from kern.data.items import batch_key, batch_order, match_controls, scan_items
+from kern.errors import DatasetError
 from PIL import Image
 from structlog.testing import capture_logs
-
-from kern.data.datasets import (
-    DatasetSpec,
-    batch_key,
-    batch_order,
-    fit_area,
-    load_dataset_config,
-    load_image,
-    make_buckets,
-    match_controls,
-    scan_items,
-)
-from kern.errors import DatasetError
 
 STEP = 16
 
@@ -46,7 +38,9 @@ def toml(path: Path, text: str) -> Path:
 
 
 def one_dataset(tmp_path: Path, extra: str = "", general: str = "", folder: str = "images") -> list[DatasetSpec]:
-    cfg = toml(tmp_path / "dataset.toml", f"""
+    cfg = toml(
+        tmp_path / "dataset.toml",
+        f"""
         [general]
         resolution = 64
         caption_extension = ".txt"
@@ -55,7 +49,8 @@ def one_dataset(tmp_path: Path, extra: str = "", general: str = "", folder: str 
         [[datasets]]
         image_directory = "{folder}"
         {extra}
-        """)
+        """,
+    )
     return load_dataset_config(cfg)
 
 
@@ -67,7 +62,9 @@ def warnings(logs) -> list[dict]:
 
 
 def test_musubi_toml_is_read_as_is_with_precedence(tmp_path):
-    cfg = toml(tmp_path / "cfg" / "dataset.toml", """
+    cfg = toml(
+        tmp_path / "cfg" / "dataset.toml",
+        """
         # a musubi-tuner dataset config, unchanged
         [general]
         resolution = [960, 544]
@@ -90,12 +87,24 @@ def test_musubi_toml_is_read_as_is_with_precedence(tmp_path):
         caption_extension = ".caption"
         no_resize_control = true
         control_resolution = [1024, 1024]
-        """)
+        """,
+    )
     a, b = load_dataset_config(cfg)
     assert a.image_directory == (tmp_path / "photos").resolve()
     assert a.cache_directory == (tmp_path / "photos" / "cache").resolve()
-    assert (a.resolution, a.batch_size, a.num_repeats, a.enable_bucket, a.caption_extension) == ((960, 544), 2, 3, True, ".txt")
-    assert (a.bucket_no_upscale, a.no_resize_control, a.control_resolution, a.caption_dropout_rate) == (False, False, None, 0.0)
+    assert (a.resolution, a.batch_size, a.num_repeats, a.enable_bucket, a.caption_extension) == (
+        (960, 544),
+        2,
+        3,
+        True,
+        ".txt",
+    )
+    assert (a.bucket_no_upscale, a.no_resize_control, a.control_resolution, a.caption_dropout_rate) == (
+        False,
+        False,
+        None,
+        0.0,
+    )
     assert b.resolution == (512, 512)  # an int is a square
     assert (b.batch_size, b.num_repeats, b.caption_extension) == (1, 1, ".caption")  # dataset beats [general]
     assert b.enable_bucket is True  # from [general]
@@ -115,10 +124,14 @@ def test_defaults_and_kern_additions(tmp_path):
 
 def test_json_config_has_the_same_schema(tmp_path):
     cfg = tmp_path / "dataset.json"
-    cfg.write_text(json.dumps({
-        "general": {"resolution": [512, 768], "caption_extension": ".txt", "enable_bucket": None},
-        "datasets": [{"image_jsonl_file": "meta.jsonl", "cache_directory": "cache", "batch_size": 4}],
-    }))
+    cfg.write_text(
+        json.dumps(
+            {
+                "general": {"resolution": [512, 768], "caption_extension": ".txt", "enable_bucket": None},
+                "datasets": [{"image_jsonl_file": "meta.jsonl", "cache_directory": "cache", "batch_size": 4}],
+            }
+        )
+    )
     (spec,) = load_dataset_config(cfg)
     assert spec.resolution == (512, 768)
     assert spec.enable_bucket is False  # null counts as unset
@@ -128,7 +141,10 @@ def test_json_config_has_the_same_schema(tmp_path):
 
 def test_deprecated_keys_are_mapped_with_a_warning(tmp_path):
     with capture_logs() as logs:
-        (a, b) = load_dataset_config(toml(tmp_path / "d.toml", """
+        (a, b) = load_dataset_config(
+            toml(
+                tmp_path / "d.toml",
+                """
             [general]
             caption_extension = ".txt"
             [[datasets]]
@@ -139,11 +155,57 @@ def test_deprecated_keys_are_mapped_with_a_warning(tmp_path):
             image_directory = "b"
             qwen_image_edit_no_resize_control = true
             no_resize_control = false
-            """))
+            """,
+            )
+        )
     assert (a.control_resolution, a.no_resize_control) == ((1024, 1024), True)
     assert b.no_resize_control is False  # the new key wins; the old one is ignored
     keys = {e["key"] for e in warnings(logs)}
-    assert keys == {"qwen_image_edit_control_resolution", "flux_kontext_no_resize_control", "qwen_image_edit_no_resize_control"}
+    assert keys == {
+        "qwen_image_edit_control_resolution",
+        "flux_kontext_no_resize_control",
+        "qwen_image_edit_no_resize_control",
+    }
+
+
+@pytest.mark.parametrize(
+    ("line", "plain", "value"),
+    [
+        ("flux_kontext_no_resize_control = true", "no_resize_control", True),
+        ("qwen_image_edit_no_resize_control = true", "no_resize_control", True),
+        ("qwen_image_edit_control_resolution = [1024, 512]", "control_resolution", (1024, 512)),
+        (
+            "some_model_v2_control_resolution = 256",
+            "control_resolution",
+            (256, 256),
+        ),  # any prefix: the rule, not a list
+    ],
+)
+@pytest.mark.parametrize("where", ["general", "dataset"])
+def test_architecture_prefixed_musubi_keys_are_read_as_the_plain_key(tmp_path, line, plain, value, where):
+    with capture_logs() as logs:
+        (spec,) = one_dataset(tmp_path, **({"extra": line} if where == "dataset" else {"general": line}))
+    assert getattr(spec, plain) == value
+    old = line.split(" = ")[0]
+    assert [(e["key"], e["use"]) for e in warnings(logs)] == [(old, plain)]
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "qwen_image_edit_control_resolutoin",
+        "flux_kontext_no_resize_contol",
+        "qwen-image_control_resolution",
+        "_no_resize_control",
+        "control_resolution_v2",
+        "no_resize_controls",
+    ],
+)
+def test_misspelt_prefixed_keys_are_errors_naming_them(tmp_path, key):
+    with pytest.raises(DatasetError, match="unknown key") as err:
+        one_dataset(tmp_path, extra=f'"{key}" = true')
+    message = str(err.value)
+    assert str(tmp_path / "dataset.toml") in message and repr(key) in message
 
 
 @pytest.mark.parametrize("key_line", ['video_directory = "v"', "target_frames = [1, 25]", "source_fps = 30.0"])
@@ -182,8 +244,11 @@ def test_structural_errors(tmp_path):
         ('[[datasets]]\nimage_directory = "a"\n', "caption_extension"),
         ('[[datasets]]\nimage_jsonl_file = "a.jsonl"\n', "cache_directory"),
         ('[[datasets]]\ncaption_extension = ".txt"\n', "image_directory"),
-        ('[[datasets]]\nimage_directory = "a"\nimage_jsonl_file = "b"\ncache_directory = "c"\ncaption_extension = ".txt"\n', "not both"),
-        ('[train]\nsteps = 1\n', "unknown top-level key 'train'"),
+        (
+            '[[datasets]]\nimage_directory = "a"\nimage_jsonl_file = "b"\ncache_directory = "c"\ncaption_extension = ".txt"\n',
+            "not both",
+        ),
+        ("[train]\nsteps = 1\n", "unknown top-level key 'train'"),
         ("[[datasets]\n", "not valid TOML"),
     ]:
         with pytest.raises(DatasetError, match=what):
@@ -196,7 +261,9 @@ def test_structural_errors(tmp_path):
 
 
 def test_cache_directory_must_be_unique(tmp_path):
-    cfg = toml(tmp_path / "d.toml", """
+    cfg = toml(
+        tmp_path / "d.toml",
+        """
         [general]
         caption_extension = ".txt"
         [[datasets]]
@@ -204,7 +271,8 @@ def test_cache_directory_must_be_unique(tmp_path):
         [[datasets]]
         image_directory = "images"
         num_repeats = 2
-        """)
+        """,
+    )
     with pytest.raises(DatasetError, match="datasets\\[1\\] key 'cache_directory'.*datasets\\[0\\]"):
         load_dataset_config(cfg)
 
@@ -218,7 +286,9 @@ def test_framepack_keys_are_ignored_with_a_warning(tmp_path):
 # --------------------------------------------------------------------------- buckets
 
 
-@pytest.mark.parametrize(("resolution", "step"), [((64, 64), 16), ((960, 544), 16), ((1024, 1024), 16), ((1328, 1328), 32)])
+@pytest.mark.parametrize(
+    ("resolution", "step"), [((64, 64), 16), ((960, 544), 16), ((1024, 1024), 16), ((1328, 1328), 32)]
+)
 def test_buckets_are_step_multiples_within_the_area(resolution, step):
     buckets = make_buckets(resolution, step)
     area = resolution[0] * resolution[1]
@@ -253,13 +323,20 @@ def test_bucket_assignment_and_modes(tmp_path):
     assert items["tall"].bucket == (48, 80)
     assert items["small"].size == (40, 50)
 
-    (spec,) = one_dataset(tmp_path / "x", general="enable_bucket = true\nbucket_no_upscale = true", folder=str(folder), extra='cache_directory = "c"')
+    (spec,) = one_dataset(
+        tmp_path / "x",
+        general="enable_bucket = true\nbucket_no_upscale = true",
+        folder=str(folder),
+        extra='cache_directory = "c"',
+    )
     items = {i.stem: i for i in scan_items([spec], STEP)}
     assert items["small"].bucket == (32, 48)  # its own size, rounded down to the step
     assert items["wide"].bucket == (80, 48)  # larger than the area: normal buckets
 
     (spec,) = one_dataset(tmp_path / "y", folder=str(folder), extra='cache_directory = "c"\nresolution = [72, 40]')
-    assert {i.bucket for i in scan_items([spec], STEP)} == {(64, 32)}  # no bucketing: the resolution, floored to the step
+    assert {i.bucket for i in scan_items([spec], STEP)} == {
+        (64, 32)
+    }  # no bucketing: the resolution, floored to the step
 
 
 def test_control_buckets_follow_the_settings(tmp_path):
@@ -285,7 +362,16 @@ def test_control_buckets_follow_the_settings(tmp_path):
 
 
 def test_controls_match_longest_stem_first_and_sort_by_suffix(tmp_path):
-    names = ["img1.png", "img1_1.jpg", "img1_0.png", "img10_0.png", "img10_0002.png", "img10_1.webp", "other_0.png", "img1_10.png"]
+    names = [
+        "img1.png",
+        "img1_1.jpg",
+        "img1_0.png",
+        "img10_0.png",
+        "img10_0002.png",
+        "img10_1.webp",
+        "other_0.png",
+        "img1_10.png",
+    ]
     files = [image(tmp_path / n) for n in names]
     found = match_controls(["img1", "img10", "img2"], files)
     assert [p.name for p in found["img1"]] == ["img1.png", "img1_0.png", "img1_1.jpg", "img1_10.png"]
@@ -314,17 +400,25 @@ def test_jsonl_dataset_with_control_paths(tmp_path):
     for name in ("t1_a.png", "t1_b.png", "t2_a.png"):
         image(data / "ctl" / name, (64, 64))
     lines = [
-        {"image_path": "t1.png", "caption": "first", "control_path_1": "ctl/t1_b.png", "control_path_0": "ctl/t1_a.png"},
+        {
+            "image_path": "t1.png",
+            "caption": "first",
+            "control_path_1": "ctl/t1_b.png",
+            "control_path_0": "ctl/t1_a.png",
+        },
         {"image_path": str(data / "t2.png"), "caption": " second ", "control_path": "ctl/t2_a.png", "score": 5},
     ]
     (data / "meta.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
-    cfg = toml(tmp_path / "d.toml", """
+    cfg = toml(
+        tmp_path / "d.toml",
+        """
         [general]
         resolution = 64
         [[datasets]]
         image_jsonl_file = "data/meta.jsonl"
         cache_directory = "cache"
-        """)
+        """,
+    )
     with capture_logs() as logs:
         a, b = scan_items(load_dataset_config(cfg), STEP)
     assert (a.caption, b.caption) == ("first", "second")
@@ -336,7 +430,11 @@ def test_jsonl_dataset_with_control_paths(tmp_path):
 
 def test_jsonl_errors_name_file_and_line(tmp_path):
     cfg = toml(tmp_path / "d.toml", '[[datasets]]\nimage_jsonl_file = "m.jsonl"\ncache_directory = "c"\n')
-    for line, what in [("{not json", "not valid JSON"), ('{"caption": "x"}', "'image_path'"), ('{"video_path": "v.mp4"}', "video")]:
+    for line, what in [
+        ("{not json", "not valid JSON"),
+        ('{"caption": "x"}', "'image_path'"),
+        ('{"video_path": "v.mp4"}', "video"),
+    ]:
         (tmp_path / "m.jsonl").write_text(line + "\n")
         with pytest.raises(DatasetError, match=what) as err:
             scan_items(load_dataset_config(cfg), STEP)
@@ -416,7 +514,10 @@ def _items_with_controls(tmp_path, counts: dict[str, int], batch_size=2, repeats
         captioned(tmp_path / "images", f"{stem}.png")
         for c in range(n):
             image(tmp_path / "controls" / f"{stem}_{c}.png", (48, 80))
-    specs = one_dataset(tmp_path, extra=f'control_directory = "controls"\nbatch_size = {batch_size}\nnum_repeats = {repeats}\ncontrol_resolution = 64')
+    specs = one_dataset(
+        tmp_path,
+        extra=f'control_directory = "controls"\nbatch_size = {batch_size}\nnum_repeats = {repeats}\ncontrol_resolution = 64',
+    )
     return scan_items(specs, STEP), specs
 
 
@@ -466,7 +567,11 @@ def test_small_trims_crop_without_resampling(tmp_path):
     img.save(tmp_path / "n.png")
     cropped = load_image(tmp_path / "n.png", (64, 32), crop_below=16)
     expected = img.crop((3, 4, 67, 36))
-    ref = torch.frombuffer(bytearray(expected.tobytes()), dtype=torch.uint8).view(32, 64, 3).permute(2, 0, 1).float() / 127.5 - 1
+    ref = (
+        torch.frombuffer(bytearray(expected.tobytes()), dtype=torch.uint8).view(32, 64, 3).permute(2, 0, 1).float()
+        / 127.5
+        - 1
+    )
     assert torch.equal(cropped, ref)
     assert not torch.equal(load_image(tmp_path / "n.png", (64, 32)), ref)  # without the allowance it resamples
 
@@ -490,12 +595,19 @@ def test_utf8_bom_is_accepted_in_captions_jsonl_and_configs(tmp_path):
     image(tmp_path / "images" / "a.png")
     (tmp_path / "images" / "a.txt").write_bytes(bom + "un café\n".encode())
     cfg = tmp_path / "dataset.toml"
-    cfg.write_bytes(bom + b'[general]\nresolution = 64\ncaption_extension = ".txt"\n[[datasets]]\nimage_directory = "images"\n')
+    cfg.write_bytes(
+        bom + b'[general]\nresolution = 64\ncaption_extension = ".txt"\n[[datasets]]\nimage_directory = "images"\n'
+    )
     (item,) = scan_items(load_dataset_config(cfg), STEP)
     assert item.caption == "un café"
-    (tmp_path / "m.jsonl").write_bytes(bom + json.dumps({"image_path": "images/a.png", "caption": "über"}).encode() + b"\n")
+    (tmp_path / "m.jsonl").write_bytes(
+        bom + json.dumps({"image_path": "images/a.png", "caption": "über"}).encode() + b"\n"
+    )
     jcfg = tmp_path / "d.json"
-    jcfg.write_bytes(bom + json.dumps({"datasets": [{"image_jsonl_file": "m.jsonl", "cache_directory": "c", "resolution": 64}]}).encode())
+    jcfg.write_bytes(
+        bom
+        + json.dumps({"datasets": [{"image_jsonl_file": "m.jsonl", "cache_directory": "c", "resolution": 64}]}).encode()
+    )
     (item,) = scan_items(load_dataset_config(jcfg), STEP)
     assert item.caption == "über"
 
@@ -509,7 +621,9 @@ def test_non_utf8_caption_is_an_error_naming_file_line_and_byte(tmp_path):
     with pytest.raises(DatasetError) as err:
         scan_items([spec], STEP)
     message = str(err.value)
-    assert str(caption) in message and "line 2" in message and "byte 17" in message and "save the file as UTF-8" in message
+    assert (
+        str(caption) in message and "line 2" in message and "byte 17" in message and "save the file as UTF-8" in message
+    )
     assert "datasets[0]" in message
 
 
@@ -517,7 +631,9 @@ def test_non_utf8_jsonl_is_an_error_naming_the_line(tmp_path):
     image(tmp_path / "a.png")
     jsonl = tmp_path / "m.jsonl"
     jsonl.write_bytes(b'{"image_path": "a.png", "caption": "ok"}\n{"image_path": "a.png", "caption": "caf\xe9"}\n')
-    cfg = toml(tmp_path / "d.toml", '[[datasets]]\nimage_jsonl_file = "m.jsonl"\ncache_directory = "c"\nresolution = 64\n')
+    cfg = toml(
+        tmp_path / "d.toml", '[[datasets]]\nimage_jsonl_file = "m.jsonl"\ncache_directory = "c"\nresolution = 64\n'
+    )
     with pytest.raises(DatasetError, match="not UTF-8 text \\(line 2, byte 80") as err:
         scan_items(load_dataset_config(cfg), STEP)
     assert str(jsonl) in str(err.value) and "save the file as UTF-8" in str(err.value)
@@ -526,7 +642,11 @@ def test_non_utf8_jsonl_is_an_error_naming_the_line(tmp_path):
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 def test_non_utf8_dataset_config_is_an_error_naming_the_file(tmp_path, suffix):
     cfg = tmp_path / f"d{suffix}"
-    text = '[[datasets]]\nimage_directory = "caf\xe9"\n' if suffix == ".toml" else '{"datasets": [{"image_directory": "caf\xe9"}]}'
+    text = (
+        '[[datasets]]\nimage_directory = "caf\xe9"\n'
+        if suffix == ".toml"
+        else '{"datasets": [{"image_directory": "caf\xe9"}]}'
+    )
     cfg.write_bytes(text.encode("latin-1"))
     with pytest.raises(DatasetError, match="not UTF-8 text") as err:
         load_dataset_config(cfg)
@@ -578,14 +698,17 @@ def test_caption_path_that_is_a_folder_is_an_error(tmp_path):
     ],
 )
 def test_numbers_and_values_are_checked_with_file_and_key(tmp_path, line, key, what):
-    cfg = toml(tmp_path / "dataset.toml", f"""
+    cfg = toml(
+        tmp_path / "dataset.toml",
+        f"""
         [general]
         caption_extension = ".txt"
 
         [[datasets]]
         {line}
-        {'' if line.startswith("image_directory") else 'image_directory = "images"'}
-        """)
+        {"" if line.startswith("image_directory") else 'image_directory = "images"'}
+        """,
+    )
     with pytest.raises(DatasetError, match=what) as err:
         load_dataset_config(cfg)
     message = str(err.value)
@@ -593,14 +716,24 @@ def test_numbers_and_values_are_checked_with_file_and_key(tmp_path, line, key, w
 
 
 def test_sides_up_to_the_bound_are_accepted(tmp_path):
-    (spec,) = one_dataset(tmp_path, extra="resolution = [16384, 16]\nbatch_size = 4096\nnum_repeats = 10000\ncaption_dropout_rate = 1")
-    assert (spec.resolution, spec.batch_size, spec.num_repeats, spec.caption_dropout_rate) == ((16384, 16), 4096, 10000, 1.0)
+    (spec,) = one_dataset(
+        tmp_path, extra="resolution = [16384, 16]\nbatch_size = 4096\nnum_repeats = 10000\ncaption_dropout_rate = 1"
+    )
+    assert (spec.resolution, spec.batch_size, spec.num_repeats, spec.caption_dropout_rate) == (
+        (16384, 16),
+        4096,
+        10000,
+        1.0,
+    )
 
 
 def test_json_nan_and_huge_numbers_are_errors(tmp_path):
     cfg = tmp_path / "d.json"
-    for dataset, what in [({"caption_dropout_rate": float("nan")}, "finite"), ({"batch_size": 10**30}, "at most 4096"),
-                          ({"caption_dropout_rate": 10**400}, "finite number")]:
+    for dataset, what in [
+        ({"caption_dropout_rate": float("nan")}, "finite"),
+        ({"batch_size": 10**30}, "at most 4096"),
+        ({"caption_dropout_rate": 10**400}, "finite number"),
+    ]:
         cfg.write_text(json.dumps({"datasets": [{"image_directory": "i", "caption_extension": ".txt", **dataset}]}))
         with pytest.raises(DatasetError, match=what):
             load_dataset_config(cfg)
@@ -610,11 +743,11 @@ def test_json_nan_and_huge_numbers_are_errors(tmp_path):
 
 
 def test_too_many_items_per_epoch_is_an_error(tmp_path, monkeypatch):
-    import kern.data.datasets
+    import kern.data.items
 
     for name in ("a.png", "b.png", "c.png"):
         captioned(tmp_path / "images", name)
-    monkeypatch.setattr(kern.data.datasets, "MAX_EPOCH_ITEMS", 5)
+    monkeypatch.setattr(kern.data.items, "MAX_EPOCH_ITEMS", 5)
     (spec,) = one_dataset(tmp_path, extra="num_repeats = 2")
     with pytest.raises(DatasetError, match="key 'num_repeats': 3 images x 2 repeats is more than 5 items per epoch"):
         scan_items([spec], STEP)
@@ -647,7 +780,9 @@ def test_cache_directory_that_is_a_file_is_an_error_and_left_alone(tmp_path):
     blocker = tmp_path / "cache"
     blocker.write_text("my notes")
     (spec,) = one_dataset(tmp_path, extra='cache_directory = "cache"')
-    with pytest.raises(DatasetError, match="datasets\\[0\\] key 'cache_directory' .*cache: exists and is not a folder") as err:
+    with pytest.raises(
+        DatasetError, match="datasets\\[0\\] key 'cache_directory' .*cache: exists and is not a folder"
+    ) as err:
         scan_items([spec], STEP)
     assert str(tmp_path / "dataset.toml") in str(err.value)
     assert blocker.read_text() == "my notes"
@@ -697,7 +832,9 @@ def test_jsonl_paths_must_name_existing_files(tmp_path, record, key, what):
     (tmp_path / "sub").mkdir()
     good = json.dumps({"image_path": "a.png", "caption": "fine"})
     (tmp_path / "m.jsonl").write_text(good + "\n" + json.dumps(record) + "\n")
-    cfg = toml(tmp_path / "d.toml", '[[datasets]]\nimage_jsonl_file = "m.jsonl"\ncache_directory = "c"\nresolution = 64\n')
+    cfg = toml(
+        tmp_path / "d.toml", '[[datasets]]\nimage_jsonl_file = "m.jsonl"\ncache_directory = "c"\nresolution = 64\n'
+    )
     with pytest.raises(DatasetError, match=what) as err:
         scan_items(load_dataset_config(cfg), STEP)
     assert f"{tmp_path / 'm.jsonl'}:2 key {key!r}" in str(err.value)

@@ -16,10 +16,10 @@ import pytest
 import tomli_w
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
-from PIL import Image
-
-from kern.data.datasets import DATASET_KEYS, SHARED_KEYS, DatasetSpec, load_dataset_config, scan_items
+from kern.data.dataset_config import DATASET_KEYS, SHARED_KEYS, DatasetSpec, load_dataset_config
+from kern.data.items import scan_items
 from kern.errors import DatasetError
+from PIL import Image
 
 PROPERTY = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 PATH_KEYS = ("image_directory", "image_jsonl_file", "cache_directory", "control_directory")
@@ -34,7 +34,9 @@ def base(tmp_path_factory) -> Path:
     (root / "images" / "a.txt").write_text("a picture")
     (root / "controls").mkdir()
     Image.new("RGB", (40, 40), (0, 0, 0)).save(root / "controls" / "a_0.png")
-    (root / "m.jsonl").write_text(json.dumps({"image_path": "images/a.png", "caption": "x", "control_path": "controls/a_0.png"}) + "\n")
+    (root / "m.jsonl").write_text(
+        json.dumps({"image_path": "images/a.png", "caption": "x", "control_path": "controls/a_0.png"}) + "\n"
+    )
     (root / "afile").write_text("a file, not a folder")
     (root / "dir.jsonl").mkdir()
     return root
@@ -58,11 +60,32 @@ sizes = st.one_of(
     st.lists(st.one_of(st.integers(min_value=-5, max_value=40000), st.floats(), st.booleans()), min_size=0, max_size=3),
     values,
 )
-SAFE_PATHS = ("images", "missing", "afile", "afile/sub", "m.jsonl", "dir.jsonl", "controls", "cache_a", "cache_b/sub", "", " ",
-              "images/", "./images", "images/a.png", "a\x00b")
+SAFE_PATHS = (
+    "images",
+    "missing",
+    "afile",
+    "afile/sub",
+    "m.jsonl",
+    "dir.jsonl",
+    "controls",
+    "cache_a",
+    "cache_b/sub",
+    "",
+    " ",
+    "images/",
+    "./images",
+    "images/a.png",
+    "a\x00b",
+)
 safe_paths = st.sampled_from(SAFE_PATHS)
 KNOWN = [k for k in (*SHARED_KEYS, *DATASET_KEYS) if k not in PATH_KEYS]
-ODD_KEYS = ["video_directory", "fp_1f_no_post", "qwen_image_edit_control_resolution", "flux_kontext_no_resize_control", "colour"]
+ODD_KEYS = [
+    "video_directory",
+    "fp_1f_no_post",
+    "qwen_image_edit_control_resolution",
+    "flux_kontext_no_resize_control",
+    "colour",
+]
 GOOD = {  # well-typed values, so that many documents get past the config to the scan
     "size": st.one_of(st.integers(1, 600), st.lists(st.integers(1, 600), min_size=2, max_size=2)),
     "int": st.integers(1, 6),
@@ -73,7 +96,12 @@ GOOD = {  # well-typed values, so that many documents get past the config to the
 KIND = {key: kind for key, (kind, _) in {**SHARED_KEYS, **DATASET_KEYS}.items()}
 
 
-USABLE_PATHS = {"image_directory": "images", "image_jsonl_file": "m.jsonl", "control_directory": "controls", "cache_directory": "cache_b/sub"}
+USABLE_PATHS = {
+    "image_directory": "images",
+    "image_jsonl_file": "m.jsonl",
+    "control_directory": "controls",
+    "cache_directory": "cache_b/sub",
+}
 
 
 def _value_for(key: str):
@@ -87,11 +115,15 @@ def _value_for(key: str):
 @st.composite
 def document(draw) -> dict:
     """A valid config, then a few edits: a key set to a good or a bad value, a key removed, a table replaced."""
-    doc: dict = {"general": {"resolution": 64, "caption_extension": ".txt"},
-                 "datasets": [{"image_directory": "images"}, {"image_jsonl_file": "m.jsonl", "cache_directory": "cache_a"}]}
+    doc: dict = {
+        "general": {"resolution": 64, "caption_extension": ".txt"},
+        "datasets": [{"image_directory": "images"}, {"image_jsonl_file": "m.jsonl", "cache_directory": "cache_a"}],
+    }
     for _ in range(draw(st.sampled_from([0, 1, 1, 2, 2, 3, 5]))):
         where = draw(st.sampled_from(["general", 0, 1, 1, 0]))
-        target = doc["general"] if where == "general" else (doc["datasets"][where] if where < len(doc["datasets"]) else {})
+        target = (
+            doc["general"] if where == "general" else (doc["datasets"][where] if where < len(doc["datasets"]) else {})
+        )
         action = draw(st.integers(0, 9))
         if action <= 5:
             key = draw(st.sampled_from([*KNOWN, *PATH_KEYS]))
@@ -112,7 +144,9 @@ def document(draw) -> dict:
 def _keep_paths_safe(doc: dict) -> None:
     """Path keys may hold junk of any type, but a string must be one of the scratch folder's names."""
     allowed = set(SAFE_PATHS)
-    tables = [doc.get("general")] + (doc["datasets"] if isinstance(doc.get("datasets"), list) else [doc.get("datasets")])
+    tables = [doc.get("general")] + (
+        doc["datasets"] if isinstance(doc.get("datasets"), list) else [doc.get("datasets")]
+    )
     for t in tables:
         if isinstance(t, dict):
             for key in PATH_KEYS:
@@ -168,7 +202,12 @@ def test_any_json_config_is_a_result_or_a_dataset_error(base, doc):
 
 
 @PROPERTY
-@given(doc=document(), junk=st.binary(min_size=1, max_size=6), at=st.floats(0, 1), suffix=st.sampled_from([".toml", ".json"]))
+@given(
+    doc=document(),
+    junk=st.binary(min_size=1, max_size=6),
+    at=st.floats(0, 1),
+    suffix=st.sampled_from([".toml", ".json"]),
+)
 def test_corrupted_bytes_are_a_result_or_a_dataset_error(base, doc, junk, at, suffix):
     text = (_toml(doc) or "") if suffix == ".toml" else json.dumps(doc)
     data = text.encode("utf-8", "surrogatepass")
@@ -179,15 +218,28 @@ def test_corrupted_bytes_are_a_result_or_a_dataset_error(base, doc, junk, at, su
 
 
 @settings(max_examples=60, deadline=None, database=None)
-@given(lines=st.lists(st.one_of(
-    st.binary(max_size=20),
-    st.builds(json.dumps, st.dictionaries(st.sampled_from(["image_path", "caption", "control_path", "control_path_0", "x"]),
-                                          st.one_of(safe_paths, values), max_size=4)),
-    st.just('{"image_path": "images/a.png", "caption": "ok"}'),
-), max_size=4))
+@given(
+    lines=st.lists(
+        st.one_of(
+            st.binary(max_size=20),
+            st.builds(
+                json.dumps,
+                st.dictionaries(
+                    st.sampled_from(["image_path", "caption", "control_path", "control_path_0", "x"]),
+                    st.one_of(safe_paths, values),
+                    max_size=4,
+                ),
+            ),
+            st.just('{"image_path": "images/a.png", "caption": "ok"}'),
+        ),
+        max_size=4,
+    )
+)
 def test_any_jsonl_file_is_a_result_or_a_dataset_error(base, lines):
     jsonl = base / "p.jsonl"
-    jsonl.write_bytes(b"\n".join(line if isinstance(line, bytes) else line.encode("utf-8", "surrogatepass") for line in lines))
+    jsonl.write_bytes(
+        b"\n".join(line if isinstance(line, bytes) else line.encode("utf-8", "surrogatepass") for line in lines)
+    )
     cfg = base / "jsonl.toml"
     cfg.write_text('[[datasets]]\nimage_jsonl_file = "p.jsonl"\ncache_directory = "cache_j"\nresolution = 64\n')
     try:

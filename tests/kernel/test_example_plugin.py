@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from kern.core import plugins
+
 from tests.conftest import plugins_json
 
 
@@ -23,7 +23,9 @@ def test_the_kernel_flows_drive_the_example(toy_site, monkeypatch):
     arch, variant = manager.resolve_arch("toy-dit")
     assert arch.name == "toy" and variant is None and arch.variant(variant).name == "base"
     hook = manager.hook
-    model = hook.load_model(arch="toy", variant=None, part="transformer", path=None, dtype=torch.float32, device="cpu", options={})
+    model = hook.load_model(
+        arch="toy", variant=None, part="transformer", path=None, dtype=torch.float32, device="cpu", options={}
+    )
     assert model.variant == "base"
     # Other architectures' hooks decline: the first answer comes from the toy plugin.
     text = hook.encode_text(arch="toy", variant="base", encoder=None, prompts=["a red cube", "a blue ball"], options={})
@@ -31,8 +33,16 @@ def test_the_kernel_flows_drive_the_example(toy_site, monkeypatch):
     images = torch.rand(2, 3, 32, 48) * 2 - 1
     latents = hook.encode_latents(arch="toy", variant="base", vae=None, images=images)
     assert latents.shape == (2, 4, 4, 6)
-    v = hook.predict_velocity(arch="toy", variant="base", model=model, latents=latents, timesteps=torch.rand(2),
-                              text=text, references=None, options={})
+    v = hook.predict_velocity(
+        arch="toy",
+        variant="base",
+        model=model,
+        latents=latents,
+        timesteps=torch.rand(2),
+        text=text,
+        references=None,
+        options={},
+    )
     assert v.shape == latents.shape
     sigmas = hook.generation_schedule(arch="toy", variant="base", steps=8, latent_shape=(4, 4, 6), options={})
     assert sigmas[0] == 1 and sigmas[-1] == 0 and len(sigmas) == 9

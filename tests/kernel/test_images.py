@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from kern.data.datasets import _probe, load_dataset_config, load_image, open_picture, scan_items, to_mode
+from kern.data.dataset_config import load_dataset_config
+from kern.data.images import load_image, open_picture, to_mode
+from kern.data.images import probe as _probe
+from kern.data.items import scan_items
 from kern.errors import DatasetError
+from PIL import Image
 
 W, H = 32, 16  # multiples of the resolution step: loaded at their own size, so never resampled
 rng = np.random.default_rng(1234)
@@ -43,7 +45,13 @@ def _png16(path: Path, values: np.ndarray, color_type: int, trns: bytes | None =
 
     header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
     extra = chunk(b"tRNS", trns) if trns is not None else b""
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + extra + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + extra
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -52,9 +60,15 @@ def _lab_to_srgb(lab: np.ndarray) -> np.ndarray:
     L, a, b = lab[..., 0] / 255 * 100, lab[..., 1].astype(float) - 128, lab[..., 2].astype(float) - 128
     fy = (L + 16) / 116
     f = np.stack([fy + a / 500, fy, fy - b / 200])
-    xyz = np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * np.array([0.96422, 1.0, 0.82521])[:, None, None]
-    bradford = np.array([[0.9555766, -0.0230393, 0.0631636], [-0.0282895, 1.0099416, 0.0210077], [0.0122982, -0.0204830, 1.3299098]])
-    to_rgb = np.array([[3.2404542, -1.5371385, -0.4985314], [-0.9692660, 1.8760108, 0.0415560], [0.0556434, -0.2040259, 1.0572252]])
+    xyz = (
+        np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * np.array([0.96422, 1.0, 0.82521])[:, None, None]
+    )
+    bradford = np.array(
+        [[0.9555766, -0.0230393, 0.0631636], [-0.0282895, 1.0099416, 0.0210077], [0.0122982, -0.0204830, 1.3299098]]
+    )
+    to_rgb = np.array(
+        [[3.2404542, -1.5371385, -0.4985314], [-0.9692660, 1.8760108, 0.0415560], [0.0556434, -0.2040259, 1.0572252]]
+    )
     lin = np.clip(np.tensordot(to_rgb @ bradford, xyz, 1), 0, 1)
     srgb = np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
     return np.rint(np.moveaxis(srgb, 0, -1) * 255).astype(np.uint8)
@@ -107,7 +121,9 @@ def case_float_tiff(tmp):  # float images are 0.0 .. 1.0
     f[0, :5] = (np.nan, np.inf, -np.inf, 1.5, -0.25)
     Image.fromarray(f).save(tmp / "f.tif")
     assert Image.open(tmp / "f.tif").mode == "F"
-    expected = np.rint(np.clip(np.nan_to_num(f.astype(np.float64), nan=0, posinf=1, neginf=0), 0, 1) * 255).astype(np.uint8)
+    expected = np.rint(np.clip(np.nan_to_num(f.astype(np.float64), nan=0, posinf=1, neginf=0), 0, 1) * 255).astype(
+        np.uint8
+    )
     return tmp / "f.tif", _grey_rgba(expected)
 
 
@@ -139,7 +155,9 @@ def case_la(tmp):
 
 def case_la_16bit_png(tmp):  # 16-bit grey + alpha: Pillow keeps the high bytes
     va = rng.integers(0, 65536, (H, W, 2), dtype=np.uint16)
-    return _png16(tmp / "la.png", va, 4), _grey_rgba((va[..., 0] >> 8).astype(np.uint8), (va[..., 1] >> 8).astype(np.uint8))
+    return _png16(tmp / "la.png", va, 4), _grey_rgba(
+        (va[..., 0] >> 8).astype(np.uint8), (va[..., 1] >> 8).astype(np.uint8)
+    )
 
 
 def _palette():
@@ -198,7 +216,9 @@ def case_rgba(tmp):
 
 def case_rgb_16bit_png(tmp):
     v = rng.integers(0, 65536, (H, W, 3), dtype=np.uint16)
-    return _png16(tmp / "rgb16.png", v, 2), np.concatenate([(v >> 8).astype(np.uint8), np.full((H, W, 1), 255, np.uint8)], -1)
+    return _png16(tmp / "rgb16.png", v, 2), np.concatenate(
+        [(v >> 8).astype(np.uint8), np.full((H, W, 1), 255, np.uint8)], -1
+    )
 
 
 def case_rgba_16bit_png(tmp):
@@ -229,14 +249,20 @@ def case_ycbcr_tiff(tmp):
     Image.fromarray(ycc, "YCbCr").save(tmp / "y.tif")
     assert Image.open(tmp / "y.tif").mode == "YCbCr"
     Y, Cb, Cr = (ycc[..., i].astype(float) for i in range(3))
-    rgb = np.stack([Y + 1.402 * (Cr - 128), Y - 0.344136 * (Cb - 128) - 0.714136 * (Cr - 128), Y + 1.772 * (Cb - 128)], -1)
-    return tmp / "y.tif", np.concatenate([np.clip(np.rint(rgb), 0, 255).astype(np.uint8), np.full((H, W, 1), 255, np.uint8)], -1)
+    rgb = np.stack(
+        [Y + 1.402 * (Cr - 128), Y - 0.344136 * (Cb - 128) - 0.714136 * (Cr - 128), Y + 1.772 * (Cb - 128)], -1
+    )
+    return tmp / "y.tif", np.concatenate(
+        [np.clip(np.rint(rgb), 0, 255).astype(np.uint8), np.full((H, W, 1), 255, np.uint8)], -1
+    )
 
 
 def case_lab_tiff(tmp):
     lab = _u8((H, W, 3))
     lab[0, :3] = ((255, 128, 128), (0, 128, 128), (128, 128, 128))  # white, black, mid grey
-    Image.merge("LAB", [Image.fromarray(np.ascontiguousarray(lab[..., i]), "L") for i in range(3)]).save(tmp / "lab.tif")
+    Image.merge("LAB", [Image.fromarray(np.ascontiguousarray(lab[..., i]), "L") for i in range(3)]).save(
+        tmp / "lab.tif"
+    )
     assert Image.open(tmp / "lab.tif").mode == "LAB"
     return tmp / "lab.tif", np.concatenate([_lab_to_srgb(lab), np.full((H, W, 1), 255, np.uint8)], -1)
 
@@ -248,24 +274,32 @@ FILE_CASES = {name[5:]: fn for name, fn in globals().items() if name.startswith(
 def mem_hsv():
     hsv = _u8((H, W, 3))
     rgb = np.array([[colorsys.hsv_to_rgb(*(hsv[y, x] / 255)) for x in range(W)] for y in range(H)]) * 255
-    return Image.fromarray(hsv, "HSV"), np.concatenate([np.rint(rgb).astype(np.uint8), np.full((H, W, 1), 255, np.uint8)], -1)
+    return Image.fromarray(hsv, "HSV"), np.concatenate(
+        [np.rint(rgb).astype(np.uint8), np.full((H, W, 1), 255, np.uint8)], -1
+    )
 
 
 def _premultiplied(channels: int):
     a = _u8((H, W))
     colour = (_u8((H, W, channels)).astype(np.uint16) * a[..., None] // 255).astype(np.uint8)  # valid: colour ≤ alpha
-    straight = np.where(a[..., None] > 0, np.minimum(255, np.rint(colour * 255.0 / np.maximum(a[..., None], 1))), 0).astype(np.uint8)
+    straight = np.where(
+        a[..., None] > 0, np.minimum(255, np.rint(colour * 255.0 / np.maximum(a[..., None], 1))), 0
+    ).astype(np.uint8)
     return colour, a, straight
 
 
 def mem_rgba_premultiplied():
     colour, a, straight = _premultiplied(3)
-    return Image.fromarray(np.concatenate([colour, a[..., None]], -1), "RGBa"), np.concatenate([straight, a[..., None]], -1)
+    return Image.fromarray(np.concatenate([colour, a[..., None]], -1), "RGBa"), np.concatenate(
+        [straight, a[..., None]], -1
+    )
 
 
 def mem_la_premultiplied():
     colour, a, straight = _premultiplied(1)
-    return Image.merge("La", [Image.fromarray(colour[..., 0], "L"), Image.fromarray(a, "L")]), _grey_rgba(straight[..., 0], a)
+    return Image.merge("La", [Image.fromarray(colour[..., 0], "L"), Image.fromarray(a, "L")]), _grey_rgba(
+        straight[..., 0], a
+    )
 
 
 def mem_i16_native():
@@ -348,7 +382,9 @@ def test_a_16_bit_png_in_a_dataset_is_scanned_and_loaded_scaled(tmp_path):
     Image.fromarray(g).save(folder / "a.png")
     (folder / "a.txt").write_text("grey")
     cfg = tmp_path / "d.toml"
-    cfg.write_text(f'[general]\nresolution = [{W}, {H}]\ncaption_extension = ".txt"\n[[datasets]]\nimage_directory = "images"\n')
+    cfg.write_text(
+        f'[general]\nresolution = [{W}, {H}]\ncaption_extension = ".txt"\n[[datasets]]\nimage_directory = "images"\n'
+    )
     (item,) = scan_items(load_dataset_config(cfg), 16)
     assert item.size == (W, H)
     assert set(_pixels(load_image(item.image_path, item.bucket)).ravel().tolist()) == {128}

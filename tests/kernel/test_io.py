@@ -1,5 +1,6 @@
-"""kern.core.io: atomic writes (permissions, full disk, read-only folders, orphans), output-path checks, header
-validation of safetensors files of every malformed shape, finiteness checks."""
+"""kern.core.io: atomic writes (permissions, full disk, read-only folders, orphans), output-path checks; and
+kern.core.safetensors_read (its names also importable from kern.core.io): header validation of safetensors files
+of every malformed shape, finiteness checks."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ import re
 import struct
 import time
 
+import kern.core.io as kio
+import kern.core.safetensors_read as kread
 import pytest
 import torch
-
-import kern.core.io as kio
-from kern.errors import KernError, ModelFileError, UsageError
 from kern.core.io import (
     OutputExistsError,
     WriteError,
@@ -28,6 +28,7 @@ from kern.core.io import (
     save_file,
     write_text,
 )
+from kern.errors import KernError, ModelFileError, UsageError
 
 
 def snapshot(folder):
@@ -81,6 +82,7 @@ def test_overwrite_false_never_replaces_and_leaves_no_temporary(tmp_path):
 
 def test_publish_without_hard_links_still_refuses_an_existing_name(tmp_path, monkeypatch):
     """Some file systems (exFAT, some FUSE) have no hard links: a checked rename publishes instead."""
+
     def no_link(src, dst):
         raise OSError(errno.EPERM, "Operation not permitted")
 
@@ -104,7 +106,9 @@ def test_disk_full_while_writing_text(tmp_path, monkeypatch):
     (tmp_path / "t.txt").write_text("old")
     before = snapshot(tmp_path)
     monkeypatch.setattr(kio.Path, "write_text", enospc)
-    with pytest.raises(WriteError, match=r"t\.txt: no space left on device \(needed about 1\.0 KiB, .* free\); free some space") as info:
+    with pytest.raises(
+        WriteError, match=r"t\.txt: no space left on device \(needed about 1\.0 KiB, .* free\); free some space"
+    ) as info:
         write_text(tmp_path / "t.txt", "y" * 1024)
     assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError)
     assert snapshot(tmp_path) == before
@@ -116,7 +120,7 @@ def test_disk_full_while_writing_text(tmp_path, monkeypatch):
         OSError(errno.ENOSPC, "No space left on device"),
         # what safetensors itself raises when the disk fills up (it writes through Rust)
         "Error while serializing: I/O error: No space left on device (os error 28)",
-        "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })",
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })',
     ],
     ids=["oserror", "safetensors-os-error-28", "safetensors-storage-full"],
 )
@@ -209,16 +213,22 @@ def test_folder_not_writable(tmp_path, monkeypatch, code, words):
         raise OSError(code, os.strerror(code), str(tmp_path / ".x.tmp"))
 
     monkeypatch.setattr(kio.tempfile, "mkstemp", refuse)
-    with pytest.raises(WriteError, match=rf"folder {tmp_path} is not writable \({words}\); choose another output folder"):
+    with pytest.raises(
+        WriteError, match=rf"folder {tmp_path} is not writable \({words}\); choose another output folder"
+    ):
         write_text(tmp_path / "t.txt", "x")
     with pytest.raises(WriteError, match="is not writable"):
         save_file({"t": torch.zeros(1)}, tmp_path / "t.safetensors")
-    with pytest.raises(UsageError, match=rf"--out {tmp_path}/o.safetensors: folder {tmp_path} is not writable \({words}\)"):
+    with pytest.raises(
+        UsageError, match=rf"--out {tmp_path}/o.safetensors: folder {tmp_path} is not writable \({words}\)"
+    ):
         check_output_file(tmp_path / "o.safetensors", [], what="--out")
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; covered by the monkeypatched test above")
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes into read-only folders; covered by the monkeypatched test above"
+)
 def test_read_only_folder_for_real(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -292,7 +302,9 @@ def test_output_that_is_an_input_through_links(tmp_path):
     os.link(base, tmp_path / "hard.safetensors")
     inputs = [("base model", base)]
     for name in ("base.safetensors", "link.safetensors", "hard.safetensors"):
-        with pytest.raises(UsageError, match=rf"--out .*{name} is the base model .*base\.safetensors.*choose another --out"):
+        with pytest.raises(
+            UsageError, match=rf"--out .*{name} is the base model .*base\.safetensors.*choose another --out"
+        ):
             check_output_file(tmp_path / name, inputs, overwrite=True)
     with pytest.raises(UsageError, match=r"is the base model .*\(through a link\)"):
         check_output_file(tmp_path / "hard.safetensors", inputs, overwrite=True)
@@ -306,7 +318,10 @@ def test_output_that_is_an_input_through_links(tmp_path):
     (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "nowhere")
     with pytest.raises(UsageError, match="already exists"):
         check_output_file(tmp_path / "dangling.safetensors", [])
-    assert check_output_file(tmp_path / "new" / "deeper" / "o.safetensors", inputs) == tmp_path / "new" / "deeper" / "o.safetensors"
+    assert (
+        check_output_file(tmp_path / "new" / "deeper" / "o.safetensors", inputs)
+        == tmp_path / "new" / "deeper" / "o.safetensors"
+    )
     assert not (tmp_path / "new").exists()  # checking creates nothing
     assert base.read_bytes() == b"base"
 
@@ -333,16 +348,36 @@ BAD_HEADERS = [
     ("offsets-float", {"a": entry(offsets=(0, 8.0))}, b"\0" * 8, "data_offsets [0, 8.0]"),
     ("offsets-reversed", {"a": entry(offsets=(8, 0))}, b"\0" * 8, "end before they begin"),
     ("offsets-overlap", {"a": entry(), "b": entry()}, b"\0" * 8, "overlaps tensor"),
-    ("offsets-gap", {"a": entry(shape=(1,), offsets=(4, 8))}, b"\0" * 8, "4 bytes before tensor 'a' belong to no tensor"),
-    ("offsets-past-end", {"a": entry(shape=(4,), offsets=(0, 16))}, b"\0" * 8, "truncated: header promises 16 bytes of data"),
+    (
+        "offsets-gap",
+        {"a": entry(shape=(1,), offsets=(4, 8))},
+        b"\0" * 8,
+        "4 bytes before tensor 'a' belong to no tensor",
+    ),
+    (
+        "offsets-past-end",
+        {"a": entry(shape=(4,), offsets=(0, 16))},
+        b"\0" * 8,
+        "truncated: header promises 16 bytes of data",
+    ),
     ("trailing-bytes", {"a": entry()}, b"\0" * 12, "4 bytes after the last tensor"),
     ("unknown-dtype", {"a": entry(dtype="F128")}, b"\0" * 8, "unknown dtype 'F128'"),
     ("dtype-not-string", {"a": entry(dtype=32)}, b"\0" * 8, "unknown dtype 32"),
     ("bytes-vs-shape", {"a": entry(shape=(3,))}, b"\0" * 8, "holds 8 bytes, but shape [3] of F32 needs 12"),
     ("metadata-list", {"__metadata__": ["a"], "a": GOOD}, b"\0" * 8, "__metadata__ is a list, not a string"),
     ("metadata-int-value", {"__metadata__": {"k": 1}, "a": GOOD}, b"\0" * 8, "__metadata__ values must be strings"),
-    ("metadata-nested", {"__metadata__": {"k": {"x": "y"}}, "a": GOOD}, b"\0" * 8, "__metadata__ values must be strings"),
-    ("duplicate-key", b'{"a":' + json.dumps(GOOD).encode() + b',"a":' + json.dumps(GOOD).encode() + b"}", b"\0" * 8, "key 'a' appears twice"),
+    (
+        "metadata-nested",
+        {"__metadata__": {"k": {"x": "y"}}, "a": GOOD},
+        b"\0" * 8,
+        "__metadata__ values must be strings",
+    ),
+    (
+        "duplicate-key",
+        b'{"a":' + json.dumps(GOOD).encode() + b',"a":' + json.dumps(GOOD).encode() + b"}",
+        b"\0" * 8,
+        "key 'a' appears twice",
+    ),
     ("nan-constant", b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}', b"\0" * 8, "NaN is not valid JSON"),
     ("deep-nesting", b"[" * 100000 + b"]" * 100000, b"", "unreadable header"),
     ("non-utf8", b'{"a\xff":1}', b"", "header is not UTF-8 text"),
@@ -352,8 +387,8 @@ BAD_HEADERS = [
 
 @pytest.mark.parametrize("header,data,message", [c[1:] for c in BAD_HEADERS], ids=[c[0] for c in BAD_HEADERS])
 def test_malformed_headers_are_kern_errors_naming_the_file(tmp_path, header, data, message):
-    from kern.models.files import load_tensors, read_shapes
     from kern.adapters.streaming import SafetensorsReader
+    from kern.models.files import load_tensors, read_shapes
 
     path = raw_file(tmp_path / "bad.safetensors", header, data)
     for read in (read_header, load_file, SafetensorsReader):
@@ -370,7 +405,10 @@ def test_malformed_headers_are_kern_errors_naming_the_file(tmp_path, header, dat
     [
         (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
         (lambda p: p.write_bytes(b"\x05\0\0"), "only 3 bytes"),
-        (lambda p: p.write_bytes(struct.pack("<Q", 1000) + b"{}"), "header length 1000 runs past the end of the file (10 bytes)"),
+        (
+            lambda p: p.write_bytes(struct.pack("<Q", 1000) + b"{}"),
+            "header length 1000 runs past the end of the file (10 bytes)",
+        ),
         (lambda p: p.write_bytes(struct.pack("<Q", 2**63) + b"{}"), "bad header length"),
         (lambda p: p.write_bytes(struct.pack("<Q", 0)), "bad header length 0"),
         (lambda p: p.mkdir(), "is a folder, not a safetensors file"),
@@ -390,9 +428,8 @@ def test_broken_files(tmp_path, make, message):
 
 
 def test_valid_edge_cases_read_the_same_as_safetensors(tmp_path):
-    from safetensors import safe_open
-
     from kern.adapters.streaming import SafetensorsReader
+    from safetensors import safe_open
 
     header = {
         "__metadata__": {"k": "v"},
@@ -401,7 +438,11 @@ def test_valid_edge_cases_read_the_same_as_safetensors(tmp_path):
         "v": entry(shape=(2,), offsets=(0, 8)),
         "extra": {**entry(dtype="U8", shape=(4,), offsets=(12, 16)), "ignored": 1},
     }
-    path = raw_file(tmp_path / "ok.safetensors", header, struct.pack("<2f", 1.5, -2.0) + struct.pack("<f", 3.0) + bytes([1, 2, 3, 4]))
+    path = raw_file(
+        tmp_path / "ok.safetensors",
+        header,
+        struct.pack("<2f", 1.5, -2.0) + struct.pack("<f", 3.0) + bytes([1, 2, 3, 4]),
+    )
     h, md = read_header(path)
     assert md == {"k": "v"} and set(h) == {"empty", "scalar", "v", "extra"}
     tensors, _ = load_file(path)
@@ -432,9 +473,11 @@ def test_safetensors_library_errors_become_kern_errors(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------- finiteness
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2]
+)
 def test_describe_nonfinite(dtype, monkeypatch):
-    monkeypatch.setattr(kio, "FINITE_CHUNK", 7)  # several chunks, the bad values in different ones
+    monkeypatch.setattr(kread, "FINITE_CHUNK", 7)  # several chunks, the bad values in different ones
     t = torch.randn(5, 9).to(dtype)
     assert describe_nonfinite(t) is None
     has_inf = dtype != torch.float8_e4m3fn  # e4m3fn has no infinity (inf casts to NaN)
@@ -455,10 +498,15 @@ def test_load_tensors_refuses_nonfinite_tensors(tmp_path):
     fp8 = torch.randn(8, 8).to(torch.float8_e4m3fn)
     fp8.view(torch.uint8)[3, 5] = 0x7F  # the e4m3fn NaN pattern
     save_file({"blocks.0.w": fp8}, tmp_path / "fp8.safetensors")
-    with pytest.raises(ModelFileError, match=r"fp8\.safetensors: tensor 'blocks\.0\.w' holds 1 NaN of 64 values; the checkpoint is corrupt"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"fp8\.safetensors: tensor 'blocks\.0\.w' holds 1 NaN of 64 values; the checkpoint is corrupt",
+    ):
         load_tensors([tmp_path / "good.safetensors", tmp_path / "fp8.safetensors"], torch.bfloat16, "cpu")
     save_file({"w": torch.tensor([1.0, 1e6])}, tmp_path / "big.safetensors")
-    with pytest.raises(ModelFileError, match=r"big\.safetensors: tensor 'w' overflows float16 \(1 infinite of 2 values\)"):
+    with pytest.raises(
+        ModelFileError, match=r"big\.safetensors: tensor 'w' overflows float16 \(1 infinite of 2 values\)"
+    ):
         load_tensors([tmp_path / "big.safetensors"], torch.float16, "cpu")
     assert load_tensors([tmp_path / "big.safetensors"], torch.float32, "cpu")["w"][1] == 1e6
 
@@ -484,14 +532,16 @@ def safetensors_bytes(draw):
     for i in range(draw(st.integers(1, 3))):
         dtype = draw(st.sampled_from(DTYPES))
         shape = draw(st.lists(st.integers(0, 3), max_size=3))
-        n = (math.prod(shape) * kio.SAFETENSORS_DTYPE_BITS[dtype] + 7) // 8
+        n = (math.prod(shape) * kread.SAFETENSORS_DTYPE_BITS[dtype] + 7) // 8
         header[f"t{i}"] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
         offset += n
     if draw(st.booleans()):
         header["__metadata__"] = {"k": "v"}
     data = draw(st.binary(min_size=offset, max_size=offset))
     names = [k for k in header if k != "__metadata__"]
-    kind = draw(st.sampled_from(["none", "field", "drop", "offset", "data", "metadata", "entry", "byte", "cut", "length"]))
+    kind = draw(
+        st.sampled_from(["none", "field", "drop", "offset", "data", "metadata", "entry", "byte", "cut", "length"])
+    )
     name = draw(st.sampled_from(names))
     if kind == "field":
         header[name][draw(st.sampled_from(["dtype", "shape", "data_offsets"]))] = draw(JSON)
@@ -508,11 +558,13 @@ def safetensors_bytes(draw):
     raw = json.dumps(header).encode()
     length = len(raw)
     if kind == "length":
-        length = draw(st.sampled_from([0, 1, length - 1, length + 1, length + 100, 2**64 - 1, draw(st.integers(0, 2**64 - 1))]))
+        length = draw(
+            st.sampled_from([0, 1, length - 1, length + 1, length + 100, 2**64 - 1, draw(st.integers(0, 2**64 - 1))])
+        )
     blob = struct.pack("<Q", length) + raw + data
     if kind == "byte":
         at = draw(st.integers(0, len(blob) - 1))
-        blob = blob[:at] + bytes([draw(st.integers(0, 255))]) + blob[at + 1:]
+        blob = blob[:at] + bytes([draw(st.integers(0, 255))]) + blob[at + 1 :]
     elif kind == "cut":
         blob = blob[: draw(st.integers(0, len(blob) - 1))]
     return blob
@@ -520,8 +572,8 @@ def safetensors_bytes(draw):
 
 def read_everything(path):
     """Every reader kern has, on one file; returns what load_file read (or raises)."""
-    from kern.models.files import read_shapes
     from kern.adapters.streaming import SafetensorsReader
+    from kern.models.files import read_shapes
 
     header, _ = read_header(path)
     read_shapes([path])
@@ -572,3 +624,19 @@ def test_property_random_bytes(tmp_path, blob):
     path = tmp_path / "r.safetensors"
     path.write_bytes(blob)
     assert_kern_error_or_correct_read(path)
+
+
+def test_the_readers_are_importable_from_kern_core_io():
+    """Plugins import ``load_file`` / ``read_header`` ... from ``kern.core.io``: the same objects as in
+    ``kern.core.safetensors_read``, where they live."""
+    for name in (
+        "read_header",
+        "load_file",
+        "header_length",
+        "describe_nonfinite",
+        "SAFETENSORS_DTYPE_BITS",
+        "MAX_HEADER_BYTES",
+        "FINITE_CHUNK",
+    ):
+        assert getattr(kio, name) is getattr(kread, name), name
+    assert set(kread.__all__) <= set(kio.__all__)

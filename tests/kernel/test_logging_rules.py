@@ -35,7 +35,9 @@ def test_the_rule_checker_would_catch_a_violation(tmp_path):
 
 def test_library_code_logs_through_kern_get_logger():
     # structlog.get_logger would print to stdout (structlog's default) in any program that imports kern.
-    offenders = [str(p.relative_to(REPO)) for p in python_files(*LIBRARY_DIRS) if "structlog.get_logger(" in p.read_text()]
+    offenders = [
+        str(p.relative_to(REPO)) for p in python_files(*LIBRARY_DIRS) if "structlog.get_logger(" in p.read_text()
+    ]
     assert offenders == [], f"use kern.log.get_logger(__name__) in {offenders}"
 
 
@@ -43,9 +45,11 @@ def test_kern_used_as_a_library_is_quiet_until_logging_is_set_up():
     import subprocess
     import sys
 
-    code = ("import logging, kern.core.plugins as p; p.get_manager(); from kern.log import get_logger; "
-            "log = get_logger('kern.t'); log.info('quiet info'); log.debug('quiet debug'); "
-            "logging.basicConfig(level=logging.INFO, format='%(name)s %(message)s'); log.info('now heard', n=1)")
+    code = (
+        "import logging, kern.core.plugins as p; p.get_manager(); from kern.log import get_logger; "
+        "log = get_logger('kern.t'); log.info('quiet info'); log.debug('quiet debug'); "
+        "logging.basicConfig(level=logging.INFO, format='%(name)s %(message)s'); log.info('now heard', n=1)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""

@@ -13,10 +13,10 @@ import types
 
 import pytest
 import torch
-from kern.errors import UsageError
-from kern.gpu.fp8_linear import quantize_base
 from kern.adapters.network import build_network
+from kern.errors import UsageError
 from kern.gpu.accel import blocks as repeated_blocks
+from kern.gpu.fp8 import quantize_base
 from kern.gpu.offload import ActivationOffload, BlockSwap
 from kern.records import TargetSpec
 from torch.utils.checkpoint import checkpoint
@@ -25,36 +25,45 @@ from torch.utils.checkpoint import checkpoint
 def _flux2(fp8: bool = False):
     from kern_flux2 import geometry
     from kern_flux2.params import tiny_params
-    from kern_flux2.plugin import DEFAULT_TARGETS
+    from kern_flux2.plugin import DEFAULT_TARGETS, KEEP_HIGH_PRECISION
     from kern_flux2.transformer import Flux2Transformer
 
     torch.manual_seed(0)
     p = tiny_params(guidance_embed=True, depth=2, depth_single=3)
     model = Flux2Transformer(p).requires_grad_(False).eval()
     if fp8:
-        quantize_base(model)
+        quantize_base(model, skip=KEEP_HIGH_PRECISION)
     g = torch.Generator().manual_seed(1)
-    x = {"img": geometry.pack(torch.randn(2, p.in_channels, 4, 6, generator=g)), "img_ids": geometry.image_ids(4, 6),
-             "txt": torch.randn(2, 8, p.context_in_dim, generator=g), "txt_ids": geometry.text_ids(8),
-             "timesteps": torch.rand(2, generator=g), "guidance": torch.full((2,), 4.0)}
+    x = {
+        "img": geometry.pack(torch.randn(2, p.in_channels, 4, 6, generator=g)),
+        "img_ids": geometry.image_ids(4, 6),
+        "txt": torch.randn(2, 8, p.context_in_dim, generator=g),
+        "txt_ids": geometry.text_ids(8),
+        "timesteps": torch.rand(2, generator=g),
+        "guidance": torch.full((2,), 4.0),
+    }
     return model, x, DEFAULT_TARGETS
 
 
 def _qwen(fp8: bool = False):
     from kern_qwen_image.params import tiny_params
-    from kern_qwen_image.plugin import DEFAULT_TARGETS
+    from kern_qwen_image.plugin import DEFAULT_TARGETS, KEEP_HIGH_PRECISION
     from kern_qwen_image.transformer import QwenImageTransformer
 
     torch.manual_seed(0)
     p = tiny_params(num_layers=4)
     model = QwenImageTransformer(p).requires_grad_(False).eval()
     if fp8:
-        quantize_base(model)
+        quantize_base(model, skip=KEEP_HIGH_PRECISION)
     g = torch.Generator().manual_seed(1)
     shapes = [(1, 4, 6)]
-    x = {"img": torch.randn(2, sum(math.prod(s) for s in shapes), p.in_channels, generator=g),
-             "txt": torch.randn(2, 7, p.joint_attention_dim, generator=g), "txt_mask": None,
-             "timesteps": torch.rand(2, generator=g), "img_shapes": shapes}
+    x = {
+        "img": torch.randn(2, sum(math.prod(s) for s in shapes), p.in_channels, generator=g),
+        "txt": torch.randn(2, 7, p.joint_attention_dim, generator=g),
+        "txt_mask": None,
+        "timesteps": torch.rand(2, generator=g),
+        "img_shapes": shapes,
+    }
     return model, x, DEFAULT_TARGETS
 
 
@@ -104,6 +113,7 @@ class _Watch:
                 ptrs = {t.data_ptr() for t in module.parameters()} | {t.data_ptr() for t in module.buffers()}
                 if ptrs & self.stored[i]:
                     self.bad.append(i)
+
         return hook
 
 
@@ -137,7 +147,7 @@ def test_block_swap_same_outputs_and_gradients(build, ckpt, fp8):
             # forward runs blocks 0..n-1, the recompute in backward n-1..0; forward loads the swapped ones in order
             # (block 0 is still there from the last backward in the second step), backward loads n-3..0: block n-2,
             # the last swapped one, stays loaded through the turnaround.
-            assert watch.runs[-2 * n:] == list(range(n)) + list(range(n - 1, -1, -1))
+            assert watch.runs[-2 * n :] == list(range(n)) + list(range(n - 1, -1, -1))
             assert loads == list(range(step, n - 1)) + list(range(n - 3, -1, -1))
         elif ckpt == "inner":  # the recompute calls the class forward: the block's own hooks see the forward only
             assert watch.runs[-n:] == list(range(n))
@@ -156,8 +166,13 @@ def test_block_swap_same_outputs_and_gradients(build, ckpt, fp8):
 
 
 def _tensors(block):
-    return [t for m in block.modules() for kind in ("_parameters", "_buffers") for t in getattr(m, kind).values()
-            if t is not None]
+    return [
+        t
+        for m in block.modules()
+        for kind in ("_parameters", "_buffers")
+        for t in getattr(m, kind).values()
+        if t is not None
+    ]
 
 
 def test_no_grad_forward_and_state_dict():

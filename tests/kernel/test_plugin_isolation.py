@@ -9,9 +9,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from kern.core import plugins
 from kern.errors import PluginError, UsageError
+
 from tests.conftest import make_dist, plugins_json, run_kern
 
 BUILTIN = {"lora": "kern-lora", "loha": "kern-loha", "flux2": "kern-flux2", "qwen_image": "kern-qwen-image"}
@@ -154,7 +154,10 @@ def test_register_hook_failures_leave_the_plugin_out(tmp_path, on_path, body, ex
     [
         ("register_architectures = 5\n", "register_architectures is not a function (it is 5)"),
         ("def register_networks():\n    pass\n", "register_networks raised TypeError"),
-        ("import kern\n\n@kern.hookimpl\ndef register_networks(register, extra):\n    pass\n", "extra"),  # pluggy rejects it
+        (
+            "import kern\n\n@kern.hookimpl\ndef register_networks(register, extra):\n    pass\n",
+            "extra",
+        ),  # pluggy rejects it
     ],
 )
 def test_register_hooks_that_are_not_callable_or_have_a_wrong_signature(tmp_path, on_path, source, expected):
@@ -172,12 +175,21 @@ def test_register_hooks_that_are_not_callable_or_have_a_wrong_signature(tmp_path
         ("kern.Architecture(name='a', variants=())", "non-empty tuple of kern.Variant"),
         ("kern.Architecture(name='a', aliases='abc', variants=(kern.Variant(name='v'),))", "aliases must be a tuple"),
         ("kern.Architecture(name='a', variants=(kern.Variant(name='v'),), default_variant='w')", "default_variant 'w'"),
-        ("kern.Architecture(name='a', variants=(kern.Variant(name='v'),), resolution_step=0)", "resolution_step must be a positive"),
-        ("kern.Architecture(name='a', variants=(kern.Variant(name='v'),), default_targets=('(',))", "not a valid regular expression"),
+        (
+            "kern.Architecture(name='a', variants=(kern.Variant(name='v'),), resolution_step=0)",
+            "resolution_step must be a positive",
+        ),
+        (
+            "kern.Architecture(name='a', variants=(kern.Variant(name='v'),), default_targets=('(',))",
+            "not a valid regular expression",
+        ),
         ("kern.Architecture(name='a', variants=(kern.Variant(name='v', cache_id='../x'),))", "cache_id"),
         ("kern.Architecture(name='a', variants=(kern.Variant(name='v', steps=0),))", "steps must be a positive"),
         ("kern.Architecture(name='a', variants=(kern.Variant(name='v', guidance=float('nan')),))", "finite"),
-        ("kern.Architecture(name='a', variants=(kern.Variant(name='v'), kern.Variant(name='v')))", "variant names must be unique"),
+        (
+            "kern.Architecture(name='a', variants=(kern.Variant(name='v'), kern.Variant(name='v')))",
+            "variant names must be unique",
+        ),
         ("kern.Architecture(name='a', variants=(kern.Variant(name='v', aliases=('a',)),))", "declared twice"),
     ],
 )
@@ -209,11 +221,14 @@ def test_network_records_are_checked(tmp_path, on_path):
 
 
 def test_misspelled_hook_fails_the_plugin_with_a_suggestion(tmp_path, on_path):
-    source = ARCH.format(arch="typo", aliases="", valiases="") + """
+    source = (
+        ARCH.format(arch="typo", aliases="", valiases="")
+        + """
     @kern.hookimpl
     def laod_model(arch, variant, part, path, dtype, device, options):
         return None
     """
+    )
     on_path(_dist(tmp_path, "typo", source))
     manager = plugins.build_manager()
     info = manager.infos["typo"]
@@ -225,11 +240,14 @@ def test_misspelled_hook_fails_the_plugin_with_a_suggestion(tmp_path, on_path):
 
 
 def test_hook_name_far_from_any_hook_gets_no_suggestion(tmp_path, on_path):
-    source = ARCH.format(arch="odd", aliases="", valiases="") + """
+    source = (
+        ARCH.format(arch="odd", aliases="", valiases="")
+        + """
     @kern.hookimpl
     def completely_unrelated():
         return None
     """
+    )
     on_path(_dist(tmp_path, "odd", source))
     info = plugins.build_manager().infos["odd"]
     assert info.status == "failed" and "'completely_unrelated' matches no kern hook; the hooks are listed" in info.error
@@ -252,13 +270,19 @@ def test_hooks_that_would_run_before_other_plugins_are_refused(tmp_path, on_path
 
 
 def test_undecorated_hook_function_is_a_warning(tmp_path, on_path):
-    source = ARCH.format(arch="plain", aliases="", valiases="") + """
+    source = (
+        ARCH.format(arch="plain", aliases="", valiases="")
+        + """
     def encode_text(arch, variant, encoder, prompts, options):
         return None
     """
+    )
     on_path(_dist(tmp_path, "plain", source))
     info = plugins.build_manager().infos["plain"]
-    assert info.status == "loaded" and "['encode_text'] are named like kern hooks but not marked @kern.hookimpl" in info.error
+    assert (
+        info.status == "loaded"
+        and "['encode_text'] are named like kern hooks but not marked @kern.hookimpl" in info.error
+    )
 
 
 def test_entry_point_to_a_module_without_hooks_fails(tmp_path, on_path):
@@ -303,21 +327,39 @@ def test_third_party_clashing_with_a_builtin_loads_after_it_and_is_left_out(tmp_
     _builtins_loaded(manager)
     if kind == "arch":
         arch, _ = manager.resolve_arch(name)
-        assert arch.name != "mine" and arch.name in manager.infos[[k for k, d in BUILTIN.items() if d == owner][0]].architectures
-        assert manager.hook.load_model(arch="mine", variant=None, part="transformer", path=None, dtype=None, device="cpu", options={}) is None
+        assert (
+            arch.name != "mine"
+            and arch.name in manager.infos[[k for k, d in BUILTIN.items() if d == owner][0]].architectures
+        )
+        assert (
+            manager.hook.load_model(
+                arch="mine", variant=None, part="transformer", path=None, dtype=None, device="cpu", options={}
+            )
+            is None
+        )
     else:
         assert manager.resolve_network(name).name == name
         assert manager.hook.make_network(network_type="mine", model=None, targets=None, options={}) is None
 
 
 def test_disabling_the_builtin_lets_the_third_party_own_the_name(tmp_path, on_path, monkeypatch):
-    on_path(_dist(tmp_path, "aaa", ARCH.format(arch="flux2", aliases="", valiases="'flux2-dev',"), dist="kern-evil", version="6.6"))
+    on_path(
+        _dist(
+            tmp_path,
+            "aaa",
+            ARCH.format(arch="flux2", aliases="", valiases="'flux2-dev',"),
+            dist="kern-evil",
+            version="6.6",
+        )
+    )
     monkeypatch.setenv(plugins.ENV_DENY, "flux2")
     manager = plugins.build_manager()
     assert manager.infos["flux2"].status == "disabled"
     assert manager.infos["aaa"].status == "loaded" and manager.infos["aaa"].architectures == ["flux2"]
     assert manager.resolve_arch("flux2-dev")[0] is manager.architectures["flux2"]
-    model = manager.hook.load_model(arch="flux2", variant="v1", part="transformer", path=None, dtype=None, device="cpu", options={})
+    model = manager.hook.load_model(
+        arch="flux2", variant="v1", part="transformer", path=None, dtype=None, device="cpu", options={}
+    )
     assert model == "third-party model"
 
 
@@ -351,10 +393,15 @@ def test_builtins_answer_before_a_third_party_that_answers_for_everyone(tmp_path
     on_path(_dist(tmp_path, "aaa", source, dist="kern-greedy"))
     manager = plugins.build_manager()
     assert manager.infos["aaa"].status == "loaded"
-    sigmas = manager.hook.generation_schedule(arch="flux2", variant="dev", steps=4, latent_shape=(128, 16, 16), options={})
+    sigmas = manager.hook.generation_schedule(
+        arch="flux2", variant="dev", steps=4, latent_shape=(128, 16, 16), options={}
+    )
     assert sigmas != "greedy answer" and len(sigmas) == 5
     # Its own architecture still reaches it (the built-ins decline).
-    assert manager.hook.generation_schedule(arch="greedy", variant="v", steps=4, latent_shape=(1, 2, 2), options={}) == "greedy answer"
+    assert (
+        manager.hook.generation_schedule(arch="greedy", variant="v", steps=4, latent_shape=(1, 2, 2), options={})
+        == "greedy answer"
+    )
 
 
 def test_clash_between_two_third_parties_keeps_the_first_by_entry_point_name(tmp_path, on_path):
@@ -371,10 +418,26 @@ def test_clash_between_two_third_parties_keeps_the_first_by_entry_point_name(tmp
 
 def _broken_dists(tmp_path: Path) -> list[Path]:
     roots = [_dist(tmp_path, ep, IMPORT_FAILURES[ep][0]) for ep in ("sysexit", "genexit", "custombase")]
-    roots.append(_dist(tmp_path, "chatty", "print('hello from a plugin')\n" + textwrap.dedent(NETWORK.format(name="chat", aliases=""))))
-    roots.append(_dist(tmp_path, "typo", textwrap.dedent(ARCH.format(arch="typo", aliases="", valiases=""))
-                       + "\n@kern.hookimpl\ndef laod_model(arch, variant, part, path, dtype, device, options):\n    return None\n"))
-    roots.append(_dist(tmp_path, "aaa", ARCH.format(arch="mine", aliases="'flux2',", valiases=""), dist="kern-evil", version="6.6"))
+    roots.append(
+        _dist(
+            tmp_path,
+            "chatty",
+            "print('hello from a plugin')\n" + textwrap.dedent(NETWORK.format(name="chat", aliases="")),
+        )
+    )
+    roots.append(
+        _dist(
+            tmp_path,
+            "typo",
+            textwrap.dedent(ARCH.format(arch="typo", aliases="", valiases=""))
+            + "\n@kern.hookimpl\ndef laod_model(arch, variant, part, path, dtype, device, options):\n    return None\n",
+        )
+    )
+    roots.append(
+        _dist(
+            tmp_path, "aaa", ARCH.format(arch="mine", aliases="'flux2',", valiases=""), dist="kern-evil", version="6.6"
+        )
+    )
     return roots
 
 
@@ -390,7 +453,10 @@ def test_unreadable_distribution_metadata_is_reported_and_the_rest_discovered(tm
     assert set(BUILTIN) <= found and not {"enc", "anon"} & found
     errors = {i.name: i for i in manager.infos.values()}
     assert errors["? (kern_enc-1.0.dist-info)"].status == "failed"
-    assert "UnicodeDecodeError" in errors["? (kern_enc-1.0.dist-info)"].error and "reinstall or remove it" in errors["? (kern_enc-1.0.dist-info)"].error
+    assert (
+        "UnicodeDecodeError" in errors["? (kern_enc-1.0.dist-info)"].error
+        and "reinstall or remove it" in errors["? (kern_enc-1.0.dist-info)"].error
+    )
     # Without METADATA the backport cannot name the distribution (reported); Python 3.12 names it None (loaded as "?").
     assert "anon" in found or errors["? (kern_anon-1.0.dist-info)"].status == "failed"
 
@@ -413,7 +479,14 @@ def test_kern_plugins_survives_every_kind_of_broken_plugin(tmp_path):
     table = run_kern("plugins", pythonpath=roots)
     assert table.returncode == 0, table.stderr
     assert "hello from a plugin" not in table.stdout
-    for text in ("SystemExit", "GeneratorExit", "Boom", "did you mean 'load_model'", "kern-evil 6.6", "kern-flux2 0.1.0"):
+    for text in (
+        "SystemExit",
+        "GeneratorExit",
+        "Boom",
+        "did you mean 'load_model'",
+        "kern-evil 6.6",
+        "kern-flux2 0.1.0",
+    ):
         assert text in table.stderr
     help_ = run_kern("train", "--help", pythonpath=roots)
     assert help_.returncode == 0 and "--arch" in help_.stdout
@@ -428,15 +501,31 @@ def _train_flux2(tmp_path: Path, roots: list[Path], env: dict | None = None):
     Image.new("RGB", (32, 32), (10, 20, 30)).save(images / "a.png")
     (images / "a.txt").write_text("a cat")
     dataset = tmp_path / "data" / "d.toml"
-    dataset.write_text('[general]\nresolution = 32\ncaption_extension = ".txt"\n[[datasets]]\nimage_directory = "img"\n')
+    dataset.write_text(
+        '[general]\nresolution = 32\ncaption_extension = ".txt"\n[[datasets]]\nimage_directory = "img"\n'
+    )
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x07" * 1000)
     before = garbage.read_bytes()
     mark = tmp_path / "hijack.mark"
     proc = run_kern(
-        "train", "--arch", "flux2", "--network", "lora", "--dataset", str(dataset), "--out", str(tmp_path / "run"),
-        "--set", f"model.transformer={garbage}", "--set", f"model.vae={garbage}", "--set", f"model.text_encoder={garbage}",
-        pythonpath=roots, env={"HIJACK_MARK": str(mark), **(env or {})},
+        "train",
+        "--arch",
+        "flux2",
+        "--network",
+        "lora",
+        "--dataset",
+        str(dataset),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        f"model.transformer={garbage}",
+        "--set",
+        f"model.vae={garbage}",
+        "--set",
+        f"model.text_encoder={garbage}",
+        pythonpath=roots,
+        env={"HIJACK_MARK": str(mark), **(env or {})},
     )
     assert garbage.read_bytes() == before
     return proc, mark
@@ -487,10 +576,16 @@ EXITER = """
 def test_a_hook_that_exits_is_a_plugin_error_naming_the_plugin(tmp_path, on_path):
     on_path(_dist(tmp_path, "exiter", EXITER.format(code=0), version="0.3"))
     manager = plugins.build_manager()
-    with pytest.raises(PluginError, match="plugin 'exiter' \\(kern-exiter 0.3\\) raised SystemExit: 0 in hook detect_variant"):
+    with pytest.raises(
+        PluginError, match="plugin 'exiter' \\(kern-exiter 0.3\\) raised SystemExit: 0 in hook detect_variant"
+    ):
         manager.hook.detect_variant(arch="exiter", path="x")
-    with pytest.raises(PluginError, match="raised GeneratorExit: closing in hook load_model.*KERN_DISABLE_PLUGINS=exiter"):
-        manager.hook.load_model(arch="exiter", variant=None, part="vae", path=None, dtype=None, device="cpu", options={})
+    with pytest.raises(
+        PluginError, match="raised GeneratorExit: closing in hook load_model.*KERN_DISABLE_PLUGINS=exiter"
+    ):
+        manager.hook.load_model(
+            arch="exiter", variant=None, part="vae", path=None, dtype=None, device="cpu", options={}
+        )
     assert manager.hook.detect_variant(arch="other", path="x") is None  # other calls are untouched
 
 
@@ -501,11 +596,25 @@ def test_kern_train_does_not_exit_0_when_a_plugin_calls_sys_exit(tmp_path):
 
     Image.new("RGB", (32, 32)).save(images / "a.png")
     (images / "a.txt").write_text("a")
-    (tmp_path / "d.toml").write_text('[general]\nresolution = 32\ncaption_extension = ".txt"\n[[datasets]]\nimage_directory = "img"\n')
+    (tmp_path / "d.toml").write_text(
+        '[general]\nresolution = 32\ncaption_extension = ".txt"\n[[datasets]]\nimage_directory = "img"\n'
+    )
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"\x00" * 64)
     root = _dist(tmp_path, "exiter", EXITER.format(code=0), version="0.3")
-    proc = run_kern("train", "--arch", "exiter", "--network", "lora", "--dataset", str(tmp_path / "d.toml"),
-                    "--out", str(tmp_path / "run"), "--set", f"model.transformer={model}", pythonpath=[root])
+    proc = run_kern(
+        "train",
+        "--arch",
+        "exiter",
+        "--network",
+        "lora",
+        "--dataset",
+        str(tmp_path / "d.toml"),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        f"model.transformer={model}",
+        pythonpath=[root],
+    )
     assert proc.returncode == 1, proc.stderr
     assert "plugin 'exiter' (kern-exiter 0.3) raised SystemExit: 0 in hook detect_variant" in proc.stderr

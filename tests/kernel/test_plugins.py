@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-
-
 import pytest
-
 from kern.core import plugins
 from kern.errors import UsageError
+
 from tests.conftest import make_dist, plugins_json, run_kern
 
 BUILTIN = {"lora": "kern-lora", "loha": "kern-loha", "flux2": "kern-flux2", "qwen_image": "kern-qwen-image"}
@@ -71,7 +69,11 @@ def test_autoload_can_be_switched_off(monkeypatch):
 
 
 def test_broken_plugin_is_reported_and_others_still_load(tmp_path, on_path):
-    on_path(make_dist(tmp_path, "kern-broken", "9.9.1", "broken", "kern_broken_mod", "raise RuntimeError('boom at import')\n"))
+    on_path(
+        make_dist(
+            tmp_path, "kern-broken", "9.9.1", "broken", "kern_broken_mod", "raise RuntimeError('boom at import')\n"
+        )
+    )
     manager = plugins.build_manager()
     info = manager.infos["broken"]
     assert info.status == "failed"
@@ -97,8 +99,26 @@ def test_plugin_with_a_misnamed_hook_argument_is_rejected(tmp_path, on_path):
 
 
 def test_duplicate_architecture_name_is_reported_with_both_distributions(tmp_path, on_path):
-    on_path(make_dist(tmp_path / "a", "kern-first", "1.0", "first", "kern_first_mod", GOOD_ARCH.format(arch="dupe", alias="dupe-a")))
-    on_path(make_dist(tmp_path / "b", "kern-second", "2.0", "second", "kern_second_mod", GOOD_ARCH.format(arch="other", alias="dupe")))
+    on_path(
+        make_dist(
+            tmp_path / "a",
+            "kern-first",
+            "1.0",
+            "first",
+            "kern_first_mod",
+            GOOD_ARCH.format(arch="dupe", alias="dupe-a"),
+        )
+    )
+    on_path(
+        make_dist(
+            tmp_path / "b",
+            "kern-second",
+            "2.0",
+            "second",
+            "kern_second_mod",
+            GOOD_ARCH.format(arch="other", alias="dupe"),
+        )
+    )
     manager = plugins.build_manager()
     assert manager.infos["first"].architectures == ["dupe"]
     second = manager.infos["second"]
@@ -110,9 +130,16 @@ def test_duplicate_architecture_name_is_reported_with_both_distributions(tmp_pat
 
 
 def test_variant_aliases_resolve_to_architecture_and_variant(tmp_path, on_path):
-    on_path(make_dist(tmp_path, "kern-arch", "1.0", "archp", "kern_arch_mod", GOOD_ARCH.format(arch="zeta", alias="zeta-alias")))
+    on_path(
+        make_dist(
+            tmp_path, "kern-arch", "1.0", "archp", "kern_arch_mod", GOOD_ARCH.format(arch="zeta", alias="zeta-alias")
+        )
+    )
     manager = plugins.build_manager()
-    assert [(a.name, v) for a, v in [manager.resolve_arch("zeta-v1"), manager.resolve_arch("zeta-alias")]] == [("zeta", "v1"), ("zeta", None)]
+    assert [(a.name, v) for a, v in [manager.resolve_arch("zeta-v1"), manager.resolve_arch("zeta-alias")]] == [
+        ("zeta", "v1"),
+        ("zeta", None),
+    ]
 
 
 def test_kern_plugins_cli_lists_builtins_and_reports_broken_plugin(tmp_path):
@@ -145,4 +172,6 @@ def test_registration_records_are_type_checked(tmp_path, on_path):
     """
     on_path(make_dist(tmp_path, "kern-wrongrec", "0.1", "wrongrec", "kern_wrongrec_mod", source))
     manager = plugins.build_manager()
-    assert manager.infos["wrongrec"].status == "failed" and "expected kern.NetworkType" in manager.infos["wrongrec"].error
+    assert (
+        manager.infos["wrongrec"].status == "failed" and "expected kern.NetworkType" in manager.infos["wrongrec"].error
+    )

@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-
 from kern.train.state import STATE_JSON, STATE_TENSORS, DamagedState, load_state, save_state
 
 
@@ -15,14 +14,16 @@ def trained_optimizer(kind: str):
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
     if kind == "adamw":
-        opt = torch.optim.AdamW([{"params": params[:1], "lr": 1e-3}, {"params": params[1:], "lr": 2e-3}], betas=(0.8, 0.95))
+        opt = torch.optim.AdamW(
+            [{"params": params[:1], "lr": 1e-3}, {"params": params[1:], "lr": 2e-3}], betas=(0.8, 0.95)
+        )
     else:
         from transformers.optimization import Adafactor
 
         opt = Adafactor(params, lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
     for _ in range(3):
-        loss = sum((p ** 2).sum() for p in params)
+        loss = sum((p**2).sum() for p in params)
         loss.backward()
         opt.step()
         sched.step()
@@ -53,9 +54,14 @@ def test_optimizer_scheduler_and_rng_states_round_trip_exactly(tmp_path, kind):
     opt, sched = trained_optimizer(kind)
     g = torch.Generator().manual_seed(7)
     torch.randn(3, generator=g)
-    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": 3, "history": [1.5, float("nan"), 2.0],
-             "rng": [{"generator": g.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}],
-             "odd": {"$not-a-tag": 1, "a.b": torch.ones(1), "a": {"b": torch.zeros(1)}}}
+    state = {
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "step": 3,
+        "history": [1.5, float("nan"), 2.0],
+        "rng": [{"generator": g.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}],
+        "odd": {"$not-a-tag": 1, "a.b": torch.ones(1), "a": {"b": torch.zeros(1)}},
+    }
     save_state(tmp_path, state)
     back = load_state(tmp_path)
     assert_same(state, back)

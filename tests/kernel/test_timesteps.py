@@ -1,4 +1,4 @@
-"""Each timestep method against its closed-form distribution (reference training.md §1–5).
+"""Each timestep method against its closed-form distribution (musubi-tuner's formulas).
 
 Statistical tolerance. Most checks compare the empirical CDF at a point x with the exact value
 F(x) = q. Over N independent draws the count below x is Binomial(N, q), so the empirical CDF has
@@ -15,24 +15,22 @@ import math
 import pytest
 import structlog
 import torch
-
-from kern.maths import timesteps as ts
 from kern.errors import UsageError
+from kern.maths import timesteps as ts
 
 N = 200_000
 Z = 5.0
 
-FLUX1_1024 = (16, 128, 128)  # FLUX.1: unpacked 8× latent of a 1024² image
-FLUX2_1024 = (128, 64, 64)  # FLUX.2: packed latent (pixels/16) of a 1024² image
-QWEN_1024 = (16, 1, 128, 128)  # Qwen-Image: 16 × 1 × H/8 × W/8
+FLUX1_1024 = (16, 128, 128)  # an unpacked 8× latent of a 1024² image (the methods here ignore the shape)
 
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def draw(method: str, latent_shape=FLUX1_1024, seed: int = 0, n: int = N, **options) -> torch.Tensor:
-    t = ts.sample(method, n, latent_shape, gen(seed), options)
+def draw(method: str, latent_shape=FLUX1_1024, seed: int = 0, n: int = N, sample=None, **options) -> torch.Tensor:
+    """``n`` draws with ``sample`` (default the kernel's; an architecture's plugin passes its own)."""
+    t = (sample or ts.sample)(method, n, latent_shape, gen(seed), options)
     assert t.shape == (n,) and t.dtype == torch.float32
     return t
 
@@ -83,26 +81,11 @@ QS = (0.02, 0.1, 0.25, 0.5, 0.75, 0.9, 0.98)
 
 # --- shift factors and token counts -----------------------------------------------------------------
 
-# resolution → (flux_shift / flux2_shift s, qwen_shift s), the reference §2 table (two decimals).
-TABLE = {512: (1.88, 1.71), 768: (2.33, 1.83), 1024: (3.16, 2.00), 1328: (5.07, 2.30), 1536: (7.51, 2.59)}
-
-
-@pytest.mark.parametrize("res", sorted(TABLE))
-def test_shift_factors_match_reference_table(res):
-    flux, qwen = TABLE[res]
-    # Table values are rounded to 2 decimals: allow half a unit in the last place.
-    assert ts.flux_shift_factor((16, res // 8, res // 8)) == pytest.approx(flux, abs=0.005)
-    assert ts.flux2_shift_factor((128, res // 16, res // 16)) == pytest.approx(flux, abs=0.005)
-    assert ts.qwen_shift_factor((16, 1, res // 8, res // 8)) == pytest.approx(qwen, abs=0.005)
-
 
 def test_token_counts_and_lin():
-    assert ts.flux_tokens(FLUX1_1024) == 4096
-    assert ts.flux2_tokens(FLUX2_1024) == 4096
-    assert ts.qwen_tokens(QWEN_1024) == 4096
-    assert ts.flux_tokens((16, 65, 67)) == 32 * 33  # floor division of odd sizes
-    assert ts.qwen_tokens((16, 1, 65, 67)) == 32 * 33
-    assert ts.flux2_tokens((128, 33, 35)) == 33 * 35
+    # The architectures' token counts and shift lines are in their plugins' tests (tests/flux2, tests/qwen_image).
+    assert ts.latent_tokens((16, 65, 67), 2, "m") == 32 * 33  # floor division of odd sizes
+    assert ts.latent_tokens((128, 33, 35), 1, "m") == 33 * 35
     assert ts.shift_for_tokens(256) == pytest.approx(math.exp(0.5))
     assert ts.shift_for_tokens(4096) == pytest.approx(math.exp(1.15))
     assert ts.shift_for_tokens(8192, x2=8192, y2=0.9) == pytest.approx(math.exp(0.9))
@@ -139,36 +122,6 @@ def test_shift_quantiles_and_median(s, k):
         assert_cdf(t, shift_s(logistic(k * Phi_inv(q)), s), q)
 
 
-@pytest.mark.parametrize(
-    "method,shape,s,median",
-    [
-        ("flux_shift", FLUX1_1024, 3.16, 0.76),
-        ("flux_shift", (16, 64, 64), 1.88, 0.65),
-        ("flux2_shift", FLUX2_1024, 3.16, 0.76),
-        ("flux2_shift", (128, 83, 83), 5.07, 0.84),
-        ("qwen_shift", QWEN_1024, 2.00, 0.67),
-        ("qwen_shift", (16, 1, 166, 166), 2.30, 0.70),
-    ],
-)
-def test_resolution_shift_methods(method, shape, s, median):
-    exact = {"flux_shift": ts.flux_shift_factor, "flux2_shift": ts.flux2_shift_factor, "qwen_shift": ts.qwen_shift_factor}[method](shape)
-    assert exact == pytest.approx(s, abs=0.005)
-    assert exact / (exact + 1) == pytest.approx(median, abs=0.005)  # the table's "median t after shift"
-    t = draw(method, shape)
-    for q in QS:
-        assert_cdf(t, shift_s(logistic(Phi_inv(q)), exact), q)
-    # sigmoid_scale widens the base logit-normal before the shift
-    t = draw(method, shape, sigmoid_scale=2.0)
-    for q in (0.1, 0.5, 0.9):
-        assert_cdf(t, shift_s(logistic(2.0 * Phi_inv(q)), exact), q)
-
-
-def test_shift_methods_ignore_discrete_flow_shift():
-    a = draw("flux2_shift", FLUX2_1024, n=1000)
-    b = draw("flux2_shift", FLUX2_1024, n=1000, discrete_flow_shift=5.0)
-    assert torch.equal(a, b)
-
-
 @pytest.mark.parametrize("mean,std", [(0.0, 1.0), (-6.0, 2.0), (5.36, 1.0)])
 def test_logsnr_quantiles(mean, std):
     t = draw("logsnr", logit_mean=mean, logit_std=std)
@@ -181,34 +134,6 @@ def test_logsnr_quantiles(mean, std):
 def test_logsnr_reference_medians():
     assert logistic(6 / 2) == pytest.approx(0.95, abs=0.005)
     assert logistic(-5.36 / 2) == pytest.approx(0.064, abs=0.0005)
-
-
-def test_qinglong_flux_mixture():
-    s = ts.flux_shift_factor(FLUX1_1024)
-    mean, std = -1.0, 1.5
-    t = draw("qinglong_flux", FLUX1_1024, logit_mean=mean, logit_std=std)
-    for x in (0.02, 0.06, 0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.97):
-        q = 0.79 * shifted_cdf(x, s) + 0.11 * logsnr_cdf(x, mean, std) + 0.10 * logsnr_cdf(x, 5.36, 1.0)
-        assert_cdf(t, x, q)
-
-
-def test_qinglong_flux_proportions():
-    # Push the logsnr component to t ≈ σ(15) ≈ 1 − 3e-7: nothing else reaches 1 − 1e-5
-    # (flux_shift would need z > 11; logsnr2 stays below 0.9). Its share must be 11 %.
-    t = draw("qinglong_flux", FLUX1_1024, logit_mean=-30.0, logit_std=0.01)
-    frac = float((t > 1 - 1e-5).double().mean())
-    assert frac == pytest.approx(0.11, abs=Z * math.sqrt(0.11 * 0.89 / N))
-    # The low-noise logsnr2 share is 10 %: its CDF at a point where flux_shift has no mass.
-    x = 0.05  # flux_shift at s=3.16 needs σ(z) < 0.0164, z < −4.1: mass 2e-5
-    assert_cdf(t, x, 0.79 * shifted_cdf(x, s=ts.flux_shift_factor(FLUX1_1024)) + 0.10 * logsnr_cdf(x, 5.36, 1.0))
-
-
-def test_qinglong_qwen_mixture_and_no_middle_logsnr():
-    s = ts.qwen_shift_factor(QWEN_1024)
-    t = draw("qinglong_qwen", QWEN_1024, logit_mean=-30.0, logit_std=0.01)
-    assert float((t > 1 - 1e-5).double().mean()) == 0.0  # logit_mean/std feed no component
-    for x in (0.02, 0.06, 0.1, 0.3, 0.5, 0.7, 0.9, 0.97):
-        assert_cdf(t, x, 0.95 * shifted_cdf(x, s) + 0.05 * logsnr_cdf(x, 5.36, 1.0))
 
 
 # --- the sigma method --------------------------------------------------------------------------------
@@ -301,16 +226,17 @@ def test_min_max_rescales_linearly():
     assert_cdf(t, 0.2 + 0.4 * 0.75, 0.5)
 
 
-@pytest.mark.parametrize("method,shape", [("shift", FLUX1_1024), ("qwen_shift", QWEN_1024), ("logsnr", FLUX1_1024)])
-def test_preserve_distribution_shape_rejection(method, shape):
+@pytest.mark.parametrize("method,shape", [("shift", FLUX1_1024), ("logsnr", FLUX1_1024)])
+def test_preserve_distribution_shape_rejection(method, shape, sample=None, shift_factor=None):
+    """Also run by tests/qwen_image for its qwen_shift, with its ``sample`` and shift factor."""
     opts = dict(discrete_flow_shift=3.0, logit_mean=-1.0, logit_std=2.0)
     lo, hi = 0.3, 0.7
-    t = draw(method, shape, min_timestep=300, max_timestep=700, preserve_distribution_shape=True, **opts)
+    t = draw(method, shape, min_timestep=300, max_timestep=700, preserve_distribution_shape=True, sample=sample, **opts)
     assert float(t.min()) >= lo and float(t.max()) <= hi
     if method == "logsnr":
         F = lambda x: logsnr_cdf(x, -1.0, 2.0)  # noqa: E731
     else:
-        s = 3.0 if method == "shift" else ts.qwen_shift_factor(shape)
+        s = 3.0 if method == "shift" else shift_factor(shape)
         F = lambda x: shifted_cdf(x, s)  # noqa: E731
     # The shape is kept: conditional CDF (F(x) − F(lo)) / (F(hi) − F(lo)) of the unrestricted law.
     for x in (0.35, 0.45, 0.5, 0.55, 0.65):
@@ -364,7 +290,8 @@ def test_determinism(method):
 def test_unknown_method():
     with pytest.raises(UsageError, match="'nope'") as exc:
         ts.sample("nope", 4, FLUX1_1024, gen(), {})
-    for name in ("uniform", "sigma", "flux2_shift", "qwen_shift", "qinglong_flux"):
+    # The architectures' own methods are listed by their plugins' sample (tests/flux2, tests/qwen_image).
+    for name in ("uniform", "sigma"):
         assert name in str(exc.value)
 
 
@@ -377,8 +304,20 @@ def test_options_mapping_and_defaults():
     a = ts.sample("shift", 16, FLUX1_1024, gen(), {"discrete_flow_shift": 3, "learning_rate": 1e-4, "logit_mean": None})
     b = ts.sample("shift", 16, FLUX1_1024, gen(), ts.TimestepOptions(discrete_flow_shift=3.0))
     assert torch.equal(a, b)
-    for bad in ({"weighting_scheme": "foo"}, {"min_timestep": 600, "max_timestep": 500}, {"max_timestep": 0}, {"discrete_flow_shift": 0}):
+    for bad in (
+        {"weighting_scheme": "foo"},
+        {"min_timestep": 600, "max_timestep": 500},
+        {"max_timestep": 0},
+        {"discrete_flow_shift": 0},
+    ):
         with pytest.raises(UsageError):
             ts.sample("uniform", 4, FLUX1_1024, gen(), bad)
     with pytest.raises(UsageError, match="last two dims"):
-        ts.sample("flux2_shift", 4, (128,), gen(), {})
+        ts.sample(
+            "res",
+            4,
+            (128,),
+            gen(),
+            {},
+            methods={"res": ts.resolution_shift(lambda shape: ts.latent_tokens(shape, 1, "res"))},
+        )

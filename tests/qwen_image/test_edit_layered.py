@@ -11,16 +11,16 @@ import os
 import pytest
 import torch
 from kern.core import config
-from kern.train import driver as train
-from kern.errors import UsageError
-from kern.generate.driver import Generator, Setup, run_batch
 from kern.core.io import load_file
 from kern.core.plugins import get_manager
 from kern.data.prompts import Request, read_prompt_file
+from kern.errors import UsageError
+from kern.generate.driver import Generator, Setup, run_batch
+from kern.train import driver as train
 from PIL import Image
 
 from tests.conftest import run_kern
-from tests.train.conftest import make_dataset
+from tests.helpers import make_dataset
 
 TARGETS = ["img_in", "txt_in", r"transformer_blocks\.\d+\.(attn|img_mlp|txt_mlp)\..*"]
 
@@ -58,14 +58,29 @@ def _spy(monkeypatch, name):
 
 
 def _edit_job(models, dataset, out, **extra):
-    return config.load_job(None, {
-        "model.arch": "qwen-image", "model.transformer": str(models["edit"]), "model.vae": str(models["vae"]),
-        "model.text_encoder": str(models["text_encoder"]), "model.dtype": "float32",
-        "network.type": "lora", "network.rank": 4, "network.alpha": 4.0, "network.targets": TARGETS,
-        "dataset.config": str(dataset), "save.out": str(out),
-        "train.steps": 3, "train.learning_rate": 1e-2, "train.mixed_precision": "no", "train.device": "cpu",
-        "train.gradient_checkpointing": False, "sample.prompts": [], **extra,
-    })
+    return config.load_job(
+        None,
+        {
+            "model.arch": "qwen-image",
+            "model.transformer": str(models["edit"]),
+            "model.vae": str(models["vae"]),
+            "model.text_encoder": str(models["text_encoder"]),
+            "model.dtype": "float32",
+            "network.type": "lora",
+            "network.rank": 4,
+            "network.alpha": 4.0,
+            "network.targets": TARGETS,
+            "dataset.config": str(dataset),
+            "save.out": str(out),
+            "train.steps": 3,
+            "train.learning_rate": 1e-2,
+            "train.mixed_precision": "no",
+            "train.device": "cpu",
+            "train.gradient_checkpointing": False,
+            "sample.prompts": [],
+            **extra,
+        },
+    )
 
 
 # --------------------------------------------------------------------------- edit
@@ -76,8 +91,14 @@ def test_edit_training_then_batch_generation(tiny_variants, tmp_path, monkeypatc
     velocities = _spy(monkeypatch, "predict_velocity")
     dataset = make_dataset(tmp_path / "data", n=2, size=(32, 32), refs=1)
     sample_control = tmp_path / "data" / "controls" / "img0_0.png"
-    adapter = train.run(_edit_job(tiny_variants, dataset, tmp_path / "run", **{
-        "sample.prompts": [f"make it blue --ci {sample_control} --w 32 --h 32"], "sample.steps": 1}))
+    adapter = train.run(
+        _edit_job(
+            tiny_variants,
+            dataset,
+            tmp_path / "run",
+            **{"sample.prompts": [f"make it blue --ci {sample_control} --w 32 --h 32"], "sample.steps": 1},
+        )
+    )
     # The in-training sample takes its control image like `kern generate` does.
     sample = Image.open(tmp_path / "run" / "samples" / "step-000003_00.png")
     assert sample.size == (32, 32) and json.loads(sample.text["references"]) == [str(sample_control)]
@@ -94,7 +115,10 @@ def test_edit_training_then_batch_generation(tiny_variants, tmp_path, monkeypatc
     assert all(v["references"] and v["references"][0].shape[-2:] == (4, 4) for v in trained)
     assert [v["references"][0].shape[-2:] for v in velocities[3:]] == [(128, 128)] * 2
     text_files = sorted((tmp_path / "data" / "cache").glob("*_qie_te.safetensors"))
-    assert [f.name for f in text_files] == ["img0_qie_te.safetensors", "img1_qie_te.safetensors"]  # no shared empty caption
+    assert [f.name for f in text_files] == [
+        "img0_qie_te.safetensors",
+        "img1_qie_te.safetensors",
+    ]  # no shared empty caption
 
     # The text cache is keyed on the control files: a changed control re-encodes its caption only.
     job = _edit_job(tiny_variants, dataset, tmp_path / "run2")
@@ -116,10 +140,21 @@ def test_edit_training_then_batch_generation(tiny_variants, tmp_path, monkeypatc
     other = tmp_path / "other.png"
     Image.new("RGB", (48, 32), (9, 99, 199)).save(other)
     prompts.write_text(f"# edits\nmake it __color__ --d 5\n--d 9 --ci {other}\n")
-    setup = Setup(arch="qwen-image", transformer=str(tiny_variants["edit"]), vae=str(tiny_variants["vae"]),
-                  text_encoder=str(tiny_variants["text_encoder"]), dtype="float32", device="cpu", out=tmp_path / "gen",
-                  wildcards=str(cards), steps=2, width=32, height=32, weights=[(str(adapter), 1.0)],
-                  references=[str(tmp_path / "data" / "controls" / "img0_0.png")])
+    setup = Setup(
+        arch="qwen-image",
+        transformer=str(tiny_variants["edit"]),
+        vae=str(tiny_variants["vae"]),
+        text_encoder=str(tiny_variants["text_encoder"]),
+        dtype="float32",
+        device="cpu",
+        out=tmp_path / "gen",
+        wildcards=str(cards),
+        steps=2,
+        width=32,
+        height=32,
+        weights=[(str(adapter), 1.0)],
+        references=[str(tmp_path / "data" / "controls" / "img0_0.png")],
+    )
     paths = run_batch(setup, read_prompt_file(prompts, base_prompt="turn it __color__"))
     assert len(paths) == 2 and [Image.open(p).size for p in paths] == [(32, 32)] * 2
     infos = [Image.open(p).text for p in paths]
@@ -152,13 +187,20 @@ def test_edit_errors(tiny_variants, tmp_path):
     with pytest.raises(UsageError, match="t2i takes no reference images"):
         Generator(Setup(arch="qwen-image", variant="t2i", references=[str(picture)])).plan([Request(prompt="x")])
     with pytest.raises(UsageError, match=r"missing\.png: cannot read it"):
-        Generator(Setup(arch="qwen-image", variant="edit", references=[str(tmp_path / "missing.png")])).plan([Request(prompt="x")])
+        Generator(Setup(arch="qwen-image", variant="edit", references=[str(tmp_path / "missing.png")])).plan(
+            [Request(prompt="x")]
+        )
 
     # Edit 2508 encodes exactly one control per prompt.
     hook = get_manager().hook
     with pytest.raises(UsageError, match="takes one control image per prompt, got 2"):
-        hook.encode_text(arch="qwen-image", variant="edit", encoder=None, prompts=["x"],
-                         options={"images": [[Image.new("RGB", (8, 8))] * 2]})
+        hook.encode_text(
+            arch="qwen-image",
+            variant="edit",
+            encoder=None,
+            prompts=["x"],
+            options={"images": [[Image.new("RGB", (8, 8))] * 2]},
+        )
     with pytest.raises(UsageError, match="together with its control images"):
         hook.encode_text(arch="qwen-image", variant="edit-2509", encoder=None, prompts=["x"], options={})
 
@@ -169,8 +211,17 @@ def test_edit_errors(tiny_variants, tmp_path):
 
 
 def test_cli_edit_without_control_is_a_usage_error(tiny_variants, tmp_path):
-    proc = run_kern("generate", "--arch", "qwen-image-edit-2511", "--transformer", str(tiny_variants["edit"]),
-                    "-p", "make it red", "--out", str(tmp_path / "o"))
+    proc = run_kern(
+        "generate",
+        "--arch",
+        "qwen-image-edit-2511",
+        "--transformer",
+        str(tiny_variants["edit"]),
+        "-p",
+        "make it red",
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert proc.returncode == 2, proc.stderr
     assert "needs its control image(s); give --ref IMAGE" in proc.stderr
     assert not (tmp_path / "o").exists()
@@ -186,9 +237,14 @@ def test_edit_caption_dropout_uses_each_items_empty_caption_with_its_controls(ti
     empties = [c for c in encodes if c["prompts"] == ["", ""]]
     assert len(empties) == 1 and [len(i) for i in empties[0]["options"]["images"]] == [1, 1]
     names = sorted(p.name for p in (tmp_path / "drop" / "cache").glob("*_te.safetensors"))
-    assert names == ["img0_qie_empty_te.safetensors", "img0_qie_te.safetensors", "img1_qie_empty_te.safetensors", "img1_qie_te.safetensors"]
+    assert names == [
+        "img0_qie_empty_te.safetensors",
+        "img0_qie_te.safetensors",
+        "img1_qie_empty_te.safetensors",
+        "img1_qie_te.safetensors",
+    ]
     # A dropped item's text is its own empty-caption encoding (the controls differ per item, so must the text).
-    from kern.data.datasets import load_dataset_config, scan_items
+    from kern.data import load_dataset_config, scan_items
 
     items = scan_items(load_dataset_config(dataset), 16)
     always = cache.load_batch([items[0]], "qie", torch.Generator().manual_seed(0), caption_dropout_rate=1.0)
@@ -207,9 +263,21 @@ def test_layered_generation_with_automatic_caption(tiny_variants, tmp_path, monk
     rgba = Image.new("RGBA", (96, 64), (200, 30, 30, 255))
     rgba.paste((0, 0, 0, 0), (0, 0, 48, 64))  # half transparent: the alpha must reach the RGBA VAE
     rgba.save(source)
-    setup = Setup(arch="qwen-image", transformer=str(tiny_variants["layered"]), vae=str(tiny_variants["rgba_vae"]),
-                  text_encoder=str(tiny_variants["text_encoder"]), dtype="float32", device="cpu", out=tmp_path / "layers",
-                  steps=2, width=64, height=64, references=[str(source)], layers=2, auto_caption="en")
+    setup = Setup(
+        arch="qwen-image",
+        transformer=str(tiny_variants["layered"]),
+        vae=str(tiny_variants["rgba_vae"]),
+        text_encoder=str(tiny_variants["text_encoder"]),
+        dtype="float32",
+        device="cpu",
+        out=tmp_path / "layers",
+        steps=2,
+        width=64,
+        height=64,
+        references=[str(source)],
+        layers=2,
+        auto_caption="en",
+    )
     paths = run_batch(setup, [Request(prompt="")])
 
     assert len(paths) == 3  # the composite and 2 layers
@@ -233,9 +301,19 @@ def test_layered_prompt_file_sets_layers_per_line(tiny_variants, tmp_path):
     Image.new("RGBA", (32, 32), (10, 200, 30, 128)).save(source)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a green square --layers 1\n")
-    setup = Setup(arch="qwen-image", transformer=str(tiny_variants["layered"]), vae=str(tiny_variants["rgba_vae"]),
-                  text_encoder=str(tiny_variants["text_encoder"]), dtype="float32", device="cpu", out=tmp_path / "o",
-                  steps=1, width=32, height=32, references=[str(source)])
+    setup = Setup(
+        arch="qwen-image",
+        transformer=str(tiny_variants["layered"]),
+        vae=str(tiny_variants["rgba_vae"]),
+        text_encoder=str(tiny_variants["text_encoder"]),
+        dtype="float32",
+        device="cpu",
+        out=tmp_path / "o",
+        steps=1,
+        width=32,
+        height=32,
+        references=[str(source)],
+    )
     paths = run_batch(setup, read_prompt_file(prompts))
     assert len(paths) == 2 and Image.open(paths[0]).text["prompt"] == "a green square"
 

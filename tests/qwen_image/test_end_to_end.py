@@ -9,15 +9,15 @@ import json
 import pytest
 import torch
 from kern.core import config
-from kern.train import driver as train
-from kern.errors import ModelFileError
-from kern.generate.driver import Setup, run_batch
 from kern.core.io import load_file, save_file
 from kern.core.plugins import get_manager
 from kern.data.prompts import read_prompt_file
+from kern.errors import ModelFileError
+from kern.generate.driver import Setup, run_batch
+from kern.train import driver as train
 from PIL import Image
 
-from tests.train.conftest import make_dataset
+from tests.helpers import make_dataset
 
 CPU = torch.device("cpu")
 # The block Linears (attention and MLPs), plus the input projections a random tiny base needs to learn visibly.
@@ -30,8 +30,9 @@ def _threads():
 
 
 def load(part, path, variant=None):
-    return get_manager().hook.load_model(arch="qwen-image", variant=variant, part=part, path=str(path), dtype=torch.float32,
-                                         device=CPU, options={})
+    return get_manager().hook.load_model(
+        arch="qwen-image", variant=variant, part=part, path=str(path), dtype=torch.float32, device=CPU, options={}
+    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -54,15 +55,25 @@ def test_all_parts_load_through_the_plugin_manager(tiny_qwen):
 
     # The pieces fit together: text -> velocity, image -> latents -> image.
     with torch.no_grad():
-        text = hook.encode_text(arch="qwen-image", variant="t2i", encoder=encoder, prompts=["a red square", ""], options={})
+        text = hook.encode_text(
+            arch="qwen-image", variant="t2i", encoder=encoder, prompts=["a red square", ""], options={}
+        )
         assert text["ctx"].shape[0] == 2 and text["mask"].shape == text["ctx"].shape[:2]
         images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
         latents = hook.encode_latents(arch="qwen-image", variant="t2i", vae=vae, images=images)
         assert latents.shape == (2, 16, 4, 4)
         # The tiny VAE is calibrated: normalised latents of images are about unit-variance.
         assert 0.3 < latents.std().item() < 3.0
-        v = hook.predict_velocity(arch="qwen-image", variant="t2i", model=model, latents=latents, timesteps=torch.tensor([0.3, 0.7]),
-                                  text=text, references=None, options={})
+        v = hook.predict_velocity(
+            arch="qwen-image",
+            variant="t2i",
+            model=model,
+            latents=latents,
+            timesteps=torch.tensor([0.3, 0.7]),
+            text=text,
+            references=None,
+            options={},
+        )
         assert v.shape == latents.shape and torch.isfinite(v).all()
         decoded = hook.decode_latents(arch="qwen-image", variant="t2i", vae=vae, latents=latents)
         assert decoded.shape == (2, 3, 32, 32)
@@ -97,14 +108,28 @@ def test_t2i_lora_training_run(tiny_qwen, tmp_path):
     dataset = make_dataset(tmp_path / "data", n=2, size=(32, 32))
     out = tmp_path / "run"
     steps = 4
-    job = config.load_job(None, {
-        "model.arch": "qwen-image", "model.transformer": str(tiny_qwen["transformer"]), "model.vae": str(tiny_qwen["vae"]),
-        "model.text_encoder": str(tiny_qwen["text_encoder"]), "model.dtype": "float32",
-        "network.type": "lora", "network.rank": 4, "network.alpha": 4.0, "network.targets": TARGETS,
-        "dataset.config": str(dataset), "save.out": str(out),
-        "train.steps": steps, "train.learning_rate": 1e-2, "train.mixed_precision": "no", "train.device": "cpu",
-        "train.gradient_checkpointing": False, "sample.prompts": [],
-    })
+    job = config.load_job(
+        None,
+        {
+            "model.arch": "qwen-image",
+            "model.transformer": str(tiny_qwen["transformer"]),
+            "model.vae": str(tiny_qwen["vae"]),
+            "model.text_encoder": str(tiny_qwen["text_encoder"]),
+            "model.dtype": "float32",
+            "network.type": "lora",
+            "network.rank": 4,
+            "network.alpha": 4.0,
+            "network.targets": TARGETS,
+            "dataset.config": str(dataset),
+            "save.out": str(out),
+            "train.steps": steps,
+            "train.learning_rate": 1e-2,
+            "train.mixed_precision": "no",
+            "train.device": "cpu",
+            "train.gradient_checkpointing": False,
+            "sample.prompts": [],
+        },
+    )
     adapter = train.run(job)
 
     curve = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -157,9 +182,19 @@ def test_generation_with_true_cfg_prompt_file_and_wildcards(tiny_qwen, tmp_path,
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# tiny Qwen-Image\na __color__ square --d 5\n--w 32 --h 32 --d 9\n")
     requests = read_prompt_file(prompts, base_prompt="a __color__ circle")
-    setup = Setup(arch="qwen-image", transformer=str(tiny_qwen["transformer"]), vae=str(tiny_qwen["vae"]),
-                  text_encoder=str(tiny_qwen["text_encoder"]), dtype="float32", device="cpu", out=tmp_path / "a",
-                  wildcards=str(cards), steps=2, width=32, height=32)
+    setup = Setup(
+        arch="qwen-image",
+        transformer=str(tiny_qwen["transformer"]),
+        vae=str(tiny_qwen["vae"]),
+        text_encoder=str(tiny_qwen["text_encoder"]),
+        dtype="float32",
+        device="cpu",
+        out=tmp_path / "a",
+        wildcards=str(cards),
+        steps=2,
+        width=32,
+        height=32,
+    )
     first = run_batch(setup, requests)
     assert len(first) == 2
     assert len(calls) == 2 * 2 * 2  # 2 images x 2 steps x (cond + uncond)
@@ -173,7 +208,9 @@ def test_generation_with_true_cfg_prompt_file_and_wildcards(tiny_qwen, tmp_path,
     # Same seeds, same images.
     import attrs
 
-    second = run_batch(attrs.evolve(setup, out=tmp_path / "b"), read_prompt_file(prompts, base_prompt="a __color__ circle"))
+    second = run_batch(
+        attrs.evolve(setup, out=tmp_path / "b"), read_prompt_file(prompts, base_prompt="a __color__ circle")
+    )
     for a, b in zip(first, second):
         assert Image.open(a).tobytes() == Image.open(b).tobytes()
     assert Image.open(first[0]).tobytes() != Image.open(first[1]).tobytes()

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from kern_qwen_image import schedule
 
 

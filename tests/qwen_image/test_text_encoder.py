@@ -31,19 +31,8 @@ from diffusers import (  # noqa: E402
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as d_edit  # noqa: E402
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as d_edit_plus  # noqa: E402
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as d_layered  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import (  # noqa: E402
-    AutoImageProcessor,
-    AutoTokenizer,
-    PreTrainedTokenizerFast,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
-
 from kern.errors import ModelFileError, UsageError  # noqa: E402
-from kern.gpu.fp8 import Float8Linear  # noqa: E402
+from kern.gpu.fp8 import Float8StorageLinear  # noqa: E402
 from kern_qwen_image import tiny
 from kern_qwen_image.text_encoder import (  # noqa: E402
     CAPTION_PROMPTS,
@@ -54,6 +43,16 @@ from kern_qwen_image.text_encoder import (  # noqa: E402
     load_text_encoder,
     vlm_image_size,
 )
+from PIL import Image  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoImageProcessor,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
 HIDDEN = 32
 PROMPTS = [
@@ -111,8 +110,9 @@ def _processor(repo):
 
 def _t2i_pipe(repo):
     tok = AutoTokenizer.from_pretrained(repo / "tokenizer", local_files_only=True)
-    return QwenImagePipeline(scheduler=None, vae=None, text_encoder=_reference_te(repo), tokenizer=tok,
-                             transformer=None)
+    return QwenImagePipeline(
+        scheduler=None, vae=None, text_encoder=_reference_te(repo), tokenizer=tok, transformer=None
+    )
 
 
 def _image(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -225,8 +225,14 @@ def _edit_plus_reference(pipe, prompt, images):
 
 def _edit_plus_pipe(repo):
     proc = _processor(repo)
-    return QwenImageEditPlusPipeline(scheduler=None, vae=None, text_encoder=_reference_te(repo),
-                                     tokenizer=proc.tokenizer, processor=proc, transformer=None)
+    return QwenImageEditPlusPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=_reference_te(repo),
+        tokenizer=proc.tokenizer,
+        processor=proc,
+        transformer=None,
+    )
 
 
 IMAGES = [_image(300, 200, 1), _image(150, 220, 2)]
@@ -234,8 +240,7 @@ IMAGES = [_image(300, 200, 1), _image(150, 220, 2)]
 
 def test_edit_plus_matches_diffusers(repo, monkeypatch):
     enc = load_text_encoder(repo / "text_encoder", torch.float32, "cpu", need_vision=True)
-    stock = load_text_encoder(repo / "text_encoder", torch.float32, "cpu", need_vision=True,
-                              multimodal_positions=False)
+    stock = load_text_encoder(repo / "text_encoder", torch.float32, "cpu", need_vision=True, multimodal_positions=False)
     prompt = PROMPTS[1]
     pipe = _edit_plus_pipe(repo)
     ref_seq, ref_seq_mask = _edit_plus_reference(pipe, prompt, IMAGES)
@@ -254,8 +259,9 @@ def test_edit_plus_matches_diffusers(repo, monkeypatch):
     assert vlm_image_size(300, 200, "edit_plus") == (480, 320)
     assert vlm_image_size(150, 220, "edit_plus") == (320, 480)
     n_prompt = len(enc.tokenizer(prompt)["input_ids"])
-    labels = len(enc.tokenizer("Picture 1: <|vision_start|><|vision_end|>Picture 2: <|vision_start|><|vision_end|>")
-                 ["input_ids"])
+    labels = len(
+        enc.tokenizer("Picture 1: <|vision_start|><|vision_end|>Picture 2: <|vision_start|><|vision_end|>")["input_ids"]
+    )
     grids = enc.prepare([prompt], [IMAGES], "edit_plus")["image_grid_thw"]
     assert grids.tolist() == [[1, 22, 34], [1, 34, 22]]
     assert out["ctx"].shape[1] == labels + 2 * 187 + n_prompt + 5
@@ -275,15 +281,21 @@ def test_edit_plus_batch_of_two(repo, monkeypatch):
     for i, r in enumerate(refs):
         assert out["mask"][i].tolist() == [1] * r.shape[0] + [0] * (length - r.shape[0])
         torch.testing.assert_close(out["ctx"][i, : r.shape[0]], r, rtol=0, atol=1e-5)
-        assert not out["ctx"][i, r.shape[0]:].any()
+        assert not out["ctx"][i, r.shape[0] :].any()
 
 
 def test_edit_matches_diffusers(repo, monkeypatch):
     """Edit 2508: one image at ≈1024² area, slot inside the template, 64 tokens dropped."""
     enc = load_text_encoder(repo / "text_encoder", torch.float32, "cpu", need_vision=True)
     proc = _processor(repo)
-    pipe = QwenImageEditPipeline(scheduler=None, vae=None, text_encoder=_reference_te(repo),
-                                 tokenizer=proc.tokenizer, processor=proc, transformer=None)
+    pipe = QwenImageEditPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=_reference_te(repo),
+        tokenizer=proc.tokenizer,
+        processor=proc,
+        transformer=None,
+    )
     _forward_token_types(pipe, monkeypatch)
     img = _image(64, 48, 4)
     w, h, _ = d_edit.calculate_dimensions(1024 * 1024, img.width / img.height)
@@ -299,8 +311,14 @@ def test_edit_matches_diffusers(repo, monkeypatch):
 def test_caption_matches_diffusers(repo):
     enc = load_text_encoder(repo / "text_encoder", torch.float32, "cpu", need_vision=True)
     proc = _processor(repo)
-    pipe = QwenImageLayeredPipeline(scheduler=None, vae=None, text_encoder=_reference_te(repo),
-                                    tokenizer=proc.tokenizer, processor=proc, transformer=None)
+    pipe = QwenImageLayeredPipeline(
+        scheduler=None,
+        vae=None,
+        text_encoder=_reference_te(repo),
+        tokenizer=proc.tokenizer,
+        processor=proc,
+        transformer=None,
+    )
     assert CAPTION_PROMPTS["en"] == pipe.image_caption_prompt_en
     assert CAPTION_PROMPTS["zh"] == pipe.image_caption_prompt_cn
     assert TEMPLATES["layered"] == pipe.prompt_template_encode
@@ -315,10 +333,12 @@ def test_caption_matches_diffusers(repo):
 
 def test_templates_match_diffusers():
     t2i = QwenImagePipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, transformer=None)
-    edit = QwenImageEditPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None,
-                                 transformer=None)
-    plus = QwenImageEditPlusPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None,
-                                     transformer=None)
+    edit = QwenImageEditPipeline(
+        scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None, transformer=None
+    )
+    plus = QwenImageEditPlusPipeline(
+        scheduler=None, vae=None, text_encoder=None, tokenizer=None, processor=None, transformer=None
+    )
     for mode, p in (("t2i", t2i), ("edit", edit), ("edit_plus", plus)):
         assert TEMPLATES[mode] == p.prompt_template_encode
         assert DROP_TOKENS[mode] == p.prompt_template_encode_start_idx
@@ -387,8 +407,9 @@ def test_legacy_checkpoint_layout(repo, tmp_path):
     te.mkdir()
     (te / "config.json").write_bytes((repo / "text_encoder" / "config.json").read_bytes())
     weights = load_file(repo / "text_encoder" / "model.safetensors")
-    legacy = {k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v
-              for k, v in weights.items()}
+    legacy = {
+        k.replace("model.language_model.", "model.").replace("model.visual.", "visual."): v for k, v in weights.items()
+    }
     assert any(k.startswith("visual.") for k in legacy) and any(k.startswith("model.layers.") for k in legacy)
     save_file(legacy, te / "model.safetensors", metadata={"format": "pt"})
     a = load_text_encoder(te, torch.float32, tokenizer_path=repo / "tokenizer")(PROMPTS)
@@ -399,7 +420,7 @@ def test_legacy_checkpoint_layout(repo, tmp_path):
 def test_bf16_and_fp8(repo):
     ref = load_text_encoder(repo / "text_encoder", torch.bfloat16, "cpu")
     q = load_text_encoder(repo / "text_encoder", torch.bfloat16, "cpu", fp8=True)
-    assert sum(isinstance(m, Float8Linear) for m in q.model.modules()) == 2 * 7  # q, k, v, o, gate, up, down
+    assert sum(isinstance(m, Float8StorageLinear) for m in q.model.modules()) == 2 * 7  # q, k, v, o, gate, up, down
     a, b = ref(PROMPTS), q(PROMPTS)
     assert a["ctx"].dtype == b["ctx"].dtype == torch.bfloat16
     assert torch.equal(a["mask"], b["mask"])

@@ -1,5 +1,4 @@
-"""kern's Qwen-Image transformer against diffusers' QwenImageTransformer2DModel, plus checkpoint-layout facts
-(qwen_image.md §2-§5, §13)."""
+"""kern's Qwen-Image transformer against diffusers' QwenImageTransformer2DModel, plus checkpoint-layout facts."""
 
 from __future__ import annotations
 
@@ -8,36 +7,34 @@ import math
 import pytest
 import torch
 from diffusers import QwenImageLayeredPipeline, QwenImagePipeline, QwenImageTransformer2DModel
-
 from kern_qwen_image import geometry, rope
 from kern_qwen_image.params import QWEN_IMAGE, QWEN_IMAGE_EDIT_2511, QWEN_IMAGE_LAYERED, QwenImageParams, tiny_params
 from kern_qwen_image.transformer import QwenImageTransformer
+
+from tests.helpers import init_qwen_image_random
 
 TOL = 1e-5
 L_TXT = 7
 
 
-def init_random(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            is_norm = "norm" in name.split(".")[-2] and name.endswith(".weight")  # RMSNorm weights, not norm_out.linear
-            p.copy_(1.0 + 0.1 * noise if is_norm else 0.1 * noise)
-    return model
-
-
 def diffusers_model(params: QwenImageParams) -> QwenImageTransformer2DModel:
     return QwenImageTransformer2DModel(
-        patch_size=params.patch_size, in_channels=params.in_channels, out_channels=params.out_channels,
-        num_layers=params.num_layers, attention_head_dim=params.head_dim, num_attention_heads=params.num_heads,
-        joint_attention_dim=params.joint_attention_dim, axes_dims_rope=params.axes_dim, zero_cond_t=params.zero_cond_t,
-        use_additional_t_cond=params.use_additional_t_cond, use_layer3d_rope=params.use_layer3d_rope,
+        patch_size=params.patch_size,
+        in_channels=params.in_channels,
+        out_channels=params.out_channels,
+        num_layers=params.num_layers,
+        attention_head_dim=params.head_dim,
+        num_attention_heads=params.num_heads,
+        joint_attention_dim=params.joint_attention_dim,
+        axes_dims_rope=params.axes_dim,
+        zero_cond_t=params.zero_cond_t,
+        use_additional_t_cond=params.use_additional_t_cond,
+        use_layer3d_rope=params.use_layer3d_rope,
     )
 
 
 def pair(params: QwenImageParams, seed: int = 0):
-    ours = init_random(QwenImageTransformer(params), seed).eval()
+    ours = init_qwen_image_random(QwenImageTransformer(params), seed).eval()
     theirs = diffusers_model(params).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)  # same names: Qwen-Image's native naming is diffusers'
     return ours, theirs
@@ -49,7 +46,14 @@ def inputs(params: QwenImageParams, shapes, batch: int = 1, txt_mask=None, seed:
     txt = torch.randn(batch, L_TXT, params.joint_attention_dim, generator=g)
     t = torch.rand(batch, generator=g)
     cond = torch.arange(batch) % 2 if params.use_additional_t_cond else None
-    return {"img": img, "txt": txt, "txt_mask": txt_mask, "timesteps": t, "img_shapes": shapes, "additional_t_cond": cond}
+    return {
+        "img": img,
+        "txt": txt,
+        "txt_mask": txt_mask,
+        "timesteps": t,
+        "img_shapes": shapes,
+        "additional_t_cond": cond,
+    }
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,9 +63,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_both(ours, theirs, x):
     with torch.no_grad():
         a = ours(**x)
-        b = theirs(hidden_states=x["img"], encoder_hidden_states=x["txt"], encoder_hidden_states_mask=x["txt_mask"],
-                   timestep=x["timesteps"], img_shapes=[list(x["img_shapes"])] * x["img"].shape[0],
-                   additional_t_cond=x["additional_t_cond"], return_dict=False)[0]
+        b = theirs(
+            hidden_states=x["img"],
+            encoder_hidden_states=x["txt"],
+            encoder_hidden_states_mask=x["txt_mask"],
+            timestep=x["timesteps"],
+            img_shapes=[list(x["img_shapes"])] * x["img"].shape[0],
+            additional_t_cond=x["additional_t_cond"],
+            return_dict=False,
+        )[0]
     return a, b
 
 
@@ -95,7 +105,9 @@ def test_text_mask_equals_truncation():
     x = inputs(tiny_params(), [(1, 4, 3)], batch=2, txt_mask=PAD_MASK)
     with torch.no_grad():
         masked = ours(**x)
-        alone = ours(**{**x, "img": x["img"][1:], "txt": x["txt"][1:, :4], "txt_mask": None, "timesteps": x["timesteps"][1:]})
+        alone = ours(
+            **{**x, "img": x["img"][1:], "txt": x["txt"][1:, :4], "txt_mask": None, "timesteps": x["timesteps"][1:]}
+        )
         ones = ours(**{**x, "txt_mask": torch.ones(2, L_TXT, dtype=torch.bool)})
         unmasked = ours(**{**x, "txt_mask": None})
     assert rel_err(masked[1], alone[0]) <= TOL
@@ -154,7 +166,10 @@ def test_input_checks():
     with pytest.raises(ValueError, match="additional_t_cond"):
         layered(**x)
     with torch.no_grad():  # an int flag is the same as a (B,) tensor of it
-        assert torch.equal(layered(**{**x, "additional_t_cond": 1}), layered(**{**x, "additional_t_cond": torch.ones(1, dtype=torch.long)}))
+        assert torch.equal(
+            layered(**{**x, "additional_t_cond": 1}),
+            layered(**{**x, "additional_t_cond": torch.ones(1, dtype=torch.long)}),
+        )
 
 
 @pytest.mark.parametrize("params", [QWEN_IMAGE, QWEN_IMAGE_EDIT_2511, QWEN_IMAGE_LAYERED])
@@ -205,7 +220,7 @@ def test_gradient_checkpointing_same_gradients(train_mode):
 
 def test_meta_model_loads_with_assign():
     params = tiny_params(use_additional_t_cond=True, use_layer3d_rope=True)
-    ref = init_random(QwenImageTransformer(params))
+    ref = init_qwen_image_random(QwenImageTransformer(params))
     with torch.device("meta"):
         model = QwenImageTransformer(params)
     model.load_state_dict(ref.state_dict(), assign=True, strict=True)

@@ -20,6 +20,7 @@ from diffusers import (
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from kern.errors import ModelFileError
 from kern.models.tiling import ramp
+from kern.models.tiny import init_random_
 from kern_qwen_image.vae import (
     QWEN_IMAGE_LAYERED_VAE,
     QWEN_IMAGE_VAE,
@@ -44,22 +45,28 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def diffusers_vae(p: QwenImageVAEParams) -> AutoencoderKLQwenImage:
     return AutoencoderKLQwenImage(
-        base_dim=p.base_dim, z_dim=p.z_dim, dim_mult=list(p.dim_mult), num_res_blocks=p.num_res_blocks,
-        attn_scales=list(p.attn_scales), temperal_downsample=list(p.temperal_downsample), dropout=p.dropout,
-        input_channels=p.input_channels, latents_mean=list(p.latents_mean), latents_std=list(p.latents_std),
+        base_dim=p.base_dim,
+        z_dim=p.z_dim,
+        dim_mult=list(p.dim_mult),
+        num_res_blocks=p.num_res_blocks,
+        attn_scales=list(p.attn_scales),
+        temperal_downsample=list(p.temperal_downsample),
+        dropout=p.dropout,
+        input_channels=p.input_channels,
+        latents_mean=list(p.latents_mean),
+        latents_std=list(p.latents_std),
     )
 
 
 def tiny_diffusers_vae(p: QwenImageVAEParams, seed: int = 0) -> AutoencoderKLQwenImage:
+    def draw(name, t):  # RMS-norm gains away from the identity, biases off zero, other weights as initialised
+        if name.endswith("gamma"):
+            return 1.0, 0.2
+        return (0.0, 0.1) if name.endswith("bias") else None
+
     torch.manual_seed(seed)
-    vae = diffusers_vae(p)
-    g = torch.Generator().manual_seed(seed)
+    vae = init_random_(diffusers_vae(p), seed, draw, sorted_names=False)
     with torch.no_grad():
-        for name, t in vae.named_parameters():
-            if name.endswith("gamma"):  # RMS-norm gains away from the identity
-                t.copy_(1 + 0.2 * torch.randn(t.shape, generator=g))
-            elif name.endswith("bias"):
-                t.copy_(0.1 * torch.randn(t.shape, generator=g))
         # Outputs past [-1, 1] in places, so the decoder's clamp is exercised (RMS norms make the latent scale moot).
         vae.decoder.conv_out.weight.mul_(3.0)  # ~2-3 % of pixels clamped
     return vae.eval()

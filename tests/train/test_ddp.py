@@ -11,8 +11,9 @@ import subprocess
 import sys
 
 from kern.core.io import load_file
+
 from tests.conftest import REPO
-from tests.train.conftest import make_dataset
+from tests.helpers import make_dataset
 
 
 def test_two_process_ddp_trains_and_replicas_agree(tmp_path, toy_site):
@@ -30,10 +31,40 @@ def _launch(toy_site, dataset, out, *extra, steps=4):
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERN_")}
     env["PYTHONPATH"] = os.pathsep.join([str(toy_site), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kern_cli.main",
-           "train", "--arch", "toy", "--network", "lora", "--dataset", str(dataset), "--out", str(out), "--steps", str(steps),
-           "--set", "model.dtype=\"float32\"", "--set", "train.mixed_precision=\"no\"", "--network-opt", "rank=4", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "kern_cli.main",
+        "train",
+        "--arch",
+        "toy",
+        "--network",
+        "lora",
+        "--dataset",
+        str(dataset),
+        "--out",
+        str(out),
+        "--steps",
+        str(steps),
+        "--set",
+        'model.dtype="float32"',
+        "--set",
+        'train.mixed_precision="no"',
+        "--network-opt",
+        "rank=4",
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
 
 
@@ -45,8 +76,17 @@ def test_sharded_base_trains_the_same_adapter_as_plain_ddp(tmp_path, toy_site):
     dataset = make_dataset(tmp_path / "data", n=4)
     plain = _launch(toy_site, dataset, tmp_path / "plain")
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
-    sharded = _launch(toy_site, dataset, tmp_path / "sharded", "--set", "train.shard_base=true",
-                      "--set", 'sample.prompts=["a red square"]', "--set", "sample.steps=2")
+    sharded = _launch(
+        toy_site,
+        dataset,
+        tmp_path / "sharded",
+        "--set",
+        "train.shard_base=true",
+        "--set",
+        'sample.prompts=["a red square"]',
+        "--set",
+        "sample.steps=2",
+    )
     assert sharded.returncode == 0, sharded.stdout[-3000:] + sharded.stderr[-3000:]
     log = sharded.stdout + sharded.stderr
     assert "base sharded" in log and "replicas agree" in log
@@ -65,8 +105,8 @@ def test_accelerate_fsdp_config_is_refused_with_what_to_do():
 
     import pytest
     from accelerate.utils import DistributedType
-    from kern.gpu import distributed
     from kern.errors import UsageError
+    from kern.gpu import distributed
 
     with pytest.raises(UsageError, match="set train.shard_base = true"):
         distributed.check_launch(types.SimpleNamespace(distributed_type=DistributedType.FSDP))

@@ -17,14 +17,28 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kern.core.io import load_file
+
 from tests.conftest import REPO, run_kern
-from tests.train.conftest import make_dataset
+from tests.helpers import make_dataset
 
 TOY = [REPO / "examples" / "plugins" / "kern-toy"]
-BASE = ("--arch", "toy", "--network-opt", "rank=4", "--set", "model.dtype=float32", "--set", "train.mixed_precision=no",
-        "--set", "train.device=cpu", "--set", "train.gradient_checkpointing=false", "--lr", "0.003")
+BASE = (
+    "--arch",
+    "toy",
+    "--network-opt",
+    "rank=4",
+    "--set",
+    "model.dtype=float32",
+    "--set",
+    "train.mixed_precision=no",
+    "--set",
+    "train.device=cpu",
+    "--set",
+    "train.gradient_checkpointing=false",
+    "--lr",
+    "0.003",
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +71,11 @@ def kern_main(toy_plugin, capsys):
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".kern.lock"}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".kern.lock"
+    }
 
 
 def same_tensors(a: Path, b: Path) -> None:
@@ -122,9 +140,27 @@ def test_a_signal_ends_in_a_checkpoint_and_resume_is_exact(tmp_path, dataset, un
     out = tmp_path / "part"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERN_")}
     env["PYTHONPATH"] = os.pathsep.join([*map(str, TOY), env.get("PYTHONPATH", "")])
-    proc = subprocess.Popen([sys.executable, "-m", "kern_cli.main", "train", *BASE, "--dataset", str(dataset), "--out", str(out),
-                             "--steps", SIGNAL_STEPS, "--set", "save.every_n_steps=5"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kern_cli.main",
+            "train",
+            *BASE,
+            "--dataset",
+            str(dataset),
+            "--out",
+            str(out),
+            "--steps",
+            SIGNAL_STEPS,
+            "--set",
+            "save.every_n_steps=5",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 7):
@@ -136,7 +172,11 @@ def test_a_signal_ends_in_a_checkpoint_and_resume_is_exact(tmp_path, dataset, un
         assert proc.returncode == -signal.SIGKILL
     else:
         assert proc.returncode == 128 + signum, err
-        assert f"stopped by {signal.Signals(signum).name} after step" in err and "--resume" in err and "Traceback" not in err
+        assert (
+            f"stopped by {signal.Signals(signum).name} after step" in err
+            and "--resume" in err
+            and "Traceback" not in err
+        )
         done = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
         assert 7 <= done[-1] < int(SIGNAL_STEPS)
         assert (out / "checkpoints" / f"step-{done[-1]:06d}").is_dir()  # the step it finished
@@ -178,8 +218,9 @@ def test_resume_skips_a_damaged_checkpoint_and_tolerates_a_torn_metrics_line(tmp
     assert train_cli(dataset, full, "--steps", "6").returncode == 0
     out = tmp_path / "run"
     assert train_cli(dataset, out, "--steps", "6", "--set", "save.every_n_steps=2").returncode == 0
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002", "step-000004"] or \
-        sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002", "step-000004"] or sorted(
+        p.name for p in (out / "checkpoints").iterdir()
+    ) == ["step-000002", "step-000004"]
     damaged = out / "checkpoints" / "step-000004" / "state.safetensors"
     data = bytearray(damaged.read_bytes())
     data[-5] ^= 0xFF  # one byte of tensor data: the header still reads, only the digest can tell
@@ -191,7 +232,10 @@ def test_resume_skips_a_damaged_checkpoint_and_tolerates_a_torn_metrics_line(tmp
     (out / "checkpoints" / ".step-000006.tmp").mkdir()
     # ... and in the dataset's cache folder, which other runs may share: only temp files over an hour old go.
     cache = dataset.parent / "cache"
-    old, fresh = cache / ".img0_0064x0064_toy.safetensors.ab12CD34.tmp", cache / ".img1_0064x0064_toy.safetensors.zz99YY88.tmp"
+    old, fresh = (
+        cache / ".img0_0064x0064_toy.safetensors.ab12CD34.tmp",
+        cache / ".img1_0064x0064_toy.safetensors.zz99YY88.tmp",
+    )
     for f in (old, fresh):
         f.write_bytes(b"partial")
     os.utime(old, (time.time() - 7200, time.time() - 7200))
@@ -230,15 +274,40 @@ def test_files_follow_the_umask(tmp_path, dataset):
     out = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KERN_")}
     env["PYTHONPATH"] = os.pathsep.join([*map(str, TOY), env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-m", "kern_cli.main", "train", *BASE, "--dataset", str(dataset), "--out", str(out),
-                           "--steps", "2", "--set", "save.every_n_steps=1"], env=env, capture_output=True, text=True,
-                          preexec_fn=lambda: os.umask(0o027))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kern_cli.main",
+            "train",
+            *BASE,
+            "--dataset",
+            str(dataset),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--set",
+            "save.every_n_steps=1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: os.umask(0o027),
+    )
     assert proc.returncode == 0, proc.stderr
-    for name in ("adapter.safetensors", "config.toml", "checkpoints/step-000001/state.json", "checkpoints/step-000001/adapter.safetensors"):
+    for name in (
+        "adapter.safetensors",
+        "config.toml",
+        "checkpoints/step-000001/state.json",
+        "checkpoints/step-000001/adapter.safetensors",
+    ):
         assert (out / name).stat().st_mode & 0o777 == 0o640, name
 
 
-def test_a_full_disk_during_a_checkpoint_is_one_clear_line_and_keeps_the_last_checkpoint(tmp_path, dataset, kern_main, monkeypatch):
+def test_a_full_disk_during_a_checkpoint_is_one_clear_line_and_keeps_the_last_checkpoint(
+    tmp_path, dataset, kern_main, monkeypatch
+):
     import errno
 
     from kern.train import state
@@ -254,7 +323,9 @@ def test_a_full_disk_during_a_checkpoint_is_one_clear_line_and_keeps_the_last_ch
 
     monkeypatch.setattr(state, "save_file", full_disk)
     out = tmp_path / "run"
-    code, err = kern_main("train", *BASE, "--dataset", str(dataset), "--out", str(out), "--steps", "6", "--set", "save.every_n_steps=2")
+    code, err = kern_main(
+        "train", *BASE, "--dataset", str(dataset), "--out", str(out), "--steps", "6", "--set", "save.every_n_steps=2"
+    )
     assert code == 1
     assert "no space left on device" in err and "Traceback" not in err and "inline_container" not in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # the failed one left nothing behind
@@ -263,41 +334,44 @@ def test_a_full_disk_during_a_checkpoint_is_one_clear_line_and_keeps_the_last_ch
 # --------------------------------------------------------------------------- checked before any work
 
 
-@pytest.mark.parametrize("args, names", [
-    (("--lr", "nan"), "train.learning_rate"),
-    (("--lr", "0"), "train.learning_rate"),
-    (("--lr", "-1e-4"), "train.learning_rate"),
-    (("--steps", "0"), "train.steps"),
-    (("--steps", str(10**12)), "train.steps"),
-    (("--network-opt", "rank=0"), "'rank'"),
-    (("--network-opt", "rank=-4"), "'rank'"),
-    (("--network-opt", "alpha=nan"), "'alpha'"),
-    (("--network-opt", "dropout=1.5"), "'dropout'"),
-    (("--network-opt", "rank_pattern=['(=4']"), "rank_pattern"),
-    (("--network-opt", "rank_pattern=['blocks.*=0']"), "rank_pattern"),
-    (("--network-opt", "colour=red"), "colour"),
-    (("--set", "train.gradient_accumulation=0"), "train.gradient_accumulation"),
-    (("--set", "train.max_grad_norm=inf"), "train.max_grad_norm"),
-    (("--set", "train.seed=-1"), "train.seed"),
-    (("--set", f"train.seed={2**70}"), "train.seed"),
-    (("--set", "train.device=banana"), "train.device"),
-    (("--set", "train.device=cuda:1"), "CUDA_VISIBLE_DEVICES"),
-    (("--set", "train.optimizer=sgdx"), "train.optimizer"),
-    (("--set", "train.selective_blocks=4"), "train.selective_blocks"),
-    (("--set", "train.bogus=1"), "train.bogus"),
-    (("--set", "save.name=../escape"), "save.name"),
-    (("--set", "save.name=a/b"), "save.name"),
-    (("--set", "save.name=.hidden"), "save.name"),
-    (("--set", "save.keep_last=-1"), "save.keep_last"),
-    (("--set", "sample.width=512"), "sample.width"),
-    (("--set", "sample.prompts=['a cat --w 33']"), "multiple of"),
-    (("--set", "sample.prompts=['a cat --g nan']"), "sample.prompts[0]"),
-    (("--set", "timesteps.method=bogus"), "timesteps.method"),
-    (("--set", "timesteps.sigmoid_scale=nan"), "sigmoid_scale"),
-    (("--set", "timesteps.min_timestep=900", "--set", "timesteps.max_timestep=100"), "min_timestep"),
-    (("--set", "network.targets=['(']"), "network.targets[0]"),
-    (("--set", "model.transformer=/no/such/file.safetensors"), "model.transformer"),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (("--lr", "nan"), "train.learning_rate"),
+        (("--lr", "0"), "train.learning_rate"),
+        (("--lr", "-1e-4"), "train.learning_rate"),
+        (("--steps", "0"), "train.steps"),
+        (("--steps", str(10**12)), "train.steps"),
+        (("--network-opt", "rank=0"), "'rank'"),
+        (("--network-opt", "rank=-4"), "'rank'"),
+        (("--network-opt", "alpha=nan"), "'alpha'"),
+        (("--network-opt", "dropout=1.5"), "'dropout'"),
+        (("--network-opt", "rank_pattern=['(=4']"), "rank_pattern"),
+        (("--network-opt", "rank_pattern=['blocks.*=0']"), "rank_pattern"),
+        (("--network-opt", "colour=red"), "colour"),
+        (("--set", "train.gradient_accumulation=0"), "train.gradient_accumulation"),
+        (("--set", "train.max_grad_norm=inf"), "train.max_grad_norm"),
+        (("--set", "train.seed=-1"), "train.seed"),
+        (("--set", f"train.seed={2**70}"), "train.seed"),
+        (("--set", "train.device=banana"), "train.device"),
+        (("--set", "train.device=cuda:1"), "CUDA_VISIBLE_DEVICES"),
+        (("--set", "train.optimizer=sgdx"), "train.optimizer"),
+        (("--set", "train.selective_blocks=4"), "train.selective_blocks"),
+        (("--set", "train.bogus=1"), "train.bogus"),
+        (("--set", "save.name=../escape"), "save.name"),
+        (("--set", "save.name=a/b"), "save.name"),
+        (("--set", "save.name=.hidden"), "save.name"),
+        (("--set", "save.keep_last=-1"), "save.keep_last"),
+        (("--set", "sample.width=512"), "sample.width"),
+        (("--set", "sample.prompts=['a cat --w 33']"), "multiple of"),
+        (("--set", "sample.prompts=['a cat --g nan']"), "sample.prompts[0]"),
+        (("--set", "timesteps.method=bogus"), "timesteps.method"),
+        (("--set", "timesteps.sigmoid_scale=nan"), "sigmoid_scale"),
+        (("--set", "timesteps.min_timestep=900", "--set", "timesteps.max_timestep=100"), "min_timestep"),
+        (("--set", "network.targets=['(']"), "network.targets[0]"),
+        (("--set", "model.transformer=/no/such/file.safetensors"), "model.transformer"),
+    ],
+)
 def test_bad_settings_fail_before_any_work(tmp_path, dataset, args, names, kern_main):
     out = tmp_path / "run"
     code, err = kern_main("train", *BASE, "--dataset", str(dataset), "--out", str(out), *args)
@@ -328,7 +402,9 @@ def test_job_files_that_cannot_be_read(tmp_path):
     bad = tmp_path / "job.toml"
     bad.write_bytes(b"[train]\nsteps = 3\n# caf\xe9\n")
     proc = run_kern("train", "--config", str(bad))
-    assert proc.returncode == 2 and str(bad) in proc.stderr and "UTF-8" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2 and str(bad) in proc.stderr and "UTF-8" in proc.stderr and "Traceback" not in proc.stderr
+    )
     proc = run_kern("train", "--config", str(tmp_path))
     assert proc.returncode == 2 and "is a directory" in proc.stderr
 
@@ -342,8 +418,21 @@ def test_an_architecture_that_needs_files_names_the_missing_one(tmp_path, datase
 def test_layered_training_is_refused_at_start(tmp_path, dataset):
     some = tmp_path / "some.safetensors"
     some.write_bytes(b"x")
-    proc = run_kern("train", "--arch", "qwen-image-layered", "--dataset", str(dataset), "--out", str(tmp_path / "run"),
-                    "--set", f"model.transformer={some}", "--set", f"model.vae={some}", "--set", f"model.text_encoder={tmp_path}")
+    proc = run_kern(
+        "train",
+        "--arch",
+        "qwen-image-layered",
+        "--dataset",
+        str(dataset),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        f"model.transformer={some}",
+        "--set",
+        f"model.vae={some}",
+        "--set",
+        f"model.text_encoder={tmp_path}",
+    )
     assert proc.returncode == 2, proc.stderr
     assert "layered cannot be trained" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -357,7 +446,17 @@ def test_unexpected_errors_show_a_traceback_only_with_vv(tmp_path, dataset, kern
 
     monkeypatch.setattr(train, "latent_phase", broken)
     for flags, traceback in (((), False), (("-vv",), True)):
-        code, err = kern_main(*flags, "train", *BASE, "--dataset", str(dataset), "--out", str(tmp_path / f"run{len(flags)}"), "--steps", "2")
+        code, err = kern_main(
+            *flags,
+            "train",
+            *BASE,
+            "--dataset",
+            str(dataset),
+            "--out",
+            str(tmp_path / f"run{len(flags)}"),
+            "--steps",
+            "2",
+        )
         assert code == 1
         assert "unexpected ZeroDivisionError: a bug" in err
         assert ("Traceback" in err) == traceback
@@ -367,9 +466,21 @@ def test_kern_cache_checks_before_any_work(tmp_path, kern_main):
     dataset = make_dataset(tmp_path / "data", n=1)
     code, err = kern_main("cache", "latents", "--arch", "flux2-klein-4b", "--dataset", str(dataset))
     assert code == 2 and "model.vae is not set" in err
-    code, err = kern_main("cache", "text", "--arch", "flux2-klein-4b", "--dataset", str(dataset), "--text-encoder", str(tmp_path / "nope"))
+    code, err = kern_main(
+        "cache", "text", "--arch", "flux2-klein-4b", "--dataset", str(dataset), "--text-encoder", str(tmp_path / "nope")
+    )
     assert code == 2 and "model.text_encoder" in err and "no such file" in err
-    code, err = kern_main("cache", "all", "--arch", "qwen-image-layered", "--dataset", str(dataset), "--vae", str(dataset),
-                          "--text-encoder", str(tmp_path))
+    code, err = kern_main(
+        "cache",
+        "all",
+        "--arch",
+        "qwen-image-layered",
+        "--dataset",
+        str(dataset),
+        "--vae",
+        str(dataset),
+        "--text-encoder",
+        str(tmp_path),
+    )
     assert code == 2 and "cannot be trained" in err
     assert not (dataset.parent / "cache").exists()

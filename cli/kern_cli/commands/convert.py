@@ -10,11 +10,17 @@ log = structlog.get_logger(__name__)
 
 @click.command(name="convert")
 @click.argument("in_path", metavar="IN")
-@click.option("--to", "to_layout", required=True, type=click.Choice(["kohya", "comfyui", "diffusers"]), help="Target layout.")
-@click.option("--arch", "arch", required=True, help="Architecture or variant alias (for its module names), e.g. flux2-klein-4b.")
+@click.option(
+    "--to", "to_layout", required=True, type=click.Choice(["kohya", "comfyui", "diffusers"]), help="Target layout."
+)
+@click.option(
+    "--arch", "arch", required=True, help="Architecture or variant alias (for its module names), e.g. flux2-klein-4b."
+)
 @click.option("--variant", default=None, help="Variant, if --arch does not say it (default: detected from the file).")
 @click.option("--out", "out", required=True, help="File to write (never IN itself).")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically, once the conversion has succeeded).")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace --out if it exists (atomically, once the conversion has succeeded)."
+)
 def command(in_path, to_layout, arch, variant, out, overwrite) -> None:
     """Convert an adapter between layouts.
 
@@ -26,6 +32,7 @@ def command(in_path, to_layout, arch, variant, out, overwrite) -> None:
         kern convert my_lora.safetensors --to comfyui --arch flux2-klein-4b --out my_lora_comfy.safetensors
     """
     from kern.adapters.convert import convert
+
     from kern_cli.commands.merge import input_file
 
     input_file(in_path, "IN")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 import structlog
-
 from kern.errors import UsageError
 
 log = structlog.get_logger(__name__)
@@ -31,15 +30,23 @@ def input_file(path: str, option: str) -> str:
     help="Adapter file with an optional multiplier, e.g. style.safetensors:0.8 (repeatable; LoRA and LoHa mix).",
 )
 @click.option("--out", "out", required=True, help="Merged checkpoint to write (never one of the inputs).")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (atomically, once the merge has succeeded).")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace --out if it exists (atomically, once the merge has succeeded)."
+)
 @click.option(
     "--dtype",
     "dtype",
     default=None,
     help="Output dtype of floating-point tensors: float32, bfloat16, float16, float8_e4m3fn. Default: keep each (fp8 → bfloat16).",
 )
-@click.option("--allow-unmatched", is_flag=True, help="Warn about adapter modules that match no base weight instead of failing.")
-@click.option("--arch", default=None, help="Architecture (or variant alias): maps adapters in another naming (diffusers) onto the base.")
+@click.option(
+    "--allow-unmatched", is_flag=True, help="Warn about adapter modules that match no base weight instead of failing."
+)
+@click.option(
+    "--arch",
+    default=None,
+    help="Architecture (or variant alias): maps adapters in another naming (diffusers) onto the base.",
+)
 @click.option("--variant", default=None, help="Variant of --arch, if the alias does not say it.")
 def command(model, weights, out, overwrite, dtype, allow_unmatched, arch, variant) -> None:
     """Merge adapters into a base model: W' = W + Σ mult · ΔW, computed in float32.
@@ -59,5 +66,14 @@ def command(model, weights, out, overwrite, dtype, allow_unmatched, arch, varian
         raise UsageError("give at least one adapter with --weights FILE[:MULT]")
     input_file(model, "--model")
     adapters = [parse_weights_arg(w) for w in weights]
-    result = merge(model, adapters, out, out_dtype=out_dtype, allow_unmatched=allow_unmatched, arch=arch, variant=variant, overwrite=overwrite)
+    result = merge(
+        model,
+        adapters,
+        out,
+        out_dtype=out_dtype,
+        allow_unmatched=allow_unmatched,
+        arch=arch,
+        variant=variant,
+        overwrite=overwrite,
+    )
     click.echo(f"merged {result['merged']} weights from {len(adapters)} adapter(s) into {result['out']}")

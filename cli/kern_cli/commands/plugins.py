@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import click
-
 from kern.core.plugins import get_manager
 
 
@@ -34,8 +33,17 @@ def command(as_json: bool, show_all: bool) -> None:
         return
     rows = [("PLUGIN", "DISTRIBUTION", "VERSION", "STATUS", "ARCHITECTURES", "NETWORKS", "HOOKS")]
     for i in infos:
-        rows.append((i.name, i.distribution, i.version, i.status, ",".join(i.architectures) or "-",
-                     ",".join(i.networks) or "-", ",".join(i.hooks) or "-"))
+        rows.append(
+            (
+                i.name,
+                i.distribution,
+                i.version,
+                i.status,
+                ",".join(i.architectures) or "-",
+                ",".join(i.networks) or "-",
+                ",".join(i.hooks) or "-",
+            )
+        )
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
     for r in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1])

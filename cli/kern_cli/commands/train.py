@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import click
-
 from kern.core import config as kconfig
 from kern.errors import UsageError
 
@@ -21,17 +20,34 @@ def _pairs(values: tuple[str, ...], option: str) -> list[tuple[str, Any]]:
 
 
 @click.command(name="train")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Job TOML ([model], [network], [dataset], [train], ...).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Job TOML ([model], [network], [dataset], [train], ...).",
+)
 @click.option("--arch", help="Architecture or variant alias, e.g. flux2-klein-4b (overrides model.arch).")
 @click.option("--network", help="Adapter type, e.g. lora or loha (overrides network.type).")
 @click.option("--dataset", help="Dataset TOML (overrides dataset.config).")
 @click.option("--out", help="Run folder (overrides save.out).")
 @click.option("--steps", type=int, help="Training steps (overrides train.steps).")
 @click.option("--lr", type=float, help="Learning rate (overrides train.learning_rate).")
-@click.option("--network-opt", "network_opts", multiple=True, metavar="KEY=VALUE", help="Network option, e.g. rank=16 (repeatable).")
-@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any config key, e.g. train.seed=1 (repeatable).")
+@click.option(
+    "--network-opt",
+    "network_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Network option, e.g. rank=16 (repeatable).",
+)
+@click.option(
+    "--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any config key, e.g. train.seed=1 (repeatable)."
+)
 @click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint in the run folder.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier run in the run folder (its adapter, checkpoints, samples, logs).")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an earlier run in the run folder (its adapter, checkpoints, samples, logs).",
+)
 def command(config_path, arch, network, dataset, out, steps, lr, network_opts, sets, resume, overwrite) -> None:
     """Train a LoRA / LoHa adapter.
 
@@ -42,8 +58,14 @@ def command(config_path, arch, network, dataset, out, steps, lr, network_opts, s
         kern train --arch flux2-klein-4b --network loha --dataset dataset.toml --out runs/x
     """
     overrides: dict[str, Any] = {}
-    for key, value in (("model.arch", arch), ("network.type", network), ("dataset.config", dataset),
-                       ("save.out", out), ("train.steps", steps), ("train.learning_rate", lr)):
+    for key, value in (
+        ("model.arch", arch),
+        ("network.type", network),
+        ("dataset.config", dataset),
+        ("save.out", out),
+        ("train.steps", steps),
+        ("train.learning_rate", lr),
+    ):
         if value is not None:
             overrides[key] = value
     overrides.update({f"network.{k}": v for k, v in _pairs(network_opts, "--network-opt")})

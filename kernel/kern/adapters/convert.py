@@ -12,7 +12,7 @@ diffusers    ``transformer.<diffusers path>.lora_A/lora_B.weight``            fo
 ===========  ===============================================================  =====================================
 
 The network plugin does the rewrite (``convert_weights``) with the architecture's module map
-(``adapter_module_map``): e.g. FLUX.2's fused ``img_attn.qkv`` ↔ diffusers ``to_q/to_k/to_v`` (A duplicated, B
+(``adapter_module_map``): e.g. a fused ``attn.qkv`` ↔ diffusers ``to_q/to_k/to_v`` (A duplicated, B
 chunked; back as one rank-3r module with a block-diagonal B, or rank r when the three A are equal — exact
 both ways). LoHa cannot be written for diffusers (it has no LoHa loader); that is an ``AdapterError``.
 
@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 
-from kern.errors import AdapterError, PluginError, UsageError
-from kern.core.io import check_output_file, describe_nonfinite, save_file
-from kern.log import get_logger
 from kern.adapters.network import ModuleMap, group_by_module
 from kern.adapters.weights import detect, read_adapter
+from kern.core.io import check_output_file, describe_nonfinite, save_file
+from kern.errors import AdapterError, PluginError, UsageError
+from kern.log import get_logger
 
 log = get_logger(__name__)
 
@@ -112,11 +112,20 @@ def convert(
         reasons.append(f"{v}: {why}")
     if chosen is None:
         if all(r.endswith("no module map") for r in reasons):
-            raise PluginError(f"architecture {architecture.name!r} provides no adapter module map (adapter_module_map hook)")
-        raise AdapterError(f"{in_path}: does not fit {architecture.name} ({'; '.join(reasons)}); check --arch / --variant")
+            raise PluginError(
+                f"architecture {architecture.name!r} provides no adapter module map (adapter_module_map hook)"
+            )
+        raise AdapterError(
+            f"{in_path}: does not fit {architecture.name} ({'; '.join(reasons)}); check --arch / --variant"
+        )
     try:
         result = manager.hook.convert_weights(
-            network_type=claim.network_type, state_dict=tensors, metadata=metadata, claim=claim, to_layout=to_layout, module_map=raw
+            network_type=claim.network_type,
+            state_dict=tensors,
+            metadata=metadata,
+            claim=claim,
+            to_layout=to_layout,
+            module_map=raw,
         )
     except AdapterError as exc:
         raise AdapterError(f"{in_path}: {exc}") from None
@@ -128,7 +137,9 @@ def convert(
     for key, t in out_tensors.items():
         bad = describe_nonfinite(t)
         if bad:
-            raise AdapterError(f"{in_path}: converting gives {bad} in {key!r} (the adapter's values overflow {t.dtype}); nothing was written")
+            raise AdapterError(
+                f"{in_path}: converting gives {bad} in {key!r} (the adapter's values overflow {t.dtype}); nothing was written"
+            )
     save_file(out_tensors, out_path, out_metadata, overwrite=overwrite)
     log.info(
         "converted adapter",

@@ -11,7 +11,8 @@ the checkpoint.
   written exactly as in the input.
 * Adapters may be in kohya, ComfyUI or PEFT/diffusers layouts; they are brought to kohya naming by their
   plugin (``convert_weights``) and matched against the base's own module paths. A diffusers-named adapter on
-  a natively-named base (FLUX.2) needs ``arch``, whose ``adapter_module_map`` maps the names (fusing q/k/v).
+  a natively-named base (its reference implementation's names) needs ``arch``, whose ``adapter_module_map``
+  maps the names (fusing q/k/v).
 * fp8 base tensors are upcast for the merge; without ``out_dtype`` they are written as bfloat16 (an fp8
   output would round most of ΔW away). Scaled-fp8 checkpoints (per-tensor scale keys) are refused.
 * Adapter modules that match no base weight are an error listing them (a warning with ``allow_unmatched``).
@@ -29,12 +30,19 @@ from typing import Any, Sequence
 
 import torch
 
-from kern.errors import AdapterError, KernError, ModelFileError, PluginError, UsageError
-from kern.core.io import check_output_file, describe_nonfinite
-from kern.log import get_logger
 from kern.adapters.network import NameTable
 from kern.adapters.streaming import SafetensorsReader, StreamingWriter, aligned_order
-from kern.adapters.weights import check_multiplier, detect, module_map_for, read_adapter, strip_checkpoint_prefix, to_kohya
+from kern.adapters.weights import (
+    check_multiplier,
+    detect,
+    module_map_for,
+    read_adapter,
+    strip_checkpoint_prefix,
+    to_kohya,
+)
+from kern.core.io import check_output_file, describe_nonfinite
+from kern.errors import AdapterError, KernError, ModelFileError, PluginError, UsageError
+from kern.log import get_logger
 
 log = get_logger(__name__)
 
@@ -98,7 +106,9 @@ def merge(
     dtype = parse_dtype(out_dtype)
     adapters = [(Path(p), check_multiplier(p, m)) for p, m in adapters]
     model_path, out_path = Path(model_path), Path(out_path)
-    check_output_file(out_path, [("base model", model_path), *(("adapter", p) for p, _ in adapters)], overwrite, "--out")
+    check_output_file(
+        out_path, [("base model", model_path), *(("adapter", p) for p, _ in adapters)], overwrite, "--out"
+    )
     module_map = _module_map(manager, arch, variant)
 
     try:
@@ -116,10 +126,18 @@ def merge(
         )
     adapter_like = [k for k in keys if any(m in k for m in (".lora_down.", ".lora_A.", ".hada_w1_a", ".lokr_w1"))]
     if adapter_like:
-        raise ModelFileError(f"{model_path}: looks like an adapter (keys like {adapter_like[0]!r}), not a base model; pass it with --weights")
-    base = {strip_checkpoint_prefix(k)[: -len(".weight")]: k for k in keys if k.endswith(".weight") and len(reader.shape(k)) >= 2}
+        raise ModelFileError(
+            f"{model_path}: looks like an adapter (keys like {adapter_like[0]!r}), not a base model; pass it with --weights"
+        )
+    base = {
+        strip_checkpoint_prefix(k)[: -len(".weight")]: k
+        for k in keys
+        if k.endswith(".weight") and len(reader.shape(k)) >= 2
+    }
     if not base:
-        raise ModelFileError(f"{model_path}: no 2-D (or conv) '.weight' tensors; is this a model checkpoint? keys like {keys[:4]}")
+        raise ModelFileError(
+            f"{model_path}: no 2-D (or conv) '.weight' tensors; is this a model checkpoint? keys like {keys[:4]}"
+        )
     table = NameTable(base)
 
     contributions: dict[str, list[tuple[str, dict[str, torch.Tensor], float, str]]] = {}
@@ -143,12 +161,27 @@ def merge(
                 unmatched.append(f"{apath}: {name}")
                 unmatched_by_file.setdefault(str(apath), []).append(name)
                 continue
-            contributions.setdefault(base[hit[1]], []).append((claim.network_type, t, float(multiplier), f"{apath}: {name}"))
-        log.info("adapter for merge", file=str(apath), network=claim.network_type, layout=claim.layout, modules=len(grouped), multiplier=float(multiplier))
+            contributions.setdefault(base[hit[1]], []).append(
+                (claim.network_type, t, float(multiplier), f"{apath}: {name}")
+            )
+        log.info(
+            "adapter for merge",
+            file=str(apath),
+            network=claim.network_type,
+            layout=claim.layout,
+            modules=len(grouped),
+            multiplier=float(multiplier),
+        )
 
     if unmatched:
-        hint = "" if arch else "; if the adapter uses another naming than the base (e.g. diffusers names on a BFL FLUX.2 file), give the architecture (--arch)"
-        listed = "; ".join(f"{f}: {names[:12]}{' ...' if len(names) > 12 else ''}" for f, names in unmatched_by_file.items())
+        hint = (
+            ""
+            if arch
+            else "; if the adapter uses another naming than the base (e.g. diffusers names on a natively named base), give the architecture (--arch)"
+        )
+        listed = "; ".join(
+            f"{f}: {names[:12]}{' ...' if len(names) > 12 else ''}" for f, names in unmatched_by_file.items()
+        )
         msg = f"{len(unmatched)} adapter modules match no weight of {model_path}: {listed}{hint}"
         if not allow_unmatched:
             raise AdapterError(msg + "; --allow-unmatched merges the rest")
@@ -177,7 +210,9 @@ def merge(
             t = reader.get(key)
             bad = describe_nonfinite(t)
             if bad:
-                raise ModelFileError(f"{model_path}: tensor {key!r} holds {bad}; the checkpoint is corrupt: re-download or re-export it. Nothing was written")
+                raise ModelFileError(
+                    f"{model_path}: tensor {key!r} holds {bad}; the checkpoint is corrupt: re-download or re-export it. Nothing was written"
+                )
             if key in contributions:
                 t = _merged(t, contributions[key], shape, key, manager, out_path)
             out = _cast(t, dst)
@@ -208,7 +243,9 @@ def _module_map(manager: Any, arch: str | None, variant: str | None) -> Any:
         raise UsageError(str(exc.args[0])) from None
 
 
-def _merged(base: torch.Tensor, parts: list, shape: tuple[int, ...], key: str, manager: Any, out_path: Path) -> torch.Tensor:
+def _merged(
+    base: torch.Tensor, parts: list, shape: tuple[int, ...], key: str, manager: Any, out_path: Path
+) -> torch.Tensor:
     """``base + Σ m · ΔW`` in float32; ``AdapterError`` when a ΔW does not fit or the sum is not finite."""
     acc = base.to(torch.float32)
     for network_type, tensors, multiplier, label in parts:

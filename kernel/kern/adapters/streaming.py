@@ -27,8 +27,8 @@ from typing import Any, BinaryIO, Iterable, Mapping, Sequence
 
 import torch
 
-from kern.errors import KernError
 from kern.core.io import atomic_path, header_length, read_header
+from kern.errors import KernError
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -50,7 +50,9 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 def dtype_from_safetensors(name: str, where: str = "") -> torch.dtype:
     if name not in _DTYPES:
-        raise KernError(f"{where}safetensors dtype {name!r} is not supported by kern's reader (supported: {sorted(_DTYPES)})")
+        raise KernError(
+            f"{where}safetensors dtype {name!r} is not supported by kern's reader (supported: {sorted(_DTYPES)})"
+        )
     return _DTYPES[name]
 
 
@@ -105,7 +107,9 @@ class SafetensorsReader:
             try:
                 f.seek(self._data_start + begin)
                 if f.readinto(buf) != len(buf):
-                    raise KernError(f"{self.path}: truncated while reading {name!r} (did the file change?); re-download or re-save it")
+                    raise KernError(
+                        f"{self.path}: truncated while reading {name!r} (did the file change?); re-download or re-save it"
+                    )
             finally:
                 if self._file is None:
                     f.close()
@@ -154,7 +158,11 @@ class StreamingWriter:
         offset = 0
         for name, dtype, shape in self.layout:
             size = math.prod(shape) * _itemsize(dtype)
-            header[name] = {"dtype": dtype_to_safetensors(dtype), "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {
+                "dtype": dtype_to_safetensors(dtype),
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
@@ -204,8 +212,12 @@ class StreamingWriter:
             if exc_type is None:
                 self._fail(close_exc)
         if exc_type is None and self._next != len(self.layout):
-            missing = [n for n, _, _ in self.layout[self._next:]][:5]
-            self._fail(KernError(f"{self.path}: only {self._next} of {len(self.layout)} tensors were written (next missing: {missing})"))
+            missing = [n for n, _, _ in self.layout[self._next :]][:5]
+            self._fail(
+                KernError(
+                    f"{self.path}: only {self._next} of {len(self.layout)} tensors were written (next missing: {missing})"
+                )
+            )
         self._ctx.__exit__(exc_type, exc, tb)
 
     def _fail(self, err: BaseException) -> None:
@@ -221,7 +233,9 @@ def _exc_info() -> tuple[Any, Any, Any]:
     return sys.exc_info()
 
 
-def aligned_order(layout: Iterable[tuple[str, torch.dtype, Sequence[int]]]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+def aligned_order(
+    layout: Iterable[tuple[str, torch.dtype, Sequence[int]]],
+) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """``layout`` sorted (stably) by falling element size, so every tensor starts aligned to its element size."""
     items = [(n, d, tuple(s)) for n, d, s in layout]
     return sorted(items, key=lambda e: -_itemsize(e[1]))

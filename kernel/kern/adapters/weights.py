@@ -17,9 +17,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from kern.adapters.network import CHECKPOINT_PREFIXES, ModuleMap, NameTable, Network, candidate_paths
 from kern.errors import AdapterError, KernError, PluginError, UsageError
 from kern.log import get_logger
-from kern.adapters.network import CHECKPOINT_PREFIXES, ModuleMap, NameTable, Network, candidate_paths
 from kern.records import WeightsClaim
 
 log = get_logger(__name__)
@@ -86,7 +86,9 @@ def describe_unclaimed(keys: Iterable[str], metadata: Mapping[str, str] | None =
     return f"not an adapter format kern knows ({len(keys)} keys, e.g. {sample})"
 
 
-def detect(keys: Iterable[str], metadata: Mapping[str, str] | None = None, manager: Any = None, path: Any = None) -> WeightsClaim:
+def detect(
+    keys: Iterable[str], metadata: Mapping[str, str] | None = None, manager: Any = None, path: Any = None
+) -> WeightsClaim:
     """The one network plugin's claim on an adapter file with these ``keys``; ``AdapterError`` otherwise."""
     from kern.core.plugins import get_manager
 
@@ -99,11 +101,15 @@ def detect(keys: Iterable[str], metadata: Mapping[str, str] | None = None, manag
         try:
             claim = impl.function(keys=keys, metadata=metadata)
         except Exception as exc:
-            raise PluginError(f"{where}plugin {impl.plugin_name!r} failed in detect_weights: {type(exc).__name__}: {exc}") from exc
+            raise PluginError(
+                f"{where}plugin {impl.plugin_name!r} failed in detect_weights: {type(exc).__name__}: {exc}"
+            ) from exc
         if claim is None:
             continue
         if not isinstance(claim, WeightsClaim):
-            raise PluginError(f"plugin {impl.plugin_name!r}: detect_weights returned {type(claim).__name__}, expected kern.WeightsClaim")
+            raise PluginError(
+                f"plugin {impl.plugin_name!r}: detect_weights returned {type(claim).__name__}, expected kern.WeightsClaim"
+            )
         claims.append((impl.plugin_name, claim))
     if not claims:
         raise AdapterError(f"{where}{describe_unclaimed(keys, metadata)}")
@@ -133,7 +139,12 @@ def to_kohya(
     if module_map is not None:
         raw = [(n, o) for n, o in module_map.to_other.items()] if isinstance(module_map, ModuleMap) else module_map
     result = manager.hook.convert_weights(
-        network_type=claim.network_type, state_dict=tensors, metadata=metadata, claim=claim, to_layout="kohya", module_map=raw
+        network_type=claim.network_type,
+        state_dict=tensors,
+        metadata=metadata,
+        claim=claim,
+        to_layout="kohya",
+        module_map=raw,
     )
     if result is None:
         raise PluginError(f"no plugin converts {claim.network_type!r} adapters (convert_weights)")
@@ -154,8 +165,8 @@ def apply_adapters(
     speed" generation; the returned networks are detached and their multipliers fixed).
 
     Files may be LoRA or LoHa (any layout a plugin detects) and may target the same layers: their outputs add
-    up. With ``arch`` set, a file whose module names are not the model's own (e.g. diffusers names on kern's
-    BFL-named FLUX.2) is first mapped through the architecture's module map. On any error the networks
+    up. With ``arch`` set, a file whose module names are not the model's own (e.g. diffusers names on a
+    natively named model) is first mapped through the architecture's module map. On any error the networks
     applied so far are removed again.
     """
     from kern.core.plugins import get_manager
@@ -173,7 +184,12 @@ def apply_adapters(
             if foreign and arch is not None:
                 mm = module_map_for(manager, arch, variant)
                 if mm is not None:
-                    log.debug("mapping adapter names through the module map", file=str(path), arch=arch, unmatched=len(foreign))
+                    log.debug(
+                        "mapping adapter names through the module map",
+                        file=str(path),
+                        arch=arch,
+                        unmatched=len(foreign),
+                    )
                     try:
                         tensors = to_kohya(tensors, metadata, claim, manager, mm)
                     except AdapterError as exc:
@@ -182,7 +198,12 @@ def apply_adapters(
                     metadata = {}
             try:
                 net = manager.hook.load_network(
-                    network_type=claim.network_type, model=model, state_dict=tensors, metadata=metadata, claim=claim, multiplier=float(multiplier)
+                    network_type=claim.network_type,
+                    model=model,
+                    state_dict=tensors,
+                    metadata=metadata,
+                    claim=claim,
+                    multiplier=float(multiplier),
                 )
             except AdapterError as exc:
                 hint = ""
@@ -191,7 +212,14 @@ def apply_adapters(
                 raise AdapterError(f"{path}: {exc}{hint}") from None
             if net is None:
                 raise PluginError(f"{path}: no plugin loads {claim.network_type!r} adapters (load_network)")
-            log.info("applied adapter", file=str(path), network=claim.network_type, layout=claim.layout, modules=len(net), multiplier=float(multiplier))
+            log.info(
+                "applied adapter",
+                file=str(path),
+                network=claim.network_type,
+                layout=claim.layout,
+                modules=len(net),
+                multiplier=float(multiplier),
+            )
             networks.append(net)
     except BaseException:
         for net in reversed(networks):
@@ -252,5 +280,5 @@ def check_multiplier(path: Any, multiplier: Any) -> float:
 def strip_checkpoint_prefix(key: str) -> str:
     for prefix in CHECKPOINT_PREFIXES:
         if key.startswith(prefix):
-            return key[len(prefix):]
+            return key[len(prefix) :]
     return key

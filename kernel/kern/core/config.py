@@ -43,7 +43,7 @@ def _checkpointing(instance: Any, attribute: Any, value: Any) -> None:
 
 @attrs.define(kw_only=True)
 class ModelConfig:
-    arch: str | None = None  # architecture name or alias, e.g. "flux2-klein-4b"
+    arch: str | None = None  # architecture name, alias or variant alias (`kern plugins` lists them)
     variant: str | None = None  # forces a variant instead of detecting it from the checkpoint
     transformer: str | None = None  # checkpoint file or diffusers folder
     vae: str | None = None
@@ -81,12 +81,22 @@ class TrainConfig:
     # true (= "full") | false | "selective" (also keep attention outputs); see kern.gpu.accel and docs/training.md
     gradient_checkpointing: bool | str = attrs.field(default=True, validator=_checkpointing)
     # with "selective": only the first N repeated blocks keep their attention outputs, the rest are full (a memory budget)
-    selective_blocks: int | None = attrs.field(default=None, validator=attrs.validators.optional(attrs.validators.ge(0)))
-    compile: str = attrs.field(default="auto", validator=_one_of("auto", "blocks", "off"))  # auto: compiled blocks on CUDA
-    attention: str = attrs.field(default="auto", validator=_one_of("auto", "flash", "cudnn", "efficient", "math", "flash_attn"))  # SDPA backend, or the flash-attn package
+    selective_blocks: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.ge(0))
+    )
+    compile: str = attrs.field(
+        default="auto", validator=_one_of("auto", "blocks", "off")
+    )  # auto: compiled blocks on CUDA
+    attention: str = attrs.field(
+        default="auto", validator=_one_of("auto", "flash", "cudnn", "efficient", "math", "flash_attn")
+    )  # SDPA backend, or the flash-attn package
     base_precision: str = attrs.field(default="bf16", validator=_one_of("bf16", "fp8"))  # fp8: frozen Linears in float8
-    blocks_to_swap: int = attrs.field(default=0, validator=attrs.validators.ge(0))  # repeated blocks whose frozen weights stay in CPU memory and stream in (block swap)
-    offload_activations: bool = False  # checkpointed blocks' inputs wait for backward in pinned CPU memory (kern.gpu.offload)
+    blocks_to_swap: int = attrs.field(
+        default=0, validator=attrs.validators.ge(0)
+    )  # repeated blocks whose frozen weights stay in CPU memory and stream in (block swap)
+    offload_activations: bool = (
+        False  # checkpointed blocks' inputs wait for backward in pinned CPU memory (kern.gpu.offload)
+    )
     shard_base: bool = False  # several processes: FSDP2-shard the frozen base across them (kern.gpu.distributed)
     seed: int = 42
     device: str | None = None  # default: what accelerate picks
@@ -334,15 +344,24 @@ def check_job(job: JobConfig) -> None:
     count("train.blocks_to_swap", t.blocks_to_swap, 0, 100000)
     count("train.selective_blocks", t.selective_blocks, 0, 100000)
     if t.selective_blocks is not None and t.gradient_checkpointing != "selective":
-        fail("train.selective_blocks", "only applies with train.gradient_checkpointing = \"selective\"; set that or remove it")
+        fail(
+            "train.selective_blocks",
+            'only applies with train.gradient_checkpointing = "selective"; set that or remove it',
+        )
     if t.device is not None and t.device not in DEVICES:
         hint = "; to pick a GPU, set CUDA_VISIBLE_DEVICES instead" if re.fullmatch(r"cuda:\d+", t.device) else ""
-        fail("train.device", f"must be one of {list(DEVICES)} (or unset: the GPU when there is one), got {t.device!r}{hint}")
+        fail(
+            "train.device",
+            f"must be one of {list(DEVICES)} (or unset: the GPU when there is one), got {t.device!r}{hint}",
+        )
     if t.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            fail("train.device", "is 'cuda' but this machine has no usable CUDA device; set it to 'cpu' or leave it unset")
+            fail(
+                "train.device",
+                "is 'cuda' but this machine has no usable CUDA device; set it to 'cpu' or leave it unset",
+            )
 
     count("sample.every_n_steps", s.every_n_steps, 0)
     count("sample.steps", s.steps, 1, MAX_SAMPLE_STEPS)
@@ -352,8 +371,13 @@ def check_job(job: JobConfig) -> None:
     count("sample.seed", s.seed, 0, MAX_SEED)
     if not s.prompts:  # a sample setting other than its default, with nothing to sample, would be silently ignored
         default = SampleConfig()
-        unused = sorted(k for k in job.given if k.startswith("sample.") and k != "sample.prompts"
-                        and getattr(s, k.split(".")[1], None) != getattr(default, k.split(".")[1], None))
+        unused = sorted(
+            k
+            for k in job.given
+            if k.startswith("sample.")
+            and k != "sample.prompts"
+            and getattr(s, k.split(".")[1], None) != getattr(default, k.split(".")[1], None)
+        )
         if unused:
             fail(unused[0], "has no effect without sample.prompts; add sample prompts or remove it")
 
@@ -381,10 +405,18 @@ _NAME = re.compile(r"[^/\\\x00-\x1f]+")
 def check_name(name: str, where: str) -> str:
     """``name`` as a file stem inside an output folder: no path separators, no ``..``, no hidden or empty name,
     no control characters. Raises ``ConfigError`` naming ``where``."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", "..") or name.startswith(".") \
-            or name != name.strip() or len(name.encode("utf-8")) > 200:
-        raise ConfigError(f"{where} must be a plain file name (no '/', '\\', '..', leading dot, control characters or "
-                          f"surrounding spaces, at most 200 bytes), got {name!r}")
+    if (
+        not isinstance(name, str)
+        or not _NAME.fullmatch(name)
+        or name in (".", "..")
+        or name.startswith(".")
+        or name != name.strip()
+        or len(name.encode("utf-8")) > 200
+    ):
+        raise ConfigError(
+            f"{where} must be a plain file name (no '/', '\\', '..', leading dot, control characters or "
+            f"surrounding spaces, at most 200 bytes), got {name!r}"
+        )
     return name
 
 

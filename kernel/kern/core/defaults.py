@@ -11,7 +11,9 @@ from kern.hookspecs import hookimpl
 
 
 @hookimpl(trylast=True)
-def sample_timesteps(arch: str, method: str, batch_size: int, latent_shape: tuple, generator: Any, options: Mapping[str, Any]) -> Any:
+def sample_timesteps(
+    arch: str, method: str, batch_size: int, latent_shape: tuple, generator: Any, options: Mapping[str, Any]
+) -> Any:
     from kern.maths import timesteps
 
     return timesteps.sample(method, batch_size, latent_shape, generator, options)

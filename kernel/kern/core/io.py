@@ -1,4 +1,4 @@
-"""Atomic file writes and safetensors reading with errors that name the file.
+"""Atomic file writes, with errors that name the file.
 
 Every checkpoint, cache and adapter kern writes goes through ``atomic_path``: the data is written
 to a temporary file in the same folder and renamed over the target only once complete, so an
@@ -6,28 +6,53 @@ interrupted or failed write never leaves a partial file behind. A full disk, a r
 non-writable folder become a :class:`WriteError` (a ``KernError`` that is also an ``OSError``) saying
 so in words, the temporary file removed and the old target untouched.
 
-Reading: :func:`read_header` validates the whole header of a safetensors file (lengths, JSON, every
-entry's dtype / shape / offsets, the metadata) in one place, so every reader (``load_file``,
-``kern.adapters.streaming.SafetensorsReader``, ``kern.models.files``, adapters) turns a corrupt file into a
-``KernError`` naming the file and the tensor. :func:`describe_nonfinite` finds NaN / Inf values.
+Reading safetensors files (``read_header``, ``load_file``, ``describe_nonfinite`` ...) lives in
+``kern.core.safetensors_read``; its names are importable from here too, so ``from kern.core.io import
+load_file, save_file`` keeps working.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import shutil
-import stat
-import struct
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
+from kern.core.safetensors_read import (  # re-exported: plugins and tests import the readers from here
+    FINITE_CHUNK,
+    MAX_HEADER_BYTES,
+    SAFETENSORS_DTYPE_BITS,
+    describe_nonfinite,
+    header_length,
+    load_file,
+    read_header,
+)
 from kern.errors import KernError
+
+__all__ = [
+    "FINITE_CHUNK",
+    "MAX_HEADER_BYTES",
+    "SAFETENSORS_DTYPE_BITS",
+    "TMP_SUFFIX",
+    "OutputExistsError",
+    "WriteError",
+    "atomic_path",
+    "check_output_file",
+    "describe_nonfinite",
+    "ensure_writable_dir",
+    "header_length",
+    "human_bytes",
+    "load_file",
+    "read_header",
+    "remove_orphans",
+    "save_file",
+    "write_text",
+]
 
 
 class WriteError(KernError, OSError):
@@ -84,17 +109,28 @@ def _write_error(exc: OSError, target: Path, needed: int | None = None) -> Write
     code = exc.errno
     if code in _NO_SPACE:
         free = _free_bytes(folder)
-        parts = [f"needed about {human_bytes(needed)}" if needed else None, f"{human_bytes(free)} free" if free is not None else None]
+        parts = [
+            f"needed about {human_bytes(needed)}" if needed else None,
+            f"{human_bytes(free)} free" if free is not None else None,
+        ]
         detail = ", ".join(p for p in parts if p)
         what = "disk quota exceeded" if code == _QUOTA and code != errno.ENOSPC else "no space left on device"
         return WriteError(f"{target}: {what} ({detail}); free some space or write elsewhere. Nothing was written", code)
     if code in _NOT_WRITABLE:
         why = "read-only file system" if code == errno.EROFS else "permission denied"
-        return WriteError(f"{target}: folder {folder} is not writable ({why}); choose another output folder or fix its permissions", code)
+        return WriteError(
+            f"{target}: folder {folder} is not writable ({why}); choose another output folder or fix its permissions",
+            code,
+        )
     if code == errno.EFBIG:
-        return WriteError(f"{target}: file too large for the file system of {folder} (needed about {human_bytes(needed or 0)}); write elsewhere", code)
+        return WriteError(
+            f"{target}: file too large for the file system of {folder} (needed about {human_bytes(needed or 0)}); write elsewhere",
+            code,
+        )
     if code in (errno.ENOTDIR, errno.EEXIST) and not folder.is_dir():
-        return WriteError(f"{target}: cannot create folder {folder}: a file is in the way; choose another output path", code)
+        return WriteError(
+            f"{target}: cannot create folder {folder}: a file is in the way; choose another output path", code
+        )
     if code == errno.EISDIR:
         return WriteError(f"{target}: is a folder; give a file name", code)
     return WriteError(f"{target}: writing failed: {exc.strerror or exc}", code)
@@ -161,7 +197,9 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True, *, needed: int 
 def _publish_new(tmp: Path, target: Path) -> None:
     """Publish ``tmp`` as ``target`` only if that name is free. A hard link is atomic; a file system without
     hard links (FAT, some network shares) gets the name reserved by an exclusive create, then replaced."""
-    taken = OutputExistsError(f"{target}: already exists (created while kern was writing?); it was not replaced", errno.EEXIST)
+    taken = OutputExistsError(
+        f"{target}: already exists (created while kern was writing?); it was not replaced", errno.EEXIST
+    )
     try:
         os.link(tmp, target)
     except FileExistsError:
@@ -201,7 +239,10 @@ def remove_orphans(folder: str | os.PathLike, older_than_s: float = 3600.0) -> l
         if not (_ORPHAN.match(entry.name) or _SAFETENSORS_ORPHAN.match(entry.name)):
             continue
         try:
-            if not entry.is_file(follow_symlinks=False) or now - entry.stat(follow_symlinks=False).st_mtime < older_than_s:
+            if (
+                not entry.is_file(follow_symlinks=False)
+                or now - entry.stat(follow_symlinks=False).st_mtime < older_than_s
+            ):
                 continue
             os.unlink(entry.path)
         except FileNotFoundError:
@@ -243,7 +284,10 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output_file(
-    out: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]], overwrite: bool = False, what: str = "--out"
+    out: str | os.PathLike,
+    inputs: Iterable[tuple[str, str | os.PathLike]],
+    overwrite: bool = False,
+    what: str = "--out",
 ) -> Path:
     """Refuse, before any work, an output file that would destroy an input or replace a file unasked.
 
@@ -263,15 +307,21 @@ def check_output_file(
         for label, path in inputs:
             if _same_file(target, Path(path)):
                 how = "" if os.path.realpath(target) == os.path.realpath(path) else " (through a link)"
-                raise UsageError(f"{what} {target} is the {label} {path}{how}; writing there would destroy it: choose another {what}")
+                raise UsageError(
+                    f"{what} {target} is the {label} {path}{how}; writing there would destroy it: choose another {what}"
+                )
         if os.path.lexists(target):
             if target.exists() and not target.is_file():
                 raise UsageError(f"{what} {target}: exists and is not a regular file; choose another {what}")
             if not overwrite:
-                raise UsageError(f"{what} {target}: already exists; pass --overwrite to replace it, or choose another {what}")
+                raise UsageError(
+                    f"{what} {target}: already exists; pass --overwrite to replace it, or choose another {what}"
+                )
         _check_folder_writable(target, what)
     except (OSError, ValueError) as exc:  # a name too long, a NUL byte ...
-        raise UsageError(f"{what} {target}: unusable path ({getattr(exc, 'strerror', None) or exc}); choose another {what}") from None
+        raise UsageError(
+            f"{what} {target}: unusable path ({getattr(exc, 'strerror', None) or exc}); choose another {what}"
+        ) from None
     return target
 
 
@@ -279,7 +329,9 @@ def _check_folder_writable(target: Path, what: str) -> None:
     from kern.errors import UsageError
 
     folder = target.parent
-    while not os.path.lexists(folder) and folder != folder.parent:  # the nearest existing folder: it must take the new ones
+    while (
+        not os.path.lexists(folder) and folder != folder.parent
+    ):  # the nearest existing folder: it must take the new ones
         folder = folder.parent
     if not folder.is_dir():
         raise UsageError(f"{what} {target}: {folder} is not a folder; choose another {what}")
@@ -287,7 +339,9 @@ def _check_folder_writable(target: Path, what: str) -> None:
         fd, probe = tempfile.mkstemp(prefix=".kern-write-check.", suffix=TMP_SUFFIX, dir=folder)
     except OSError as exc:
         why = "read-only file system" if exc.errno == errno.EROFS else (exc.strerror or str(exc)).lower()
-        raise UsageError(f"{what} {target}: folder {folder} is not writable ({why}); choose another {what} or fix its permissions") from None
+        raise UsageError(
+            f"{what} {target}: folder {folder} is not writable ({why}); choose another {what} or fix its permissions"
+        ) from None
     os.close(fd)
     os.unlink(probe)
 
@@ -305,7 +359,10 @@ def _safetensors_os_error(exc: Exception) -> OSError | None:
 
 
 def save_file(
-    tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None, overwrite: bool = True
+    tensors: Mapping[str, Any],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    overwrite: bool = True,
 ) -> None:
     """``safetensors.torch.save_file``, atomically. Metadata values must be strings.
 
@@ -330,239 +387,3 @@ def save_file(
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path, needed=len(text.encode("utf-8"))) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-# bits per element of every dtype name the safetensors format defines
-SAFETENSORS_DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
-    "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-}
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
-
-
-class _BadJSON(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _BadJSON(f"key {k!r} appears twice")
-        out[k] = v
-    return out
-
-
-def _no_constants(name: str) -> Any:
-    raise _BadJSON(f"{name} is not valid JSON")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _read_raw_header(p: Path) -> tuple[bytes, int]:
-    """The header bytes and the file size; ``KernError`` for a missing, special, empty or too short file."""
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        raise KernError(f"{p}: no such file") from None
-    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a loop of links ...
-        raise KernError(f"{p}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise KernError(f"{p}: is a folder, not a safetensors file; give the .safetensors file inside it")
-    if not stat.S_ISREG(st.st_mode):
-        raise KernError(f"{p}: not a regular file; give a .safetensors file")
-    try:
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise KernError(f"{p}: empty file (0 bytes), not a safetensors file; re-download or re-save it")
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise KernError(f"{p}: not a safetensors file (only {size} bytes); check the path or re-download it")
-            (n,) = struct.unpack("<Q", raw)
-            if n < 2 or n > MAX_HEADER_BYTES:
-                raise KernError(f"{p}: not a safetensors file (bad header length {n}); is it a .ckpt/.pt or truncated?")
-            if n > size - 8:
-                raise KernError(
-                    f"{p}: truncated or not a safetensors file: its header length {n} runs past the end of the file "
-                    f"({size} bytes); re-download or re-save it"
-                )
-            header = f.read(n)
-    except OSError as exc:
-        raise KernError(f"{p}: cannot read ({exc.strerror or exc})") from None
-    if len(header) != n:
-        raise KernError(f"{p}: truncated while reading its header; re-download or re-save it")
-    return header, size
-
-
-def _parse_header(p: Path, raw: bytes) -> dict[str, Any]:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise KernError(f"{p}: not a safetensors file (header is not UTF-8 text at byte {8 + exc.start}); is it a .ckpt/.pt or corrupt?") from None
-    try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, duplicates, NaN, 5000-digit numbers, deep nesting
-        why = str(exc) if isinstance(exc, ValueError) else "nested too deeply"
-        raise KernError(f"{p}: not a safetensors file (unreadable header: {why[:200]})") from None
-    if not isinstance(header, dict):
-        raise KernError(f"{p}: not a safetensors file (header is a JSON {type(header).__name__}, not an object)")
-    return header
-
-
-def _check_metadata(p: Path, metadata: Any) -> dict[str, str]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict):
-        raise KernError(f"{p}: corrupt safetensors header: __metadata__ is a {type(metadata).__name__}, not a string → string map")
-    bad = [k for k, v in metadata.items() if not isinstance(v, str)]
-    if bad:
-        raise KernError(f"{p}: corrupt safetensors header: __metadata__ values must be strings (not for {bad[:5]})")
-    return metadata
-
-
-def _numel(shape: list[int], limit: int) -> int:
-    """Product of ``shape``, stopping early once above ``limit`` (a huge shape cannot fit the file anyway)."""
-    if 0 in shape:
-        return 0
-    n = 1
-    for s in shape:
-        n *= s
-        if n > limit:
-            return n
-    return n
-
-
-def _check_entry(p: Path, name: str, entry: Any, data_size: int) -> tuple[int, int]:
-    """The (begin, end) byte offsets of one validated header entry."""
-    where = f"{p}: corrupt safetensors header: tensor {name!r}"
-    if not isinstance(entry, dict):
-        raise KernError(f"{where} is a JSON {type(entry).__name__}, not an object with dtype, shape and data_offsets")
-    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
-    if missing:
-        raise KernError(f"{where} has no {', '.join(missing)}")
-    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BITS:
-        raise KernError(f"{where}: unknown dtype {dtype!r} (safetensors has {sorted(SAFETENSORS_DTYPE_BITS)})")
-    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
-        raise KernError(f"{where}: shape {_short(shape)} is not a list of non-negative integers")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) and o >= 0 for o in offsets):
-        raise KernError(f"{where}: data_offsets {_short(offsets)} is not [begin, end] with non-negative integers")
-    begin, end = offsets
-    if begin > end:
-        raise KernError(f"{where}: data_offsets [{begin}, {end}] end before they begin")
-    bits = SAFETENSORS_DTYPE_BITS[dtype]
-    numel = _numel(shape, 8 * (data_size + 1))
-    if numel * bits != (end - begin) * 8:
-        need = f"{numel * bits / 8:.0f}" if numel <= 8 * (data_size + 1) else "far more"
-        raise KernError(f"{where}: holds {end - begin} bytes, but shape {_short(shape)} of {dtype} needs {need}")
-    return begin, end
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _check_layout(p: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
-    """Tensors must tile the data section exactly: no gap, no overlap, nothing past or after it."""
-    position, previous = 0, None
-    for begin, end, name in sorted(spans):
-        if begin < position:
-            raise KernError(f"{p}: corrupt safetensors header: tensor {name!r} [{begin}, {end}] overlaps tensor {previous!r} (ends at {position})")
-        if begin > position:
-            raise KernError(f"{p}: corrupt safetensors header: {begin - position} bytes before tensor {name!r} belong to no tensor")
-        position, previous = end, name
-    if position > data_size:
-        raise KernError(f"{p}: truncated: header promises {position} bytes of data, the file has {data_size}; re-download or re-save it")
-    if position < data_size:
-        raise KernError(f"{p}: not a complete safetensors file: {data_size - position} bytes after the last tensor belong to no tensor")
-
-
-def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, str]]:
-    """The tensor index (name → dtype, shape, offsets) and ``__metadata__`` of a safetensors file.
-
-    Reads only the header, so it is cheap on a 60 GB checkpoint, and validates all of it: a file that is
-    missing, a folder, empty, not safetensors, truncated, or whose header has a malformed entry (dtype,
-    shape, offsets, byte count), overlapping or gapped tensors, or non-string metadata raises ``KernError``
-    naming the file (and the tensor). A file that passes is one the safetensors library reads.
-    """
-    p = Path(path)
-    raw, size = _read_raw_header(p)
-    header = _parse_header(p, raw)
-    metadata = _check_metadata(p, header.pop("__metadata__", None))
-    data_size = size - 8 - len(raw)
-    spans = [(*_check_entry(p, name, entry, data_size), name) for name, entry in header.items()]
-    _check_layout(p, spans, data_size)
-    return header, metadata
-
-
-def header_length(path: str | os.PathLike) -> int:
-    """The byte offset where the tensor data of a (validated) safetensors file starts."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-    return 8 + n
-
-
-def load_file(path: str | os.PathLike, device: str = "cpu") -> tuple[dict[str, Any], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file, after checking it with ``read_header``.
-
-    Any failure of the safetensors library itself (a dtype this torch lacks, the file changing meanwhile)
-    is a ``KernError`` naming the file too.
-    """
-    from safetensors import safe_open
-
-    _, metadata = read_header(path)
-    tensors = {}
-    try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            for k in f.keys():
-                tensors[k] = f.get_tensor(k)
-    except KernError:
-        raise
-    except (MemoryError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
-        raise KernError(f"{path}: unreadable safetensors file: {exc}") from None
-    return tensors, metadata
-
-
-# ---------------------------------------------------------------------------------------------- values
-
-FINITE_CHUNK = 1 << 24  # elements checked at once: bounded memory (64 MiB for an fp8 chunk upcast to float32)
-
-
-def describe_nonfinite(tensor: Any) -> str | None:
-    """``None`` when every value of ``tensor`` is finite (or it is not a float tensor), else e.g. "2 NaN and 1 infinite of 600 values".
-
-    Checks in chunks of ``FINITE_CHUNK`` elements on the tensor's own device, so memory stays bounded;
-    8-bit float chunks are upcast to float32 first.
-    """
-    import torch
-
-    if not (tensor.is_floating_point() or tensor.is_complex()):
-        return None
-    flat = tensor.detach().reshape(-1)
-    total = flat.numel()
-    upcast = flat.element_size() == 1
-    nan = inf = 0
-    for start in range(0, total, FINITE_CHUNK):
-        chunk = flat[start:start + FINITE_CHUNK]
-        if upcast:
-            chunk = chunk.to(torch.float32)
-        finite = torch.isfinite(chunk)
-        if bool(finite.all()):
-            continue
-        n_nan = int(torch.isnan(chunk).sum())
-        nan += n_nan
-        inf += int((~finite).sum()) - n_nan
-    if not nan and not inf:
-        return None
-    parts = [f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else ""]
-    return f"{' and '.join(x for x in parts if x)} of {total} values"
-

@@ -11,9 +11,14 @@ wrong argument name, bad records or a name another plugin already owns: the plug
 whole (status ``failed``) with its distribution, version and the reason; the others load as usual.
 
 Who wins a name: the distributions shipped with kern (``BUILTIN_DISTRIBUTIONS``) load first, then
-the others sorted by entry-point name; the first to declare a name keeps it. Built-in plugins also
-answer hooks before third-party ones, so a third-party plugin cannot answer for a built-in's names.
-To replace a built-in on purpose, disable it: ``KERN_DISABLE_PLUGINS=flux2``. See docs/plugins.md.
+the others sorted by entry-point name; the first to declare a name keeps it. A hook call for a name reaches
+only the plugin that owns it, so a third-party plugin cannot answer for a built-in's names; hooks that reach
+every plugin (``detect_weights``) ask the built-in plugins first.
+To replace a built-in on purpose, disable it: ``KERN_DISABLE_PLUGINS=<its entry-point name>``. See docs/plugins.md.
+
+Dispatch: ``manager.hook.<name>(...)`` routes a call that names an architecture or network type to the plugin
+that registered it (``kern.core.routing``); pluggy's own relay stays at ``manager.pm.hook``. The checks a plugin
+passes when it loads are in ``kern.core.plugin_checks``.
 
 Environment variables (read when the manager is built):
 
@@ -25,8 +30,6 @@ Environment variables (read when the manager is built):
 from __future__ import annotations
 
 import contextlib
-import difflib
-import inspect
 import os
 import re
 import sys
@@ -38,9 +41,11 @@ import attrs
 import pluggy
 
 from kern import errors, hookspecs
+from kern.core import plugin_checks as checks
+from kern.core.routing import KERNEL_PLUGIN, HookRouter
 from kern.errors import PluginError, UsageError
 from kern.log import get_logger
-from kern.records import Architecture, NetworkType, Option, Variant
+from kern.records import Architecture, NetworkType
 
 if sys.version_info >= (3, 12):
     from importlib.metadata import EntryPoint, distributions
@@ -56,10 +61,6 @@ ENV_NO_AUTOLOAD = "KERN_DISABLE_PLUGIN_AUTOLOAD"
 
 # The distributions shipped with kern: they load first, so they keep their names against any other plugin.
 BUILTIN_DISTRIBUTIONS = ("kern-tuner", "kern-lora", "kern-loha", "kern-flux2", "kern-qwen-image")
-# Hook options that would let a plugin run before, or around, the other plugins' answers for their names.
-REFUSED_HOOK_OPTIONS = ("tryfirst", "wrapper", "hookwrapper")
-# Architecture, variant and network names and aliases: used on the command line, in env lists and cache file names.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 MAX_ERROR_CHARS = 500
 # What still stops kern while a plugin's code runs: Ctrl-C, and kern's own stop signal where this kern has one.
 STOP = tuple(c for c in (KeyboardInterrupt, getattr(errors, "Interrupted", None)) if c is not None)
@@ -136,10 +137,20 @@ class KernPluginManager:
         self._owners: dict[tuple[str, str], PluginInfo] = {}  # ("architecture" | "network", name or alias) -> owner
         self._modules: dict[str, object] = {}  # plugin name -> plugin object, for loaded plugins
         self.pm.add_hookcall_monitoring(lambda *_: None, self._no_exit_from_hooks)
+        self._router = HookRouter(self.pm, self._owner_of, self._owners_of)
 
     @property
     def hook(self) -> Any:
-        return self.pm.hook
+        """The hooks to call: ``manager.hook.load_model(arch=..., ...)`` reaches the plugin that registered that
+        architecture (``kern.core.routing``); ``manager.pm.hook`` is pluggy's unrouted relay."""
+        return self._router
+
+    def _owner_of(self, kind: str, name: str) -> str | None:
+        info = self._owners.get((kind, name))
+        return info.name if info is not None else None
+
+    def _owners_of(self, kind: str) -> set[str]:
+        return {info.name for (k, _), info in self._owners.items() if k == kind}
 
     # ------------------------------------------------------------------ loading
 
@@ -163,9 +174,15 @@ class KernPluginManager:
             taken = self.infos.get(ep.name)
             if taken is not None and taken.status != "disabled":
                 self._track(info)
-                self._fail(info, f"entry point name {ep.name!r} is already used by {taken.label}; rename the entry point"
-                                 + (f", or disable the other by its distribution name: KERN_DISABLE_PLUGINS={taken.distribution}"
-                                    if taken.distribution not in ("?", "(in-process)") else ""))
+                self._fail(
+                    info,
+                    f"entry point name {ep.name!r} is already used by {taken.label}; rename the entry point"
+                    + (
+                        f", or disable the other by its distribution name: KERN_DISABLE_PLUGINS={taken.distribution}"
+                        if taken.distribution not in ("?", "(in-process)")
+                        else ""
+                    ),
+                )
                 continue
             if taken is not None:  # a disabled plugin of that name makes room: keep it listed under another key
                 self.infos[self._free_key(f"{ep.name} ({taken.distribution})")] = self.infos.pop(ep.name)
@@ -198,14 +215,24 @@ class KernPluginManager:
                 found.extend(ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP)
             except Exception as exc:  # noqa: BLE001 — e.g. a non-UTF-8 entry_points.txt, a dist-info without METADATA
                 where = str(getattr(dist, "_path", "") or "?")
-                info = PluginInfo(name=f"? ({Path(where).name})", distribution=_safe_name(dist), version="?", module="?")
+                info = PluginInfo(
+                    name=f"? ({Path(where).name})", distribution=_safe_name(dist), version="?", module="?"
+                )
                 self._track(info)
-                self._fail(info, f"unreadable distribution metadata in {where}: {_describe(exc)}; reinstall or remove it")
+                self._fail(
+                    info, f"unreadable distribution metadata in {where}: {_describe(exc)}; reinstall or remove it"
+                )
         return found
 
     def register_module(self, module: ModuleType | object, info: PluginInfo) -> None:
         """Register one plugin object (normally a module) and collect what it declares; on any problem the whole
         plugin is left out (``info.status == "failed"``, the reason in ``info.error``)."""
+        try:
+            self._register(module, info)
+        finally:
+            self._router.forget()  # who answers for which name may have changed
+
+    def _register(self, module: ModuleType | object, info: PluginInfo) -> None:
         self._track(info)
         try:
             with _plugin_code():
@@ -216,14 +243,16 @@ class KernPluginManager:
             self._fail(info, f"invalid plugin: {_describe(exc)}")
             return
         try:
-            self._check_hooks(module)
+            checks.check_hooks(self.pm, module)
             archs = self._declared(module, "register_architectures", Architecture)
             networks = self._declared(module, "register_networks", NetworkType)
             arch_names = self._architecture_names(archs, info)
             network_names = self._network_names_of(networks, info)
             if not archs and not networks and not self.pm.get_hookcallers(module):
-                raise PluginError(f"it implements no kern hook (no @kern.hookimpl functions in {info.module!r}); "
-                                  "check that the entry point names the module holding the hooks")
+                raise PluginError(
+                    f"it implements no kern hook (no @kern.hookimpl functions in {info.module!r}); "
+                    "check that the entry point names the module holding the hooks"
+                )
         except PluginError as exc:
             self._fail(info, str(exc), registered=module)
             return
@@ -258,15 +287,18 @@ class KernPluginManager:
         info.architectures, info.networks, info.hooks = [], [], []
         if registered is not None and self.pm.is_registered(registered):
             self.pm.unregister(registered)
-        log.warning("plugin failed to load", plugin=info.name, distribution=info.distribution, version=info.version, error=error)
+        log.warning(
+            "plugin failed to load", plugin=info.name, distribution=info.distribution, version=info.version, error=error
+        )
 
     def _answer_first(self, builtin: list[PluginInfo]) -> None:
-        """Re-register the built-in plugins so pluggy (last registered, first called) asks them before the others:
-        a third-party hook that wrongly answers for every architecture still cannot answer for a built-in's."""
+        """Re-register the built-in plugins so pluggy (last registered, first called) asks them before the others in
+        the hooks that reach every plugin (routed hooks reach only a name's owner anyway)."""
         for info in builtin:
             module = self._modules[info.name]
             self.pm.unregister(module)
             self.pm.register(module, name=info.name)
+        self._router.forget()
 
     def _no_exit_from_hooks(self, outcome: Any, hook_name: str, methods: list, kwargs: Any) -> None:
         """A hook that raises ``SystemExit``, ``GeneratorExit`` or another non-``Exception`` would end kern silently
@@ -278,47 +310,27 @@ class KernPluginManager:
         info = next((i for i in self.infos.values() if i.name == culprit and i.status == "loaded"), None)
         who = f"plugin {culprit!r}" + (f" ({info.label})" if info.version else "") if info else "a plugin"
         disable = f"KERN_DISABLE_PLUGINS={culprit}" if info else "KERN_DISABLE_PLUGINS"
-        outcome.force_exception(PluginError(
-            f"{who} raised {_describe(exc)} in hook {hook_name}; a plugin must raise an error, not exit. "
-            f"Report it to the plugin's authors, or disable the plugin ({disable})"
-        ))
+        outcome.force_exception(
+            PluginError(
+                f"{who} raised {_describe(exc)} in hook {hook_name}; a plugin must raise an error, not exit. "
+                f"Report it to the plugin's authors, or disable the plugin ({disable})"
+            )
+        )
 
     # ------------------------------------------------------------------ checks
 
-    def _spec_names(self) -> list[str]:
-        return sorted(n for n, caller in vars(self.pm.hook).items() if isinstance(caller, pluggy.HookCaller) and caller.has_spec())
-
-    def _check_hooks(self, module: object) -> None:
-        """Hook implementations that match no hook (a typo does nothing, silently) or that could pre-empt other plugins."""
-        problems = []
-        for caller in self.pm.get_hookcallers(module) or ():
-            impls = [i for i in caller.get_hookimpls() if i.plugin is module]
-            if not caller.has_spec() and not all(i.optionalhook for i in impls):
-                close = difflib.get_close_matches(caller.name, self._spec_names(), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else "; the hooks are listed in kern/hookspecs.py"
-                problems.append(f"@kern.hookimpl {caller.name!r} matches no kern hook{hint}")
-            for impl in impls:
-                refused = [o for o in REFUSED_HOOK_OPTIONS if getattr(impl, o, False)]
-                if refused:
-                    problems.append(f"hook {caller.name!r} uses {'/'.join(refused)}, which kern refuses: it would run before "
-                                    "or around other plugins' answers for their own names")
-        if problems:
-            raise PluginError("; ".join(problems))
-
     def _warn_undecorated(self, module: object, info: PluginInfo) -> None:
         """A function named like a hook but not marked ``@kern.hookimpl`` is never called: say so (it may be a helper)."""
-        hooked = {h.name for h in self.pm.get_hookcallers(module) or ()}
-        missing = []
-        for name in self._spec_names():
-            if name in hooked or name.startswith("register_"):
-                continue
-            candidate = inspect.getattr_static(module, name, None)  # runs no plugin code
-            if callable(candidate) and getattr(candidate, "__module__", None) == getattr(module, "__name__", None):
-                missing.append(name)
+        missing = checks.undecorated_hooks(self.pm, module)
         if missing:
             note = f"function(s) {missing} are named like kern hooks but not marked @kern.hookimpl, so kern never calls them"
             info.error = "; ".join(filter(None, [info.error, note]))
-            log.warning("plugin hook not marked @kern.hookimpl", plugin=info.name, distribution=info.distribution, functions=missing)
+            log.warning(
+                "plugin hook not marked @kern.hookimpl",
+                plugin=info.name,
+                distribution=info.distribution,
+                functions=missing,
+            )
 
     def _declared(self, module: object, hook_name: str, kind: type) -> list[Any]:
         """What the plugin's ``register_architectures`` / ``register_networks`` declares (each checked)."""
@@ -353,7 +365,7 @@ class KernPluginManager:
         """Every name and alias the architectures declare (checked), clashing with nothing registered before."""
         names: dict[str, tuple[str, str | None]] = {}
         for arch in archs:
-            for name, target in _check_architecture(arch).items():
+            for name, target in checks.check_architecture(arch).items():
                 if names.setdefault(name, target) != target:
                     raise PluginError(f"the name {name!r} is declared twice (by {names[name]} and {target})")
         self._check_free("architecture", names, info)
@@ -362,10 +374,11 @@ class KernPluginManager:
     def _network_names_of(self, networks: list[NetworkType], info: PluginInfo) -> dict[str, str]:
         names: dict[str, str] = {}
         for net in networks:
-            _check_options(net.options, f"network type {net.name!r}")
-            for name in (_check_name(net.name, "network type name"), *_check_names(net.aliases, f"network type {net.name!r} aliases")):
+            for name in checks.check_network(net):
                 if names.setdefault(name, net.name) != net.name:
-                    raise PluginError(f"the network name {name!r} is declared twice (by {names[name]!r} and {net.name!r})")
+                    raise PluginError(
+                        f"the network name {name!r} is declared twice (by {names[name]!r} and {net.name!r})"
+                    )
         self._check_free("network", names, info)
         return names
 
@@ -379,8 +392,10 @@ class KernPluginManager:
                 taken.setdefault(owner.name, (owner, []))[1].append(name)
         if not taken:
             return
-        clashes = "; ".join(f"{sorted(n)} already registered by {owner.label} (plugin {owner.name!r})"
-                            for owner, n in (taken[k] for k in sorted(taken)))
+        clashes = "; ".join(
+            f"{sorted(n)} already registered by {owner.label} (plugin {owner.name!r})"
+            for owner, n in (taken[k] for k in sorted(taken))
+        )
         raise PluginError(
             f"{kind} name(s) of {info.label} clash: {clashes}; the whole plugin is left out so it cannot answer for "
             f"those names. To use it instead, disable the other plugin: KERN_DISABLE_PLUGINS={','.join(sorted(taken))}"
@@ -407,7 +422,7 @@ class KernPluginManager:
         return [i for i in self.infos.values() if i.status == "failed" or i.error]
 
 
-# --------------------------------------------------------------------------- record checks
+# --------------------------------------------------------------------------- helpers
 
 
 def _culprit(exc: BaseException, impls: list) -> str | None:
@@ -429,93 +444,28 @@ def _safe_name(dist: Any) -> str:
         return "?"
 
 
-def _check_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise PluginError(f"{what} {name!r} is not a valid name: use letters, digits and . _ + - (at most 100 characters)")
-    return name
-
-
-def _check_names(names: Any, what: str) -> tuple[str, ...]:
-    if not isinstance(names, (tuple, list)):
-        raise PluginError(f"{what} must be a tuple of names, got {type(names).__name__} {names!r}")
-    return tuple(_check_name(n, what) for n in names)
-
-
-def _check_positive_int(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise PluginError(f"{what} must be a positive integer, got {value!r}")
-
-
-def _check_options(options: Any, what: str) -> None:
-    if not isinstance(options, (tuple, list)) or not all(isinstance(o, Option) for o in options):
-        raise PluginError(f"{what}: options must be a tuple of kern.Option, got {options!r}")
-    names = [o.name for o in options]
-    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        raise PluginError(f"{what}: option names must be unique, non-empty strings, got {names!r}")
-
-
-def _check_patterns(patterns: Any, what: str) -> None:
-    if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
-        raise PluginError(f"{what} must be a tuple of regular expressions, got {patterns!r}")
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as exc:
-            raise PluginError(f"{what}: {p!r} is not a valid regular expression ({exc})") from None
-
-
-def _check_variant(v: Any, where: str) -> None:
-    if not isinstance(v, Variant):
-        raise PluginError(f"{where}: variants must be kern.Variant records, got {type(v).__name__}")
-    _check_name(v.name, f"{where}: variant name")
-    if v.cache_id:
-        _check_name(v.cache_id, f"{where}: variant {v.name!r} cache_id")
-    for field in ("steps", "width", "height"):
-        _check_positive_int(getattr(v, field), f"{where}: variant {v.name!r} {field}")
-    if isinstance(v.guidance, bool) or not isinstance(v.guidance, (int, float)) or v.guidance != v.guidance or abs(v.guidance) == float("inf"):
-        raise PluginError(f"{where}: variant {v.name!r} guidance must be a finite number, got {v.guidance!r}")
-
-
-def _check_architecture(arch: Architecture) -> dict[str, tuple[str, str | None]]:
-    """Check the fields the kernel relies on; return the names it answers to: name -> (arch, variant or None)."""
-    name = _check_name(arch.name, "architecture name")
-    where = f"architecture {name!r}"
-    if not isinstance(arch.variants, (tuple, list)) or not arch.variants:
-        raise PluginError(f"{where}: variants must be a non-empty tuple of kern.Variant")
-    for v in arch.variants:
-        _check_variant(v, where)
-    variant_names = [v.name for v in arch.variants]
-    if len(set(variant_names)) != len(variant_names):
-        raise PluginError(f"{where}: variant names must be unique, got {variant_names}")
-    if arch.default_variant is not None and arch.default_variant not in variant_names:
-        raise PluginError(f"{where}: default_variant {arch.default_variant!r} is not one of its variants {variant_names}")
-    for field in ("resolution_step", "latent_channels", "latent_downscale"):
-        _check_positive_int(getattr(arch, field), f"{where}: {field}")
-    _check_patterns(arch.default_targets, f"{where}: default_targets")
-    _check_patterns(arch.default_excludes, f"{where}: default_excludes")
-    if not isinstance(arch.timestep_method, str):
-        raise PluginError(f"{where}: timestep_method must be a string, got {arch.timestep_method!r}")
-    _check_options(arch.options, where)
-    names: dict[str, tuple[str, str | None]] = {}
-    entries = [(n, (name, None)) for n in (name, *_check_names(arch.aliases, f"{where}: aliases"))]
-    entries += [(a, (name, v.name)) for v in arch.variants for a in _check_names(v.aliases, f"{where}: variant {v.name!r} aliases")]
-    for alias, target in entries:
-        if names.setdefault(alias, target) != target:
-            raise PluginError(f"{where}: the name {alias!r} is declared twice (for {names[alias]} and {target})")
-    return names
-
-
-def build_manager(entry_points: Iterable[EntryPoint] | None = None, extra: Iterable[tuple[str, object]] = ()) -> KernPluginManager:
+def build_manager(
+    entry_points: Iterable[EntryPoint] | None = None, extra: Iterable[tuple[str, object]] = ()
+) -> KernPluginManager:
     """A fresh manager: the kernel's own defaults, then ``extra`` (name, module) pairs, then entry points."""
     from kern.core import defaults  # the kernel's last-resort implementations, registered like any plugin
 
     manager = KernPluginManager()
-    manager.register_module(defaults, PluginInfo(name="kern", distribution="kern-tuner", version=_version(), module="kern.core.defaults"))
+    manager.register_module(
+        defaults,
+        PluginInfo(name=KERNEL_PLUGIN, distribution="kern-tuner", version=_version(), module="kern.core.defaults"),
+    )
     for name, module in extra:
-        manager.register_module(module, PluginInfo(name=name, distribution="(in-process)", version="", module=getattr(module, "__name__", name)))
+        manager.register_module(
+            module,
+            PluginInfo(name=name, distribution="(in-process)", version="", module=getattr(module, "__name__", name)),
+        )
     manager.load_entry_points(entry_points)
-    log.debug("plugins loaded", loaded=[i.name for i in manager.infos.values() if i.status == "loaded"],
-              problems=[i.name for i in manager.infos.values() if i.status == "failed"])
+    log.debug(
+        "plugins loaded",
+        loaded=[i.name for i in manager.infos.values() if i.status == "loaded"],
+        problems=[i.name for i in manager.infos.values() if i.status == "failed"],
+    )
     return manager
 
 

@@ -23,9 +23,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from kern.data.datasets import EMPTY_STEM, Item, load_image
-from kern.errors import DatasetError, KernError
 from kern.core.io import load_file, read_header, save_file
+from kern.data.images import load_image
+from kern.data.items import EMPTY_STEM, Item
+from kern.errors import DatasetError, KernError
 from kern.log import get_logger
 
 log = get_logger(__name__)
@@ -34,9 +35,13 @@ FORMAT_VERSION = "1.0.1"  # musubi's cache format version
 SOURCE_KEY = "kern.source"
 SETTINGS_KEY = "kern.settings"
 # Bump when load_image's pixels change for the same inputs, so every latent cache is rebuilt.
-RESIZE_RULE = "rgb-on-white/exif/lanczos-cover/centre-crop/trim-below-step-is-crop/1/modes-2"  # modes-2: 16-bit, float, LAB, tRNS
+RESIZE_RULE = (
+    "rgb-on-white/exif/lanczos-cover/centre-crop/trim-below-step-is-crop/1/modes-2"  # modes-2: 16-bit, float, LAB, tRNS
+)
 
-_DTYPE_NAMES = sorted({str(v).removeprefix("torch.") for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=len, reverse=True)
+_DTYPE_NAMES = sorted(
+    {str(v).removeprefix("torch.") for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=len, reverse=True
+)
 
 LatentEncode = Callable[[torch.Tensor], torch.Tensor]
 TextEncode = Callable[..., Mapping[str, Any]]  # (prompts) -> tensors; (prompts, images) with ``images``
@@ -90,23 +95,27 @@ def _file_stamp(path: Path) -> dict[str, Any]:
     try:
         st = path.stat()
     except OSError as exc:
-        raise DatasetError(f"{path}: cannot read it any more ({exc.strerror}); it was there when the dataset was scanned") from None
+        raise DatasetError(
+            f"{path}: cannot read it any more ({exc.strerror}); it was there when the dataset was scanned"
+        ) from None
     return {"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def latent_fingerprint(item: Item, dtype: torch.dtype, settings: Mapping[str, Any] | None) -> str:
     """What the item's latents depend on; a different value means the cache is stale."""
     controls = [{**_file_stamp(p), "bucket": list(b)} for p, b in zip(item.control_paths, item.control_buckets)]
-    return _json({
-        "image": _file_stamp(item.image_path),
-        "size": list(item.size),
-        "bucket": list(item.bucket),
-        "step": item.step,
-        "controls": controls,
-        "resize": RESIZE_RULE,
-        "dtype": dtype_name(dtype),
-        "settings": dict(settings or {}),
-    })
+    return _json(
+        {
+            "image": _file_stamp(item.image_path),
+            "size": list(item.size),
+            "bucket": list(item.bucket),
+            "step": item.step,
+            "controls": controls,
+            "resize": RESIZE_RULE,
+            "dtype": dtype_name(dtype),
+            "settings": dict(settings or {}),
+        }
+    )
 
 
 def settings_fingerprint(settings: Mapping[str, Any] | None) -> str:
@@ -165,7 +174,9 @@ def ensure_latent_cache(
     dtype = _as_dtype(dtype)
     items = list({item.key: item for item in items}.values())
     prints = {item.key: latent_fingerprint(item, dtype, settings) for item in items}
-    stale = [i for i in items if not _latent_is_current(latent_cache_path(i, arch_id), prints[i.key], len(i.control_paths))]
+    stale = [
+        i for i in items if not _latent_is_current(latent_cache_path(i, arch_id), prints[i.key], len(i.control_paths))
+    ]
     log.info("latent cache", items=len(items), to_encode=len(stale), arch=arch_id)
     _remove_old_sizes(items, arch_id)
     groups: dict[tuple, list[Item]] = {}
@@ -177,7 +188,14 @@ def ensure_latent_cache(
     return len(stale)
 
 
-def _encode_latents(chunk: Sequence[Item], arch_id: str, encode: LatentEncode, dtype: torch.dtype, prints: Mapping[str, str], arch_name: str) -> None:
+def _encode_latents(
+    chunk: Sequence[Item],
+    arch_id: str,
+    encode: LatentEncode,
+    dtype: torch.dtype,
+    prints: Mapping[str, str],
+    arch_name: str,
+) -> None:
     targets = _encode_images(encode, [(i.image_path, i.bucket, i.step) for i in chunk], dtype)
     controls = [
         _encode_images(encode, [(i.control_paths[c], i.control_buckets[c], i.step) for i in chunk], dtype)
@@ -198,13 +216,17 @@ def _encode_latents(chunk: Sequence[Item], arch_id: str, encode: LatentEncode, d
         save_file(tensors, latent_cache_path(item, arch_id), metadata)
 
 
-def _encode_images(encode: LatentEncode, images: Sequence[tuple[Path, tuple[int, int], int]], dtype: torch.dtype) -> torch.Tensor:
+def _encode_images(
+    encode: LatentEncode, images: Sequence[tuple[Path, tuple[int, int], int]], dtype: torch.dtype
+) -> torch.Tensor:
     batch = torch.stack([load_image(path, size, crop_below=step) for path, size, step in images])
     with torch.no_grad():
         out = encode(batch)
     if not isinstance(out, torch.Tensor) or out.ndim < 3 or out.shape[0] != len(images):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise KernError(f"the latent encode function returned {shape} for {len(images)} images; it must return (B, C, h, w)")
+        raise KernError(
+            f"the latent encode function returned {shape} for {len(images)} images; it must return (B, C, h, w)"
+        )
     return out.detach().to("cpu", dtype)
 
 
@@ -246,7 +268,7 @@ def ensure_text_cache(
     stale when its caption or ``settings`` (the text encoder, its options ...) differ. The empty
     caption is also cached once per cache folder, for caption dropout; it is not counted.
 
-    With ``images`` (for encoders that read the control images, e.g. Qwen-Image-Edit) the call is
+    With ``images`` (for encoders that also read the control images, such as an image-editing model's) the call is
     ``encode(prompts, [images(item) for each prompt])``, each cache is also keyed on its item's control
     files, and the empty caption, which means something else with each item's images, is cached per item
     (``item_empty_text_cache_path``) when ``empty_per_item`` (caption dropout) asks for it.
@@ -261,17 +283,36 @@ def ensure_text_cache(
     name = arch_name or arch_id
     for chunk in _chunks(stale, max(1, batch_size)):
         prompts = [i.caption for i in chunk]
-        outputs = _encode_texts(encode, prompts) if images is None else _encode_texts(encode, prompts, [images(i) for i in chunk])
+        outputs = (
+            _encode_texts(encode, prompts)
+            if images is None
+            else _encode_texts(encode, prompts, [images(i) for i in chunk])
+        )
         for j, item in enumerate(chunk):
-            _save_text(text_cache_path(item, arch_id), {k: v[j] for k, v in outputs.items()}, item.caption, fingerprint(item), name, item.key)
+            _save_text(
+                text_cache_path(item, arch_id),
+                {k: v[j] for k, v in outputs.items()},
+                item.caption,
+                fingerprint(item),
+                name,
+                item.key,
+            )
     if images is not None:
         if empty_per_item:
-            todo = [i for i in items if not _text_is_current(item_empty_text_cache_path(i, arch_id), "", fingerprint(i))]
+            todo = [
+                i for i in items if not _text_is_current(item_empty_text_cache_path(i, arch_id), "", fingerprint(i))
+            ]
             for chunk in _chunks(todo, max(1, batch_size)):
                 outputs = _encode_texts(encode, [""] * len(chunk), [images(i) for i in chunk])
                 for j, item in enumerate(chunk):
-                    _save_text(item_empty_text_cache_path(item, arch_id), {k: v[j] for k, v in outputs.items()}, "", fingerprint(item),
-                               name, f"{item.key} <empty caption>")
+                    _save_text(
+                        item_empty_text_cache_path(item, arch_id),
+                        {k: v[j] for k, v in outputs.items()},
+                        "",
+                        fingerprint(item),
+                        name,
+                        f"{item.key} <empty caption>",
+                    )
         return len(stale)
     for folder in sorted({item.cache_dir for item in items}):
         path = empty_text_cache_path(folder, arch_id)
@@ -295,30 +336,43 @@ def _encode_texts(encode: TextEncode, prompts: list[str], *images: list) -> dict
         raise KernError(f"the text encode function returned {type(out).__name__}; it must return a dict of tensors")
     for name, value in out.items():
         ok = (isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == len(prompts)) or (
-            isinstance(value, (list, tuple)) and len(value) == len(prompts) and all(isinstance(v, torch.Tensor) for v in value)
+            isinstance(value, (list, tuple))
+            and len(value) == len(prompts)
+            and all(isinstance(v, torch.Tensor) for v in value)
         )
         if not isinstance(name, str) or not name or not ok:
-            raise KernError(f"the text encode function's output {name!r} is not a tensor with batch dimension {len(prompts)} first")
+            raise KernError(
+                f"the text encode function's output {name!r} is not a tensor with batch dimension {len(prompts)} first"
+            )
     return dict(out)
 
 
-def _save_text(path: Path, tensors: Mapping[str, torch.Tensor], caption: str, fingerprint: str, arch_name: str, what: str) -> None:
+def _save_text(
+    path: Path, tensors: Mapping[str, torch.Tensor], caption: str, fingerprint: str, arch_name: str, what: str
+) -> None:
     out = {f"{name}_{dtype_name(t.dtype)}": t.detach().cpu().clone() for name, t in tensors.items()}
     _replace_nan(out, what)
-    metadata = {"architecture": arch_name, "caption1": caption, "format_version": FORMAT_VERSION, SETTINGS_KEY: fingerprint}
+    metadata = {
+        "architecture": arch_name,
+        "caption1": caption,
+        "format_version": FORMAT_VERSION,
+        SETTINGS_KEY: fingerprint,
+    }
     save_file(out, path, metadata)
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_batch(items: Sequence[Item], arch_id: str, generator: torch.Generator | None = None, caption_dropout_rate: float = 0.0) -> dict[str, Any]:
+def load_batch(
+    items: Sequence[Item], arch_id: str, generator: torch.Generator | None = None, caption_dropout_rate: float = 0.0
+) -> dict[str, Any]:
     """One batch from the caches: ``latents`` (B, C, h, w) float32, ``text`` ``{name: (B, ...)}``,
     ``references`` (one (B, C, h_i, w_i) float32 per control, or ``None``), ``keys``, ``captions``.
 
     With ``caption_dropout_rate`` > 0 each item's text is, with that probability (drawn from
     ``generator``), the empty caption's encoding; its ``captions`` entry is then ``""``. Items must
-    share a ``kern.data.datasets.batch_key`` (``batch_order`` makes such batches).
+    share a ``kern.data.items.batch_key`` (``batch_order`` makes such batches).
     """
     if not items:
         raise ValueError("load_batch needs at least one item")
@@ -332,7 +386,9 @@ def load_batch(items: Sequence[Item], arch_id: str, generator: torch.Generator |
         texts.append(_load_text(*_stamp(path)))
     n_refs = {len(r) for r in references}
     if len(n_refs) != 1:
-        raise KernError(f"batch {[i.key for i in items]} mixes items with different numbers of control images; build batches with kern.data.datasets.batch_order")
+        raise KernError(
+            f"batch {[i.key for i in items]} mixes items with different numbers of control images; build batches with kern.data.items.batch_order"
+        )
     refs = [_stack([r[c] for r in references], "latents_control", items) for c in range(n_refs.pop())]
     return {
         "latents": _stack(latents, "latents", items),
@@ -358,7 +414,9 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         return load_file(path)
     except Exception as exc:
-        raise KernError(f"{path}: cache file missing or unreadable ({exc}); run the caching step again, it rebuilds the file") from None
+        raise KernError(
+            f"{path}: cache file missing or unreadable ({exc}); run the caching step again, it rebuilds the file"
+        ) from None
 
 
 def _load_latents(path: Path) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -391,9 +449,13 @@ def _load_text(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:
 def _collate_text(texts: Sequence[Mapping[str, torch.Tensor]], items: Sequence[Item]) -> dict[str, Any]:
     names = set(texts[0])
     if any(set(t) != names for t in texts):
-        raise KernError(f"text caches of batch {[i.key for i in items]} have different tensors; re-run text caching with one encoder")
-    return {n: [t[n] for t in texts] if n.startswith("varlen_") else _stack(pad_sequences([t[n] for t in texts]), n, items)
-            for n in sorted(names)}
+        raise KernError(
+            f"text caches of batch {[i.key for i in items]} have different tensors; re-run text caching with one encoder"
+        )
+    return {
+        n: [t[n] for t in texts] if n.startswith("varlen_") else _stack(pad_sequences([t[n] for t in texts]), n, items)
+        for n in sorted(names)
+    }
 
 
 def pad_sequences(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -408,7 +470,9 @@ def pad_sequences(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def _stack(tensors: Sequence[torch.Tensor], what: str, items: Sequence[Item]) -> torch.Tensor:
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) != 1:
-        raise KernError(f"{what} of batch {[i.key for i in items]} have different shapes {sorted(shapes)}; build batches with kern.data.datasets.batch_order")
+        raise KernError(
+            f"{what} of batch {[i.key for i in items]} have different shapes {sorted(shapes)}; build batches with kern.data.items.batch_order"
+        )
     return torch.stack(list(tensors))
 
 

@@ -182,10 +182,14 @@ def read_text_file(path: str | Path, what: str) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise UsageError(f"{p}:{line}: the {what} is not UTF-8 text (byte {data[exc.start]:#04x}); save it as UTF-8") from None
+        raise UsageError(
+            f"{p}:{line}: the {what} is not UTF-8 text (byte {data[exc.start]:#04x}); save it as UTF-8"
+        ) from None
 
 
-def read_prompt_file(path: str | Path, base_prompt: str | None = None, extra_options: dict[str, type] | None = None) -> list[Request]:
+def read_prompt_file(
+    path: str | Path, base_prompt: str | None = None, extra_options: dict[str, type] | None = None
+) -> list[Request]:
     """Every request of a prompt file, parsed up front so a bad line fails before any image is made."""
     p = Path(path)
     lines = read_text_file(p, "prompt file").splitlines()
@@ -214,8 +218,10 @@ class Wildcards:
         """The file of ``__name__``, checked to lie inside the folder."""
         if self.folder is None:
             raise UsageError(f"{where}: __{name}__ used but no --wildcards folder was given")
-        outside = UsageError(f"{where}: wildcard __{name}__ points outside the --wildcards folder {self.folder};"
-                             " name a file inside it (sub-folders: __sub/name__)")
+        outside = UsageError(
+            f"{where}: wildcard __{name}__ points outside the --wildcards folder {self.folder};"
+            " name a file inside it (sub-folders: __sub/name__)"
+        )
         if name.startswith("/") or ".." in name.split("/"):
             raise outside
         path = self.folder / f"{name}.txt"
@@ -254,7 +260,9 @@ class Wildcards:
         self._cache[name] = out
         return out
 
-    def expand(self, text: str, rng: random.Random, where: str, _stack: tuple[str, ...] = (), _done: list[int] | None = None) -> str:
+    def expand(
+        self, text: str, rng: random.Random, where: str, _stack: tuple[str, ...] = (), _done: list[int] | None = None
+    ) -> str:
         """Replace every ``__name__`` left to right, recursively; the same ``rng`` state gives the same text."""
         if len(_stack) > MAX_WILDCARD_DEPTH:
             raise UsageError(f"{where}: wildcards nest deeper than {MAX_WILDCARD_DEPTH} ({' -> '.join(_stack)})")
@@ -266,8 +274,10 @@ class Wildcards:
                 raise UsageError(f"{where}: wildcard cycle {' -> '.join((*_stack, name))}")
             done[0] += 1
             if done[0] > MAX_WILDCARD_EXPANSIONS:
-                raise UsageError(f"{where}: more than {MAX_WILDCARD_EXPANSIONS} wildcard substitutions in one prompt;"
-                                 " simplify the wildcards")
+                raise UsageError(
+                    f"{where}: more than {MAX_WILDCARD_EXPANSIONS} wildcard substitutions in one prompt;"
+                    " simplify the wildcards"
+                )
             options = self.choices(name, where)
             value = rng.choices([v for v, _ in options], weights=[w for _, w in options], k=1)[0]
             return self.expand(value, rng, where, (*_stack, name), done)
@@ -283,7 +293,9 @@ def expand_request(request: Request, wildcards: Wildcards, seed: int) -> Request
     return attrs.evolve(request, prompt=prompt, negative=negative)
 
 
-def iter_interactive(stream: Iterable[str | bytes], base_prompt: str | None, extra_options: dict[str, type] | None = None):
+def iter_interactive(
+    stream: Iterable[str | bytes], base_prompt: str | None, extra_options: dict[str, type] | None = None
+):
     """Requests from an interactive stream: one per line until EOF or a line ``exit``/``quit``.
 
     Lines may be ``str`` or ``bytes`` (decoded as UTF-8 here, so one bad line is reported, not fatal).

@@ -1,1 +1,2 @@
-"""The generation driver and its denoising loop."""
+"""The generation driver (``driver``), its request planning (``plan``), denoising loop (``denoise``) and output
+files (``outputs``)."""

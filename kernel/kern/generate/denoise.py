@@ -36,7 +36,9 @@ def euler_denoise(
     an unconditional forward (``negative_text``) through the ``combine_guidance`` hook when ``g != 1``.
     """
     options = dict(options or {})
-    sigmas = hook.generation_schedule(arch=arch, variant=variant.name, steps=steps, latent_shape=tuple(noise.shape[1:]), options=options)
+    sigmas = hook.generation_schedule(
+        arch=arch, variant=variant.name, steps=steps, latent_shape=tuple(noise.shape[1:]), options=options
+    )
     sigmas = torch.as_tensor(sigmas, dtype=torch.float32)
     x = noise.to(device=device, dtype=torch.float32)
     batch = noise.shape[0]
@@ -44,8 +46,16 @@ def euler_denoise(
     call_options = {**options, "guidance": guidance if variant.guidance_mode == "embedded" else None}
 
     def velocity(cond: Mapping[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
-        v = hook.predict_velocity(arch=arch, variant=variant.name, model=model, latents=x.to(dtype), timesteps=t,
-                                  text=cond, references=references, options=call_options)
+        v = hook.predict_velocity(
+            arch=arch,
+            variant=variant.name,
+            model=model,
+            latents=x.to(dtype),
+            timesteps=t,
+            text=cond,
+            references=references,
+            options=call_options,
+        )
         return v.float()
 
     with torch.no_grad():
@@ -54,7 +64,9 @@ def euler_denoise(
             v = velocity(text, t)
             if use_cfg:
                 v_uncond = velocity(negative_text, t)
-                v = hook.combine_guidance(arch=arch, variant=variant.name, cond=v, uncond=v_uncond, scale=guidance, options=options)
+                v = hook.combine_guidance(
+                    arch=arch, variant=variant.name, cond=v, uncond=v_uncond, scale=guidance, options=options
+                )
             x = x + (sigmas[i + 1] - sigmas[i]).to(device) * v
             if on_step is not None:
                 on_step(i)
@@ -63,7 +75,9 @@ def euler_denoise(
 
 def seeded_noise(seeds: list[int], shape: tuple[int, ...]) -> torch.Tensor:
     """One (C, h, w) noise tensor per seed, stacked: image i depends only on its own seed."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds])
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=torch.float32) for s in seeds]
+    )
 
 
 def to_pil(images: torch.Tensor) -> list[Any]:

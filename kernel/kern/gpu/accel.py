@@ -13,7 +13,7 @@ the blocks of one class share their compiled code, the checkpoint is traced into
 adapters' patched ``Linear.forward`` are traced with it. A transformer without ``block_lists`` keeps its own
 ``gradient_checkpointing`` switch (when it has one) and is not compiled.
 
-Memory options (the other half of issue 8, ``kern.gpu.fp8_linear`` and ``kern.gpu.offload``): ``prepare_base`` quantises
+Memory options (the other half of issue 8, ``kern.gpu.fp8`` and ``kern.gpu.offload``): ``prepare_base`` quantises
 the frozen Linears to fp8 before the network is built (``train.base_precision = "fp8"``), and ``apply`` sets up
 ``BlockSwap`` for ``train.blocks_to_swap`` blocks. With block swap, and with fp8 under full checkpointing, a
 compiled block compiles only its own forward and the checkpoint stays eager around it (``compile_inner``), so
@@ -28,6 +28,7 @@ eager code; the checkpoint wrappers recompute exactly what was run, so gradients
 from __future__ import annotations
 
 import types
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -85,8 +86,10 @@ def set_attention(name: str) -> str:
         if found is None:
             from kern.errors import ConfigError
 
-            raise ConfigError("train.attention = 'flash_attn' needs a flash-attention package: pip install flash-attn"
-                              " (FlashAttention-2) or FlashAttention-3's flash_attn_interface; or set it to 'auto'")
+            raise ConfigError(
+                "train.attention = 'flash_attn' needs a flash-attention package: pip install flash-attn"
+                " (FlashAttention-2) or FlashAttention-3's flash_attn_interface; or set it to 'auto'"
+            )
         chosen = found[0]
         attention.use_flash_attn(found[1])
     else:
@@ -94,8 +97,13 @@ def set_attention(name: str) -> str:
 
     if _saved_attention is None:
         b = torch.backends.cuda
-        _saved_attention = (b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled(),
-                            b.cudnn_sdp_enabled(), torch._C._get_sdp_priority_order())
+        _saved_attention = (
+            b.flash_sdp_enabled(),
+            b.mem_efficient_sdp_enabled(),
+            b.math_sdp_enabled(),
+            b.cudnn_sdp_enabled(),
+            torch._C._get_sdp_priority_order(),
+        )
     _sdpa_kernel([getattr(SDPBackend, n) for n in _BACKENDS[name]], set_priority=True)
     return chosen
 
@@ -122,9 +130,15 @@ def reset_attention() -> None:
 
 
 _ATTENTION_OPS = tuple(
-    op for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
-                    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                    "_flash_attention_forward", "_efficient_attention_forward")
+    op
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    )
     if (op := getattr(torch.ops.aten, name, None)) is not None
 )
 
@@ -216,24 +230,26 @@ def compile_block(block: nn.Module, backend: str = "inductor") -> None:
 # --------------------------------------------------------------------------- the entry
 
 
-def prepare_base(transformer: nn.Module, train: Any, device: torch.device | str) -> dict[str, Any]:
+def prepare_base(
+    transformer: nn.Module, train: Any, device: torch.device | str, keep: Sequence[str] = ()
+) -> dict[str, Any]:
     """Before the network is built (adapters wrap the layers' forward as they find them): fp8 base weights for
-    ``train.base_precision = "fp8"`` (``kern.gpu.fp8_linear.quantize_base``; quantised layer by layer on the GPU when
-    there is one). A base that ``base_device`` put on the CPU only so it could be quantised there goes to
+    ``train.base_precision = "fp8"`` (``kern.gpu.fp8.quantize_base``; quantised layer by layer on the GPU when
+    there is one), except the Linears whose paths match ``keep`` (the architecture's ``keep_high_precision``). A base that ``base_device`` put on the CPU only so it could be quantised there goes to
     ``device`` afterwards (fp8 bytes only: the bf16 model never has to fit the GPU).
 
     The input-gradient matmul is fp8 too when the blocks are compiled: the gradient's quantisation fuses into
-    the compiled backward and the step is 6 % faster (klein 4B, bench/RESULTS.md); eager it costs more than it
+    the compiled backward and the step is 6 % faster (4B model, bench/RESULTS.md); eager it costs more than it
     saves, so eager blocks dequantise the weight for a bf16 matmul instead. Loss over 20 steps: the same as the
     bf16-backward fp8 run to 3e-5."""
     device = torch.device(device)
     if train.base_precision != "fp8":
         return {}
-    from kern.gpu.fp8_linear import quantize_base
+    from kern.gpu.fp8 import quantize_base
 
     sharded = bool(getattr(train, "shard_base", False))
     backward = "fp8" if compile_enabled(train.compile, device, sharded=sharded) else "bf16"
-    n = quantize_base(transformer, backward=backward, device=device if device.type == "cuda" else None)
+    n = quantize_base(transformer, skip=keep, backward=backward, device=device if device.type == "cuda" else None)
     if device.type == "cuda" and train.blocks_to_swap == 0 and not sharded:
         transformer.to(device)
     return {"fp8_layers": n, "fp8_backward": backward}
@@ -262,25 +278,38 @@ def apply(transformer: nn.Module, train: Any, device: torch.device | str) -> dic
     if not repeated and train.blocks_to_swap:
         from kern.errors import ConfigError
 
-        raise ConfigError(f"train.blocks_to_swap = {train.blocks_to_swap}: {type(transformer).__name__} names no block_lists"
-                          " to swap; set it to 0")
+        raise ConfigError(
+            f"train.blocks_to_swap = {train.blocks_to_swap}: {type(transformer).__name__} names no block_lists"
+            " to swap; set it to 0"
+        )
     if not repeated:
         if hasattr(transformer, "gradient_checkpointing"):
             transformer.gradient_checkpointing = mode != "off"
         if mode == "selective" or train.compile == "blocks":
-            log.warning("the transformer names no block_lists: selective checkpointing and compiled blocks are not"
-                        " available for it; using its own checkpointing switch", transformer=type(transformer).__name__)
+            log.warning(
+                "the transformer names no block_lists: selective checkpointing and compiled blocks are not"
+                " available for it; using its own checkpointing switch",
+                transformer=type(transformer).__name__,
+            )
         done["checkpointing"] = "full" if mode != "off" else "off"
         return done
-    if train.blocks_to_swap and torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    if (
+        train.blocks_to_swap
+        and torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         from kern.errors import ConfigError
 
-        raise ConfigError("train.blocks_to_swap works in one process only (every process would stream its own copy);"
-                          " set it to 0 or use train.shard_base")
+        raise ConfigError(
+            "train.blocks_to_swap works in one process only (every process would stream its own copy);"
+            " set it to 0 or use train.shard_base"
+        )
     if train.blocks_to_swap and mode == "off":
-        log.warning("train.blocks_to_swap without gradient checkpointing saves no memory: autograd keeps every block's"
-                    " weights for backward")
+        log.warning(
+            "train.blocks_to_swap without gradient checkpointing saves no memory: autograd keeps every block's"
+            " weights for backward"
+        )
     if hasattr(transformer, "gradient_checkpointing"):
         transformer.gradient_checkpointing = False  # the per-block wrappers below do it instead
     compiled = compile_enabled(train.compile, device, sharded=bool(getattr(train, "shard_base", False)))
@@ -290,14 +319,21 @@ def apply(transformer: nn.Module, train: Any, device: torch.device | str) -> dic
     if offload and mode == "off":
         from kern.errors import ConfigError
 
-        raise ConfigError("train.offload_activations needs gradient checkpointing (without it every activation would"
-                          " cross PCIe): set train.gradient_checkpointing = true, or offload_activations = false")
+        raise ConfigError(
+            "train.offload_activations needs gradient checkpointing (without it every activation would"
+            " cross PCIe): set train.gradient_checkpointing = true, or offload_activations = false"
+        )
     # The saved-tensor hooks of activation offload must see the checkpoint's inputs: the checkpoint stays eager.
-    inner = compiled and mode != "off" and (train.blocks_to_swap > 0 or offload
-                                             or (train.base_precision == "fp8" and mode == "full"))
+    inner = (
+        compiled
+        and mode != "off"
+        and (train.blocks_to_swap > 0 or offload or (train.base_precision == "fp8" and mode == "full"))
+    )
     if inner and mode == "selective":
-        log.warning("selective checkpointing cannot see inside a block compiled on its own (block swap, activation"
-                    " offload): using full checkpointing")
+        log.warning(
+            "selective checkpointing cannot see inside a block compiled on its own (block swap, activation"
+            " offload): using full checkpointing"
+        )
         mode = done["checkpointing"] = "full"
     if mode != "off":
         budget = len(repeated) if train.selective_blocks is None else train.selective_blocks
@@ -338,7 +374,9 @@ def apply_inference(transformer: nn.Module, compile: str, attention: str, device
     if compile == "blocks":
         repeated = blocks(transformer)
         if not repeated:
-            log.warning("the transformer names no block_lists: nothing to compile", transformer=type(transformer).__name__)
+            log.warning(
+                "the transformer names no block_lists: nothing to compile", transformer=type(transformer).__name__
+            )
             return done
         _configure_dynamo()
         for block in repeated:

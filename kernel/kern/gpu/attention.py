@@ -8,7 +8,7 @@ once per process (``train.attention``, applied by ``kern.gpu.accel.set_attention
 * a flash-attention package when ``train.attention = "flash_attn"``: ``flash_attn_interface`` (FlashAttention-3,
   Hopper) when installed, else ``flash_attn`` (FlashAttention-2). It takes (B, L, H, D), which is the layout the
   heads are merged from anyway, so it saves the output transpose. Calls it cannot take (a key mask, fp32 inputs,
-  the CPU) go to SDPA, so a CPU test run or a padded Qwen-Image batch still works.
+  the CPU) go to SDPA, so a CPU test run or a batch with padded (masked) text still works.
 
 Third-party architectures call this function too and get the same choice.
 """

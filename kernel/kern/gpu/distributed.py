@@ -27,12 +27,16 @@ def check_launch(accelerator) -> None:
     from accelerate.utils import DistributedType
 
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        raise UsageError(f"accelerate is configured for {accelerator.distributed_type.value}; kern trains adapters with data parallel"
-                         " (launch with --multi_gpu or examples/accelerate/multi_gpu.yaml) and shards the frozen base itself:"
-                         " set train.shard_base = true")
+        raise UsageError(
+            f"accelerate is configured for {accelerator.distributed_type.value}; kern trains adapters with data parallel"
+            " (launch with --multi_gpu or examples/accelerate/multi_gpu.yaml) and shards the frozen base itself:"
+            " set train.shard_base = true"
+        )
 
 
-def shard_base(trainee: nn.Module, transformer: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
+def shard_base(
+    trainee: nn.Module, transformer: nn.Module, device: torch.device, find_unused: bool = False
+) -> nn.Module:
     """Shard ``transformer`` (frozen, on the CPU or the device; a child of ``trainee``) across the process group
     and return ``trainee`` wrapped in DDP for the adapter alone. accelerate refuses to wrap a model holding
     sharded (DTensor) parameters, so prepare only the optimizer and scheduler with it."""
@@ -40,8 +44,9 @@ def shard_base(trainee: nn.Module, transformer: nn.Module, device: torch.device,
 
     shard_frozen(transformer, device)
     keep_out_of_ddp(trainee, transformer)
-    return DistributedDataParallel(trainee, device_ids=[device.index or 0] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused)
+    return DistributedDataParallel(
+        trainee, device_ids=[device.index or 0] if device.type == "cuda" else None, find_unused_parameters=find_unused
+    )
 
 
 def shard_frozen(transformer: nn.Module, device: torch.device) -> int:
@@ -50,14 +55,18 @@ def shard_frozen(transformer: nn.Module, device: torch.device) -> int:
     from torch.distributed.fsdp import fully_shard
 
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        raise UsageError("train.shard_base needs several processes: launch with `accelerate launch --multi_gpu --num_processes N kern train ...`")
+        raise UsageError(
+            "train.shard_base needs several processes: launch with `accelerate launch --multi_gpu --num_processes N kern train ...`"
+        )
     if any(p.requires_grad for p in transformer.parameters()):
         raise UsageError("train.shard_base shards the frozen base only; the transformer has trainable parameters")
     from kern.gpu.accel import blocks as repeated_blocks
 
     blocks = repeated_blocks(transformer)
     if not blocks:
-        raise UsageError(f"train.shard_base: {type(transformer).__name__} names no block_lists (its repeated blocks) to shard by")
+        raise UsageError(
+            f"train.shard_base: {type(transformer).__name__} names no block_lists (its repeated blocks) to shard by"
+        )
     mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     for block in blocks:
         fully_shard(block, mesh=mesh)  # gathered for its forward (and checkpoint recompute), freed after
@@ -71,5 +80,7 @@ def keep_out_of_ddp(trainee: nn.Module, transformer: nn.Module) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     prefix = next(name for name, module in trainee.named_children() if module is transformer)
-    ignored = [f"{prefix}.{name}" for name, _ in transformer.named_parameters()] + [f"{prefix}.{name}" for name, _ in transformer.named_buffers()]
+    ignored = [f"{prefix}.{name}" for name, _ in transformer.named_parameters()] + [
+        f"{prefix}.{name}" for name, _ in transformer.named_buffers()
+    ]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(trainee, ignored)

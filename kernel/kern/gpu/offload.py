@@ -66,8 +66,10 @@ class _Slot:
                     if t is None:
                         continue
                     if kind == "_parameters" and t.requires_grad:
-                        raise UsageError(f"block swap: {type(module).__name__}.{name} is trainable; only frozen base "
-                                         "weights can be swapped (adapters live outside the blocks)")
+                        raise UsageError(
+                            f"block swap: {type(module).__name__}.{name} is trainable; only frozen base "
+                            "weights can be swapped (adapters live outside the blocks)"
+                        )
                     if id(t) not in seen:  # a tensor shared by two modules is stored once
                         seen[id(t)] = (offset, t)
                         offset += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
@@ -91,7 +93,7 @@ class _Slot:
 
     @staticmethod
     def _view(flat: torch.Tensor, off: int, nbytes: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        return flat[off:off + nbytes].view(dtype).view(shape)
+        return flat[off : off + nbytes].view(dtype).view(shape)
 
     def swap_out(self) -> None:
         for (module, kind, name, *_), t in zip(self.entries, self.stored):
@@ -136,8 +138,11 @@ class BlockSwap:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.events: list[tuple[str, int]] | None = None
         self.loads = 0
-        self._hooks = [h for i, b in enumerate(self.blocks)
-                       for h in (b.register_forward_pre_hook(self._pre_hook(i)), b.register_forward_hook(self._post_hook(i)))]
+        self._hooks = [
+            h
+            for i, b in enumerate(self.blocks)
+            for h in (b.register_forward_pre_hook(self._pre_hook(i)), b.register_forward_hook(self._post_hook(i)))
+        ]
 
     @property
     def swapped(self) -> list[int]:
@@ -151,6 +156,7 @@ class BlockSwap:
     def _pre_hook(self, i: int):
         def hook(module, args):
             self._enter(i, backward=torch._C._current_graph_task_id() != -1)  # -1: not inside a backward pass
+
         return hook
 
     def _post_hook(self, i: int):
@@ -162,11 +168,13 @@ class BlockSwap:
             for t in output if isinstance(output, (tuple, list)) else (output,):
                 if isinstance(t, torch.Tensor) and t.requires_grad:
                     t.register_hook(self._grad_hook(i))  # entering twice is a no-op
+
         return hook
 
     def _grad_hook(self, i: int):
         def hook(grad):
             self._enter(i, backward=True)
+
         return hook
 
     def _enter(self, i: int, backward: bool) -> None:
@@ -249,6 +257,7 @@ class BlockSwap:
 def _skip_apply(block: nn.Module):
     def _apply(fn, recurse=True):
         return block
+
     return _apply
 
 
@@ -260,8 +269,10 @@ class ActivationOffload:
 
     def __init__(self, model: nn.Module) -> None:
         self._stack: list = []
-        self._hooks = [model.register_forward_pre_hook(self._enter),
-                       model.register_forward_hook(self._exit, always_call=True)]
+        self._hooks = [
+            model.register_forward_pre_hook(self._enter),
+            model.register_forward_hook(self._exit, always_call=True),
+        ]
 
     def _enter(self, module, args):
         if torch.is_grad_enabled():

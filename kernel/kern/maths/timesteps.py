@@ -1,7 +1,7 @@
 """Training timestep sampling: one small pure function per method, plus loss weighting.
 
-Conventions (musubi, shared by FLUX.2 and Qwen-Image): ``t`` in ``[0, 1]`` with ``t = 1`` pure noise,
-``x_t = (1 - t)·x0 + t·eps``, target ``eps - x0``.
+Conventions (musubi's, shared by the flow-matching architectures kern trains): ``t`` in ``[0, 1]`` with ``t = 1``
+pure noise, ``x_t = (1 - t)·x0 + t·eps``, target ``eps - x0``.
 
 Every method has the signature ``fn(batch_size, latent_shape, generator, options=TimestepOptions(),
 *, uniforms=None) -> Tensor`` and returns float32 ``t`` of shape ``(batch_size,)`` on the CPU.
@@ -9,6 +9,12 @@ Every method has the signature ``fn(batch_size, latent_shape, generator, options
 resolution-dependent methods read ``h, w`` from its last two dims. ``uniforms`` (optional, shape
 ``(batch_size,)``, values in ``[0, 1)``) replace the method's base random draw and are pushed through
 its inverse CDF, which is how stratified timestep buckets keep each method's shape (reference §5).
+
+``METHODS`` are the methods that need nothing of an architecture. An architecture's own methods (a shift that
+depends on its token count, musubi's qinglong mixture for it) live in its plugin, built from the pieces here
+(``resolution_shift``, ``qinglong_mixture``, ``shift_for_tokens``, ``latent_tokens``), and its ``sample_timesteps``
+hook answers with ``sample(method, ..., methods={**METHODS, **its_own})``, so ``min_timestep`` /
+``max_timestep``, buckets and the unknown-method error cover them too.
 
 The model's timestep input. musubi builds ``timesteps = 1000·t + 1`` for every non-``sigma`` method
 and feeds the DiT ``timesteps / 1000``, so the model sees ``t + 0.001`` while the noise is mixed with
@@ -65,23 +71,40 @@ class TimestepOptions:
 
     def __attrs_post_init__(self) -> None:
         for name in ("sigmoid_scale", "discrete_flow_shift", "logit_mean", "logit_std", "mode_scale"):
-            _check(math.isfinite(getattr(self, name)), f"timestep option {name!r} must be a finite number, got {getattr(self, name)}")
+            _check(
+                math.isfinite(getattr(self, name)),
+                f"timestep option {name!r} must be a finite number, got {getattr(self, name)}",
+            )
         for name in ("min_timestep", "max_timestep", "num_timestep_buckets"):
             value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and not isinstance(value, bool)),
-                   f"timestep option {name!r} must be an integer, got {value!r}")
+            _check(
+                value is None or (isinstance(value, int) and not isinstance(value, bool)),
+                f"timestep option {name!r} must be an integer, got {value!r}",
+            )
         if self.num_timestep_buckets is not None:
-            _check(self.num_timestep_buckets <= 100000, f"timestep option 'num_timestep_buckets' must be at most 100000, got {self.num_timestep_buckets}")
+            _check(
+                self.num_timestep_buckets <= 100000,
+                f"timestep option 'num_timestep_buckets' must be at most 100000, got {self.num_timestep_buckets}",
+            )
         _check(
             self.weighting_scheme in WEIGHTING_SCHEMES,
             f"timestep option 'weighting_scheme' must be one of {list(WEIGHTING_SCHEMES)}, got {self.weighting_scheme!r}",
         )
-        _check(self.discrete_flow_shift > 0, f"timestep option 'discrete_flow_shift' must be > 0, got {self.discrete_flow_shift}")
+        _check(
+            self.discrete_flow_shift > 0,
+            f"timestep option 'discrete_flow_shift' must be > 0, got {self.discrete_flow_shift}",
+        )
         _check(self.logit_std >= 0, f"timestep option 'logit_std' must be >= 0, got {self.logit_std}")
         if self.min_timestep is not None:
-            _check(0 <= self.min_timestep <= 999, f"timestep option 'min_timestep' must be in 0..999, got {self.min_timestep}")
+            _check(
+                0 <= self.min_timestep <= 999,
+                f"timestep option 'min_timestep' must be in 0..999, got {self.min_timestep}",
+            )
         if self.max_timestep is not None:
-            _check(1 <= self.max_timestep <= 1000, f"timestep option 'max_timestep' must be in 1..1000, got {self.max_timestep}")
+            _check(
+                1 <= self.max_timestep <= 1000,
+                f"timestep option 'max_timestep' must be in 1..1000, got {self.max_timestep}",
+            )
         _check(
             self.t_min_index < self.t_max_index,
             f"timestep options: 'min_timestep' ({self.min_timestep}) must be below 'max_timestep' ({self.max_timestep})",
@@ -142,7 +165,8 @@ def lin(x1: float, y1: float, x2: float, y2: float) -> Callable[[float], float]:
 
 
 def shift_for_tokens(tokens: int, x1: float = 256, y1: float = 0.5, x2: float = 4096, y2: float = 1.15) -> float:
-    """Resolution-dependent shift factor ``s = exp(lin(x1→y1, x2→y2)(tokens))``."""
+    """Resolution-dependent shift factor ``s = exp(lin(x1→y1, x2→y2)(tokens))``: ``log s`` is linear in the token
+    count. The defaults are diffusers' ``FlowMatchEulerDiscreteScheduler`` ones (musubi's ``get_lin_function``)."""
     return math.exp(lin(x1, y1, x2, y2)(tokens))
 
 
@@ -151,40 +175,21 @@ def apply_shift(t: torch.Tensor, s: float) -> torch.Tensor:
     return s * t / (1 + (s - 1) * t)
 
 
-def _hw(latent_shape: Sequence[int], method: str) -> tuple[int, int]:
+def latent_hw(latent_shape: Sequence[int], method: str) -> tuple[int, int]:
+    """``(h, w)`` of one item's latent, its last two dims; ``method`` names the method for the error."""
     shape = tuple(int(d) for d in latent_shape)
-    _check(len(shape) >= 2, f"timestep method {method!r} needs a latent shape with (h, w) as its last two dims, got {shape}")
+    _check(
+        len(shape) >= 2,
+        f"timestep method {method!r} needs a latent shape with (h, w) as its last two dims, got {shape}",
+    )
     return shape[-2], shape[-1]
 
 
-def flux_tokens(latent_shape: Sequence[int]) -> int:
-    """FLUX.1: unpacked 8× latent, 2×2 patches: ``(h//2)·(w//2)``."""
-    h, w = _hw(latent_shape, "flux_shift")
-    return (h // 2) * (w // 2)
-
-
-def flux2_tokens(latent_shape: Sequence[int]) -> int:
-    """FLUX.2: the cached latent is already packed (pixels/16): ``h·w``."""
-    h, w = _hw(latent_shape, "flux2_shift")
-    return h * w
-
-
-def qwen_tokens(latent_shape: Sequence[int]) -> int:
-    """Qwen-Image: 8× latent, 2×2 patches: ``(h//2)·(w//2)``."""
-    h, w = _hw(latent_shape, "qwen_shift")
-    return (h // 2) * (w // 2)
-
-
-def flux_shift_factor(latent_shape: Sequence[int]) -> float:
-    return shift_for_tokens(flux_tokens(latent_shape))
-
-
-def flux2_shift_factor(latent_shape: Sequence[int]) -> float:
-    return shift_for_tokens(flux2_tokens(latent_shape))
-
-
-def qwen_shift_factor(latent_shape: Sequence[int]) -> float:
-    return shift_for_tokens(qwen_tokens(latent_shape), x1=256, y1=0.5, x2=8192, y2=0.9)
+def latent_tokens(latent_shape: Sequence[int], patch: int, method: str) -> int:
+    """The image tokens a transformer makes of the latent with ``patch``×``patch`` patches: ``(h//patch)·(w//patch)``
+    (``patch = 1`` for a latent that is already packed)."""
+    h, w = latent_hw(latent_shape, method)
+    return (h // patch) * (w // patch)
 
 
 def _uniform(n: int, generator: torch.Generator, uniforms: torch.Tensor | None) -> torch.Tensor:
@@ -193,7 +198,9 @@ def _uniform(n: int, generator: torch.Generator, uniforms: torch.Tensor | None) 
     return torch.rand((n,), generator=generator, dtype=torch.float64)
 
 
-def _normal(n: int, generator: torch.Generator, uniforms: torch.Tensor | None, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+def _normal(
+    n: int, generator: torch.Generator, uniforms: torch.Tensor | None, mean: float = 0.0, std: float = 1.0
+) -> torch.Tensor:
     """N(mean, std) draws; with ``uniforms`` the inverse normal CDF of them."""
     if uniforms is not None:
         z = torch.special.ndtri(_as_uniforms(uniforms, n).clamp(_PPF_EPS, 1 - _PPF_EPS))
@@ -217,53 +224,91 @@ def _out(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 Uniforms = torch.Tensor | None
+Method = Callable[..., torch.Tensor]
 
 
-def uniform(batch_size: int, latent_shape: Sequence[int], generator: torch.Generator, options: TimestepOptions = DEFAULT_OPTIONS, *, uniforms: Uniforms = None) -> torch.Tensor:
+def uniform(
+    batch_size: int,
+    latent_shape: Sequence[int],
+    generator: torch.Generator,
+    options: TimestepOptions = DEFAULT_OPTIONS,
+    *,
+    uniforms: Uniforms = None,
+) -> torch.Tensor:
     """``t = u``, u ~ U(0, 1)."""
     return _out(_uniform(batch_size, generator, uniforms))
 
 
-def sigmoid(batch_size: int, latent_shape: Sequence[int], generator: torch.Generator, options: TimestepOptions = DEFAULT_OPTIONS, *, uniforms: Uniforms = None) -> torch.Tensor:
+def sigmoid(
+    batch_size: int,
+    latent_shape: Sequence[int],
+    generator: torch.Generator,
+    options: TimestepOptions = DEFAULT_OPTIONS,
+    *,
+    uniforms: Uniforms = None,
+) -> torch.Tensor:
     """``t = σ(k·z)``, z ~ N(0, 1), k = ``sigmoid_scale``."""
     return _out(torch.sigmoid(options.sigmoid_scale * _normal(batch_size, generator, uniforms)))
 
 
-def _shifted(batch_size: int, generator: torch.Generator, options: TimestepOptions, s: float, uniforms: Uniforms) -> torch.Tensor:
+def shifted(
+    batch_size: int, generator: torch.Generator, options: TimestepOptions, s: float, uniforms: Uniforms
+) -> torch.Tensor:
+    """``shift_s(σ(k·z))``, z ~ N(0, 1) (or the inverse normal CDF of ``uniforms``), k = ``sigmoid_scale``; float64."""
     base = torch.sigmoid(options.sigmoid_scale * _normal(batch_size, generator, uniforms))
     return apply_shift(base, s)
 
 
-def shift(batch_size: int, latent_shape: Sequence[int], generator: torch.Generator, options: TimestepOptions = DEFAULT_OPTIONS, *, uniforms: Uniforms = None) -> torch.Tensor:
+def shift(
+    batch_size: int,
+    latent_shape: Sequence[int],
+    generator: torch.Generator,
+    options: TimestepOptions = DEFAULT_OPTIONS,
+    *,
+    uniforms: Uniforms = None,
+) -> torch.Tensor:
     """``t = shift_s(σ(k·z))`` with the fixed ``s = discrete_flow_shift``."""
-    return _out(_shifted(batch_size, generator, options, options.discrete_flow_shift, uniforms))
+    return _out(shifted(batch_size, generator, options, options.discrete_flow_shift, uniforms))
 
 
-def flux_shift(batch_size: int, latent_shape: Sequence[int], generator: torch.Generator, options: TimestepOptions = DEFAULT_OPTIONS, *, uniforms: Uniforms = None) -> torch.Tensor:
-    """FLUX.1: ``shift_s(σ(k·z))``, ``s = exp(lin(256→0.5, 4096→1.15)((h//2)·(w//2)))``."""
-    return _out(_shifted(batch_size, generator, options, flux_shift_factor(latent_shape), uniforms))
+ShiftFactor = Callable[[Sequence[int]], float]
 
 
-def flux2_shift(batch_size: int, latent_shape: Sequence[int], generator: torch.Generator, options: TimestepOptions = DEFAULT_OPTIONS, *, uniforms: Uniforms = None) -> torch.Tensor:
-    """FLUX.2 (packed latents): ``shift_s(σ(k·z))``, ``s = exp(lin(256→0.5, 4096→1.15)(h·w))``."""
-    return _out(_shifted(batch_size, generator, options, flux2_shift_factor(latent_shape), uniforms))
+def resolution_shift(shift_factor: ShiftFactor) -> Method:
+    """A method ``t = shift_s(σ(k·z))`` whose ``s = shift_factor(latent_shape)`` grows with the image (usually
+    ``shift_for_tokens(latent_tokens(...))`` on an architecture's line); ``discrete_flow_shift`` is ignored."""
+
+    def method(
+        batch_size: int,
+        latent_shape: Sequence[int],
+        generator: torch.Generator,
+        options: TimestepOptions = DEFAULT_OPTIONS,
+        *,
+        uniforms: Uniforms = None,
+    ) -> torch.Tensor:
+        return _out(shifted(batch_size, generator, options, shift_factor(latent_shape), uniforms))
+
+    return method
 
 
-def qwen_shift(batch_size: int, latent_shape: Sequence[int], generator: torch.Generator, options: TimestepOptions = DEFAULT_OPTIONS, *, uniforms: Uniforms = None) -> torch.Tensor:
-    """Qwen-Image: ``shift_s(σ(k·z))``, ``s = exp(lin(256→0.5, 8192→0.9)((h//2)·(w//2)))``."""
-    return _out(_shifted(batch_size, generator, options, qwen_shift_factor(latent_shape), uniforms))
-
-
-def _logsnr_t(n: int, generator: torch.Generator, mean: float, std: float, uniforms: Uniforms) -> torch.Tensor:
+def logsnr_t(n: int, generator: torch.Generator, mean: float, std: float, uniforms: Uniforms) -> torch.Tensor:
+    """``σ(−logsnr/2)``, logsnr ~ N(mean, std) (or the inverse normal CDF of ``uniforms``); float64."""
     return torch.sigmoid(-_normal(n, generator, uniforms, mean, std) / 2)
 
 
-def logsnr(batch_size: int, latent_shape: Sequence[int], generator: torch.Generator, options: TimestepOptions = DEFAULT_OPTIONS, *, uniforms: Uniforms = None) -> torch.Tensor:
+def logsnr(
+    batch_size: int,
+    latent_shape: Sequence[int],
+    generator: torch.Generator,
+    options: TimestepOptions = DEFAULT_OPTIONS,
+    *,
+    uniforms: Uniforms = None,
+) -> torch.Tensor:
     """``t = σ(−logsnr/2)``, logsnr ~ N(``logit_mean``, ``logit_std``) (arXiv 2411.14793)."""
-    return _out(_logsnr_t(batch_size, generator, options.logit_mean, options.logit_std, uniforms))
+    return _out(logsnr_t(batch_size, generator, options.logit_mean, options.logit_std, uniforms))
 
 
-def _mixture(
+def mixture(
     batch_size: int,
     generator: torch.Generator,
     uniforms: Uniforms,
@@ -285,26 +330,39 @@ def _mixture(
     return t
 
 
-def qinglong_flux(batch_size: int, latent_shape: Sequence[int], generator: torch.Generator, options: TimestepOptions = DEFAULT_OPTIONS, *, uniforms: Uniforms = None) -> torch.Tensor:
-    """Per sample: 79 % ``flux_shift``, 11 % ``logsnr(logit_mean, logit_std)``, 10 % logsnr2 = N(5.36, 1)."""
-    s = flux_shift_factor(latent_shape)
-    return _out(_mixture(batch_size, generator, uniforms, [
-        (0.79, lambda n, u: _shifted(n, generator, options, s, u)),
-        (0.11, lambda n, u: _logsnr_t(n, generator, options.logit_mean, options.logit_std, u)),
-        (0.10, lambda n, u: _logsnr_t(n, generator, LOGSNR2_MEAN, LOGSNR2_STD, u)),
-    ]))  # fmt: skip
+def qinglong_mixture(shift_factor: ShiftFactor, shift_share: float, logsnr_share: float) -> Method:
+    """musubi's qinglong method for one architecture: per sample, ``shift_share`` of ``resolution_shift(shift_factor)``,
+    ``logsnr_share`` of ``logsnr(logit_mean, logit_std)`` (left out when 0), the rest logsnr2 = N(5.36, 1)."""
+
+    def method(
+        batch_size: int,
+        latent_shape: Sequence[int],
+        generator: torch.Generator,
+        options: TimestepOptions = DEFAULT_OPTIONS,
+        *,
+        uniforms: Uniforms = None,
+    ) -> torch.Tensor:
+        s = shift_factor(latent_shape)
+        parts: list[tuple[float, Callable[[int, Uniforms], torch.Tensor]]] = [
+            (shift_share, lambda n, u: shifted(n, generator, options, s, u))
+        ]
+        if logsnr_share:
+            parts.append((logsnr_share, lambda n, u: logsnr_t(n, generator, options.logit_mean, options.logit_std, u)))
+        parts.append(
+            (1.0 - shift_share - logsnr_share, lambda n, u: logsnr_t(n, generator, LOGSNR2_MEAN, LOGSNR2_STD, u))
+        )
+        return _out(mixture(batch_size, generator, uniforms, parts))
+
+    return method
 
 
-def qinglong_qwen(batch_size: int, latent_shape: Sequence[int], generator: torch.Generator, options: TimestepOptions = DEFAULT_OPTIONS, *, uniforms: Uniforms = None) -> torch.Tensor:
-    """Per sample: 95 % ``qwen_shift``, 5 % logsnr2 = N(5.36, 1) (no middle logsnr component)."""
-    s = qwen_shift_factor(latent_shape)
-    return _out(_mixture(batch_size, generator, uniforms, [
-        (0.95, lambda n, u: _shifted(n, generator, options, s, u)),
-        (0.05, lambda n, u: _logsnr_t(n, generator, LOGSNR2_MEAN, LOGSNR2_STD, u)),
-    ]))  # fmt: skip
-
-
-def density_uniforms(batch_size: int, generator: torch.Generator, options: TimestepOptions = DEFAULT_OPTIONS, *, uniforms: Uniforms = None) -> torch.Tensor:
+def density_uniforms(
+    batch_size: int,
+    generator: torch.Generator,
+    options: TimestepOptions = DEFAULT_OPTIONS,
+    *,
+    uniforms: Uniforms = None,
+) -> torch.Tensor:
     """u from the ``weighting_scheme`` density (SD3 / diffusers PR #8528), float64 in [0, 1].
 
     none / sigma_sqrt / cosmap: u ~ U(0, 1); logit_normal: u = σ(N(logit_mean, logit_std));
@@ -319,7 +377,14 @@ def density_uniforms(batch_size: int, generator: torch.Generator, options: Times
     return u
 
 
-def sigma(batch_size: int, latent_shape: Sequence[int], generator: torch.Generator, options: TimestepOptions = DEFAULT_OPTIONS, *, uniforms: Uniforms = None) -> torch.Tensor:
+def sigma(
+    batch_size: int,
+    latent_shape: Sequence[int],
+    generator: torch.Generator,
+    options: TimestepOptions = DEFAULT_OPTIONS,
+    *,
+    uniforms: Uniforms = None,
+) -> torch.Tensor:
     """musubi's default: index the unshifted 1000-step table with u from the weighting-scheme density.
 
     ``idx = int(u·(t_max − t_min) + t_min)`` (t_min/t_max on 0..1000); the table is descending,
@@ -333,18 +398,12 @@ def sigma(batch_size: int, latent_shape: Sequence[int], generator: torch.Generat
     return _out((NUM_TRAIN_TIMESTEPS - idx).to(torch.float64) / NUM_TRAIN_TIMESTEPS)
 
 
-Method = Callable[..., torch.Tensor]
-
+# The methods every architecture has; a plugin adds its own through its sample_timesteps hook (module docstring).
 METHODS: dict[str, Method] = {
     "uniform": uniform,
     "sigmoid": sigmoid,
     "shift": shift,
-    "flux_shift": flux_shift,
-    "flux2_shift": flux2_shift,
-    "qwen_shift": qwen_shift,
     "logsnr": logsnr,
-    "qinglong_flux": qinglong_flux,
-    "qinglong_qwen": qinglong_qwen,
     "sigma": sigma,
 }
 
@@ -386,8 +445,10 @@ def sample(
     options: Mapping[str, Any] | TimestepOptions | None = None,
     *,
     uniforms: Uniforms = None,
+    methods: Mapping[str, Method] | None = None,
 ) -> torch.Tensor:
-    """Draw ``t`` (float32, shape ``(batch_size,)``, t = 1 pure noise) with ``method``.
+    """Draw ``t`` (float32, shape ``(batch_size,)``, t = 1 pure noise) with ``method``, one of ``methods``
+    (default ``METHODS``; a plugin passes its architecture's, e.g. ``{**METHODS, **its_own}``).
 
     The same ``t`` mixes the noise and is the model's timestep (see the module docstring).
 
@@ -397,9 +458,10 @@ def sample(
     warning and an unrestricted batch). ``uniforms`` are the batch's stratified base uniforms (from
     ``stratified_uniforms``); without them, ``num_timestep_buckets >= 2`` stratifies within the batch.
     """
-    fn = METHODS.get(method)
+    methods = METHODS if methods is None else methods
+    fn = methods.get(method)
     if fn is None:
-        raise UsageError(f"unknown timestep sampling method {method!r}; known methods: {', '.join(METHODS)}")
+        raise UsageError(f"unknown timestep sampling method {method!r}; known methods: {', '.join(methods)}")
     opts = TimestepOptions.from_mapping(options)
     _check(int(batch_size) >= 1, f"timestep sampling: batch_size must be >= 1, got {batch_size}")
 
@@ -407,7 +469,13 @@ def sample(
         return stratified_uniforms(n, opts.buckets, generator) if opts.buckets else None
 
     if method == "sigma":
-        return fn(batch_size, latent_shape, generator, opts, uniforms=uniforms if uniforms is not None else base_uniforms(batch_size))
+        return fn(
+            batch_size,
+            latent_shape,
+            generator,
+            opts,
+            uniforms=uniforms if uniforms is not None else base_uniforms(batch_size),
+        )
 
     t_min, t_max = opts.t_min_index / NUM_TRAIN_TIMESTEPS, opts.t_max_index / NUM_TRAIN_TIMESTEPS
     if not opts.preserve_distribution_shape:

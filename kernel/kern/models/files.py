@@ -9,18 +9,22 @@ into the target dtype and device.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from kern.errors import KernError, ModelFileError
 from kern.core.io import read_header
+from kern.errors import KernError, ModelFileError
 
 MODEL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
-PART_OPTIONS = {"transformer": "model.transformer (--transformer)", "vae": "model.vae (--vae)",
-                "text_encoder": "model.text_encoder (--text-encoder)"}
+# Where a user sets each part: kern train reads it from the job only, kern generate and kern cache also take an option.
+PART_OPTIONS = {
+    part: f"model.{part} (kern train: [model] {part} or --set model.{part}=PATH; "
+    f"kern generate, kern cache: --{part.replace('_', '-')})"
+    for part in ("transformer", "vae", "text_encoder")
+}
 
 
 def require_path(path: str | None, part: str, arch_label: str) -> str:
@@ -28,7 +32,9 @@ def require_path(path: str | None, part: str, arch_label: str) -> str:
     if not path:
         from kern.errors import UsageError
 
-        raise UsageError(f"{arch_label} needs a {part.replace('_', ' ')} checkpoint: set {PART_OPTIONS.get(part, part)}")
+        raise UsageError(
+            f"{arch_label} needs a {part.replace('_', ' ')} checkpoint: set {PART_OPTIONS.get(part, part)}"
+        )
     return path
 
 
@@ -44,7 +50,9 @@ def safetensors_files(path: str | Path, subfolder: str) -> list[Path]:
             return files
     if not p.exists():
         raise ModelFileError(f"{p}: no such file or folder")
-    raise ModelFileError(f"{p}: no .safetensors files here or in {p / subfolder}; point at the checkpoint file or a diffusers folder")
+    raise ModelFileError(
+        f"{p}: no .safetensors files here or in {p / subfolder}; point at the checkpoint file or a diffusers folder"
+    )
 
 
 def read_shapes(files: Iterable[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -67,24 +75,76 @@ def strip_prefixes(names: dict[str, Any], prefixes: tuple[str, ...] = MODEL_PREF
     for k, v in names.items():
         for p in prefixes:
             if k.startswith(p):
-                k = k[len(p):]
+                k = k[len(p) :]
                 break
         out[k] = v
     return out
 
 
-def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str, where: Path) -> None:
+def check_shapes(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], what: str, where: Path
+) -> None:
     """One ``ModelFileError`` naming every missing, unexpected and mis-shaped key (first dozen of each)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(f"{k}: file {found[k]} vs model {expected[k]}" for k in set(found) & set(expected) if found[k] != expected[k])
+    misshaped = sorted(
+        f"{k}: file {found[k]} vs model {expected[k]}" for k in set(found) & set(expected) if found[k] != expected[k]
+    )
     parts = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if items:
             shown = ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
             parts.append(f"{len(items)} {label}: {shown}")
     if parts:
-        raise ModelFileError(f"{where}: does not fit {what} (variant assumed from the file; force one with --variant): " + "; ".join(parts))
+        raise ModelFileError(
+            f"{where}: does not fit {what} (variant assumed from the file; force one with --variant): "
+            + "; ".join(parts)
+        )
+
+
+def shape_reader(state: Mapping[str, Any], where: str, otherwise: str) -> Callable[[str], tuple[int, ...]]:
+    """``shape(key)`` in ``state``, whose values are tensors or plain shapes (a header's), for reading
+    hyper-parameters off the weights; a missing key is a ``ModelFileError``: "{where}: no 'key'; {otherwise}"."""
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in state:
+            raise ModelFileError(f"{where}: no {key!r}; {otherwise}")
+        v = state[key]
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+    return shape
+
+
+def state_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a state dict (``check_shapes``'s input)."""
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def read_state(path: str | Path, subfolder: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a (small) model file or diffusers folder as stored, on the CPU: for checks and key
+    conversions that need values before the model is built, as a VAE's."""
+    files = safetensors_files(path, subfolder)
+    read_shapes(files)  # a truncated or foreign file fails here, naming it
+    return load_tensors(files, None, "cpu")
+
+
+def assign_checked(
+    model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    what: str,
+    where: Path,
+    dtype: torch.dtype,
+    device: Any,
+    optional: Callable[[str], bool] | None = None,
+) -> torch.nn.Module:
+    """Fill ``model`` (built on the meta device) with ``state``, each tensor cast to ``dtype`` on ``device``, after
+    ``check_shapes`` against the model's own keys. Keys the model has but ``optional`` accepts may be absent."""
+    expected = {k: s for k, s in state_shapes(model.state_dict()).items() if not (optional and optional(k))}
+    check_shapes(expected, state_shapes(state), what, where)
+    model.load_state_dict(
+        {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=optional is None
+    )
+    return model
 
 
 def load_tensors(files: Iterable[Path], dtype: torch.dtype | None, device: Any) -> dict[str, torch.Tensor]:

@@ -61,7 +61,9 @@ def check_loading_info(info: dict, path: Path, what: str, expected_unused: Calla
         )
     unexpected = [k for k in (info.get("unexpected_keys") or ()) if not (expected_unused and expected_unused(k))]
     if unexpected:
-        log.warning("text encoder checkpoint has unused keys", path=str(path), keys=unexpected[:10], count=len(unexpected))
+        log.warning(
+            "text encoder checkpoint has unused keys", path=str(path), keys=unexpected[:10], count=len(unexpected)
+        )
 
 
 def layers_from(n: int | None) -> Callable[[str], bool] | None:
@@ -70,3 +72,49 @@ def layers_from(n: int | None) -> Callable[[str], bool] | None:
         return None
     pattern = re.compile(r"layers\.(\d+)\.")
     return lambda key: bool((m := pattern.search(key)) and int(m.group(1)) >= n)
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
+
+
+def tokenizer_dir(path: Path, given: str | Path | None = None) -> Path:
+    """Where the tokenizer of the model folder ``path`` is: ``given``, else ``path`` itself, else the sibling
+    ``tokenizer/`` folder of a diffusers-style repository."""
+    if given is not None:
+        return Path(given)
+    for cand in (path, path.parent / "tokenizer"):
+        if has_tokenizer(cand):
+            return cand
+    raise ModelFileError(
+        f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {path} or {path.parent / 'tokenizer'}; "
+        "pass tokenizer_path"
+    )
+
+
+def load_pretrained(
+    model_cls,
+    path: Path,
+    dtype,
+    label: str,
+    fits: str,
+    *,
+    config=None,
+    first_layers: int | None = None,
+    quiet: bool = True,
+):
+    """``model_cls.from_pretrained`` on the local folder ``path``, safetensors only (a pytorch_model.bin is a pickle).
+
+    A folder that does not load is a ``ModelFileError`` saying it cannot load the ``label``; missing or mis-shaped
+    weights one saying the checkpoint does not fit ``fits`` (``check_loading_info``). ``first_layers``: the config
+    keeps only that many decoder layers, so the weights of the rest are unused on purpose. ``quiet`` silences
+    transformers' own load report."""
+    try:
+        with quiet_load_report(quiet):
+            model, info = model_cls.from_pretrained(
+                path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True, use_safetensors=True
+            )
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{path}: cannot load the {label} ({e})") from e
+    check_loading_info(info, path, fits, layers_from(first_layers))
+    return model

@@ -33,8 +33,21 @@ def tile_starts(n: int, tile: int, overlap: int) -> list[int]:
     return list(range(0, n - tile, tile - overlap)) + [n - tile]
 
 
-def decode_tiled(decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, scale: int, tile: int,
-                 overlap: int, where: str = "decode_tiled") -> torch.Tensor:
+def wants_tiles(latents: torch.Tensor, tiled: bool | None, auto_above: int) -> bool:
+    """``tiled`` as asked; ``None`` means automatic: tiles once the latent has more than ``auto_above`` cells."""
+    if tiled is None:
+        return latents.shape[-2] * latents.shape[-1] > auto_above
+    return bool(tiled)
+
+
+def decode_tiled(
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    scale: int,
+    tile: int,
+    overlap: int,
+    where: str = "decode_tiled",
+) -> torch.Tensor:
     """``decode`` (latents (B, C, h, w) -> images (B, c, h*scale, w*scale)) applied to ``tile`` x ``tile``
     windows overlapping by ``overlap`` latent cells, blended; returns float32 images."""
     if not 0 <= overlap < tile:

@@ -34,7 +34,9 @@ def loss_plot(losses: list[float], path: str | Path, width: int = 640, height: i
             return x, bottom - (bottom - top) * (v - lo) / span
 
         draw.line([xy(i, v) for i, v in enumerate(losses)], fill=(170, 190, 230), width=1)
-        draw.line([xy(i, v) for i, v in enumerate(smooth(losses, max(1, len(losses) // 20)))], fill=(20, 60, 160), width=2)
+        draw.line(
+            [xy(i, v) for i, v in enumerate(smooth(losses, max(1, len(losses) // 20)))], fill=(20, 60, 160), width=2
+        )
         draw.text((4, top), f"{hi:.4g}", fill="black")
         draw.text((4, bottom - 10), f"{lo:.4g}", fill="black")
         draw.text((left, bottom + 8), "step 1", fill="black")

@@ -6,6 +6,7 @@
 * :func:`earlier_outputs` / :func:`clear_outputs` — what an earlier run left in the folder, and its removal for
   ``--overwrite`` (only the files kern writes; anything else in the folder is left alone).
 * :func:`remove_orphans` — temporary files and folders of atomic writes that a killed process left behind.
+* :func:`open_run_folder` — all of the above at the start of a run, under the lock, and the checkpoint to resume.
 * :class:`StopSignals` — SIGINT / SIGTERM during training: finish the step, checkpoint, exit 130 / 143.
 """
 
@@ -20,9 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kern.errors import Interrupted, UsageError
 from kern.core.io import TMP_SUFFIX
+from kern.errors import Interrupted, UsageError
 from kern.log import get_logger
+from kern.train.checkpoints import newest_intact_checkpoint
 
 log = get_logger(__name__)
 
@@ -47,13 +49,20 @@ class RunLock:
         except OSError:
             holder = _describe(os.pread(fd, 4096, 0))
             os.close(fd)
-            raise UsageError(f"{self.folder}: in use by another kern train ({holder}); wait for it to end, "
-                             "or choose another --out (save.out)") from None
+            raise UsageError(
+                f"{self.folder}: in use by another kern train ({holder}); wait for it to end, "
+                "or choose another --out (save.out)"
+            ) from None
         previous = os.pread(fd, 4096, 0)
         if previous.strip():
-            log.warning("taking over a stale run lock (its process ended without releasing it)", folder=str(self.folder),
-                        previous=_describe(previous))
-        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            log.warning(
+                "taking over a stale run lock (its process ended without releasing it)",
+                folder=str(self.folder),
+                previous=_describe(previous),
+            )
+        info = json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        )
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
         self._fd = fd
@@ -127,6 +136,26 @@ def remove_orphans(folder: str | Path) -> int:
     return removed
 
 
+def open_run_folder(
+    out: Path, name: str, acc: Any, resume: bool, overwrite: bool
+) -> tuple[Path, dict[str, Any]] | None:
+    """Under the lock: refuse to replace an earlier run unasked, pick the checkpoint to resume from, clear debris.
+    Returns the checkpoint (its folder and state) when ``resume``."""
+    earlier = earlier_outputs(out, name)
+    resume_from = newest_intact_checkpoint(out) if resume else None
+    if earlier and not (resume or overwrite):
+        raise UsageError(
+            f"{out} holds an earlier run ({', '.join(earlier)}): continue it with --resume, replace it "
+            "with --overwrite, or choose another --out"
+        )
+    acc.wait_for_everyone()  # every process has judged the folder before the main one changes it
+    if acc.is_main_process:
+        if overwrite and earlier:
+            clear_outputs(out, name)
+        remove_orphans(out)
+    return resume_from
+
+
 class StopSignals:
     """SIGINT and SIGTERM while training. Between steps (``deferred``) a signal is only recorded: the loop finishes
     its step, writes a checkpoint and raises :class:`Interrupted`. Otherwise (caching, loading, the final save) it
@@ -164,3 +193,27 @@ class StopSignals:
     @property
     def requested(self) -> bool:
         return self.signum is not None
+
+    def requested_anywhere(self, acc: Any) -> bool:
+        """Whether any process got SIGINT / SIGTERM: all of them must write the checkpoint together."""
+        flag = self.requested
+        if acc.num_processes > 1:
+            import torch
+
+            t = torch.tensor([1.0 if flag else 0.0], device=acc.device)
+            flag = bool(acc.reduce(t, reduction="sum").item() > 0)
+            if flag and self.signum is None:
+                self.signum = 15
+        return flag
+
+    def interrupted(self, message: str) -> Interrupted:
+        """The error that ends the run after its checkpoint: ``stopped by SIGTERM <message>``."""
+        signum = self.signum or 15
+        return Interrupted(signum, f"stopped by {signal_name(signum)} {message}")
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -25,8 +25,8 @@ from typing import Any, Mapping
 
 import torch
 
-from kern.errors import KernError
 from kern.core.io import load_file, save_file, write_text
+from kern.errors import KernError
 
 STATE_JSON = "state.json"
 STATE_TENSORS = "state.safetensors"
@@ -53,8 +53,12 @@ def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, Mapping):
         if all(isinstance(k, str) and not k.startswith("$") for k in value):
             return {k: _encode(v, f"{path}.{k}", tensors) for k, v in value.items()}
-        return {"$dict": [[_encode(k, f"{path}.key{i}", tensors), _encode(v, f"{path}.{k}", tensors)]
-                          for i, (k, v) in enumerate(value.items())]}
+        return {
+            "$dict": [
+                [_encode(k, f"{path}.key{i}", tensors), _encode(v, f"{path}.{k}", tensors)]
+                for i, (k, v) in enumerate(value.items())
+            ]
+        }
     raise TypeError(f"training state at {path!r}: cannot store a {type(value).__name__} without pickle")
 
 
@@ -64,7 +68,7 @@ def _decode(value: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
     if not isinstance(value, dict):
         return value
     if len(value) == 1:
-        (tag, inner), = value.items()
+        ((tag, inner),) = value.items()
         if tag == "$tensor":
             if inner not in tensors:
                 raise DamagedState(f"{where}: refers to tensor {inner!r}, which {STATE_TENSORS} does not hold")
@@ -100,8 +104,13 @@ def save_state(folder: str | Path, state: Mapping[str, Any], also: tuple[str, ..
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(dict(state), "state", tensors)
     save_file(tensors, folder / STATE_TENSORS)
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)} for name in (*also, STATE_TENSORS)}
-    write_text(folder / STATE_JSON, json.dumps({"format": FORMAT, "files": files, "state": tree}, separators=(",", ":")))
+    files = {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": file_digest(folder / name)}
+        for name in (*also, STATE_TENSORS)
+    }
+    write_text(
+        folder / STATE_JSON, json.dumps({"format": FORMAT, "files": files, "state": tree}, separators=(",", ":"))
+    )
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
@@ -112,8 +121,12 @@ def _manifest(folder: Path) -> dict[str, Any]:
         raise DamagedState(f"{path}: missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DamagedState(f"{path}: unreadable ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict) \
-            or "state" not in manifest:
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+        or "state" not in manifest
+    ):
         raise DamagedState(f"{path}: not a kern training state ({FORMAT})")
     return manifest
 

@@ -1,4 +1,4 @@
-"""FLUX.2 native (BFL) ↔ diffusers module map for adapter conversion (flux2.md §6, adapters.md §1.2, §8.2).
+"""FLUX.2 native (BFL) ↔ diffusers module map for adapter conversion.
 
 :func:`flux2_module_map` returns the ``adapter_module_map`` hook's format: a list of
 ``(native_path, [(diffusers_path, rows), ...])`` where ``rows`` is the ``(start, stop)`` slice of the native
@@ -49,7 +49,10 @@ def flux2_module_map(depth: int, depth_single: int, hidden_size: int) -> list[tu
             (f"{n}.img_attn.proj", [(f"{o}.attn.to_out.0", None)]),
             (f"{n}.img_mlp.0", [(f"{o}.ff.linear_in", None)]),
             (f"{n}.img_mlp.2", [(f"{o}.ff.linear_out", None)]),
-            (f"{n}.txt_attn.qkv", [(f"{o}.attn.{p}", r) for p, r in zip(("add_q_proj", "add_k_proj", "add_v_proj"), qkv)]),
+            (
+                f"{n}.txt_attn.qkv",
+                [(f"{o}.attn.{p}", r) for p, r in zip(("add_q_proj", "add_k_proj", "add_v_proj"), qkv)],
+            ),
             (f"{n}.txt_attn.proj", [(f"{o}.attn.to_add_out", None)]),
             (f"{n}.txt_mlp.0", [(f"{o}.ff_context.linear_in", None)]),
             (f"{n}.txt_mlp.2", [(f"{o}.ff_context.linear_out", None)]),

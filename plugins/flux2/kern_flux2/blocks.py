@@ -43,7 +43,9 @@ def layer_norm(hidden_size: int, eps: float) -> nn.LayerNorm:
 
 def gated_mlp(hidden_size: int, mlp_hidden: int) -> nn.Sequential:
     # A Sequential so the checkpoint keys are `.0.` (in, gate and up fused) and `.2.` (out).
-    return nn.Sequential(nn.Linear(hidden_size, 2 * mlp_hidden, bias=False), SiLUGate(), nn.Linear(mlp_hidden, hidden_size, bias=False))
+    return nn.Sequential(
+        nn.Linear(hidden_size, 2 * mlp_hidden, bias=False), SiLUGate(), nn.Linear(mlp_hidden, hidden_size, bias=False)
+    )
 
 
 class DoubleStreamBlock(nn.Module):
@@ -58,7 +60,9 @@ class DoubleStreamBlock(nn.Module):
         self.img_mlp = gated_mlp(hidden_size, mlp_hidden)
         self.txt_mlp = gated_mlp(hidden_size, mlp_hidden)
 
-    def forward(self, img: Tensor, txt: Tensor, pe: Rope, img_mod: tuple[Mod, Mod], txt_mod: tuple[Mod, Mod]) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, img: Tensor, txt: Tensor, pe: Rope, img_mod: tuple[Mod, Mod], txt_mod: tuple[Mod, Mod]
+    ) -> tuple[Tensor, Tensor]:
         (img_shift1, img_scale1, img_gate1), (img_shift2, img_scale2, img_gate2) = img_mod
         (txt_shift1, txt_scale1, txt_gate1), (txt_shift2, txt_scale2, txt_gate2) = txt_mod
 
@@ -67,7 +71,7 @@ class DoubleStreamBlock(nn.Module):
         q = apply_rope(torch.cat((txt_q, img_q), dim=2), *pe)
         k = apply_rope(torch.cat((txt_k, img_k), dim=2), *pe)
         attn = attention(q, k, torch.cat((txt_v, img_v), dim=2))
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1]:]
+        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
         img = img + img_gate1 * self.img_attn.proj(img_attn)
         img = img + img_gate2 * self.img_mlp((1 + img_scale2) * self.img_norm2(img) + img_shift2)
@@ -92,7 +96,9 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x: Tensor, pe: Rope, mod: Mod) -> Tensor:
         shift, scale, gate = mod
-        qkv, mlp = self.linear1((1 + scale) * self.pre_norm(x) + shift).split((3 * self.hidden_size, 2 * self.mlp_hidden), dim=-1)
+        qkv, mlp = self.linear1((1 + scale) * self.pre_norm(x) + shift).split(
+            (3 * self.hidden_size, 2 * self.mlp_hidden), dim=-1
+        )
         q, k, v = split_heads(qkv, self.num_heads)
         q, k = self.norm(q, k, v)
         attn = attention(apply_rope(q, *pe), apply_rope(k, *pe), v)

@@ -62,7 +62,7 @@ def strip_prefix(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     for k, v in sd.items():
         for p in PREFIXES:
             if k.startswith(p):
-                k = k[len(p):]
+                k = k[len(p) :]
                 break
         out[k] = v
     return out

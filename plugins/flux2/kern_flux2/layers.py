@@ -44,7 +44,7 @@ class Modulation(nn.Module):
 
     def forward(self, vec: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], ...]:
         out = self.lin(F.silu(vec))[:, None, :].chunk(3 * self.sets, dim=-1)
-        return tuple(tuple(out[3 * i: 3 * i + 3]) for i in range(self.sets))
+        return tuple(tuple(out[3 * i : 3 * i + 3]) for i in range(self.sets))
 
 
 class RMSNorm(nn.Module):

@@ -12,9 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from kern.models.files import check_shapes, load_tensors, read_shapes, safetensors_files, strip_prefixes
-from kern.errors import ModelFileError
+from kern.errors import ModelFileError, UsageError
+from kern.models.files import (
+    assign_checked,
+    check_shapes,
+    load_tensors,
+    read_shapes,
+    read_state,
+    require_path,
+    safetensors_files,
+    state_shapes,
+    strip_prefixes,
+)
 
 from kern_flux2 import keys
 from kern_flux2.params import PARAMS_BY_VARIANT, Flux2Params
@@ -24,8 +33,9 @@ HIDDEN_TO_VARIANT = {6144: "dev", 4096: "klein-9b", 3072: "klein-4b"}
 
 
 def _is_diffusers(shapes: dict[str, Any]) -> bool:
-    return any(k.startswith("transformer_blocks.") or k.startswith("single_transformer_blocks.") for k in shapes) and \
-        any(k.startswith("x_embedder") or k.startswith("context_embedder") for k in shapes)
+    return any(
+        k.startswith("transformer_blocks.") or k.startswith("single_transformer_blocks.") for k in shapes
+    ) and any(k.startswith("x_embedder") or k.startswith("context_embedder") for k in shapes)
 
 
 def _bfl_shapes(shapes: dict[str, tuple[int, ...]], where: Path) -> dict[str, tuple[int, ...]]:
@@ -118,8 +128,7 @@ def load_transformer(path: str | Path, variant: str | None, dtype: torch.dtype, 
         params = PARAMS_BY_VARIANT[variant]  # a standard-size file is checked against the real shapes of the variant
     with torch.device("meta"):
         model = Flux2Transformer(params)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_shapes(expected, bfl_shapes, f"FLUX.2 {variant}", p)
+    check_shapes(state_shapes(model.state_dict()), bfl_shapes, f"FLUX.2 {variant}", p)
 
     state = load_tensors(files, dtype, device)
     if _is_diffusers(shapes):
@@ -136,22 +145,22 @@ def load_vae(path: str | Path, dtype: torch.dtype, device: Any) -> torch.nn.Modu
     from kern_flux2.vae_keys import diffusers_to_bfl_vae, vae_params_from_state_dict
 
     p = Path(path)
-    files = safetensors_files(p, "vae")
-    read_shapes(files)  # a truncated or foreign file fails here, naming it
-    state = load_tensors(files, None, "cpu")
+    state = read_state(p, "vae")
     if not any(k.startswith(("encoder.", "decoder.")) for k in state):
-        raise ModelFileError(f"{p}: not a VAE (no encoder.* / decoder.* keys); pass FLUX.2's ae.safetensors or its diffusers vae/ folder")
+        raise ModelFileError(
+            f"{p}: not a VAE (no encoder.* / decoder.* keys); pass FLUX.2's ae.safetensors or its diffusers vae/ folder"
+        )
     if any(".down_blocks." in k or k.startswith("quant_conv.") for k in state):
         state = diffusers_to_bfl_vae(state)
     state.pop("bn.num_batches_tracked", None)
     if "bn.running_mean" not in state:
-        raise ModelFileError(f"{p}: VAE without bn.running_mean / bn.running_var: this is not the FLUX.2 VAE (FLUX.1's ae has none)")
-    params = vae_params_from_state_dict(state)
+        raise ModelFileError(
+            f"{p}: VAE without bn.running_mean / bn.running_var: this is not the FLUX.2 VAE (FLUX.1's ae has none)"
+        )
     with torch.device("meta"):
-        vae = AutoEncoder(params)
-    expected = {k: tuple(v.shape) for k, v in vae.state_dict().items() if not k.endswith("num_batches_tracked")}
-    check_shapes(expected, {k: tuple(v.shape) for k, v in state.items()}, "the FLUX.2 VAE", p)
-    vae.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=False)
+        vae = AutoEncoder(vae_params_from_state_dict(state))
+    # BatchNorm's step counter is not needed (and not in every file).
+    assign_checked(vae, state, "the FLUX.2 VAE", p, dtype, device, optional=lambda k: k.endswith("num_batches_tracked"))
     return vae.eval()
 
 
@@ -161,3 +170,18 @@ def text_encoder_kind(variant: str) -> str:
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_part(part: str, path: str, variant: str | None, dtype: torch.dtype, device: Any, fp8: bool = False) -> Any:
+    """``load_model``'s answer: one model part from the file or folder the user named."""
+    if part not in ("transformer", "vae", "text_encoder"):
+        raise UsageError(f"FLUX.2 has no model part {part!r}")
+    where = require_path(path, part, "FLUX.2")
+    if part == "transformer":
+        return load_transformer(where, variant, dtype, device)
+    if part == "vae":
+        return load_vae(where, dtype, device)
+    if part == "text_encoder":
+        from kern_flux2.text_encoder import load_text_encoder
+
+        return load_text_encoder(text_encoder_kind(variant or "dev"), where, dtype=dtype, device=device, fp8=fp8)

@@ -37,9 +37,15 @@ class Flux2Params:
         return round(self.hidden_size * self.mlp_ratio)
 
 
-FLUX2_DEV = Flux2Params(hidden_size=6144, num_heads=48, depth=8, depth_single=48, context_in_dim=15360, guidance_embed=True)
-FLUX2_KLEIN_9B = Flux2Params(hidden_size=4096, num_heads=32, depth=8, depth_single=24, context_in_dim=12288, guidance_embed=False)
-FLUX2_KLEIN_4B = Flux2Params(hidden_size=3072, num_heads=24, depth=5, depth_single=20, context_in_dim=7680, guidance_embed=False)
+FLUX2_DEV = Flux2Params(
+    hidden_size=6144, num_heads=48, depth=8, depth_single=48, context_in_dim=15360, guidance_embed=True
+)
+FLUX2_KLEIN_9B = Flux2Params(
+    hidden_size=4096, num_heads=32, depth=8, depth_single=24, context_in_dim=12288, guidance_embed=False
+)
+FLUX2_KLEIN_4B = Flux2Params(
+    hidden_size=3072, num_heads=24, depth=5, depth_single=20, context_in_dim=7680, guidance_embed=False
+)
 
 # Base (undistilled) klein shares every shape with the distilled one; only sampling differs.
 PARAMS_BY_VARIANT: dict[str, Flux2Params] = {
@@ -54,6 +60,11 @@ PARAMS_BY_VARIANT: dict[str, Flux2Params] = {
 def tiny_params(guidance_embed: bool, depth: int = 2, depth_single: int = 2) -> Flux2Params:
     """A few-hundred-thousand-parameter FLUX.2 with the real token interface (128 channels, 4-axis RoPE)."""
     return Flux2Params(
-        hidden_size=64, num_heads=2, depth=depth, depth_single=depth_single, context_in_dim=48,
-        guidance_embed=guidance_embed, axes_dim=(8, 8, 8, 8),
+        hidden_size=64,
+        num_heads=2,
+        depth=depth,
+        depth_single=depth_single,
+        context_in_dim=48,
+        guidance_embed=guidance_embed,
+        axes_dim=(8, 8, 8, 8),
     )

@@ -1,10 +1,13 @@
-"""Entry point of the FLUX.2 plugin: the hook implementations kern calls for ``arch == "flux2"``."""
+"""Entry point of the FLUX.2 plugin: the hook implementations kern calls for ``arch == "flux2"``.
+
+kern routes every architecture hook to the plugin that registered the architecture, so these answer for
+FLUX.2 alone and need no ``if arch != ...`` check.
+"""
 
 from __future__ import annotations
 
-import torch
-
 import kern
+import torch
 
 ARCH = "flux2"
 
@@ -16,17 +19,66 @@ DEFAULT_TARGETS = (
     r"single_blocks\.\d+\.linear(1|2)",
 )
 
+# Left in the model dtype under fp8 base weights (train.base_precision = "fp8"): the embedders, the shared
+# modulations (double/single stream, the final layer's adaLN) and the final layer. Small (a few percent of the
+# bytes) and sensitive: an error there shifts every token of every block.
+KEEP_HIGH_PRECISION = (
+    r"(^|\.)(img_in|txt_in|time_in|guidance_in)(\.|$)",
+    r"modulation",
+    r"(^|\.)final_layer(\.|$)",
+)
+
 VARIANTS = (
-    kern.Variant(name="dev", aliases=("flux2-dev",), description="FLUX.2 [dev] 32B, guidance-distilled",
-                 steps=50, guidance=4.0, guidance_mode="embedded", cache_id="f2d", modelspec="Flux.2-dev"),
-    kern.Variant(name="klein-4b", aliases=("flux2-klein-4b",), description="FLUX.2 [klein] 4B, step-distilled",
-                 steps=4, guidance=1.0, guidance_mode="none", cache_id="f2k4b", modelspec="Flux.2-klein-4b"),
-    kern.Variant(name="klein-9b", aliases=("flux2-klein-9b",), description="FLUX.2 [klein] 9B, step-distilled",
-                 steps=4, guidance=1.0, guidance_mode="none", cache_id="f2k9b", modelspec="Flux.2-klein-9b"),
-    kern.Variant(name="klein-base-4b", aliases=("flux2-klein-base-4b",), description="FLUX.2 [klein] base 4B, undistilled",
-                 steps=50, guidance=4.0, guidance_mode="cfg", cache_id="f2k4b", modelspec="Flux.2-klein-4b"),
-    kern.Variant(name="klein-base-9b", aliases=("flux2-klein-base-9b",), description="FLUX.2 [klein] base 9B, undistilled",
-                 steps=50, guidance=4.0, guidance_mode="cfg", cache_id="f2k9b", modelspec="Flux.2-klein-9b"),
+    kern.Variant(
+        name="dev",
+        aliases=("flux2-dev",),
+        description="FLUX.2 [dev] 32B, guidance-distilled",
+        steps=50,
+        guidance=4.0,
+        guidance_mode="embedded",
+        cache_id="f2d",
+        modelspec="Flux.2-dev",
+    ),
+    kern.Variant(
+        name="klein-4b",
+        aliases=("flux2-klein-4b",),
+        description="FLUX.2 [klein] 4B, step-distilled",
+        steps=4,
+        guidance=1.0,
+        guidance_mode="none",
+        cache_id="f2k4b",
+        modelspec="Flux.2-klein-4b",
+    ),
+    kern.Variant(
+        name="klein-9b",
+        aliases=("flux2-klein-9b",),
+        description="FLUX.2 [klein] 9B, step-distilled",
+        steps=4,
+        guidance=1.0,
+        guidance_mode="none",
+        cache_id="f2k9b",
+        modelspec="Flux.2-klein-9b",
+    ),
+    kern.Variant(
+        name="klein-base-4b",
+        aliases=("flux2-klein-base-4b",),
+        description="FLUX.2 [klein] base 4B, undistilled",
+        steps=50,
+        guidance=4.0,
+        guidance_mode="cfg",
+        cache_id="f2k4b",
+        modelspec="Flux.2-klein-4b",
+    ),
+    kern.Variant(
+        name="klein-base-9b",
+        aliases=("flux2-klein-base-9b",),
+        description="FLUX.2 [klein] base 9B, undistilled",
+        steps=50,
+        guidance=4.0,
+        guidance_mode="cfg",
+        cache_id="f2k9b",
+        modelspec="Flux.2-klein-9b",
+    ),
 )
 
 
@@ -43,6 +95,7 @@ def register_architectures(register):
             latent_channels=128,
             latent_downscale=16,  # 8x VAE, then 2x2 patchify into channels
             default_targets=DEFAULT_TARGETS,
+            keep_high_precision=KEEP_HIGH_PRECISION,
             timestep_method="flux2_shift",
             required_files=("transformer", "vae", "text_encoder"),
             implementation="https://github.com/black-forest-labs/flux2",
@@ -50,64 +103,37 @@ def register_architectures(register):
     )
 
 
-def _path(path, part):
-    from kern.models.files import require_path
+@kern.hookimpl
+def load_model(arch, variant, part, path, dtype, device, options):
+    from kern_flux2 import loader
 
-    return require_path(path, part, "FLUX.2")
+    return loader.load_part(part, path, variant, dtype, device, fp8=bool(options.get("fp8")))
 
 
 @kern.hookimpl
 def detect_variant(arch, path):
-    if arch != ARCH:
-        return None
     from kern_flux2 import loader
 
     return loader.detect_variant(path)
 
 
 @kern.hookimpl
-def load_model(arch, variant, part, path, dtype, device, options):
-    if arch != ARCH:
-        return None
-    from kern_flux2 import loader
-
-    if part == "transformer":
-        return loader.load_transformer(_path(path, part), variant, dtype, device)
-    if part == "vae":
-        return loader.load_vae(_path(path, part), dtype, device)
-    if part == "text_encoder":
-        from kern_flux2.text_encoder import load_text_encoder
-
-        kind = loader.text_encoder_kind(variant or "dev")
-        return load_text_encoder(kind, _path(path, part), dtype=dtype, device=device, fp8=bool(options.get("fp8")))
-    raise kern.UsageError(f"FLUX.2 has no model part {part!r}")
-
-
-@kern.hookimpl
 def encode_text(arch, variant, encoder, prompts, options):
-    if arch != ARCH:
-        return None
     return encoder(list(prompts))
 
 
 @kern.hookimpl
 def encode_latents(arch, variant, vae, images):
-    if arch != ARCH:
-        return None
     return vae.encode(images.to(dtype=next(vae.parameters()).dtype))
 
 
 @kern.hookimpl
 def decode_latents(arch, variant, vae, latents):
-    if arch != ARCH:
-        return None
     return vae.decode(latents.to(dtype=next(vae.parameters()).dtype))
 
 
 @kern.hookimpl
 def predict_velocity(arch, variant, model, latents, timesteps, text, references, options):
-    if arch != ARCH:
-        return None
     from kern_flux2 import geometry
 
     b, _, h, w = latents.shape
@@ -119,14 +145,14 @@ def predict_velocity(arch, variant, model, latents, timesteps, text, references,
     if getattr(model, "params", None) is not None and model.params.guidance_embed:
         g = options.get("guidance")
         guidance = torch.full((b,), 1.0 if g is None else float(g), device=latents.device)
-    out = model(img, img_ids.to(latents.device), txt, txt_ids.to(latents.device), timesteps.to(latents.device), guidance)
+    out = model(
+        img, img_ids.to(latents.device), txt, txt_ids.to(latents.device), timesteps.to(latents.device), guidance
+    )
     return geometry.unpack(out[:, :n_target], h, w)
 
 
 @kern.hookimpl
 def generation_schedule(arch, variant, steps, latent_shape, options):
-    if arch != ARCH:
-        return None
     from kern_flux2 import schedule
 
     h, w = latent_shape[-2:]
@@ -134,8 +160,15 @@ def generation_schedule(arch, variant, steps, latent_shape, options):
 
 
 @kern.hookimpl
+def sample_timesteps(arch, method, batch_size, latent_shape, generator, options):
+    from kern_flux2 import timesteps
+
+    return timesteps.sample(method, batch_size, latent_shape, generator, options)
+
+
+@kern.hookimpl
 def adapter_module_map(arch, variant, layout):
-    if arch != ARCH or layout != "diffusers":
+    if layout != "diffusers":
         return None
     from kern_flux2.adapter_map import flux2_module_map
     from kern_flux2.params import PARAMS_BY_VARIANT
@@ -150,8 +183,6 @@ REFERENCE_AREA_ONE, REFERENCE_AREA_MANY = 2024 * 2024, 1024 * 1024
 
 @kern.hookimpl
 def reference_sizes(arch, variant, sizes):
-    if arch != ARCH:
-        return None
     cap = REFERENCE_AREA_ONE if len(sizes) == 1 else REFERENCE_AREA_MANY
     out = []
     for w, h in sizes:

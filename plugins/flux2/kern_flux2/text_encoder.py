@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from torch import nn
-
 from kern.errors import ModelFileError, UsageError
-from kern.models import hf
 from kern.gpu.fp8 import quantize_linears_
 from kern.log import get_logger
+from kern.models import hf
+from torch import nn
 
 __all__ = [
     "SYSTEM_MESSAGE",
@@ -231,17 +230,6 @@ def detect_text_encoder_kind(path: str | Path) -> str:
     )
 
 
-def _tokenizer_dir(path: Path) -> Path:
-    # Diffusers-style repos keep the tokenizer in a sibling folder of text_encoder/.
-    for cand in (path, path.parent / "tokenizer"):
-        if (cand / "tokenizer_config.json").exists() or (cand / "tokenizer.json").exists():
-            return cand
-    raise ModelFileError(
-        f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {path} or {path.parent / 'tokenizer'}; "
-        "pass tokenizer_path"
-    )
-
-
 def _legacy_processor_chat_template(tok_dir: Path) -> str | None:
     # Processors saved by older transformers keep their template in chat_template.json, which the bare tokenizer
     # does not read but the processor prefers over everything else. chat_template.jinja is read by both.
@@ -293,19 +281,22 @@ def load_text_encoder(
         kept = max(out_layers)
         _set_num_layers(text_config, kept)
     model_cls = Mistral3ForConditionalGeneration if kind == "mistral3" else Qwen3ForCausalLM
-    try:
-        with hf.quiet_load_report(kept is not None):  # skipped layers are reported as unused on purpose
-            model, info = model_cls.from_pretrained(  # safetensors only: a pytorch_model.bin is a pickle
-                path, config=config, dtype=dtype, local_files_only=True, output_loading_info=True, use_safetensors=True
-            )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelFileError(f"{path}: cannot load the {kind} text encoder ({e})") from e
-    hf.check_loading_info(info, path, "the model", hf.layers_from(kept))
+    # transformers' report is silenced only when layers are skipped: it would list their weights as unused.
+    model = hf.load_pretrained(
+        model_cls,
+        path,
+        dtype,
+        f"{kind} text encoder",
+        "the model",
+        config=config,
+        first_layers=kept,
+        quiet=kept is not None,
+    )
     if kept is not None:
         # The layers are already cut at load time; the final norm must still go (see _drop_layers_after).
         model.get_decoder().norm = nn.Identity()
 
-    tok_dir = Path(tokenizer_path) if tokenizer_path is not None else _tokenizer_dir(path)
+    tok_dir = hf.tokenizer_dir(path, tokenizer_path)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
     extra = {"chat_template": _legacy_processor_chat_template(tok_dir)} if kind == "mistral3" else {}
 

@@ -12,11 +12,20 @@ Everything loads through the same code paths as the official checkpoints; only t
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import attrs
 import torch
+from kern.models.tiny import (
+    build_bundle,
+    bundle_main,
+    byte_level_bpe,
+    gains_near_one,
+    init_random_,
+    save_seeded_pretrained,
+    smooth_images,
+    write_random_model,
+)
 
 TE_HIDDEN = 16  # the transformer's context_in_dim is 3 x this
 TE_LAYERS = 28  # klein reads hidden states 9, 18 and 27
@@ -35,47 +44,36 @@ CORPUS = (
 )
 
 
-def _init_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
-    """Deterministic small random weights; norm scales near 1 so activations keep their size."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in sorted(module.named_parameters()):
-        with torch.no_grad():
-            if name.endswith(("scale", "norm.weight")) or ".norm" in name and p.dim() == 1:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
+def is_gain(name: str, p: torch.Tensor) -> bool:
+    """The norm gains of the BFL modules (RMSNorm ``scale``, the VAE's GroupNorm ``norm*.weight``)."""
+    return name.endswith(("scale", "norm.weight")) or ".norm" in name and p.dim() == 1
 
 
 def write_transformer(path: Path, seed: int = 0) -> Path:
-    from kern.core.io import save_file
     from kern_flux2.params import tiny_params
     from kern_flux2.transformer import Flux2Transformer
 
     params = attrs.evolve(tiny_params(guidance_embed=False), context_in_dim=3 * TE_HIDDEN)
-    model = Flux2Transformer(params)
-    _init_(model, seed)
-    save_file(model.state_dict(), path, metadata={"kern.variant": "klein-4b", "kern.note": "tiny random FLUX.2 for tests and the demo"})
-    return path
+    metadata = {"kern.variant": "klein-4b", "kern.note": "tiny random FLUX.2 for tests and the demo"}
+    return write_random_model(Flux2Transformer(params), path, seed, gains_near_one(is_gain), metadata)
 
 
 def write_vae(path: Path, seed: int = 1) -> Path:
     from kern.core.io import save_file
+
     from kern_flux2.vae import AutoEncoder, AutoEncoderParams
 
     # The real geometry (3 downsamples, 32 latent channels -> 128 after patchify, 16 px per token),
     # with narrow layers: the registered FLUX.2 architecture's latent shape holds for it.
     vae = AutoEncoder(AutoEncoderParams(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=32))
-    _init_(vae, seed, std=0.1)
+    init_random_(vae, seed, gains_near_one(is_gain, std=0.1))
     # Calibrate the BatchNorm statistics as the real ones are: normalised latents of images have
     # about zero mean and unit variance per channel.
     state = vae.state_dict()
     state["bn.running_mean"].zero_()
     state["bn.running_var"].fill_(1.0)
-    g = torch.Generator().manual_seed(seed + 1)
-    coarse = torch.rand(16, 3, 8, 8, generator=g) * 2 - 1
-    images = torch.nn.functional.interpolate(coarse, size=(64, 64), mode="bilinear", align_corners=False)
     with torch.no_grad():
-        latents = vae.encode(images)
+        latents = vae.encode(smooth_images(16, 3, seed + 1))
     state["bn.running_mean"].copy_(latents.mean(dim=(0, 2, 3)))
     state["bn.running_var"].copy_(latents.var(dim=(0, 2, 3)) + 1e-4)
     save_file({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
@@ -83,50 +81,44 @@ def write_vae(path: Path, seed: int = 1) -> Path:
 
 
 def write_text_encoder(folder: Path, seed: int = 2) -> Path:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    # Byte-level BPE like Qwen3's, so any prompt tokenizes (unknown words fall back to bytes).
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=QWEN3_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator([CORPUS] * 3, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        padding_side="right", chat_template=QWEN3_TEMPLATE)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=TE_HIDDEN, intermediate_size=32, num_hidden_layers=TE_LAYERS,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
-                         initializer_range=0.2, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    bpe = byte_level_bpe([CORPUS] * 3, 400, QWEN3_SPECIALS)  # byte-level like Qwen3's: any prompt tokenizes
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="right",
+        chat_template=QWEN3_TEMPLATE,
+    )
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=TE_HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=TE_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return save_seeded_pretrained(Qwen3ForCausalLM, config, folder, seed, tokenizer)
 
 
 def build(folder: str | Path, force: bool = False) -> dict[str, Path]:
     """Write the bundle into ``folder`` (skipped when it is already there) and return the three paths."""
-    folder = Path(folder)
-    paths = {
-        "transformer": folder / "flux-2-klein-4b-tiny.safetensors",
-        "vae": folder / "ae.safetensors",
-        "text_encoder": folder / "text_encoder",
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    if force or not paths["transformer"].is_file():
-        write_transformer(paths["transformer"])
-    if force or not paths["vae"].is_file():
-        write_vae(paths["vae"])
-    if force or not (paths["text_encoder"] / "config.json").is_file():
-        write_text_encoder(paths["text_encoder"])
-    return paths
+    return build_bundle(
+        folder,
+        {
+            "transformer": ("flux-2-klein-4b-tiny.safetensors", write_transformer),
+            "vae": ("ae.safetensors", write_vae),
+            "text_encoder": ("text_encoder", write_text_encoder),
+        },
+        force,
+    )
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m kern_flux2.tiny OUTPUT_FOLDER")
-    for name, path in build(sys.argv[1]).items():
-        print(f"{name}: {path}")
+    bundle_main(build, "kern_flux2.tiny")

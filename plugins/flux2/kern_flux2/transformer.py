@@ -28,7 +28,9 @@ class LastLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=False))
 
     def forward(self, x: Tensor, vec: Tensor) -> Tensor:
-        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)  # BFL order; diffusers stores (scale, shift)
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(
+            2, dim=-1
+        )  # BFL order; diffusers stores (scale, shift)
         return self.linear((1 + scale) * self.norm_final(x) + shift)
 
 
@@ -46,8 +48,12 @@ class Flux2Transformer(nn.Module):
         self.double_stream_modulation_img = Modulation(hidden, double=True)
         self.double_stream_modulation_txt = Modulation(hidden, double=True)
         self.single_stream_modulation = Modulation(hidden, double=False)
-        self.double_blocks = nn.ModuleList(DoubleStreamBlock(hidden, heads, mlp_hidden, eps) for _ in range(params.depth))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock(hidden, heads, mlp_hidden, eps) for _ in range(params.depth_single))
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(hidden, heads, mlp_hidden, eps) for _ in range(params.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(hidden, heads, mlp_hidden, eps) for _ in range(params.depth_single)
+        )
         self.final_layer = LastLayer(hidden, params.in_channels, eps)
         self.gradient_checkpointing = False
 
@@ -57,13 +63,23 @@ class Flux2Transformer(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor, guidance: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        guidance: Tensor | None = None,
+    ) -> Tensor:
         """img (B, L_img, in_channels) target tokens followed by any reference tokens, txt (B, L_txt, context_in_dim),
         ids (B, L, 4) or (L, 4) positions (t, h, w, l), timesteps (B,) in [0, 1], guidance (B,) scales (dev only).
         Returns (B, L_img, in_channels): the caller drops the reference tokens' outputs."""
         if (guidance is None) == self.params.guidance_embed:
-            raise ValueError("guidance is required by guidance-embedding (dev) models and accepted by no other"
-                             f" (guidance_embed={self.params.guidance_embed}, guidance {'missing' if guidance is None else 'given'})")
+            raise ValueError(
+                "guidance is required by guidance-embedding (dev) models and accepted by no other"
+                f" (guidance_embed={self.params.guidance_embed}, guidance {'missing' if guidance is None else 'given'})"
+            )
         vec = self.time_in(timestep_embedding(timesteps, TIME_DIM).to(img.dtype))
         if self.guidance_in is not None:
             vec = vec + self.guidance_in(timestep_embedding(guidance, TIME_DIM).to(img.dtype))
@@ -79,7 +95,7 @@ class Flux2Transformer(nn.Module):
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
             x = self._block(block, x, pe, single_mod)
-        return self.final_layer(x[:, txt.shape[1]:], vec)
+        return self.final_layer(x[:, txt.shape[1] :], vec)
 
 
 def _joint_ids(txt_ids: Tensor, img_ids: Tensor) -> Tensor:

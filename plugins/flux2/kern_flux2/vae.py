@@ -14,9 +14,8 @@ from __future__ import annotations
 import attrs
 import torch
 import torch.nn.functional as F
+from kern.models.tiling import decode_tiled, wants_tiles
 from torch import nn
-
-from kern.models.tiling import decode_tiled
 
 __all__ = [
     "FLUX2_AE",
@@ -38,7 +37,9 @@ AUTO_TILE_ABOVE = 96 * 96  # decode(tiled=None) tiles latents with more cells th
 def _multiples_of_groups(instance, attribute, widths) -> None:
     bad = [w for w in widths if w % GROUPS]
     if bad:
-        raise ValueError(f"AutoEncoderParams.{attribute.name}: widths {bad} are not multiples of {GROUPS} (GroupNorm groups)")
+        raise ValueError(
+            f"AutoEncoderParams.{attribute.name}: widths {bad} are not multiples of {GROUPS} (GroupNorm groups)"
+        )
 
 
 @attrs.frozen
@@ -279,7 +280,9 @@ class AutoEncoder(nn.Module):
         (B, 128, H/16, W/16) in the model's dtype. Deterministic: the posterior mean, never a sample."""
         s = self.params.downscale
         if images.ndim != 4 or images.shape[-2] % s or images.shape[-1] % s:
-            raise ValueError(f"AutoEncoder.encode: want (B, C, H, W), H and W multiples of {s}; got {tuple(images.shape)}")
+            raise ValueError(
+                f"AutoEncoder.encode: want (B, C, H, W), H and W multiples of {s}; got {tuple(images.shape)}"
+            )
         moments = self.encoder(images.to(self.dtype))
         mean = moments[:, : self.params.z_channels]  # the log-variance half is unused: FLUX.2 never samples
         return self.bn.normalize(F.pixel_unshuffle(mean, PATCH))  # channel c*4 + pi*2 + pj, as BFL's rearrange
@@ -290,9 +293,7 @@ class AutoEncoder(nn.Module):
         """Normalised latents (B, 128, h, w) -> images (B, 3, 16h, 16w), nominally in [-1, 1] (not clamped).
 
         ``tiled=None`` decodes in tiles only when the latent has more than ``AUTO_TILE_ABOVE`` cells."""
-        if tiled is None:
-            tiled = latents.shape[-2] * latents.shape[-1] > AUTO_TILE_ABOVE
-        if tiled:
+        if wants_tiles(latents, tiled, AUTO_TILE_ABOVE):
             return self.decode_tiled(latents, tile=tile, overlap=overlap)
         z = F.pixel_shuffle(self.bn.denormalize(latents), PATCH)
         return self.decoder(z.to(self.dtype))
@@ -302,6 +303,11 @@ class AutoEncoder(nn.Module):
         """Decode overlapping ``tile`` x ``tile`` latent windows and cross-fade them (``kern.models.tiling``), so activation
         memory is bounded by the tile. Not bit-equal to ``decode``: each tile normalises with its own GroupNorm
         statistics, attends only within itself in the mid block, and sees zero padding at its borders."""
-        return decode_tiled(lambda z: self.decode(z, tiled=False), latents, self.params.downscale, tile, overlap,
-                            where="AutoEncoder.decode_tiled").to(self.dtype)
-
+        return decode_tiled(
+            lambda z: self.decode(z, tiled=False),
+            latents,
+            self.params.downscale,
+            tile,
+            overlap,
+            where="AutoEncoder.decode_tiled",
+        ).to(self.dtype)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kern.errors import ModelFileError
+from kern.models.files import shape_reader
 
 from kern_flux2.vae import AutoEncoderParams
 
@@ -63,7 +64,7 @@ def _rename(key: str, rules, n_levels: int) -> str:
             fields = m.groupdict()
             if "u" in fields:
                 fields["u"] = str(n_levels - 1 - int(fields["u"]))
-            return template.format(**fields) + key[m.end():]
+            return template.format(**fields) + key[m.end() :]
     return key
 
 
@@ -102,11 +103,7 @@ def vae_params_from_state_dict(sd: Mapping[str, Any], where: str = "VAE state di
         n = _n_levels(sd, _UP_DIFFUSERS)
         sd = {_rename(k, _TO_BFL, n): v for k, v in sd.items()}
 
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in sd:
-            raise ModelFileError(f"{where}: no {key!r}; this is not a FLUX.2 autoencoder in BFL or diffusers naming")
-        v = sd[key]
-        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+    shape = shape_reader(sd, where, "this is not a FLUX.2 autoencoder in BFL or diffusers naming")
 
     def count(pattern: str) -> int:
         rx = re.compile(pattern)
@@ -119,9 +116,13 @@ def vae_params_from_state_dict(sd: Mapping[str, Any], where: str = "VAE state di
         raise ModelFileError(f"{where}: level widths {widths} are not multiples of conv_in's {ch} channels")
     z_channels = shape("decoder.conv_in.weight")[1]
     if "bn.running_mean" not in sd:
-        raise ModelFileError(f"{where}: no 'bn.running_mean'; a FLUX.1 autoencoder? FLUX.2's carries its latent BatchNorm")
+        raise ModelFileError(
+            f"{where}: no 'bn.running_mean'; a FLUX.1 autoencoder? FLUX.2's carries its latent BatchNorm"
+        )
     if shape("bn.running_mean")[0] != 4 * z_channels:
-        raise ModelFileError(f"{where}: bn.running_mean has {shape('bn.running_mean')[0]} channels, want 4 x {z_channels}")
+        raise ModelFileError(
+            f"{where}: bn.running_mean has {shape('bn.running_mean')[0]} channels, want 4 x {z_channels}"
+        )
     decoder_widths = tuple(shape(f"decoder.up.{i}.block.0.conv2.weight")[0] for i in range(levels))
     return AutoEncoderParams(
         in_channels=in_channels,

@@ -1,6 +1,6 @@
 """The LoHa layer (Hadamard-product low rank, FedPara / LyCORIS), its memory-saving autograd function and factor algebra.
 
-Maths (adapters.md §2): ``ΔW = γ · (W1a · W1b) ⊙ (W2a · W2b)`` with ``hada_w1_a``, ``hada_w2_a`` (out × r),
+Maths (LyCORIS' LoHa): ``ΔW = γ · (W1a · W1b) ⊙ (W2a · W2b)`` with ``hada_w1_a``, ``hada_w2_a`` (out × r),
 ``hada_w1_b``, ``hada_w2_b`` (r × in) and ``γ = α / r`` (``α / √r`` with rsLoRA); α unset or 0 means α = r.
 rank(ΔW) ≤ r², with 2·r·(in + out) parameters (twice a LoRA of the same r). Conv2d layers are supported the
 LyCORIS way: the factors act on the flattened kernel (``in · kh · kw`` columns), no Tucker decomposition.
@@ -29,10 +29,9 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
+from kern.adapters.network import FactorOps, RankAdapterModule, compute_dtype
 from kern.errors import AdapterError
-from kern.adapters.network import AdapterModule, FactorOps, compute_dtype, layer_device, scale_of
+from torch import nn
 
 W1A, W1B, W2A, W2B, T1, T2, ALPHA = "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "alpha"
 SUFFIXES = (W1A, W1B, W2A, W2B, T1, T2, ALPHA)
@@ -47,7 +46,9 @@ class HadaWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, gamma: float) -> torch.Tensor:
+    def forward(
+        ctx, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, gamma: float
+    ) -> torch.Tensor:
         ctx.save_for_backward(w1a, w1b, w2a, w2b)
         ctx.gamma = gamma
         return (w1a @ w1b) * (w2a @ w2b) * gamma
@@ -69,103 +70,10 @@ class HadaWeight(torch.autograd.Function):
         return g1a, g1b, g2a, g2b, None
 
 
-def hada_weight(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, gamma: float) -> torch.Tensor:
+def hada_weight(
+    w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor, gamma: float
+) -> torch.Tensor:
     return HadaWeight.apply(w1a, w1b, w2a, w2b, gamma)
-
-
-class LoHaModule(AdapterModule):
-    """A LoHa on one ``nn.Linear`` / ``Float8Linear`` / ``nn.Conv2d`` (flattened kernel)."""
-
-    def __init__(
-        self,
-        name: str,
-        path: str,
-        org: nn.Module,
-        rank: int,
-        alpha: float | None = None,
-        *,
-        dropout: float = 0.0,
-        rank_dropout: float = 0.0,
-        module_dropout: float = 0.0,
-        use_rslora: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        init: bool = True,
-    ) -> None:
-        super().__init__(name, path, org, module_dropout)
-        if rank < 1:
-            raise AdapterError(f"{path}: LoHa rank must be at least 1, got {rank}")
-        shape = self.geometry["weight_shape"]
-        out_f, in_f = shape[0], math.prod(shape[1:])
-        kw = {"dtype": dtype, "device": device}
-        self.hada_w1_a = nn.Parameter(torch.empty(out_f, rank, **kw))
-        self.hada_w1_b = nn.Parameter(torch.empty(rank, in_f, **kw))
-        self.hada_w2_a = nn.Parameter(torch.empty(out_f, rank, **kw))
-        self.hada_w2_b = nn.Parameter(torch.empty(rank, in_f, **kw))
-        self.rank = rank
-        self.scale = scale_of(alpha, rank, use_rslora)
-        self.register_buffer("alpha", torch.tensor(self.scale * rank, dtype=torch.float32, device=device))
-        self.dropout = float(dropout or 0.0)
-        self.rank_dropout = float(rank_dropout or 0.0)
-        if init:
-            with torch.no_grad():
-                nn.init.normal_(self.hada_w1_a, std=0.1)
-                nn.init.normal_(self.hada_w1_b, std=1.0)
-                nn.init.normal_(self.hada_w2_b, std=1.0)
-                nn.init.zeros_(self.hada_w2_a)
-
-    @classmethod
-    def from_tensors(cls, name: str, path: str, org: nn.Module, tensors: Mapping[str, torch.Tensor]) -> LoHaModule:
-        if T1 in tensors or T2 in tensors:
-            raise AdapterError(f"{name}: Tucker LoHa (hada_t1/hada_t2) can be merged (`kern merge`) but not applied unmerged")
-        w1b = tensors[W1B]
-        m = cls(name, path, org, int(w1b.shape[0]), dtype=w1b.dtype, device=layer_device(org), init=False)
-        m.load_kohya_tensors(tensors)
-        return m
-
-    def delta(self) -> torch.Tensor:
-        """ΔW (γ applied, no multiplier) in the adapter dtype, with autograd through :class:`HadaWeight`."""
-        dw = hada_weight(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scale)
-        return dw.reshape(self.geometry["weight_shape"])
-
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(compute_dtype(x, self.hada_w1_a.dtype))
-        dw = self.delta()
-        if self.geometry["kind"] == "conv2d":
-            y = self.org._conv_forward(x, dw, None)
-        else:
-            y = F.linear(x, dw)
-        if self.training:
-            if self.rank_dropout > 0:
-                keep = (torch.rand(dw.shape[0], device=y.device) > self.rank_dropout).to(y.dtype) / (1.0 - self.rank_dropout)
-                y = y * (keep.view(1, -1, 1, 1) if self.geometry["kind"] == "conv2d" else keep)
-            if self.dropout > 0:
-                y = F.dropout(y, p=self.dropout)
-        return y
-
-    def delta_weight(self) -> torch.Tensor:
-        return loha_delta(self.kohya_tensors(), self.geometry["weight_shape"], where=self.path)
-
-    def kohya_tensors(self) -> dict[str, torch.Tensor]:
-        return {W1A: self.hada_w1_a, W1B: self.hada_w1_b, W2A: self.hada_w2_a, W2B: self.hada_w2_b, ALPHA: self.alpha}
-
-    @torch.no_grad()
-    def load_kohya_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        for suffix in FACTORS:
-            if suffix not in tensors:
-                raise AdapterError(f"{self.name}: missing {suffix}")
-            p = getattr(self, suffix)
-            t = tensors[suffix]
-            if t.numel() != p.numel() or t.shape[0] != p.shape[0]:
-                raise AdapterError(
-                    f"{self.name}.{suffix}: shape {tuple(t.shape)} does not fit layer {self.path!r} "
-                    f"{tuple(self.geometry['weight_shape'])} (expected {tuple(p.shape)})"
-                )
-            p.copy_(t.reshape(p.shape))
-        alpha = tensors.get(ALPHA)
-        a = float(self.rank) if alpha is None else float(alpha)
-        self.alpha.fill_(a)
-        self.scale = a / self.rank
 
 
 def loha_delta(tensors: Mapping[str, torch.Tensor], base_shape: Sequence[int], where: str = "") -> torch.Tensor:
@@ -198,6 +106,63 @@ def loha_delta(tensors: Mapping[str, torch.Tensor], base_shape: Sequence[int], w
     return delta.reshape(tuple(base_shape))
 
 
+class LoHaModule(RankAdapterModule):
+    """A LoHa on one ``nn.Linear`` / ``Float8StorageLinear`` / ``nn.Conv2d`` (flattened kernel)."""
+
+    label = "LoHa"
+    rank_factor = W1B
+    reshape_loaded = True  # conv factors may come flattened or not
+    weight_delta = staticmethod(loha_delta)
+
+    def make_factors(self, rank: int, *, dtype: torch.dtype, device: torch.device | str | None) -> None:
+        shape = self.geometry["weight_shape"]
+        out_f, in_f = shape[0], math.prod(shape[1:])
+        kw = {"dtype": dtype, "device": device}
+        self.hada_w1_a = nn.Parameter(torch.empty(out_f, rank, **kw))
+        self.hada_w1_b = nn.Parameter(torch.empty(rank, in_f, **kw))
+        self.hada_w2_a = nn.Parameter(torch.empty(out_f, rank, **kw))
+        self.hada_w2_b = nn.Parameter(torch.empty(rank, in_f, **kw))
+
+    def reset_factors(self) -> None:
+        nn.init.normal_(self.hada_w1_a, std=0.1)
+        nn.init.normal_(self.hada_w1_b, std=1.0)
+        nn.init.normal_(self.hada_w2_b, std=1.0)
+        nn.init.zeros_(self.hada_w2_a)
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        return {s: getattr(self, s) for s in FACTORS}
+
+    @classmethod
+    def from_tensors(cls, name: str, path: str, org: nn.Module, tensors: Mapping[str, torch.Tensor]) -> LoHaModule:
+        if T1 in tensors or T2 in tensors:
+            raise AdapterError(
+                f"{name}: Tucker LoHa (hada_t1/hada_t2) can be merged (`kern merge`) but not applied unmerged"
+            )
+        return super().from_tensors(name, path, org, tensors)
+
+    def delta(self) -> torch.Tensor:
+        """ΔW (γ applied, no multiplier) in the adapter dtype, with autograd through :class:`HadaWeight`."""
+        dw = hada_weight(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.scale)
+        return dw.reshape(self.geometry["weight_shape"])
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(compute_dtype(x, self.hada_w1_a.dtype))
+        dw = self.delta()
+        if self.geometry["kind"] == "conv2d":
+            y = self.org._conv_forward(x, dw, None)
+        else:
+            y = F.linear(x, dw)
+        if self.training:
+            if self.rank_dropout > 0:
+                keep = (torch.rand(dw.shape[0], device=y.device) > self.rank_dropout).to(y.dtype) / (
+                    1.0 - self.rank_dropout
+                )
+                y = y * (keep.view(1, -1, 1, 1) if self.geometry["kind"] == "conv2d" else keep)
+            if self.dropout > 0:
+                y = F.dropout(y, p=self.dropout)
+        return y
+
+
 class LoHaOps(FactorOps):
     """Exact split / fuse of LoHa modules along output rows.
 
@@ -216,17 +181,22 @@ class LoHaOps(FactorOps):
         out[ALPHA] = torch.tensor(float(tensors[ALPHA]) if ALPHA in tensors else float(tensors[W1B].shape[0]))
         return out
 
-    def fuse(self, parts: Sequence[tuple[tuple[int, int], Mapping[str, torch.Tensor]]], total_rows: int) -> dict[str, torch.Tensor]:
+    def fuse(
+        self, parts: Sequence[tuple[tuple[int, int], Mapping[str, torch.Tensor]]], total_rows: int
+    ) -> dict[str, torch.Tensor]:
         parts = sorted(parts, key=lambda p: p[0][0])
         if any(T1 in t for _, t in parts):
             raise AdapterError("fusing Tucker LoHa modules is not supported")
         gammas = [(float(t[ALPHA]) if ALPHA in t else float(t[W1B].shape[0])) / t[W1B].shape[0] for _, t in parts]
-        contiguous = parts[0][0][0] == 0 and parts[-1][0][1] == total_rows and all(
-            parts[i][0][1] == parts[i + 1][0][0] for i in range(len(parts) - 1)
+        contiguous = (
+            parts[0][0][0] == 0
+            and parts[-1][0][1] == total_rows
+            and all(parts[i][0][1] == parts[i + 1][0][0] for i in range(len(parts) - 1))
         )
         first = parts[0][1]
         shared = all(
-            t[W1B].shape == first[W1B].shape and torch.equal(t[W1B], first[W1B]) and torch.equal(t[W2B], first[W2B]) for _, t in parts[1:]
+            t[W1B].shape == first[W1B].shape and torch.equal(t[W1B], first[W1B]) and torch.equal(t[W2B], first[W2B])
+            for _, t in parts[1:]
         )
         if contiguous and shared and len(set(gammas)) == 1:
             return {
@@ -243,8 +213,8 @@ class LoHaOps(FactorOps):
         col = 0
         for ((start, stop), t), g in zip(parts, gammas):
             r = t[W1B].shape[0]
-            w1a[start:stop, col:col + r] = t[W1A].to(torch.float32).mul(g).to(dtype)
-            w2a[start:stop, col:col + r] = t[W2A]
+            w1a[start:stop, col : col + r] = t[W1A].to(torch.float32).mul(g).to(dtype)
+            w2a[start:stop, col : col + r] = t[W2A]
             col += r
         return {
             W1A: w1a,
@@ -255,11 +225,13 @@ class LoHaOps(FactorOps):
         }
 
 
-def normalise(state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, Sequence[str]]) -> dict[str, dict[str, torch.Tensor]]:
+def normalise(
+    state_dict: Mapping[str, torch.Tensor], modules: Mapping[str, Sequence[str]]
+) -> dict[str, dict[str, torch.Tensor]]:
     """``{module name as written: {suffix: tensor}}`` with ``alpha`` always present (α = r when absent)."""
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, keys in modules.items():
-        t = {key[len(name) + 1:]: state_dict[key] for key in keys}
+        t = {key[len(name) + 1 :]: state_dict[key] for key in keys}
         missing = [s for s in FACTORS if s not in t]
         if missing:
             raise AdapterError(f"LoHa module {name!r} is incomplete: no {' / '.join(missing)} (keys: {list(keys)})")

@@ -1,6 +1,6 @@
 """The LoRA layer, its file-format handling and its exact factor algebra.
 
-Maths (adapters.md §1): for a layer ``y = W x (+ b)``, ``ΔW = s · B · A`` with ``A = lora_down`` (r × in),
+Maths (kohya / peft LoRA): for a layer ``y = W x (+ b)``, ``ΔW = s · B · A`` with ``A = lora_down`` (r × in),
 ``B = lora_up`` (out × r) and ``s = α / r`` (``α / √r`` with rsLoRA). The hooked forward is
 ``y = W x + m · s · B(drop(A x))``; ``m`` is the user multiplier.
 
@@ -26,11 +26,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
+from kern.adapters.network import FactorOps, RankAdapterModule, compute_dtype, scale_of, strip_layout_prefix
 from kern.errors import AdapterError
 from kern.log import get_logger
-from kern.adapters.network import AdapterModule, FactorOps, compute_dtype, scale_of, strip_layout_prefix
+from torch import nn
 
 log = get_logger(__name__)
 
@@ -51,63 +50,68 @@ SUFFIX_ALIASES: dict[str, str] = {
 FACTOR_SUFFIXES = tuple(k for k, v in SUFFIX_ALIASES.items() if v != ALPHA)
 
 
-class LoRAModule(AdapterModule):
-    """A LoRA on one ``nn.Linear`` / ``Float8Linear`` / ``nn.Conv2d``.
+def lora_delta(tensors: Mapping[str, torch.Tensor], base_shape: Sequence[int], where: str = "") -> torch.Tensor:
+    """``ΔW = (α/r) · B · A`` in float32 with the layer weight's shape (Linear or Conv2d with a 1×1 up)."""
+    try:
+        down, up = tensors[DOWN], tensors[UP]
+    except KeyError as exc:
+        raise AdapterError(f"{where}: LoRA module lacks {exc.args[0]}") from None
+    rank = down.shape[0]
+    if up.dim() < 2 or up.shape[1] != rank:
+        raise AdapterError(f"{where}: lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)} have different ranks")
+    alpha = tensors.get(ALPHA)
+    scale = (float(alpha) if alpha is not None else float(rank)) / rank
+    a = down.to(torch.float32).reshape(rank, -1)
+    b = up.to(torch.float32).reshape(up.shape[0], rank)
+    delta = b @ a
+    if scale != 1.0:
+        delta.mul_(scale)
+    if delta.numel() != math.prod(base_shape) or up.shape[0] != base_shape[0]:
+        raise AdapterError(
+            f"{where}: LoRA of ΔW shape {tuple(delta.shape)} (lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}) "
+            f"does not fit the base weight {tuple(base_shape)}"
+        )
+    return delta.reshape(tuple(base_shape))
+
+
+class LoRAModule(RankAdapterModule):
+    """A LoRA on one ``nn.Linear`` / ``Float8StorageLinear`` / ``nn.Conv2d``.
 
     Dropout kinds (training only): ``dropout`` — inverted dropout on the rank-r activation ``A x``;
     ``rank_dropout`` — a (batch, r) mask on ``A x``, shared over tokens / pixels, with the scale multiplied by
     ``1 / (1 − p)``; ``module_dropout`` — skip the whole adapter for a forward with probability ``p``.
     """
 
+    label = "LoRA"
+    rank_factor = DOWN
     up_param_names = ("lora_up",)
+    weight_delta = staticmethod(lora_delta)
 
-    def __init__(
-        self,
-        name: str,
-        path: str,
-        org: nn.Module,
-        rank: int,
-        alpha: float | None = None,
-        *,
-        dropout: float = 0.0,
-        rank_dropout: float = 0.0,
-        module_dropout: float = 0.0,
-        use_rslora: bool = False,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-        init: bool = True,
-    ) -> None:
-        super().__init__(name, path, org, module_dropout)
-        if rank < 1:
-            raise AdapterError(f"{path}: LoRA rank must be at least 1, got {rank}")
-        g = self.geometry
+    def make_factors(self, rank: int, *, dtype: torch.dtype, device: torch.device | str | None) -> None:
+        org, g = self.org, self.geometry
         kw = {"bias": False, "dtype": dtype, "device": device}
         if g["kind"] == "conv2d":
             self.lora_down = nn.Conv2d(
-                org.in_channels, rank, org.kernel_size, org.stride, org.padding, org.dilation, padding_mode=org.padding_mode, **kw
+                org.in_channels,
+                rank,
+                org.kernel_size,
+                org.stride,
+                org.padding,
+                org.dilation,
+                padding_mode=org.padding_mode,
+                **kw,
             )
             self.lora_up = nn.Conv2d(rank, org.out_channels, 1, **kw)
         else:
             self.lora_down = nn.Linear(g["in_features"], rank, **kw)
             self.lora_up = nn.Linear(rank, g["out_features"], **kw)
-        self.rank = rank
-        self.scale = scale_of(alpha, rank, use_rslora)
-        self.register_buffer("alpha", torch.tensor(self.scale * rank, dtype=torch.float32, device=device))
-        self.dropout = float(dropout or 0.0)
-        self.rank_dropout = float(rank_dropout or 0.0)
-        if init:
-            nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_up.weight)
 
-    @classmethod
-    def from_tensors(cls, name: str, path: str, org: nn.Module, tensors: Mapping[str, torch.Tensor]) -> LoRAModule:
-        """A module holding ``tensors`` (kohya suffixes), in their dtype, on the layer's device."""
-        from kern.adapters.network import layer_device
+    def reset_factors(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
 
-        down = tensors[DOWN]
-        m = cls(name, path, org, int(down.shape[0]), dtype=down.dtype, device=layer_device(org), init=False)
-        m.load_kohya_tensors(tensors)
-        return m
+    def factors(self) -> dict[str, torch.Tensor]:
+        return {DOWN: self.lora_down.weight, UP: self.lora_up.weight}
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.lora_down(x.to(compute_dtype(x, self.lora_down.weight.dtype)))
@@ -140,53 +144,6 @@ class LoRAModule(AdapterModule):
         y = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), up.t())
         return y.view(out.shape).to(out.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        return lora_delta(self.kohya_tensors(), self.geometry["weight_shape"], where=self.path)
-
-    def kohya_tensors(self) -> dict[str, torch.Tensor]:
-        return {DOWN: self.lora_down.weight, UP: self.lora_up.weight, ALPHA: self.alpha}
-
-    @torch.no_grad()
-    def load_kohya_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        for suffix, p in ((DOWN, self.lora_down.weight), (UP, self.lora_up.weight)):
-            if suffix not in tensors:
-                raise AdapterError(f"{self.name}: missing {suffix}")
-            t = tensors[suffix]
-            if tuple(t.shape) != tuple(p.shape):
-                raise AdapterError(
-                    f"{self.name}.{suffix}: shape {tuple(t.shape)} does not fit layer {self.path!r} "
-                    f"{tuple(self.geometry['weight_shape'])} (expected {tuple(p.shape)})"
-                )
-            p.copy_(t)
-        alpha = tensors.get(ALPHA)
-        a = float(self.rank) if alpha is None else float(alpha)
-        self.alpha.fill_(a)
-        self.scale = a / self.rank
-
-
-def lora_delta(tensors: Mapping[str, torch.Tensor], base_shape: Sequence[int], where: str = "") -> torch.Tensor:
-    """``ΔW = (α/r) · B · A`` in float32 with the layer weight's shape (Linear or Conv2d with a 1×1 up)."""
-    try:
-        down, up = tensors[DOWN], tensors[UP]
-    except KeyError as exc:
-        raise AdapterError(f"{where}: LoRA module lacks {exc.args[0]}") from None
-    rank = down.shape[0]
-    if up.dim() < 2 or up.shape[1] != rank:
-        raise AdapterError(f"{where}: lora_up {tuple(up.shape)} and lora_down {tuple(down.shape)} have different ranks")
-    alpha = tensors.get(ALPHA)
-    scale = (float(alpha) if alpha is not None else float(rank)) / rank
-    a = down.to(torch.float32).reshape(rank, -1)
-    b = up.to(torch.float32).reshape(up.shape[0], rank)
-    delta = b @ a
-    if scale != 1.0:
-        delta.mul_(scale)
-    if delta.numel() != math.prod(base_shape) or up.shape[0] != base_shape[0]:
-        raise AdapterError(
-            f"{where}: LoRA of ΔW shape {tuple(delta.shape)} (lora_down {tuple(down.shape)}, lora_up {tuple(up.shape)}) "
-            f"does not fit the base weight {tuple(base_shape)}"
-        )
-    return delta.reshape(tuple(base_shape))
-
 
 def fold_alpha(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` with the α/r scale folded in (√s into each, as musubi's converter; B only if s < 0)."""
@@ -204,7 +161,7 @@ def fold_alpha(tensors: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch
 
 
 class LoRAOps(FactorOps):
-    """Exact split / fuse of LoRA modules along the output rows (adapters.md §1.2)."""
+    """Exact split / fuse of LoRA modules along the output rows."""
 
     def split(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
         down, up = tensors[DOWN], tensors[UP]
@@ -217,23 +174,35 @@ class LoRAOps(FactorOps):
         used = (b != 0).any(dim=0)
         if 0 < int(used.sum()) < rank:
             keep = int(used.sum())
-            return {DOWN: down[used].contiguous(), UP: b[:, used].contiguous(), ALPHA: torch.tensor(alpha * keep / rank)}
+            return {
+                DOWN: down[used].contiguous(),
+                UP: b[:, used].contiguous(),
+                ALPHA: torch.tensor(alpha * keep / rank),
+            }
         return {DOWN: down.clone(), UP: b.contiguous(), ALPHA: torch.tensor(alpha)}
 
-    def fuse(self, parts: Sequence[tuple[tuple[int, int], Mapping[str, torch.Tensor]]], total_rows: int) -> dict[str, torch.Tensor]:
+    def fuse(
+        self, parts: Sequence[tuple[tuple[int, int], Mapping[str, torch.Tensor]]], total_rows: int
+    ) -> dict[str, torch.Tensor]:
         parts = sorted(parts, key=lambda p: p[0][0])
         downs = [t[DOWN] for _, t in parts]
         ups = [t[UP] for _, t in parts]
         if any(u.dim() != 2 for u in ups):
             raise AdapterError("fusing conv LoRA modules is not supported")
         scales = [(float(t[ALPHA]) if ALPHA in t else float(t[DOWN].shape[0])) / t[DOWN].shape[0] for _, t in parts]
-        contiguous = parts[0][0][0] == 0 and parts[-1][0][1] == total_rows and all(
-            parts[i][0][1] == parts[i + 1][0][0] for i in range(len(parts) - 1)
+        contiguous = (
+            parts[0][0][0] == 0
+            and parts[-1][0][1] == total_rows
+            and all(parts[i][0][1] == parts[i + 1][0][0] for i in range(len(parts) - 1))
         )
         same_a = all(d.shape == downs[0].shape and torch.equal(d, downs[0]) for d in downs[1:])
         if contiguous and same_a and len(set(scales)) == 1:
             # Shared A (a fused adapter that was split before): rank r, B stacked — exact and as small as it gets.
-            return {DOWN: downs[0].clone(), UP: torch.cat(ups, dim=0), ALPHA: torch.tensor(scales[0] * downs[0].shape[0])}
+            return {
+                DOWN: downs[0].clone(),
+                UP: torch.cat(ups, dim=0),
+                ALPHA: torch.tensor(scales[0] * downs[0].shape[0]),
+            }
         # General case: A stacked (rank Σr), B block-diagonal, each block carrying its own scale; α = Σr (scale 1).
         dtype = torch.promote_types(downs[0].dtype, ups[0].dtype)
         total_rank = sum(d.shape[0] for d in downs)
@@ -242,7 +211,7 @@ class LoRAOps(FactorOps):
         col = 0
         for ((start, stop), t), s in zip(parts, scales):
             r = t[DOWN].shape[0]
-            b[start:stop, col:col + r] = t[UP].to(torch.float32).mul(s).to(dtype)
+            b[start:stop, col : col + r] = t[UP].to(torch.float32).mul(s).to(dtype)
             col += r
         return {DOWN: a, UP: b, ALPHA: torch.tensor(float(total_rank))}
 
@@ -263,7 +232,7 @@ def peft_config(metadata: Mapping[str, str]) -> dict[str, Any] | None:
     if not isinstance(cfg, dict):
         return None
     if any(k.startswith("transformer.") for k in cfg):
-        cfg = {k[len("transformer."):]: v for k, v in cfg.items() if k.startswith("transformer.")}
+        cfg = {k[len("transformer.") :]: v for k, v in cfg.items() if k.startswith("transformer.")}
     return cfg
 
 
@@ -294,7 +263,7 @@ def normalise(
     for name, keys in modules.items():
         t: dict[str, torch.Tensor] = {}
         for key in keys:
-            suffix = SUFFIX_ALIASES[key[len(name) + 1:]]
+            suffix = SUFFIX_ALIASES[key[len(name) + 1 :]]
             if suffix in t:
                 raise AdapterError(f"module {name!r} has two {suffix} tensors ({keys})")
             t[suffix] = state_dict[key]
@@ -303,7 +272,9 @@ def normalise(
             raise AdapterError(f"module {name!r} is incomplete: no {' / '.join(missing)} (keys: {list(keys)})")
         rank = t[DOWN].shape[0]
         if t[UP].dim() < 2 or t[UP].shape[1] != rank:
-            raise AdapterError(f"module {name!r}: lora_up {tuple(t[UP].shape)} and lora_down {tuple(t[DOWN].shape)} have different ranks")
+            raise AdapterError(
+                f"module {name!r}: lora_up {tuple(t[UP].shape)} and lora_down {tuple(t[DOWN].shape)} have different ranks"
+            )
         if ALPHA in t:
             t[ALPHA] = t[ALPHA].detach().to(torch.float32).reshape(())
         elif cfg is not None:

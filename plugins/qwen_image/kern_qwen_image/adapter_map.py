@@ -3,7 +3,7 @@
 Qwen-Image has no separate "original" checkpoint format: kern's model, ComfyUI and musubi use the diffusers
 module names, so the native ↔ diffusers module map is the identity. The list still matters: kohya files
 flatten names (``lora_unet_transformer_blocks_0_img_mlp_net_0_proj``) and ``_`` inside names (``to_q``,
-``add_q_proj``, ``img_mlp``) makes un-flattening ambiguous without a table (adapters.md §7).
+``add_q_proj``, ``img_mlp``) makes un-flattening ambiguous without a table.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ from torch import Tensor, nn
 TIME_DIM = 256  # sinusoid width of the timestep embedding
 
 
-def timestep_embedding(t: Tensor, dtype: torch.dtype, dim: int = TIME_DIM, max_period: float = 10000, scale: float = 1000.0) -> Tensor:
+def timestep_embedding(
+    t: Tensor, dtype: torch.dtype, dim: int = TIME_DIM, max_period: float = 10000, scale: float = 1000.0
+) -> Tensor:
     """Sinusoid [cos | sin] of ``scale * t`` for t (N,) in [0, 1], returned in ``dtype``.
 
     As diffusers does (the stack the checkpoints are run with), t is first rounded to the model dtype, so in bf16

@@ -14,9 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from kern.models.files import check_shapes, load_tensors, read_shapes, safetensors_files, strip_prefixes
-from kern.errors import ModelFileError
+from kern.errors import ModelFileError, UsageError
+from kern.models.files import (
+    assign_checked,
+    check_shapes,
+    load_tensors,
+    read_shapes,
+    read_state,
+    require_path,
+    safetensors_files,
+    state_shapes,
+    strip_prefixes,
+)
 
 from kern_qwen_image.params import QwenImageParams
 
@@ -93,11 +102,13 @@ def load_transformer(path: str | Path, variant: str | None, dtype: torch.dtype, 
     shapes, metadata, files = _native_shapes(p)
     variant = variant or detect_variant(p)
     if (variant == "layered") != (LAYERED_KEY in shapes):
-        raise ModelFileError(f"{p}: variant {variant!r} does not fit this file (layered weights: {LAYERED_KEY in shapes})")
+        raise ModelFileError(
+            f"{p}: variant {variant!r} does not fit this file (layered weights: {LAYERED_KEY in shapes})"
+        )
     params = params_from_shapes(shapes, metadata, variant)
     with torch.device("meta"):
         model = QwenImageTransformer(params)
-    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, shapes, f"Qwen-Image {variant}", p)
+    check_shapes(state_shapes(model.state_dict()), shapes, f"Qwen-Image {variant}", p)
     state = strip_prefixes(load_tensors(files, dtype, device))
     model.load_state_dict(state, assign=True, strict=True)
     model.variant = variant
@@ -110,17 +121,36 @@ def load_vae(path: str | Path, dtype: torch.dtype, device: Any) -> torch.nn.Modu
     from kern_qwen_image.vae_keys import comfy_to_diffusers_vae, is_comfy_vae, vae_params_from_state_dict
 
     p = Path(path)
-    files = safetensors_files(p, "vae")
-    read_shapes(files)  # a truncated or foreign file fails here, naming it
-    state = strip_prefixes(load_tensors(files, None, "cpu"), ("vae.", "first_stage_model."))
+    state = strip_prefixes(read_state(p, "vae"), ("vae.", "first_stage_model."))
     if not any(k.startswith(("encoder.", "decoder.", "conv1.")) for k in state):
-        raise ModelFileError(f"{p}: not a VAE (no encoder.* / decoder.* keys); pass Qwen-Image's vae or qwen_image_vae.safetensors")
+        raise ModelFileError(
+            f"{p}: not a VAE (no encoder.* / decoder.* keys); pass Qwen-Image's vae or qwen_image_vae.safetensors"
+        )
     if is_comfy_vae(state):
         state = comfy_to_diffusers_vae(state)
-    params = vae_params_from_state_dict(state)
     with torch.device("meta"):
-        vae = QwenImageVAE(params)
-    check_shapes({k: tuple(v.shape) for k, v in vae.state_dict().items()}, {k: tuple(v.shape) for k, v in state.items()},
-                 "the Qwen-Image VAE", p)
-    vae.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=True)
+        vae = QwenImageVAE(vae_params_from_state_dict(state))
+    assign_checked(vae, state, "the Qwen-Image VAE", p, dtype, device)
     return vae.eval()
+
+
+def load_part(
+    part: str,
+    path: str,
+    variant: str | None,
+    dtype: torch.dtype,
+    device: Any,
+    fp8: bool = False,
+    need_vision: bool = False,
+) -> Any:
+    """``load_model``'s answer: one model part from the file or folder the user named."""
+    if part not in ("transformer", "vae", "text_encoder"):
+        raise UsageError(f"Qwen-Image has no model part {part!r}")
+    where = require_path(path, part, "Qwen-Image")
+    if part == "text_encoder":
+        from kern_qwen_image.text_encoder import load_text_encoder
+
+        return load_text_encoder(where, dtype=dtype, device=device, fp8=fp8, need_vision=need_vision)
+    if part == "vae":
+        return load_vae(where, dtype, device)
+    return load_transformer(where, variant, dtype, device)

@@ -1,4 +1,8 @@
-"""Entry point of the Qwen-Image plugin: the hook implementations kern calls for ``arch == "qwen-image"``."""
+"""Entry point of the Qwen-Image plugin: the hook implementations kern calls for ``arch == "qwen-image"``.
+
+kern routes every architecture hook to the plugin that registered the architecture, so these answer for
+Qwen-Image alone and need no ``if arch != ...`` check.
+"""
 
 from __future__ import annotations
 
@@ -12,23 +16,83 @@ NUM_LAYERS = 60
 # by default; add them with [network] targets (musubi trains them in practice, see docs/adapters.md).
 DEFAULT_TARGETS = (r"transformer_blocks\.\d+\.(attn|img_mlp|txt_mlp)\..*",)
 
+# Left in the model dtype under fp8 base weights (train.base_precision = "fp8"): the embedders, every block's
+# modulation (img_mod / txt_mod) and the output layers. Small and sensitive: an error there shifts every token.
+KEEP_HIGH_PRECISION = (
+    r"(^|\.)(img_in|txt_in|time_text_embed)(\.|$)",
+    r"(^|\.)(img_mod|txt_mod)(\.|$)",
+    r"(^|\.)(norm_out|proj_out)(\.|$)",
+)
+
 _EDIT = {"references": "required", "text_images": True}  # the VLM reads the control images with the prompt
 VARIANTS = (
-    kern.Variant(name="t2i", aliases=("qwen-image-t2i",), description="Qwen-Image text-to-image (2508 and 2512)",
-                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", width=1328, height=1328, cache_id="qi",
-                 modelspec="Qwen-Image", references="none"),
-    kern.Variant(name="edit", aliases=("qwen-image-edit",), description="Qwen-Image-Edit (2508), one control image",
-                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit", **_EDIT),
-    kern.Variant(name="edit-2509", aliases=("qwen-image-edit-plus", "qwen-image-edit-2509"),
-                 description="Qwen-Image-Edit-2509 (Edit-Plus), several control images",
-                 steps=40, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit-Plus", **_EDIT),
-    kern.Variant(name="edit-2511", aliases=("qwen-image-edit-2511",), description="Qwen-Image-Edit-2511 (zero_cond_t)",
-                 steps=40, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", cache_id="qie", modelspec="Qwen-Image-Edit-2511", **_EDIT),
-    kern.Variant(name="layered", aliases=("qwen-image-layered",), description="Qwen-Image-Layered (RGBA layers)",
-                 steps=50, guidance=4.0, guidance_mode="cfg", negative_prompt=" ", width=640, height=640, cache_id="qil",
-                 modelspec="Qwen-Image-Layered", references="required", image_mode="RGBA",
-                 untrainable="Qwen-Image-Layered training (musubi's multiple_target datasets) is not built yet; "
-                             "train T2I or an Edit variant, or generate with Layered"),
+    kern.Variant(
+        name="t2i",
+        aliases=("qwen-image-t2i",),
+        description="Qwen-Image text-to-image (2508 and 2512)",
+        steps=50,
+        guidance=4.0,
+        guidance_mode="cfg",
+        negative_prompt=" ",
+        width=1328,
+        height=1328,
+        cache_id="qi",
+        modelspec="Qwen-Image",
+        references="none",
+    ),
+    kern.Variant(
+        name="edit",
+        aliases=("qwen-image-edit",),
+        description="Qwen-Image-Edit (2508), one control image",
+        steps=50,
+        guidance=4.0,
+        guidance_mode="cfg",
+        negative_prompt=" ",
+        cache_id="qie",
+        modelspec="Qwen-Image-Edit",
+        **_EDIT,
+    ),
+    kern.Variant(
+        name="edit-2509",
+        aliases=("qwen-image-edit-plus", "qwen-image-edit-2509"),
+        description="Qwen-Image-Edit-2509 (Edit-Plus), several control images",
+        steps=40,
+        guidance=4.0,
+        guidance_mode="cfg",
+        negative_prompt=" ",
+        cache_id="qie",
+        modelspec="Qwen-Image-Edit-Plus",
+        **_EDIT,
+    ),
+    kern.Variant(
+        name="edit-2511",
+        aliases=("qwen-image-edit-2511",),
+        description="Qwen-Image-Edit-2511 (zero_cond_t)",
+        steps=40,
+        guidance=4.0,
+        guidance_mode="cfg",
+        negative_prompt=" ",
+        cache_id="qie",
+        modelspec="Qwen-Image-Edit-2511",
+        **_EDIT,
+    ),
+    kern.Variant(
+        name="layered",
+        aliases=("qwen-image-layered",),
+        description="Qwen-Image-Layered (RGBA layers)",
+        steps=50,
+        guidance=4.0,
+        guidance_mode="cfg",
+        negative_prompt=" ",
+        width=640,
+        height=640,
+        cache_id="qil",
+        modelspec="Qwen-Image-Layered",
+        references="required",
+        image_mode="RGBA",
+        untrainable="Qwen-Image-Layered training (musubi's multiple_target datasets) is not built yet; "
+        "train T2I or an Edit variant, or generate with Layered",
+    ),
 )
 DEFAULT_LAYERS = 4  # Layered: output layers besides the composite (the pipelines' default)
 EDIT_VAE_AREA = 1024 * 1024  # Edit / Edit-Plus: the VAE sees each control at about this area
@@ -47,6 +111,7 @@ def register_architectures(register):
             latent_channels=16,
             latent_downscale=8,
             default_targets=DEFAULT_TARGETS,
+            keep_high_precision=KEEP_HIGH_PRECISION,
             timestep_method="qwen_shift",
             required_files=("transformer", "vae", "text_encoder"),
             implementation="https://github.com/QwenLM/Qwen-Image",
@@ -54,16 +119,8 @@ def register_architectures(register):
     )
 
 
-def _path(path, part):
-    from kern.models.files import require_path
-
-    return require_path(path, part, "Qwen-Image")
-
-
 @kern.hookimpl
 def detect_variant(arch, path):
-    if arch != ARCH:
-        return None
     from kern_qwen_image import loader
 
     return loader.detect_variant(path)
@@ -71,22 +128,12 @@ def detect_variant(arch, path):
 
 @kern.hookimpl
 def load_model(arch, variant, part, path, dtype, device, options):
-    if arch != ARCH:
-        return None
     from kern_qwen_image import loader
 
-    if part == "transformer":
-        return loader.load_transformer(_path(path, part), variant, dtype, device)
-    if part == "vae":
-        return loader.load_vae(_path(path, part), dtype, device)
-    if part == "text_encoder":
-        from kern_qwen_image.text_encoder import load_text_encoder
-
-        # The edit variants read their controls with the VLM; Layered needs the vision parts only to caption its
-        # input (options["caption"], set by `kern generate --auto-caption-lang` for an empty prompt).
-        need_vision = (variant or "t2i") not in ("t2i", "layered") or bool(options.get("caption"))
-        return load_text_encoder(_path(path, part), dtype=dtype, device=device, fp8=bool(options.get("fp8")), need_vision=need_vision)
-    raise kern.UsageError(f"Qwen-Image has no model part {part!r}")
+    # The edit variants read their controls with the VLM; Layered needs the vision parts only to caption its
+    # input (options["caption"], set by `kern generate --auto-caption-lang` for an empty prompt).
+    need_vision = (variant or "t2i") not in ("t2i", "layered") or bool(options.get("caption"))
+    return loader.load_part(part, path, variant, dtype, device, fp8=bool(options.get("fp8")), need_vision=need_vision)
 
 
 def _mode(variant: str | None) -> str:
@@ -95,34 +142,32 @@ def _mode(variant: str | None) -> str:
 
 @kern.hookimpl
 def encode_text(arch, variant, encoder, prompts, options):
-    if arch != ARCH:
-        return None
     mode = _mode(variant)
     if not mode.startswith("edit"):
         return encoder(list(prompts), mode=mode)
     images = options.get("images")  # one list of control images per prompt
     if not images or any(not i for i in images):
-        raise kern.UsageError(f"Qwen-Image {variant} encodes each prompt together with its control images; give them"
-                              " (--ref / --ci when generating, control_directory when training)")
+        raise kern.UsageError(
+            f"Qwen-Image {variant} encodes each prompt together with its control images; give them"
+            " (--ref / --ci when generating, control_directory when training)"
+        )
     if mode == "edit":
         if any(len(i) != 1 for i in images):
-            raise kern.UsageError(f"Qwen-Image-Edit (2508) takes one control image per prompt, got {max(len(i) for i in images)};"
-                                  " for several use the Edit-Plus variants (edit-2509, edit-2511)")
+            raise kern.UsageError(
+                f"Qwen-Image-Edit (2508) takes one control image per prompt, got {max(len(i) for i in images)};"
+                " for several use the Edit-Plus variants (edit-2509, edit-2511)"
+            )
         images = [i[0] for i in images]
     return encoder(list(prompts), images=list(images), mode=mode)
 
 
 @kern.hookimpl
 def encode_latents(arch, variant, vae, images):
-    if arch != ARCH:
-        return None
     return vae.encode(images.to(dtype=next(vae.parameters()).dtype))
 
 
 @kern.hookimpl
 def decode_latents(arch, variant, vae, latents):
-    if arch != ARCH:
-        return None
     dtype = next(vae.parameters()).dtype
     if latents.ndim == 5:  # Layered (B, frames, 16, h, w): every frame is an image
         b, f = latents.shape[:2]
@@ -133,7 +178,7 @@ def decode_latents(arch, variant, vae, latents):
 
 @kern.hookimpl
 def latent_shape(arch, variant, width, height, options):
-    if arch != ARCH or variant != "layered":
+    if variant != "layered":
         return None
     layers = int(options.get("layers") or DEFAULT_LAYERS)
     if layers < 1:
@@ -143,7 +188,7 @@ def latent_shape(arch, variant, width, height, options):
 
 @kern.hookimpl
 def reference_sizes(arch, variant, sizes, target):
-    if arch != ARCH or variant == "t2i":
+    if variant == "t2i":
         return None
     from kern_qwen_image.geometry import calculate_dimensions
 
@@ -155,15 +200,11 @@ def reference_sizes(arch, variant, sizes, target):
 
 @kern.hookimpl
 def caption_image(arch, variant, encoder, image, language):
-    if arch != ARCH:
-        return None
     return encoder.caption_image(image, lang=language, resolution=None)
 
 
 @kern.hookimpl
 def predict_velocity(arch, variant, model, latents, timesteps, text, references, options):
-    if arch != ARCH:
-        return None
     import torch
 
     from kern_qwen_image import geometry
@@ -179,17 +220,21 @@ def predict_velocity(arch, variant, model, latents, timesteps, text, references,
         img = torch.cat([geometry.pack(latents.to(dtype)), geometry.pack(cond).expand(b, -1, -1)], dim=1)
         shapes = geometry.layered_img_shapes((h, w), frames - 1, tuple(cond.shape[-2:]))
         n_target = frames * (h // 2) * (w // 2)
-        out = model(img, text["ctx"].to(dtype), text.get("mask"), timesteps.to(latents.device), shapes, additional_t_cond=extra)
+        out = model(
+            img, text["ctx"].to(dtype), text.get("mask"), timesteps.to(latents.device), shapes, additional_t_cond=extra
+        )
         return geometry.unpack(out[:, :n_target], h, w, frames=frames)
     b, _, h, w = latents.shape
     img, shapes, n_target = geometry.prepare_tokens(latents.to(dtype), refs)
-    out = model(img, text["ctx"].to(dtype), text.get("mask"), timesteps.to(latents.device), shapes, additional_t_cond=extra)
+    out = model(
+        img, text["ctx"].to(dtype), text.get("mask"), timesteps.to(latents.device), shapes, additional_t_cond=extra
+    )
     return geometry.unpack(out[:, :n_target], h, w)
 
 
 @kern.hookimpl
 def adapter_module_map(arch, variant, layout):
-    if arch != ARCH or layout != "diffusers":
+    if layout != "diffusers":
         return None
     from kern_qwen_image.adapter_map import qwen_module_map
 
@@ -197,9 +242,14 @@ def adapter_module_map(arch, variant, layout):
 
 
 @kern.hookimpl
+def sample_timesteps(arch, method, batch_size, latent_shape, generator, options):
+    from kern_qwen_image import timesteps
+
+    return timesteps.sample(method, batch_size, latent_shape, generator, options)
+
+
+@kern.hookimpl
 def generation_schedule(arch, variant, steps, latent_shape, options):
-    if arch != ARCH:
-        return None
     from kern_qwen_image import schedule
 
     h, w = latent_shape[-2:]
@@ -211,8 +261,6 @@ def generation_schedule(arch, variant, steps, latent_shape, options):
 
 @kern.hookimpl
 def combine_guidance(arch, variant, cond, uncond, scale, options):
-    if arch != ARCH:
-        return None
     from kern_qwen_image import schedule
 
     # Layered's pipeline defaults cfg_normalize to False; every other variant rescales.

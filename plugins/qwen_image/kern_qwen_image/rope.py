@@ -27,12 +27,16 @@ def centred(n: int, device: torch.device | str | None = None) -> Tensor:
     return torch.arange(n, device=device) - (n - n // 2)
 
 
-def image_positions(img_shapes: Sequence[Shape], layered: bool = False, device: torch.device | str | None = None) -> Tensor:
+def image_positions(
+    img_shapes: Sequence[Shape], layered: bool = False, device: torch.device | str | None = None
+) -> Tensor:
     """(L_img, 3) int64 (frame, row, col) of every image token, images in order."""
     out = []
     for idx, (f, h, w) in enumerate(img_shapes):
         frame0 = -1 if layered and idx == len(img_shapes) - 1 else idx
-        grid = torch.meshgrid(torch.arange(f, device=device) + frame0, centred(h, device), centred(w, device), indexing="ij")
+        grid = torch.meshgrid(
+            torch.arange(f, device=device) + frame0, centred(h, device), centred(w, device), indexing="ij"
+        )
         out.append(torch.stack(grid, dim=-1).reshape(-1, 3))
     return torch.cat(out)
 
@@ -42,7 +46,9 @@ def text_start(img_shapes: Sequence[Shape], layered: bool = False) -> int:
     return max(start, len(img_shapes) - 1) if layered else start
 
 
-def text_positions(length: int, img_shapes: Sequence[Shape], layered: bool = False, device: torch.device | str | None = None) -> Tensor:
+def text_positions(
+    length: int, img_shapes: Sequence[Shape], layered: bool = False, device: torch.device | str | None = None
+) -> Tensor:
     """(length, 3) int64: the diagonal ``start + j`` on every axis."""
     return (torch.arange(length, device=device) + text_start(img_shapes, layered))[:, None].expand(length, 3)
 
@@ -60,10 +66,18 @@ def rope_tables(positions: Tensor, axes_dim: Sequence[int], theta: float) -> tup
     return angle.cos(), angle.sin()
 
 
-def joint_rope(img_shapes: Sequence[Shape], txt_len: int, axes_dim: Sequence[int], theta: float, layered: bool = False,
-               device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+def joint_rope(
+    img_shapes: Sequence[Shape],
+    txt_len: int,
+    axes_dim: Sequence[int],
+    theta: float,
+    layered: bool = False,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
     """Tables of the joint [txt, img] sequence the blocks attend over."""
-    pos = torch.cat((text_positions(txt_len, img_shapes, layered, device), image_positions(img_shapes, layered, device)))
+    pos = torch.cat(
+        (text_positions(txt_len, img_shapes, layered, device), image_positions(img_shapes, layered, device))
+    )
     return rope_tables(pos, axes_dim, theta)
 
 

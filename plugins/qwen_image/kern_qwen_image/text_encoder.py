@@ -51,12 +51,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from kern.errors import ModelFileError, UsageError
-from kern.models import hf
 from kern.gpu.fp8 import quantize_linears_
 from kern.log import get_logger
+from kern.models import hf
+from torch import nn
+
 from kern_qwen_image.geometry import calculate_dimensions
 
 __all__ = [
@@ -247,7 +247,9 @@ class QwenImageTextEncoder(nn.Module):
                 log.warning(
                     "tokenizer splits the template prefix differently from Qwen2.5-VL's; the pipeline's fixed "
                     "drop count no longer matches it",
-                    mode=mode, prefix_tokens=n, drop=DROP_TOKENS[mode],
+                    mode=mode,
+                    prefix_tokens=n,
+                    drop=DROP_TOKENS[mode],
                 )
 
     @property
@@ -418,7 +420,7 @@ class QwenImageTextEncoder(nn.Module):
         if not _accepts_mm_token_type_ids(self.model.model):
             inputs.pop("mm_token_type_ids")
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens)
-        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
         text = self.vl_tokenizer.batch_decode(new_tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return text[0].strip()
 
@@ -441,23 +443,6 @@ def _check_is_qwen25vl(path: Path) -> None:
             "Qwen-Image's text encoder is Qwen2.5-VL-7B-Instruct (model_type 'qwen2_5_vl'), e.g. the "
             "text_encoder/ folder of a Qwen-Image repository"
         )
-
-
-def _has_tokenizer(d: Path) -> bool:
-    return (d / "tokenizer.json").exists() or (d / "tokenizer_config.json").exists()
-
-
-def _tokenizer_dir(path: Path, given: str | Path | None) -> Path:
-    if given is not None:
-        return Path(given)
-    # Diffusers-style repos keep the tokenizer in a sibling folder of text_encoder/.
-    for cand in (path, path.parent / "tokenizer"):
-        if _has_tokenizer(cand):
-            return cand
-    raise ModelFileError(
-        f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {path} or {path.parent / 'tokenizer'}; "
-        "pass tokenizer_path"
-    )
 
 
 def _processor_dir(path: Path, given: str | Path | None) -> Path:
@@ -498,16 +483,9 @@ def load_text_encoder(
 
     path = Path(path)
     _check_is_qwen25vl(path)
-    tok_dir = _tokenizer_dir(path, tokenizer_path)
+    tok_dir = hf.tokenizer_dir(path, tokenizer_path)
     proc_dir = _processor_dir(path, processor_path) if need_vision else None
-    try:
-        with hf.quiet_load_report():
-            model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(  # safetensors only: a .bin is a pickle
-                path, dtype=dtype, local_files_only=True, output_loading_info=True, use_safetensors=True
-            )
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelFileError(f"{path}: cannot load the Qwen2.5-VL text encoder ({e})") from e
-    hf.check_loading_info(info, path, "Qwen2.5-VL")
+    model = hf.load_pretrained(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL text encoder", "Qwen2.5-VL")
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
@@ -517,7 +495,7 @@ def load_text_encoder(
     if need_vision:
         try:
             image_processor = AutoImageProcessor.from_pretrained(proc_dir, local_files_only=True)
-            if _has_tokenizer(proc_dir) and proc_dir != tok_dir:
+            if hf.has_tokenizer(proc_dir) and proc_dir != tok_dir:
                 vl_tokenizer = AutoTokenizer.from_pretrained(proc_dir, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ModelFileError(f"{proc_dir}: cannot load the Qwen2.5-VL processor ({e})") from e
@@ -531,8 +509,12 @@ def load_text_encoder(
         model.lm_head = None
 
     encoder = QwenImageTextEncoder(
-        model, tokenizer, image_processor, vl_tokenizer=vl_tokenizer,
-        max_sequence_length=max_sequence_length, multimodal_positions=multimodal_positions,
+        model,
+        tokenizer,
+        image_processor,
+        vl_tokenizer=vl_tokenizer,
+        max_sequence_length=max_sequence_length,
+        multimodal_positions=multimodal_positions,
     )
     if fp8:
         n = quantize_linears_(model.model.language_model, compute_dtype=dtype, device=device)

@@ -19,10 +19,18 @@ tests/qwen_image/test_text_encoder.py builds inline (it could import them from h
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
+from kern.models.tiny import (
+    build_bundle,
+    bundle_main,
+    byte_level_bpe,
+    gains_near_one,
+    save_seeded_pretrained,
+    smooth_images,
+    write_random_model,
+)
 
 TE_HIDDEN = 32  # the transformer's joint_attention_dim
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen2.5-VL), followed by byte-level mapping.
@@ -30,9 +38,20 @@ QWEN_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 PROMPTS = [
     "a red fox jumping over the lazy dog",
@@ -43,32 +62,12 @@ PROMPTS = [
 
 def tokenizer(padding_side: str = "right", extra_corpus: tuple[str, ...] = ()):
     """A byte-level BPE with Qwen2's split and the Qwen chat special tokens, trained on the templates."""
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
     from transformers import PreTrainedTokenizerFast
 
     from kern_qwen_image.text_encoder import CAPTION_PROMPTS, TEMPLATES
 
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     corpus = [TEMPLATES["t2i"], TEMPLATES["edit"], CAPTION_PROMPTS["en"], *PROMPTS, *extra_corpus]
-    tok.train_from_iterator(corpus * 5, trainer)
+    tok = byte_level_bpe(corpus * 5, 1000, SPECIALS, split=QWEN_SPLIT, nfc=True)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side=padding_side
     )
@@ -80,21 +79,41 @@ def te_config(tok, hidden: int = TE_HIDDEN):
 
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
     text = {
-        "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+        "vocab_size": len(tok),
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6,
         "initializer_range": 0.2,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [1, 1, 2]},
-        "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"], "pad_token_id": ids["<|endoftext|>"],
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
     }
     vision = {
-        "depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "patch_size": 14,
-        "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": hidden,
-        "fullatt_block_indexes": [1], "initializer_range": 0.2,
+        "depth": 2,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "out_hidden_size": hidden,
+        "fullatt_block_indexes": [1],
+        "initializer_range": 0.2,
     }
     return Qwen2_5_VLConfig(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
     )
 
 
@@ -105,48 +124,36 @@ def write_text_encoder(folder: str | Path, seed: int = 0, padding_side: str = "r
         Qwen2VLImageProcessorPil,
     )
 
-    folder = Path(folder)
     tok = tokenizer(padding_side)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(te_config(tok))
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384).save_pretrained(folder)
-    return folder
+    processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
+    return save_seeded_pretrained(Qwen2_5_VLForConditionalGeneration, te_config(tok), folder, seed, tok, processor)
 
 
-def _init_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
-    """Deterministic small random weights; RMSNorm gains near 1 so activations keep their size."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            parts = name.split(".")
-            is_norm = p.dim() == 1 and len(parts) >= 2 and "norm" in parts[-2] and parts[-1] == "weight"
-            if is_norm:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
+def is_gain(name: str, p: torch.Tensor) -> bool:
+    """RMSNorm gains: the 1-D ``weight`` of a module named ``*norm*``."""
+    parts = name.split(".")
+    return p.dim() == 1 and len(parts) >= 2 and "norm" in parts[-2] and parts[-1] == "weight"
 
 
 def write_transformer(path: str | Path, seed: int = 0, variant: str = "t2i") -> Path:
     """A tiny transformer of ``variant``: ``edit-2511`` sets ``zero_cond_t``, ``layered`` the Layered
     timestep condition and 3D RoPE (and writes its extra weight, by which the loader tells it apart)."""
-    from kern.core.io import save_file
-
     from kern_qwen_image.params import tiny_params
     from kern_qwen_image.transformer import QwenImageTransformer
 
     layered = variant == "layered"
-    params = tiny_params(joint_attention_dim=TE_HIDDEN, zero_cond_t=variant == "edit-2511", use_additional_t_cond=layered,
-                         use_layer3d_rope=layered)
-    model = QwenImageTransformer(params)
-    _init_(model, seed)
-    metadata = {"kern.axes_dim": ",".join(str(d) for d in params.axes_dim), "kern.variant": variant,
-                "kern.note": "tiny random Qwen-Image for tests and the demo"}
-    save_file(model.state_dict(), Path(path), metadata=metadata)
-    return Path(path)
+    params = tiny_params(
+        joint_attention_dim=TE_HIDDEN,
+        zero_cond_t=variant == "edit-2511",
+        use_additional_t_cond=layered,
+        use_layer3d_rope=layered,
+    )
+    metadata = {
+        "kern.axes_dim": ",".join(str(d) for d in params.axes_dim),
+        "kern.variant": variant,
+        "kern.note": "tiny random Qwen-Image for tests and the demo",
+    }
+    return write_random_model(QwenImageTransformer(params), path, seed, gains_near_one(is_gain), metadata)
 
 
 def write_vae(path: str | Path, seed: int = 1, rgba: bool = False) -> Path:
@@ -162,9 +169,7 @@ def write_vae(path: str | Path, seed: int = 1, rgba: bool = False) -> Path:
     # The statistics are config values (not in the file): fold a calibration into quant_conv instead, so that
     # (mean(E(x)) - latents_mean) / latents_std is about N(0, 1) per channel, and undo it in post_quant_conv so
     # the decoder sees what it saw before.
-    g = torch.Generator().manual_seed(seed + 1)
-    coarse = torch.rand(16, params.input_channels, 8, 8, generator=g) * 2 - 1
-    images = torch.nn.functional.interpolate(coarse, size=(64, 64), mode="bilinear", align_corners=False)
+    images = smooth_images(16, params.input_channels, seed + 1)
     z = params.z_dim
     with torch.no_grad():
         raw = vae.quant_conv(vae.encoder(images))[:, :z]
@@ -179,30 +184,26 @@ def write_vae(path: str | Path, seed: int = 1, rgba: bool = False) -> Path:
         w2 = pw[:, :, 0, 0, 0].clone()
         pb += w2 @ (m - mean / a)
         pw /= a.view(1, -1, 1, 1, 1)
-    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, Path(path), metadata={"kern.note": "tiny random Qwen-Image VAE"})
+    save_file(
+        {k: v.contiguous() for k, v in vae.state_dict().items()},
+        Path(path),
+        metadata={"kern.note": "tiny random Qwen-Image VAE"},
+    )
     return Path(path)
 
 
 def build(folder: str | Path, force: bool = False) -> dict[str, Path]:
     """Write the bundle into ``folder`` (skipped when it is already there) and return the three paths."""
-    folder = Path(folder)
-    paths = {
-        "transformer": folder / "qwen-image-tiny.safetensors",
-        "vae": folder / "vae.safetensors",
-        "text_encoder": folder / "text_encoder",
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    if force or not paths["transformer"].is_file():
-        write_transformer(paths["transformer"])
-    if force or not paths["vae"].is_file():
-        write_vae(paths["vae"])
-    if force or not (paths["text_encoder"] / "config.json").is_file():
-        write_text_encoder(paths["text_encoder"])
-    return paths
+    return build_bundle(
+        folder,
+        {
+            "transformer": ("qwen-image-tiny.safetensors", write_transformer),
+            "vae": ("vae.safetensors", write_vae),
+            "text_encoder": ("text_encoder", write_text_encoder),
+        },
+        force,
+    )
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python -m kern_qwen_image.tiny OUTPUT_FOLDER")
-    for name, path in build(sys.argv[1]).items():
-        print(f"{name}: {path}")
+    bundle_main(build, "kern_qwen_image.tiny")

@@ -34,7 +34,8 @@ class QwenImageTransformer(nn.Module):
         self.txt_in = nn.Linear(params.joint_attention_dim, hidden)
         self.time_text_embed = TimeTextEmbed(hidden, params.use_additional_t_cond)
         self.transformer_blocks = nn.ModuleList(
-            QwenImageBlock(hidden, params.num_heads, params.mlp_hidden, params.eps) for _ in range(params.num_layers))
+            QwenImageBlock(hidden, params.num_heads, params.mlp_hidden, params.eps) for _ in range(params.num_layers)
+        )
         self.norm_out = NormOut(hidden, params.eps)
         self.proj_out = nn.Linear(hidden, params.out_dim)
         self.gradient_checkpointing = False
@@ -45,8 +46,15 @@ class QwenImageTransformer(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def forward(self, img: Tensor, txt: Tensor, txt_mask: Tensor | None, timesteps: Tensor, img_shapes: Sequence[Shape],
-                additional_t_cond: Tensor | int | None = None) -> Tensor:
+    def forward(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        txt_mask: Tensor | None,
+        timesteps: Tensor,
+        img_shapes: Sequence[Shape],
+        additional_t_cond: Tensor | int | None = None,
+    ) -> Tensor:
         """img (B, L_img, 64): target tokens then reference tokens; txt (B, L_txt, 3584); txt_mask (B, L_txt) bool or
         0/1, True for real tokens (None: all real); timesteps (B,) in [0, 1]; img_shapes [(frames, h, w), ...] token
         grids of the target then each reference, shared by the whole batch; additional_t_cond (B,) or int, 0/1,
@@ -54,12 +62,18 @@ class QwenImageTransformer(nn.Module):
         p = self.params
         img_shapes = [tuple(int(n) for n in s) for s in img_shapes]
         if not img_shapes or any(len(s) != 3 for s in img_shapes):
-            raise ValueError(f"img_shapes must list one (frames, h, w) per image, shared by the batch; got {img_shapes}")
+            raise ValueError(
+                f"img_shapes must list one (frames, h, w) per image, shared by the batch; got {img_shapes}"
+            )
         if img.shape[1] != sum(math.prod(s) for s in img_shapes):
-            raise ValueError(f"img has {img.shape[1]} tokens but img_shapes {img_shapes} describe {sum(math.prod(s) for s in img_shapes)}")
+            raise ValueError(
+                f"img has {img.shape[1]} tokens but img_shapes {img_shapes} describe {sum(math.prod(s) for s in img_shapes)}"
+            )
         if (additional_t_cond is None) == p.use_additional_t_cond:
-            raise ValueError("additional_t_cond is required by Layered models (use_additional_t_cond) and accepted by no"
-                             f" other (additional_t_cond {'missing' if additional_t_cond is None else 'given'})")
+            raise ValueError(
+                "additional_t_cond is required by Layered models (use_additional_t_cond) and accepted by no"
+                f" other (additional_t_cond {'missing' if additional_t_cond is None else 'given'})"
+            )
         batch = img.shape[0]
         if txt_mask is not None and tuple(txt_mask.shape) != tuple(txt.shape[:2]):
             raise ValueError(f"txt_mask {tuple(txt_mask.shape)} must be (batch, text length) {tuple(txt.shape[:2])}")

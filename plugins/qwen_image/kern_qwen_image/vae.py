@@ -22,9 +22,8 @@ from __future__ import annotations
 import attrs
 import torch
 import torch.nn.functional as F
+from kern.models.tiling import decode_tiled, wants_tiles
 from torch import nn
-
-from kern.models.tiling import decode_tiled
 
 __all__ = [
     "QWEN_IMAGE_LAYERED_VAE",
@@ -296,9 +295,7 @@ class QwenImageVAE(nn.Module):
         """Normalised latents (B, 16, h, w) -> images (B, C, 8h, 8w) clamped to [-1, 1] (as diffusers' decode).
 
         ``tiled=None`` decodes in tiles only when the latent has more than ``AUTO_TILE_ABOVE`` cells."""
-        if tiled is None:
-            tiled = latents.shape[-2] * latents.shape[-1] > AUTO_TILE_ABOVE
-        if tiled:
+        if wants_tiles(latents, tiled, AUTO_TILE_ABOVE):
             return self.decode_tiled(latents, tile=tile, overlap=overlap)
         mean, std = self._stats(latents.device)
         # The pipelines' exact steps: they hold 1 / std and divide by it.
@@ -311,6 +308,11 @@ class QwenImageVAE(nn.Module):
         """Decode overlapping ``tile`` x ``tile`` latent windows and cross-fade them (``kern.models.tiling``), so activation
         memory is bounded by the tile. Not bit-equal to ``decode``: the RMS norms are per pixel, but each tile's
         mid-block attention sees only that tile and its convolutions see zero padding at its borders."""
-        return decode_tiled(lambda z: self.decode(z, tiled=False), latents, self.params.downscale, tile, overlap,
-                            where="QwenImageVAE.decode_tiled").to(self.dtype)
-
+        return decode_tiled(
+            lambda z: self.decode(z, tiled=False),
+            latents,
+            self.params.downscale,
+            tile,
+            overlap,
+            where="QwenImageVAE.decode_tiled",
+        ).to(self.dtype)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kern.errors import ModelFileError
+from kern.models.files import shape_reader
 
 from kern_qwen_image.vae import QwenImageVAEParams
 
@@ -46,7 +47,7 @@ def _swap(key: str, pairs, reverse: bool) -> str:
     for a, b in pairs:
         src, dst = (b, a) if reverse else (a, b)
         if key.startswith(src):
-            return dst + key[len(src):]
+            return dst + key[len(src) :]
     return key
 
 
@@ -75,7 +76,7 @@ def comfy_to_diffusers_vae(sd: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in sd.items():
         if m := _UP_WAN.match(key):
-            key = up_map[int(m.group(1))] + key[m.end():]
+            key = up_map[int(m.group(1))] + key[m.end() :]
         elif key.startswith(("encoder.", "decoder.")):
             side, rest = key.split(".", 1)
             key = f"{side}.{_swap(rest, _SIDE, reverse=False)}"
@@ -95,7 +96,7 @@ def diffusers_to_comfy_vae(sd: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in sd.items():
         key = _replace_inner(key, reverse=True)  # first: "conv1." is also a Wan block name
         if m := _UP_DIFFUSERS.match(key):
-            key = up_map[m.group(0)] + key[m.end():]
+            key = up_map[m.group(0)] + key[m.end() :]
         elif key.startswith(("encoder.", "decoder.")):
             side, rest = key.split(".", 1)
             key = f"{side}.{_swap(rest, _SIDE, reverse=True)}"
@@ -112,19 +113,16 @@ def vae_params_from_state_dict(sd: Mapping[str, Any], where: str = "VAE state di
     if is_comfy_vae(sd):
         sd = comfy_to_diffusers_vae(sd)
 
-    def shape(key: str) -> tuple[int, ...]:
-        if key not in sd:
-            raise ModelFileError(f"{where}: no {key!r}; this is not a Qwen-Image (Wan-style) VAE")
-        v = sd[key]
-        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
-
+    shape = shape_reader(sd, where, "this is not a Qwen-Image (Wan-style) VAE")
     base_dim, input_channels = shape("encoder.conv_in.weight")[:2]
     z_dim = shape("decoder.conv_in.weight")[1]
     if shape("quant_conv.weight")[0] != 2 * z_dim:
         raise ModelFileError(f"{where}: quant_conv has {shape('quant_conv.weight')[0]} channels, want 2 x {z_dim}")
     if shape("decoder.conv_out.weight")[0] != input_channels:
-        raise ModelFileError(f"{where}: the decoder emits {shape('decoder.conv_out.weight')[0]} channels, "
-                             f"the encoder takes {input_channels}")
+        raise ModelFileError(
+            f"{where}: the decoder emits {shape('decoder.conv_out.weight')[0]} channels, "
+            f"the encoder takes {input_channels}"
+        )
     # encoder.down_blocks is flat: res blocks (conv1), with a downsample (resample.1) closing each level but the last.
     rx = re.compile(r"encoder\.down_blocks\.(\d+)\.")
     widths, res_counts, temporal, count = [], [], [], 0
@@ -142,8 +140,10 @@ def vae_params_from_state_dict(sd: Mapping[str, Any], where: str = "VAE state di
                 widths.append(width)
     res_counts.append(count)
     if not widths or len(set(res_counts)) != 1 or any(w % base_dim for w in widths):
-        raise ModelFileError(f"{where}: encoder levels {widths} with {res_counts} res blocks do not fit the "
-                             f"Qwen-Image VAE layout (equal res blocks per level, widths multiples of {base_dim})")
+        raise ModelFileError(
+            f"{where}: encoder levels {widths} with {res_counts} res blocks do not fit the "
+            f"Qwen-Image VAE layout (equal res blocks per level, widths multiples of {base_dim})"
+        )
     return QwenImageVAEParams(
         base_dim=base_dim,
         z_dim=z_dim,

@@ -1,0 +1,190 @@
+"""A run's checkpoints: ``checkpoints/step-NNNNNN/`` written during the loop, and read back by ``--resume``.
+
+A checkpoint holds the adapter (``adapter.safetensors``, usable as it is) and the full state in the format of
+:mod:`kern.train.state` (no pickle): the network's weights, the optimizer's and the scheduler's state, the loop's
+:class:`Position` and every process's RNG states. Resuming from it continues the run bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+import torch
+from torch import nn
+
+from kern.errors import UsageError
+from kern.log import get_logger
+from kern.train.state import DamagedState, load_state, save_state
+
+log = get_logger(__name__)
+
+CHECKPOINT = re.compile(r"step-(\d{6,})")
+
+
+@attrs.define
+class Position:
+    """Where the loop stands: what a checkpoint holds besides the weights, the optimizer and the scheduler."""
+
+    generator: torch.Generator  # the CPU generator every draw of the loop comes from (this process's)
+    step: int = 0
+    epoch: int = 0
+    batch_pos: int = 0  # batches of this epoch already trained on
+    history: list[float] = attrs.Factory(list)  # the loss of every step so far
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    state = {"generator": generator.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(generator: torch.Generator, state: dict[str, Any]) -> None:
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(out: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first (intact or not: :func:`newest_intact_checkpoint` judges)."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CHECKPOINT.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(CHECKPOINT.fullmatch(p.name).group(1)))
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    network: nn.Module,
+    state: dict[str, Any],
+    keep_last: int,
+    save_adapter: Callable[[Path], None],
+) -> Path:
+    """Write ``checkpoints/step-NNNNNN/`` (the adapter, and the full state as safetensors + JSON, no pickle) into a
+    temporary folder and rename it into place, then prune to the newest ``keep_last`` (0 keeps all)."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = root / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_adapter(tmp / "adapter.safetensors")
+        save_state(tmp, {**state, "network": network.state_dict()}, also=("adapter.safetensors",))
+        if final.exists():  # the same step again (a resumed run): move the old one aside, never leave none
+            old = root / f".step-{step:06d}.old.tmp"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(out)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def newest_intact_checkpoint(out: Path) -> tuple[Path, dict[str, Any]]:
+    """The newest checkpoint whose files all match their recorded digests, and its state. A damaged one is named in
+    a warning and skipped; ``UsageError`` when there is none to resume from."""
+    found = checkpoint_dirs(out)
+    if not found:
+        raise UsageError(f"--resume: no checkpoint in {out / 'checkpoints'}; start without --resume")
+    problems = []
+    for path in reversed(found):
+        if (path / "state.pt").exists() and not (path / "state.json").exists():
+            problems.append(
+                f"{path.name}: written by an older kern as a pickle (state.pt), which kern no longer loads "
+                "because a pickle can run code"
+            )
+            continue
+        try:
+            return path, load_state(path)
+        except DamagedState as exc:
+            problems.append(f"{path.name}: {exc}")
+            log.warning("damaged checkpoint skipped; trying an older one", checkpoint=str(path), problem=str(exc))
+    raise UsageError(
+        f"--resume: no intact checkpoint in {out / 'checkpoints'} ({'; '.join(problems)}); "
+        "start a new run with --overwrite, or another --out"
+    )
+
+
+def restore(checkpoint: Path, state: dict[str, Any], network: nn.Module, optimizer: Any, scheduler: Any) -> None:
+    """Load a checkpoint's state into the run; a checkpoint of another network or optimizer is a clear error."""
+    try:
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for key in ("step", "epoch", "batch_pos", "history", "rng"):
+            state[key]
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"--resume: {checkpoint} does not fit this job ({first[:300]}); resume with the [network] and "
+            "[train] optimizer settings the run was started with (its config.toml)"
+        ) from None
+
+
+@attrs.define
+class Checkpoints:
+    """The checkpoints of one run, for every process of it: :meth:`save` is called by all of them together (each
+    gives its RNG state; the main process writes), :meth:`resume` by each."""
+
+    acc: Any  # accelerate.Accelerator
+    out: Path
+    keep_last: int
+    network: nn.Module
+    optimizer: Any
+    scheduler: Any
+    save_adapter: Callable[[Path, int], None]  # (path, step): the adapter with the run's metadata
+
+    def save(self, pos: Position) -> Path | None:
+        acc = self.acc
+        states: list[Any] = [None] * acc.num_processes
+        if acc.num_processes > 1:
+            torch.distributed.all_gather_object(states, rng_state(pos.generator))
+        else:
+            states = [rng_state(pos.generator)]
+        path = None
+        if acc.is_main_process:
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "step": pos.step,
+                "epoch": pos.epoch,
+                "batch_pos": pos.batch_pos,
+                "history": pos.history,
+                "rng": states,
+            }
+            path = save_checkpoint(
+                self.out, pos.step, self.network, state, self.keep_last, lambda p: self.save_adapter(p, pos.step)
+            )
+            log.info("checkpoint saved", path=str(path), step=pos.step)
+        acc.wait_for_everyone()
+        return path
+
+    def resume(self, found: tuple[Path, dict[str, Any]], pos: Position) -> None:
+        """Continue from ``found`` (:func:`newest_intact_checkpoint`): weights, optimizer, scheduler, position, RNG."""
+        checkpoint, state = found
+        restore(checkpoint, state, self.network, self.optimizer, self.scheduler)
+        pos.step, pos.epoch, pos.batch_pos = state["step"], state["epoch"], state["batch_pos"]
+        pos.history = list(state["history"])
+        set_rng_state(pos.generator, state["rng"][self.acc.process_index])
+        log.info("resumed", checkpoint=str(checkpoint), step=pos.step, epoch=pos.epoch, batch=pos.batch_pos)
+
+    def newest(self) -> Path | None:
+        found = checkpoint_dirs(self.out)
+        return found[-1] if found else None
