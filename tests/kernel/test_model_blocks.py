@@ -136,3 +136,25 @@ def test_wants_tiles():
     z = torch.zeros(1, 4, 10, 10)
     assert tiling.wants_tiles(z, None, 99) and not tiling.wants_tiles(z, None, 100)
     assert tiling.wants_tiles(z, True, 10**6) and not tiling.wants_tiles(z, False, 0)
+
+
+def test_run_block_checkpoints_only_with_gradients_and_gives_the_same_gradients():
+    from kern.models.blocks import run_block
+    from torch import nn
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    plain = run_block(block, x, checkpointed=False)
+    plain.sum().backward()
+    want = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    calls = []
+    block[0].register_forward_hook(lambda *_: calls.append(1))
+    ckpt = run_block(block, x, checkpointed=True)
+    ckpt.sum().backward()
+    assert len(calls) == 2  # the checkpoint ran the block again in backward
+    assert torch.equal(plain, ckpt)
+    assert all(torch.equal(a, p.grad) for a, p in zip(want, block.parameters()))
+    with torch.no_grad():
+        assert torch.equal(run_block(block, x, checkpointed=True), plain)

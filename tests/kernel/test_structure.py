@@ -8,6 +8,8 @@ and ``generate``. A module imports only from its own layer or lower ones; lazy i
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,60 @@ def test_kernel_modules_stay_small(name):
     assert lines <= MAX_LINES, (
         f"{MODULES[name].relative_to(KERN.parent)} has {lines} lines (limit {MAX_LINES}): split it along its seams"
     )
+
+
+SKIP_TOKENS = (
+    tokenize.COMMENT,
+    tokenize.NL,
+    tokenize.NEWLINE,
+    tokenize.INDENT,
+    tokenize.DEDENT,
+    tokenize.ENCODING,
+    tokenize.ENDMARKER,
+)
+
+
+def _code_lines(path: Path) -> list[str]:
+    """The file's code lines as tokens joined by spaces: comments, blank lines and import statements left out; a
+    docstring counts on each of its lines."""
+    by_line: dict[int, list[str]] = {}
+    imports: set[int] = set()
+    start, first = None, True
+    for tok in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
+        if tok.type == tokenize.NEWLINE:
+            first = True
+            continue
+        if first and tok.type not in SKIP_TOKENS:
+            first = False
+            start = tok.start[0] if tok.type == tokenize.NAME and tok.string in ("import", "from") else None
+        if start is not None:
+            imports.update(range(start, tok.end[0] + 1))
+        if tok.type in SKIP_TOKENS:
+            continue
+        for k, part in enumerate(tok.string.split("\n")):
+            if part.strip():
+                by_line.setdefault(tok.start[0] + k, []).append(part.strip())
+    return [" ".join(parts) for n, parts in sorted(by_line.items()) if n not in imports]
+
+
+def _code_windows(package: Path, size: int = 6) -> dict[tuple[str, ...], str]:
+    """Every run of ``size`` code lines within one file of ``package``, with where it starts."""
+    out = {}
+    for f in sorted(package.glob("*.py")):
+        lines = _code_lines(f)
+        out.update(
+            {
+                tuple(lines[i : i + size]): f"{package.name}/{f.name} (code line {i + 1})"
+                for i in range(len(lines) - size + 1)
+            }
+        )
+    return out
+
+
+def test_the_architecture_plugins_share_no_block_of_six_lines():
+    """Plumbing both architectures need lives in the kernel (kern.models); the plugins hold what differs."""
+    plugins = KERN.parents[1] / "plugins"
+    flux2 = _code_windows(plugins / "flux2" / "kern_flux2")
+    qwen = _code_windows(plugins / "qwen_image" / "kern_qwen_image")
+    shared = sorted(f"{flux2[w]} = {qwen[w]}" for w in set(flux2) & set(qwen))
+    assert not shared, "move the shared code into the kernel (kern.models):\n" + "\n".join(shared)

@@ -107,17 +107,18 @@ def write_text_encoder(folder: Path, seed: int = 2) -> Path:
     return save_seeded_pretrained(Qwen3ForCausalLM, config, folder, seed, tokenizer)
 
 
+# The bundle: part -> (file or folder name, writer).
+FILES = {
+    "transformer": ("flux-2-klein-4b-tiny.safetensors", write_transformer),
+    "vae": ("ae.safetensors", write_vae),
+    "text_encoder": ("text_encoder", write_text_encoder),
+}
+
+
 def build(folder: str | Path, force: bool = False) -> dict[str, Path]:
-    """Write the bundle into ``folder`` (skipped when it is already there) and return the three paths."""
-    return build_bundle(
-        folder,
-        {
-            "transformer": ("flux-2-klein-4b-tiny.safetensors", write_transformer),
-            "vae": ("ae.safetensors", write_vae),
-            "text_encoder": ("text_encoder", write_text_encoder),
-        },
-        force,
-    )
+    """Write the tiny FLUX.2 klein bundle (transformer, VAE, Qwen3 text encoder folder) into ``folder``, unless it is
+    already there, and return the three paths."""
+    return build_bundle(folder, FILES, force)
 
 
 if __name__ == "__main__":

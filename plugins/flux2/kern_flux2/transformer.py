@@ -9,8 +9,8 @@ can be built on the meta device and filled with ``load_state_dict(sd, assign=Tru
 from __future__ import annotations
 
 import torch
+from kern.models.blocks import run_block
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from kern_flux2.blocks import DoubleStreamBlock, SingleStreamBlock
 from kern_flux2.layers import MLPEmbedder, Modulation, timestep_embedding
@@ -57,12 +57,6 @@ class Flux2Transformer(nn.Module):
         self.final_layer = LastLayer(hidden, params.in_channels, eps)
         self.gradient_checkpointing = False
 
-    def _block(self, block: nn.Module, *args):
-        # Keyed on grad mode, not self.training: kern trains adapters with the frozen base in eval mode.
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
-
     def forward(
         self,
         img: Tensor,
@@ -91,10 +85,10 @@ class Flux2Transformer(nn.Module):
         pe = rope_tables(_joint_ids(txt_ids, img_ids), self.params.axes_dim, self.params.theta)
 
         for block in self.double_blocks:
-            img, txt = self._block(block, img, txt, pe, img_mod, txt_mod)
+            img, txt = run_block(block, img, txt, pe, img_mod, txt_mod, checkpointed=self.gradient_checkpointing)
         x = torch.cat((txt, img), dim=1)
         for block in self.single_blocks:
-            x = self._block(block, x, pe, single_mod)
+            x = run_block(block, x, pe, single_mod, checkpointed=self.gradient_checkpointing)
         return self.final_layer(x[:, txt.shape[1] :], vec)
 
 

@@ -25,6 +25,11 @@ OPTIONS = rank_options(
 )
 
 
+Tensors = Mapping[str, torch.Tensor]
+Modules = Mapping[str, Sequence[str]]
+Grouped = dict[str, dict[str, torch.Tensor]]
+
+
 class LoHa(RankAdapter):
     name = NAME
     description = "LoHa (LyCORIS Hadamard product): ΔW = (α/r)·(W1a·W1b)⊙(W2a·W2b); loads in ComfyUI, not in diffusers"
@@ -38,13 +43,8 @@ class LoHa(RankAdapter):
         "loader only load LoRA (lora_A/lora_B) and LoKr; use --to comfyui (ComfyUI loads LoHa) or --to kohya",
     }
 
-    def normalise(
-        self,
-        state_dict: Mapping[str, torch.Tensor],
-        metadata: Mapping[str, str] | None,
-        modules: Mapping[str, Sequence[str]],
-    ) -> dict[str, dict[str, torch.Tensor]]:
-        return normalise(state_dict, modules)
+    def normalise(self, state_dict: Tensors, metadata: Mapping[str, str] | None, modules: Modules) -> Grouped:
+        return normalise(state_dict, modules)  # a LoHa file's metadata does not change its tensors
 
 
 LOHA = LoHa()

@@ -192,17 +192,18 @@ def write_vae(path: str | Path, seed: int = 1, rgba: bool = False) -> Path:
     return Path(path)
 
 
+# The bundle: part -> (file or folder name, writer).
+FILES = {
+    "transformer": ("qwen-image-tiny.safetensors", write_transformer),
+    "vae": ("vae.safetensors", write_vae),
+    "text_encoder": ("text_encoder", write_text_encoder),
+}
+
+
 def build(folder: str | Path, force: bool = False) -> dict[str, Path]:
-    """Write the bundle into ``folder`` (skipped when it is already there) and return the three paths."""
-    return build_bundle(
-        folder,
-        {
-            "transformer": ("qwen-image-tiny.safetensors", write_transformer),
-            "vae": ("vae.safetensors", write_vae),
-            "text_encoder": ("text_encoder", write_text_encoder),
-        },
-        force,
-    )
+    """Write the tiny Qwen-Image bundle (transformer, VAE, Qwen2.5-VL text encoder folder) into ``folder``, unless it
+    is already there, and return the three paths."""
+    return build_bundle(folder, FILES, force)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ import math
 from collections.abc import Sequence
 
 import torch
+from kern.models.blocks import run_block
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from kern_qwen_image.blocks import QwenImageBlock
 from kern_qwen_image.layers import NormOut, RMSNorm, TimeTextEmbed
@@ -39,12 +39,6 @@ class QwenImageTransformer(nn.Module):
         self.norm_out = NormOut(hidden, params.eps)
         self.proj_out = nn.Linear(hidden, params.out_dim)
         self.gradient_checkpointing = False
-
-    def _block(self, block: nn.Module, *args):
-        # Keyed on grad mode, not self.training: kern trains adapters with the frozen base in eval mode.
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
 
     def forward(
         self,
@@ -98,7 +92,7 @@ class QwenImageTransformer(nn.Module):
         mask = _joint_mask(txt_mask, img.shape[1])
 
         for block in self.transformer_blocks:
-            img, txt = self._block(block, img, txt, temb, rope, mask, index)
+            img, txt = run_block(block, img, txt, temb, rope, mask, index, checkpointed=self.gradient_checkpointing)
         return self.proj_out(self.norm_out(img, temb[0]))
 
 

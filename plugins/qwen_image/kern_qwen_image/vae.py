@@ -312,7 +312,7 @@ class QwenImageVAE(nn.Module):
             lambda z: self.decode(z, tiled=False),
             latents,
             self.params.downscale,
-            tile,
-            overlap,
+            tile=tile,
+            overlap=overlap,
             where="QwenImageVAE.decode_tiled",
         ).to(self.dtype)
