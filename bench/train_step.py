@@ -143,21 +143,7 @@ def _flux2_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype):
     from peft import LoraConfig
 
     with _default_dtype(dtype), torch.device(dev):
-        model = Flux2Transformer2DModel(
-            patch_size=1,
-            in_channels=p.in_channels,
-            num_layers=p.depth,
-            num_single_layers=p.depth_single,
-            attention_head_dim=p.head_dim,
-            num_attention_heads=p.num_heads,
-            joint_attention_dim=p.context_in_dim,
-            timestep_guidance_channels=256,
-            mlp_ratio=p.mlp_ratio,
-            axes_dims_rope=p.axes_dim,
-            rope_theta=p.theta,
-            eps=p.eps,
-            guidance_embeds=p.guidance_embed,
-        )
+        model = Flux2Transformer2DModel(**p.diffusers_config())
     model.requires_grad_(False)
     model.add_adapter(
         LoraConfig(r=rank, lora_alpha=rank, target_modules=FLUX2_ANCHOR_TARGETS, init_lora_weights="gaussian")

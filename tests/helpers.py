@@ -32,21 +32,7 @@ def flux2_diffusers_model(params):
     from diffusers import Flux2Transformer2DModel
 
     p = params
-    return Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=p.in_channels,
-        num_layers=p.depth,
-        num_single_layers=p.depth_single,
-        attention_head_dim=p.head_dim,
-        num_attention_heads=p.num_heads,
-        joint_attention_dim=p.context_in_dim,
-        timestep_guidance_channels=256,
-        mlp_ratio=p.mlp_ratio,
-        axes_dims_rope=p.axes_dim,
-        rope_theta=p.theta,
-        eps=p.eps,
-        guidance_embeds=p.guidance_embed,
-    )
+    return Flux2Transformer2DModel(**p.diffusers_config())
 
 
 def make_dataset(

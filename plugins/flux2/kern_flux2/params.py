@@ -31,6 +31,24 @@ class Flux2Params:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    def diffusers_config(self) -> dict:
+        """The same model as diffusers' ``Flux2Transformer2DModel(**config)`` names it (conformance tests, benchmarks)."""
+        return dict(
+            patch_size=1,
+            in_channels=self.in_channels,
+            num_layers=self.depth,
+            num_single_layers=self.depth_single,
+            attention_head_dim=self.head_dim,
+            num_attention_heads=self.num_heads,
+            joint_attention_dim=self.context_in_dim,
+            timestep_guidance_channels=256,
+            mlp_ratio=self.mlp_ratio,
+            axes_dims_rope=self.axes_dim,
+            rope_theta=self.theta,
+            eps=self.eps,
+            guidance_embeds=self.guidance_embed,
+        )
+
     @property
     def mlp_hidden(self) -> int:
         # round, not int: ratios read back from checkpoint shapes (M / D) may be a hair below the integer product
