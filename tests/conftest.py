@@ -86,3 +86,6 @@ def plugins_json(**kw) -> dict:
     proc = run_kern("plugins", "--json", **kw)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+from tests.hfcache import hub_cache, no_network  # noqa: E402,F401  (fixtures: an offline Hugging Face cache)

@@ -8,7 +8,17 @@ from kern import _moved
 from kern.errors import AdapterError, ConfigError, KernError, ModelFileError, PluginError, UsageError
 from kern.hookspecs import hookimpl
 from kern.log import get_logger
-from kern.records import Architecture, NetworkType, Option, TargetSpec, Variant, WeightsClaim
+from kern.records import (
+    Architecture,
+    CacheLayout,
+    ModelFile,
+    NetworkType,
+    Option,
+    TargetSpec,
+    TextCacheKey,
+    Variant,
+    WeightsClaim,
+)
 
 __version__ = "0.1.0"
 
@@ -17,13 +27,16 @@ _moved.install()  # old module paths (kern.network, kern.checkpoint ...) still i
 __all__ = [
     "AdapterError",
     "Architecture",
+    "CacheLayout",
     "ConfigError",
     "KernError",
+    "ModelFile",
     "ModelFileError",
     "NetworkType",
     "Option",
     "PluginError",
     "TargetSpec",
+    "TextCacheKey",
     "UsageError",
     "Variant",
     "WeightsClaim",

@@ -13,7 +13,7 @@ Conventions:
   None`` guard; a plugin written with such guards keeps working. The kernel's own implementations
   (``kern.core.defaults``: ``sample_timesteps``, ``combine_guidance``) are asked last, for every name, and
   give the standard behaviour where your plugin has no hook or returns ``None``. The hooks without either
-  argument (``register_*``, ``detect_weights``) reach every plugin.
+  argument (``register_*``, ``detect_weights``, ``identify_model_file``) reach every plugin.
 * The routed hooks are ``firstresult``: the first answer that is not ``None`` is the result.
   ``detect_weights`` is answered by every network plugin and the kernel arbitrates.
 * Tensors crossing hooks are ``torch.Tensor``; images are float in ``[-1, 1]``, shape (B, C, H, W).
@@ -91,12 +91,29 @@ def load_model(
     """Load one part of ``arch`` from ``path`` and return it ready to use (the transformer follows the model
     protocol in the module docstring).
 
-    ``part`` is ``"transformer"``, ``"vae"`` or ``"text_encoder"``. ``options`` for the text encoder: ``"fp8"``
-    (store its weights in float8) and ``"caption"`` (it will caption images, so load what that needs).
+    ``part`` is ``"transformer"``, ``"vae"`` or ``"text_encoder"``. ``path`` is a local file or folder: the kernel
+    resolved repo ids and bundles before (``kern.models.sources``). ``options``: ``"fp8"`` (the transformer of an fp8
+    training job, or a text encoder stored in float8: keep fp8 weights of the file as they are, see
+    ``kern.models.quantized``) and, for the text encoder, ``"caption"`` (it will caption images, so load what that
+    needs).
     ``variant`` may be ``None``: then detect it from the file (shapes and keys) and set it on the returned object as ``.variant``.
     Load straight into ``dtype`` on ``device`` without a full-precision copy of the whole model in
     RAM. Bad files raise ``kern.errors.ModelFileError`` naming the file, the assumed variant and the
     offending keys.
+    """
+
+
+@hookspec
+def identify_model_file(path: str, shapes: Mapping[str, tuple], metadata: Mapping[str, str]) -> Any:
+    """Look at a checkpoint's tensor ``shapes`` (key -> shape, from the safetensors headers of the file ``path`` or
+    of all the files of the folder ``path``, keys as stored) and header ``metadata``; return a ``kern.ModelFile``
+    saying what it is when it is one of your architecture's parts (or a file users mistake for one), else
+    ``None``. Decide what it is from keys and shapes alone, never from the file name; ``path`` is there to say
+    which companion files (``ModelFile.needs``) are not already beside it.
+
+    Every plugin is asked. The kernel uses the answers before any model loads: to refuse a file given for the
+    wrong part or architecture with a message naming what it is and where it belongs, and to pick each part's
+    file in a ComfyUI ``models/`` folder named by ``model.path``.
     """
 
 

@@ -100,6 +100,38 @@ def resolve_options(schema: tuple[Option, ...], given: dict[str, Any], where: st
 
 
 @attrs.frozen
+class TextCacheKey:
+    """How one output of ``encode_text`` is named in the text cache files (``CacheLayout.text``).
+
+    ``name``: the output's name, as ``encode_text`` returns it and ``predict_velocity`` reads it (``"ctx"``).
+    ``key``: its name in the file, before the ``_<dtype>`` suffix (``"ctx_vec"``).
+    ``mask``: for a variable-length output (B, L, ...), the name of the (B, L) output whose ones mark each row's
+    tokens. The file then holds the row's marked tokens only, as ``varlen_<key>_<dtype>``, and no mask; loading
+    right-pads a batch's rows with zeros to the longest and rebuilds the mask (int64, ones then zeros).
+    """
+
+    name: str
+    key: str
+    mask: str = ""
+
+
+@attrs.frozen
+class CacheLayout:
+    """How an architecture's cache files name and shape their tensors (``Architecture.cache_layout``), so that they
+    are another trainer's (musubi-tuner's) files and that trainer's files are kern's; see docs/datasets.md §4.
+
+    ``text``: the text-encoder outputs stored under another name or without padding; an output not listed is
+    stored as ``<name>_<dtype>``. A cache file that kern did not write (no kern fingerprint) is reused only when
+    the layout lists the outputs: it must hold each of them. ``latent_frames``: latents are stored with a frame
+    axis after the channels, (C, F, h, w) under ``latents_<F>x<h>x<w>_<dtype>``, F = 1 for an image; loading
+    gives (C, h, w) again (or (F, C, h, w) for several frames).
+    """
+
+    text: tuple[TextCacheKey, ...] = ()
+    latent_frames: bool = False
+
+
+@attrs.frozen
 class Variant:
     """One variant of an architecture (``base``, ``large``, ``edit`` ...) with its generation defaults.
 
@@ -124,6 +156,7 @@ class Variant:
     width: int = 1024
     height: int = 1024
     cache_id: str = ""  # id in cache file names; variants that share latents and text share it (musubi's f2k4b ...)
+    cache_name: str = ""  # "architecture" in cache files' metadata (musubi's full name); default: cache_id
     modelspec: str = ""  # modelspec.architecture name in adapter metadata, e.g. "Toy-DiT-large"
     negative_prompt: str = ""  # the unconditional prompt of true CFG when the user gives none
     references: str = attrs.field(default="optional", validator=attrs.validators.in_(("none", "optional", "required")))
@@ -166,6 +199,7 @@ class Architecture:
     required_files: tuple[str, ...] = ()
     implementation: str = ""  # modelspec.implementation: where the reference implementation lives
     options: tuple[Option, ...] = ()
+    cache_layout: CacheLayout = attrs.field(factory=CacheLayout)  # names and shapes in the cache files
 
     def variant(self, name: str | None) -> Variant:
         """The variant called ``name`` (or one of its aliases); the default one when ``name`` is None."""
@@ -214,3 +248,21 @@ class WeightsClaim:
     layout: str
     modules: dict[str, tuple[str, ...]] = attrs.field(factory=dict, eq=False)
     note: str = ""
+
+
+@attrs.frozen
+class ModelFile:
+    """An architecture plugin's answer to ``identify_model_file``: what a checkpoint is, told by its keys.
+
+    ``arch`` and ``part`` (``"transformer"``, ``"vae"``, ``"text_encoder"``) say where it belongs; ``arch`` is
+    ``None`` for a file no installed architecture uses (a plugin may name its predecessors' files so users hear
+    what they gave). ``variants``: the variants it fits, when the keys tell (empty: any, or unknown). ``what``: a
+    phrase for messages, e.g. ``"a 4B text encoder (ComfyUI single file)"``. ``needs``: other files the
+    loader will fetch for it (repo specs, e.g. a tokenizer), resolved at start with the model files.
+    """
+
+    what: str
+    arch: str | None = None
+    part: str | None = None
+    variants: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()

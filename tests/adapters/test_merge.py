@@ -162,12 +162,32 @@ def test_out_dtype_and_fp8_base(tmp_path):
     header, _ = read_header(tmp_path / "to_fp8.safetensors")
     assert {v["dtype"] for v in header.values()} == {"F8_E4M3"}
 
-    scaled = dict(load_file(base)[0], **{"img_in.scale_weight": torch.ones(1)})
-    write(tmp_path / "scaled.safetensors", scaled)
-    with pytest.raises(ModelFileError, match="scaled-fp8"):
-        merge(tmp_path / "scaled.safetensors", [(lora, 1.0)], tmp_path / "x.safetensors")
     with pytest.raises(UsageError, match="unknown dtype"):
         merge(base, [(lora, 1.0)], tmp_path / "x.safetensors", out_dtype="int3")
+
+
+@pytest.mark.parametrize("layout", ["scaled", "mixed"])
+def test_a_comfyui_scaled_fp8_base_merges_as_its_dequantised_weights(tmp_path, layout):
+    from tests.kernel.test_fp8_checkpoints import fp8_checkpoint
+
+    model = LayerTree()
+    lora = write(tmp_path / "l.safetensors", random_lora(model, BLOCK_PATHS, seed=5))
+    state = model.state_dict()
+    out, metadata, reference = fp8_checkpoint(state, layout, lambda k, v: k.endswith(".weight") and v.dim() == 2)
+    scaled = tmp_path / f"{layout}.safetensors"
+    write(scaled, out, metadata)
+    plain = write(tmp_path / "dequantised.safetensors", reference)
+    merge(scaled, [(lora, 1.0)], tmp_path / "from_scaled.safetensors", out_dtype="float32")
+    merge(plain, [(lora, 1.0)], tmp_path / "from_plain.safetensors", out_dtype="float32")
+    got, got_meta = load_file(tmp_path / "from_scaled.safetensors")
+    want, _ = load_file(tmp_path / "from_plain.safetensors")
+    assert got.keys() == want.keys() == state.keys()  # no scale, marker or comfy_quant keys left
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert "_quantization_metadata" not in got_meta
+    merge(scaled, [(lora, 1.0)], tmp_path / "default.safetensors")  # fp8 weights come out bf16 by default
+    header, _ = read_header(tmp_path / "default.safetensors")
+    assert "F8_E4M3" not in {v["dtype"] for v in header.values()}
 
 
 def test_bad_inputs_fail_cleanly_without_partial_output(tmp_path):

@@ -218,3 +218,18 @@ def test_option_ranges_and_checks():
 def test_context_free_checks_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.load_job(None, {key: value, "sample.prompts": ["p"]} if key.startswith("sample.") else {key: value})
+
+
+def test_model_keys_may_be_repo_ids_and_a_folder_next_to_the_job_file_wins(tmp_path):
+    sub = tmp_path / "jobs"
+    (sub / "Qwen" / "Local").mkdir(parents=True)
+    path = write(
+        sub,
+        '[model]\npath = "Qwen/Qwen-Image"\ntransformer = "Qwen/Local"\nvae = "org/name@v2/vae"\n'
+        'text_encoder = "te/qwen_2.5_vl_7b.safetensors"\n',
+    )
+    job = config.load_job(path)
+    assert job.model.path == "Qwen/Qwen-Image"  # a repo id: kern.models.hub resolves it
+    assert job.model.transformer == str(sub / "Qwen" / "Local")  # exists next to the job file: a path
+    assert job.model.vae == "org/name@v2/vae"
+    assert job.model.text_encoder == str(sub / "te" / "qwen_2.5_vl_7b.safetensors")  # no repo id: job-relative

@@ -247,9 +247,13 @@ def test_edit_caption_dropout_uses_each_items_empty_caption_with_its_controls(ti
     from kern.data import load_dataset_config, scan_items
 
     items = scan_items(load_dataset_config(dataset), 16)
-    always = cache.load_batch([items[0]], "qie", torch.Generator().manual_seed(0), caption_dropout_rate=1.0)
+    from kern_qwen_image.plugin import CACHE_LAYOUT
+
+    always = cache.load_batch(
+        [items[0]], "qie", torch.Generator().manual_seed(0), caption_dropout_rate=1.0, layout=CACHE_LAYOUT
+    )
     own, _ = load_file(tmp_path / "drop" / "cache" / "img0_qie_empty_te.safetensors")
-    ctx = next(v for k, v in own.items() if k.startswith("ctx_"))
+    ctx = next(v for k, v in own.items() if k.startswith("varlen_vl_embed_"))  # musubi's key, the tokens unpadded
     assert always["captions"] == [""] and torch.equal(always["text"]["ctx"][0, : ctx.shape[0]], ctx)
 
 

@@ -141,17 +141,17 @@ def test_t2i_lora_training_run(tiny_qwen, tmp_path):
     for part in ("attn_to_q", "attn_add_k_proj", "img_mlp_net_0_proj", "txt_mlp_net_2"):
         assert any(f"transformer_blocks_1_{part}" in k for k in tensors), part
 
-    # The text cache: variable-length ctx (B dimension dropped) with its mask, one file per caption.
+    # The text cache, as musubi's: each caption's tokens without padding (B dimension dropped) as
+    # varlen_vl_embed_<dtype>, no mask (rebuilt at load), one file per caption.
     files = sorted((tmp_path / "data" / "cache").glob("*_te.safetensors"))
     assert len(files) == 3  # two captions and the empty one
     lengths = {}
     for f in files:
         cached, _ = load_file(f)
-        ctx = next(v for k, v in cached.items() if k.startswith("ctx_"))
-        mask = next(v for k, v in cached.items() if k.startswith("mask_"))
-        assert ctx.ndim == 2 and ctx.shape[1] == 32 and mask.shape == ctx.shape[:1]
-        assert set(mask.unique().tolist()) <= {0, 1} and mask[0] == 1
-        lengths[f.name] = int(mask.sum())
+        (key,) = cached
+        ctx = cached[key]
+        assert key == "varlen_vl_embed_float32" and ctx.ndim == 2 and ctx.shape[1] == 32
+        lengths[f.name] = ctx.shape[0]
     assert len(set(lengths.values())) > 1, lengths  # "" and the captions differ in length
 
 

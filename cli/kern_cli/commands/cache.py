@@ -13,12 +13,15 @@ from kern.core import config as kconfig
 )
 @click.option("--arch", help="Architecture or variant alias (overrides model.arch).")
 @click.option("--dataset", help="Dataset TOML (overrides dataset.config).")
-@click.option("--vae", help="VAE checkpoint (overrides model.vae).")
-@click.option("--text-encoder", help="Text encoder folder (overrides model.text_encoder).")
+@click.option(
+    "--model", "model_path", help="Diffusers or ComfyUI folder or repo id for every part (overrides model.path)."
+)
+@click.option("--vae", help="VAE: file, folder or repo id (overrides model.vae).")
+@click.option("--text-encoder", help="Text encoder: file, folder or repo id (overrides model.text_encoder).")
 @click.option(
     "--transformer", help="Transformer checkpoint, only read to detect the variant (overrides model.transformer)."
 )
-def command(what, config_path, arch, dataset, vae, text_encoder, transformer) -> None:
+def command(what, config_path, arch, dataset, model_path, vae, text_encoder, transformer) -> None:
     """Encode a dataset's images (latents) and captions (text) into its cache directories.
 
     Caches are reused when the image, caption and settings are unchanged, and rebuilt when they
@@ -30,6 +33,7 @@ def command(what, config_path, arch, dataset, vae, text_encoder, transformer) ->
         for k, v in (
             ("model.arch", arch),
             ("dataset.config", dataset),
+            ("model.path", model_path),
             ("model.vae", vae),
             ("model.text_encoder", text_encoder),
             ("model.transformer", transformer),

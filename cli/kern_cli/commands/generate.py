@@ -52,14 +52,18 @@ def bounded(field: str) -> click.IntRange:
 @click.option("--arch", required=True, help="Architecture or variant alias, e.g. flux2-klein-4b.")
 @click.option("--variant", help="Force a variant instead of detecting it from the checkpoint.")
 @click.option(
-    "--transformer",
     "--model",
-    "transformer",
-    type=click.Path(exists=True),
-    help="Transformer checkpoint (file or diffusers folder).",
+    "model_path",
+    metavar="FOLDER|ORG/NAME[@REV]",
+    help="Every part at once: a diffusers folder or Hugging Face repo id, a ComfyUI models/ folder (files picked by "
+    "their keys), or a single transformer file.",
 )
-@click.option("--vae", type=click.Path(exists=True), help="VAE checkpoint.")
-@click.option("--text-encoder", type=click.Path(exists=True), help="Text encoder folder.")
+@click.option(
+    "--transformer",
+    help="Transformer: checkpoint file, diffusers folder or repo id ORG/NAME[@REV][/PATH] (wins over --model).",
+)
+@click.option("--vae", help="VAE: file, folder or repo id (wins over --model).")
+@click.option("--text-encoder", help="Text encoder: single file, transformers folder or repo id (wins over --model).")
 @click.option("--prompt", "-p", help="The prompt (or the base prompt for option-only lines of --from-file).")
 @click.option("--negative-prompt", "-n", help="Negative prompt (used by true-CFG variants).")
 @click.option(
@@ -148,6 +152,7 @@ def bounded(field: str) -> click.IntRange:
 def command(
     arch,
     variant,
+    model_path,
     transformer,
     vae,
     text_encoder,
@@ -179,7 +184,8 @@ def command(
 
     \b
     kern generate --arch flux2-klein-4b --transformer flux-2-klein-4b.safetensors \\
-        --vae ae.safetensors --text-encoder qwen3-4b/ -p "a cat" --weights my_lora.safetensors:0.8
+        --vae ae.safetensors --text-encoder qwen_3_4b.safetensors -p "a cat" --weights my_lora.safetensors:0.8
+    kern generate --arch qwen-image --model Qwen/Qwen-Image -p "a cat"
     """
     from kern.data import prompts
     from kern.generate import driver as generate
@@ -193,6 +199,7 @@ def command(
     setup = generate.Setup(
         arch=arch,
         variant=variant,
+        path=model_path,
         transformer=transformer,
         vae=vae,
         text_encoder=text_encoder,

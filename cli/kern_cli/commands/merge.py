@@ -20,8 +20,27 @@ def input_file(path: str, option: str) -> str:
     return path
 
 
+def hub_file(spec: str) -> str:
+    """A base checkpoint named inside a Hugging Face repo, fetched through its cache; a local path as it is."""
+    import os
+
+    from kern.core.repo_ids import parse
+
+    ref = parse(spec)
+    if os.path.lexists(spec) or ref is None or not ref.is_file:
+        return spec
+    from kern.models import hub
+
+    return str(hub.resolve(spec, option="--model"))
+
+
 @click.command(name="merge")
-@click.option("--model", "model", required=True, help="Base checkpoint (.safetensors).")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    help="Base checkpoint (.safetensors), or one in a Hugging Face repo: ORG/NAME[@REV]/PATH/FILE.safetensors.",
+)
 @click.option(
     "--weights",
     "weights",
@@ -64,6 +83,7 @@ def command(model, weights, out, overwrite, dtype, allow_unmatched, arch, varian
     out_dtype = parse_dtype(dtype)
     if not weights:
         raise UsageError("give at least one adapter with --weights FILE[:MULT]")
+    model = hub_file(model)
     input_file(model, "--model")
     adapters = [parse_weights_arg(w) for w in weights]
     result = merge(

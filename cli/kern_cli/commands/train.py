@@ -27,6 +27,13 @@ def _pairs(values: tuple[str, ...], option: str) -> list[tuple[str, Any]]:
     help="Job TOML ([model], [network], [dataset], [train], ...).",
 )
 @click.option("--arch", help="Architecture or variant alias, e.g. flux2-klein-4b (overrides model.arch).")
+@click.option(
+    "--model",
+    "model_path",
+    metavar="FOLDER|ORG/NAME[@REV]",
+    help="Every model part at once: a diffusers folder or Hugging Face repo id, or a ComfyUI models/ folder "
+    "(overrides model.path; model.transformer / vae / text_encoder still win).",
+)
 @click.option("--network", help="Adapter type, e.g. lora or loha (overrides network.type).")
 @click.option("--dataset", help="Dataset TOML (overrides dataset.config).")
 @click.option("--out", help="Run folder (overrides save.out).")
@@ -48,7 +55,9 @@ def _pairs(values: tuple[str, ...], option: str) -> list[tuple[str, Any]]:
     is_flag=True,
     help="Replace an earlier run in the run folder (its adapter, checkpoints, samples, logs).",
 )
-def command(config_path, arch, network, dataset, out, steps, lr, network_opts, sets, resume, overwrite) -> None:
+def command(
+    config_path, arch, model_path, network, dataset, out, steps, lr, network_opts, sets, resume, overwrite
+) -> None:
     """Train a LoRA / LoHa adapter.
 
     Values come from the job file, then command-line options override them. Everything is checked before any
@@ -60,6 +69,7 @@ def command(config_path, arch, network, dataset, out, steps, lr, network_opts, s
     overrides: dict[str, Any] = {}
     for key, value in (
         ("model.arch", arch),
+        ("model.path", model_path),
         ("network.type", network),
         ("dataset.config", dataset),
         ("save.out", out),

@@ -14,7 +14,9 @@ the checkpoint.
   a natively-named base (its reference implementation's names) needs ``arch``, whose ``adapter_module_map``
   maps the names (fusing q/k/v).
 * fp8 base tensors are upcast for the merge; without ``out_dtype`` they are written as bfloat16 (an fp8
-  output would round most of ΔW away). Scaled-fp8 checkpoints (per-tensor scale keys) are refused.
+  output would round most of ΔW away). Scaled-fp8 checkpoints (ComfyUI's ``scale_weight`` / ``weight_scale``
+  layers) are dequantised exactly first (``kern.models.files.read_layout``); their scale and marker keys are not
+  written, so the output is a plain checkpoint.
 * Adapter modules that match no base weight are an error listing them (a warning with ``allow_unmatched``).
 * The output is never one of the inputs (same inode: links count) and replaces an existing file only with
   ``overwrite``; NaN/Inf in the base, the adapters or the merged result stop the merge. Any error leaves no
@@ -43,6 +45,7 @@ from kern.adapters.weights import (
 from kern.core.io import check_output_file, describe_nonfinite
 from kern.errors import AdapterError, KernError, ModelFileError, PluginError, UsageError
 from kern.log import get_logger
+from kern.models.files import dequantize, read_layout
 
 log = get_logger(__name__)
 
@@ -58,8 +61,6 @@ DTYPES = {
 }
 if hasattr(torch, "float8_e4m3fn"):
     DTYPES.update({"float8_e4m3fn": torch.float8_e4m3fn, "fp8": torch.float8_e4m3fn})
-
-SCALED_FP8_MARKERS = (".scale_weight", ".weight_scale", ".scale_input", ".input_scale")
 
 
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
@@ -118,12 +119,8 @@ def merge(
             reader.dtype(k)  # every dtype readable, before the adapters are read
     except KernError as exc:
         raise ModelFileError(str(exc)) from None
-    scaled = [k for k in keys if k.endswith(SCALED_FP8_MARKERS) or k.endswith("scaled_fp8")]
-    if scaled:
-        raise ModelFileError(
-            f"{model_path}: a scaled-fp8 checkpoint ({len(scaled)} scale tensors like {scaled[0]!r}); "
-            "merge into the bf16 original and quantise afterwards"
-        )
+    quant = read_layout([model_path])  # scaled fp8: which tensor has which scale; nvfp4 & co refused here
+    keys = [k for k in keys if k not in quant.dropped]
     adapter_like = [k for k in keys if any(m in k for m in (".lora_down.", ".lora_A.", ".hada_w1_a", ".lokr_w1"))]
     if adapter_like:
         raise ModelFileError(
@@ -196,18 +193,22 @@ def merge(
         if src.is_floating_point:
             fp8_in = fp8_in or _is_fp8(src)
             dst = dtype or (torch.bfloat16 if _is_fp8(src) else src)
+            if quant.scales.get(key) and _is_fp8(dst):
+                dst = torch.bfloat16  # a scaled weight's values are not e4m3 values: requantising is not a cast
         else:
             dst = src
         layout.append((key, dst, reader.shape(key)))
     if fp8_in and dtype is None:
         log.warning("fp8 base tensors are written as bfloat16 (pass an output dtype to choose)", model=str(model_path))
     layout = aligned_order(layout)
-    metadata = dict(reader.metadata)
+    metadata = {k: v for k, v in reader.metadata.items() if k != "_quantization_metadata"}
     metadata["kern.merged_adapters"] = json.dumps([{"file": Path(p).name, "multiplier": float(m)} for p, m in adapters])
 
     with reader, StreamingWriter(out_path, layout, metadata, overwrite=overwrite) as writer:
         for key, dst, shape in layout:
             t = reader.get(key)
+            if quant.scales.get(key):
+                t = dequantize(t, reader.get(quant.scales[key]), torch.float32)
             bad = describe_nonfinite(t)
             if bad:
                 raise ModelFileError(

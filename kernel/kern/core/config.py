@@ -45,7 +45,11 @@ def _checkpointing(instance: Any, attribute: Any, value: Any) -> None:
 class ModelConfig:
     arch: str | None = None  # architecture name, alias or variant alias (`kern plugins` lists them)
     variant: str | None = None  # forces a variant instead of detecting it from the checkpoint
-    transformer: str | None = None  # checkpoint file or diffusers folder
+    # One diffusers folder or repo id (org/name[@rev]) or ComfyUI models/ folder for all three parts (kern.models.sources)
+    path: str | None = None
+    transformer: str | None = (
+        None  # checkpoint file, diffusers folder or repo id (org/name[@rev][/path]); wins over path
+    )
     vae: str | None = None
     text_encoder: str | None = None
     dtype: str = attrs.field(default="bfloat16", validator=_choice(*DTYPES))
@@ -247,7 +251,9 @@ def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 # Keys holding paths: relative values in a job file are taken relative to that file's folder,
 # so a job file works from any working directory; command-line values stay relative to the cwd.
-PATH_KEYS = ("model.transformer", "model.vae", "model.text_encoder", "dataset.config", "save.out")
+PATH_KEYS = ("model.path", "model.transformer", "model.vae", "model.text_encoder", "dataset.config", "save.out")
+# Of those, the ones that may also be a Hugging Face repo id: a relative value is made absolute only where it exists.
+MODEL_KEYS = ("model.path", "model.transformer", "model.vae", "model.text_encoder")
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
@@ -255,7 +261,19 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         section, key = dotted.split(".")
         value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            data[section][key] = str((base / value).resolve())
+            local = (base / value).resolve()
+            # "org/name" next to the job file is a folder; otherwise a model key keeps it as written (a repo id,
+            # or a path relative to the working directory, which kern.models.hub tries first).
+            if dotted not in MODEL_KEYS or local.exists() or not _could_be_elsewhere(value):
+                data[section][key] = str(local)
+
+
+def _could_be_elsewhere(value: str) -> bool:
+    """A relative model value that is no file next to the job file: kept as written when it is one relative to the
+    working directory or reads as a repo id (``kern.models.hub`` tries both, in that order)."""
+    from kern.core.repo_ids import parse
+
+    return Path(value).expanduser().exists() or parse(value) is not None
 
 
 def load_job(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> JobConfig:

@@ -1,21 +1,17 @@
 """Latent and text-encoder caches in musubi-tuner's layout, rebuilt exactly when their inputs change.
 
-Latents: ``{cache_dir}/{stem}_{origW:04d}x{origH:04d}_{arch_id}.safetensors`` with keys
-``latents_{h}x{w}_{dtype}`` and ``latents_control_{i}_{h}x{w}_{dtype}``. Text:
-``{cache_dir}/{stem}_{arch_id}_te.safetensors`` with one ``{name}_{dtype}`` key per tensor the encode
-function returns, and once per cache folder ``_empty_{arch_id}_te.safetensors``, the empty caption
-(for caption dropout). Metadata as musubi (``architecture``, ``width``, ``height`` / ``caption1``,
+File names, tensor keys and the reuse rules are in ``kern.data.cache_files``; this module fills the caches
+and loads batches from them. Metadata as musubi (``architecture``, ``width``, ``height`` / ``caption1``,
 ``format_version``) plus kern's fingerprints: ``kern.source`` for latents (the image and control files'
 size and mtime, the sizes they are resized to, the dtype and the caller's settings), ``kern.settings``
-for text (the caller's encoder settings; the caption itself is ``caption1``). A cache whose fingerprint
-differs, or which is unreadable, is rebuilt; every write is atomic (``kern.core.io``). The architecture
-(its id, name and encode functions) comes from the caller.
+for text (the caller's encoder settings; the caption itself is ``caption1``). A kern cache whose fingerprint
+differs, or which is unreadable, is rebuilt; a cache file without a fingerprint (musubi-tuner's) is reused
+when its own metadata, keys and shapes fit. Every write is atomic (``kern.core.io``). The architecture (its
+id, name, file layout and encode functions) comes from the caller.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -23,132 +19,65 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from kern.core.io import load_file, read_header, save_file
+from kern.core.io import load_file, save_file
+from kern.data.cache_files import (  # re-exported: the names are part of this module's API
+    FORMAT_VERSION,
+    NO_LAYOUT,
+    SETTINGS_KEY,
+    SOURCE_KEY,
+    VARLEN,
+    dtype_name,
+    empty_text_cache_path,
+    item_empty_text_cache_path,
+    latent_cache_path,
+    latent_fingerprint,
+    latent_from_file,
+    latent_key,
+    latent_state,
+    latent_to_file,
+    latents_in,
+    strip_dtype,
+    text_cache_path,
+    text_fingerprint,
+    text_from_file,
+    text_state,
+    text_to_file,
+)
 from kern.data.images import load_image
-from kern.data.items import EMPTY_STEM, Item
-from kern.errors import DatasetError, KernError
+from kern.data.items import Item
+from kern.errors import KernError
 from kern.log import get_logger
+from kern.records import CacheLayout
 
 log = get_logger(__name__)
 
-FORMAT_VERSION = "1.0.1"  # musubi's cache format version
-SOURCE_KEY = "kern.source"
-SETTINGS_KEY = "kern.settings"
-# Bump when load_image's pixels change for the same inputs, so every latent cache is rebuilt.
-RESIZE_RULE = (
-    "rgb-on-white/exif/lanczos-cover/centre-crop/trim-below-step-is-crop/1/modes-2"  # modes-2: 16-bit, float, LAB, tRNS
-)
+__all__ = [
+    "FORMAT_VERSION",
+    "SETTINGS_KEY",
+    "SOURCE_KEY",
+    "dtype_name",
+    "empty_text_cache_path",
+    "ensure_latent_cache",
+    "ensure_text_cache",
+    "item_empty_text_cache_path",
+    "latent_cache_path",
+    "latent_fingerprint",
+    "load_batch",
+    "pad_sequences",
+    "strip_dtype",
+    "text_cache_path",
+    "text_fingerprint",
+]
 
-_DTYPE_NAMES = sorted(
-    {str(v).removeprefix("torch.") for v in vars(torch).values() if isinstance(v, torch.dtype)}, key=len, reverse=True
-)
+FOREIGN = "cache files made without kern's fingerprint (musubi-tuner's): reused, trusted on their own metadata, keys and shapes"
 
 LatentEncode = Callable[[torch.Tensor], torch.Tensor]
 TextEncode = Callable[..., Mapping[str, Any]]  # (prompts) -> tensors; (prompts, images) with ``images``
 
 
-# --------------------------------------------------------------------------- names
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def strip_dtype(key: str) -> str:
-    """``ctx_vec_bfloat16`` → ``ctx_vec`` (dtype names may contain ``_``, e.g. ``float8_e4m3fn``)."""
-    for name in _DTYPE_NAMES:
-        if key.endswith("_" + name):
-            return key[: -len(name) - 1]
-    return key
-
-
-def latent_cache_path(item: Item, arch_id: str) -> Path:
-    return item.cache_dir / f"{item.stem}_{item.size[0]:04d}x{item.size[1]:04d}_{arch_id}.safetensors"
-
-
-def text_cache_path(item: Item, arch_id: str) -> Path:
-    return item.cache_dir / f"{item.stem}_{arch_id}_te.safetensors"
-
-
-def empty_text_cache_path(cache_dir: str | os.PathLike, arch_id: str) -> Path:
-    return Path(cache_dir) / f"{EMPTY_STEM}_{arch_id}_te.safetensors"
-
-
-def item_empty_text_cache_path(item: Item, arch_id: str) -> Path:
-    """The empty caption encoded with this item's control images (encoders that read them; caption dropout)."""
-    return item.cache_dir / f"{item.stem}_{arch_id}{EMPTY_STEM}_te.safetensors"
-
-
-def _latent_key(prefix: str, latent: torch.Tensor) -> str:
-    # The shape after the channel dim: "64x64" for (C, h, w), "1x64x64" for (C, F, h, w).
-    return f"{prefix}_{'x'.join(str(d) for d in latent.shape[1:])}_{dtype_name(latent.dtype)}"
-
-
-# --------------------------------------------------------------------------- fingerprints
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def _file_stamp(path: Path) -> dict[str, Any]:
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise DatasetError(
-            f"{path}: cannot read it any more ({exc.strerror}); it was there when the dataset was scanned"
-        ) from None
-    return {"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def latent_fingerprint(item: Item, dtype: torch.dtype, settings: Mapping[str, Any] | None) -> str:
-    """What the item's latents depend on; a different value means the cache is stale."""
-    controls = [{**_file_stamp(p), "bucket": list(b)} for p, b in zip(item.control_paths, item.control_buckets)]
-    return _json(
-        {
-            "image": _file_stamp(item.image_path),
-            "size": list(item.size),
-            "bucket": list(item.bucket),
-            "step": item.step,
-            "controls": controls,
-            "resize": RESIZE_RULE,
-            "dtype": dtype_name(dtype),
-            "settings": dict(settings or {}),
-        }
-    )
-
-
-def settings_fingerprint(settings: Mapping[str, Any] | None) -> str:
-    return _json(dict(settings or {}))
-
-
-def _header(path: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
-    """The header of an existing cache file; ``None`` when it is missing or unreadable (then it is rebuilt)."""
-    if not path.exists():
-        return None
-    try:
-        return read_header(path)
-    except KernError as exc:
-        log.warning("corrupt cache file; rebuilding it", file=str(path), error=str(exc))
-        return None
-
-
-def _latent_is_current(path: Path, fingerprint: str, n_controls: int) -> bool:
-    found = _header(path)
-    if found is None:
-        return False
-    tensors, metadata = found
-    targets = [k for k in tensors if k.startswith("latents_") and not k.startswith("latents_control_")]
-    controls = [k for k in tensors if k.startswith("latents_control_")]
-    return metadata.get(SOURCE_KEY) == fingerprint and len(targets) == 1 and len(controls) == n_controls
-
-
-def _text_is_current(path: Path, caption: str, fingerprint: str) -> bool:
-    found = _header(path)
-    if found is None:
-        return False
-    tensors, metadata = found
-    return bool(tensors) and metadata.get("caption1") == caption and metadata.get(SETTINGS_KEY) == fingerprint
+def _log_foreign(what: str, paths: Sequence[Path]) -> None:
+    if paths:
+        log.info(FOREIGN, cache=what, files=len(paths), first=str(paths[0]))
 
 
 # --------------------------------------------------------------------------- latents
@@ -163,28 +92,37 @@ def ensure_latent_cache(
     settings: Mapping[str, Any] | None = None,
     *,
     arch_name: str | None = None,
+    layout: CacheLayout = NO_LAYOUT,
+    grid: tuple[int, int] | None = None,
 ) -> int:
     """Encode the latents of every item whose cache is missing, stale or corrupt; return how many.
 
-    ``encode(images)`` takes (B, 3, H, W) in [-1, 1] and returns (B, C, h, w) (or (B, C, F, h, w));
+    ``encode(images)`` takes (B, 3, H, W) in [-1, 1] and returns (B, C, h, w) (or (B, F, C, h, w));
     it is called with up to ``batch_size`` images of one bucket at a time (targets, then each control
     index). ``settings`` (JSON-able: the VAE file, its dtype ...) is part of the fingerprint, so
     changing it rebuilds every cache. ``arch_name`` is written as ``architecture`` (default ``arch_id``).
+    ``layout`` says how latents are stored; ``grid`` = (latent channels, pixels per latent cell) lets a file
+    without kern's fingerprint be checked, and reused when it fits (without it such a file is rebuilt).
     """
     dtype = _as_dtype(dtype)
+    name = arch_name or arch_id
     items = list({item.key: item for item in items}.values())
-    prints = {item.key: latent_fingerprint(item, dtype, settings) for item in items}
-    stale = [
-        i for i in items if not _latent_is_current(latent_cache_path(i, arch_id), prints[i.key], len(i.control_paths))
-    ]
-    log.info("latent cache", items=len(items), to_encode=len(stale), arch=arch_id)
+    prints = {item.key: latent_fingerprint(item, dtype, settings, layout) for item in items}
+    states = {
+        i.key: latent_state(latent_cache_path(i, arch_id), i, prints[i.key], arch_name=name, layout=layout, grid=grid)
+        for i in items
+    }
+    stale = [i for i in items if states[i.key] is None]
+    foreign = [latent_cache_path(i, arch_id) for i in items if states[i.key] == "foreign"]
+    log.info("latent cache", items=len(items), to_encode=len(stale), reused_foreign=len(foreign), arch=arch_id)
+    _log_foreign("latents", foreign)
     _remove_old_sizes(items, arch_id)
     groups: dict[tuple, list[Item]] = {}
     for item in stale:
         groups.setdefault((item.bucket, item.control_buckets), []).append(item)
     for group in groups.values():
         for chunk in _chunks(group, max(1, batch_size)):
-            _encode_latents(chunk, arch_id, encode, dtype, prints, arch_name or arch_id)
+            _encode_latents(chunk, arch_id, encode, dtype, prints, name, layout)
     return len(stale)
 
 
@@ -195,6 +133,7 @@ def _encode_latents(
     dtype: torch.dtype,
     prints: Mapping[str, str],
     arch_name: str,
+    layout: CacheLayout,
 ) -> None:
     targets = _encode_images(encode, [(i.image_path, i.bucket, i.step) for i in chunk], dtype)
     controls = [
@@ -202,9 +141,11 @@ def _encode_latents(
         for c in range(len(chunk[0].control_paths))
     ]
     for j, item in enumerate(chunk):
-        tensors = {_latent_key("latents", targets[j]): targets[j].clone()}
+        target = latent_to_file(targets[j], layout).clone()
+        tensors = {latent_key("latents", target): target}
         for c, control in enumerate(controls):
-            tensors[_latent_key(f"latents_control_{c}", control[j])] = control[j].clone()
+            stored = latent_to_file(control[j], layout).clone()
+            tensors[latent_key(f"latents_control_{c}", stored)] = stored
         _replace_nan(tensors, item.key)
         metadata = {
             "architecture": arch_name,
@@ -259,74 +200,63 @@ def ensure_text_cache(
     *,
     arch_name: str | None = None,
     images: Callable[[Item], list] | None = None,
-    empty_per_item: bool = False,
+    caption_dropout: bool = False,
+    layout: CacheLayout = NO_LAYOUT,
 ) -> int:
     """Encode the captions of every item whose text cache is missing, stale or corrupt; return how many.
 
     ``encode(prompts)`` returns ``{name: tensor}`` with the batch dimension first (or, for a
-    variable-length output, a list of one tensor per prompt; name it ``varlen_...``). A cache is
-    stale when its caption or ``settings`` (the text encoder, its options ...) differ. The empty
-    caption is also cached once per cache folder, for caption dropout; it is not counted.
+    variable-length output, a list of one tensor per prompt; name it ``varlen_...``); ``layout`` names
+    the outputs in the files. A cache is stale when its caption or ``settings`` (the text encoder, its
+    options ...) differ. The empty caption (kern's own file) is cached too, for caption dropout: once per
+    cache folder when ``caption_dropout`` asks for it or anything else is encoded; it is not counted.
 
     With ``images`` (for encoders that also read the control images, such as an image-editing model's) the call is
     ``encode(prompts, [images(item) for each prompt])``, each cache is also keyed on its item's control
     files, and the empty caption, which means something else with each item's images, is cached per item
-    (``item_empty_text_cache_path``) when ``empty_per_item`` (caption dropout) asks for it.
+    (``item_empty_text_cache_path``) when ``caption_dropout`` asks for it.
     """
     items = list({item.key: item for item in items}.values())
+    name = arch_name or arch_id
 
     def fingerprint(item: Item | None) -> str:
-        return text_fingerprint(item, settings, controls=images is not None)
+        return text_fingerprint(item, settings, controls=images is not None, layout=layout)
 
-    stale = [i for i in items if not _text_is_current(text_cache_path(i, arch_id), i.caption, fingerprint(i))]
-    log.info("text cache", items=len(items), to_encode=len(stale), arch=arch_id)
-    name = arch_name or arch_id
+    def state(path: Path, caption: str, item: Item | None, own_only: bool = False) -> str | None:
+        return text_state(path, caption, fingerprint(item), arch_name=name, layout=layout, own_only=own_only)
+
+    states = {i.key: state(text_cache_path(i, arch_id), i.caption, i) for i in items}
+    stale = [i for i in items if states[i.key] is None]
+    foreign = [text_cache_path(i, arch_id) for i in items if states[i.key] == "foreign"]
+    log.info("text cache", items=len(items), to_encode=len(stale), reused_foreign=len(foreign), arch=arch_id)
+    _log_foreign("text", foreign)
+
+    def save(path: Path, row: Mapping[str, Any], caption: str, item: Item | None, what: str) -> None:
+        _save_text(path, text_to_file(row, layout), caption, fingerprint(item), name, what)
+
     for chunk in _chunks(stale, max(1, batch_size)):
         prompts = [i.caption for i in chunk]
-        outputs = (
-            _encode_texts(encode, prompts)
-            if images is None
-            else _encode_texts(encode, prompts, [images(i) for i in chunk])
-        )
+        extra = [] if images is None else [[images(i) for i in chunk]]
+        outputs = _encode_texts(encode, prompts, *extra)
         for j, item in enumerate(chunk):
-            _save_text(
-                text_cache_path(item, arch_id),
-                {k: v[j] for k, v in outputs.items()},
-                item.caption,
-                fingerprint(item),
-                name,
-                item.key,
-            )
+            save(text_cache_path(item, arch_id), {k: v[j] for k, v in outputs.items()}, item.caption, item, item.key)
     if images is not None:
-        if empty_per_item:
-            todo = [
-                i for i in items if not _text_is_current(item_empty_text_cache_path(i, arch_id), "", fingerprint(i))
-            ]
+        if caption_dropout:
+            own = item_empty_text_cache_path
+            todo = [i for i in items if not state(own(i, arch_id), "", i, own_only=True)]
             for chunk in _chunks(todo, max(1, batch_size)):
                 outputs = _encode_texts(encode, [""] * len(chunk), [images(i) for i in chunk])
                 for j, item in enumerate(chunk):
-                    _save_text(
-                        item_empty_text_cache_path(item, arch_id),
-                        {k: v[j] for k, v in outputs.items()},
-                        "",
-                        fingerprint(item),
-                        name,
-                        f"{item.key} <empty caption>",
-                    )
+                    row = {k: v[j] for k, v in outputs.items()}
+                    save(own(item, arch_id), row, "", item, f"{item.key} <empty caption>")
         return len(stale)
-    for folder in sorted({item.cache_dir for item in items}):
-        path = empty_text_cache_path(folder, arch_id)
-        if not _text_is_current(path, "", fingerprint(None)):
-            outputs = _encode_texts(encode, [""])
-            _save_text(path, {k: v[0] for k, v in outputs.items()}, "", fingerprint(None), name, "<empty caption>")
+    if caption_dropout or stale:  # else the encoder need not be loaded for it
+        for folder in sorted({item.cache_dir for item in items}):
+            path = empty_text_cache_path(folder, arch_id)
+            if not state(path, "", None, own_only=True):
+                outputs = _encode_texts(encode, [""])
+                save(path, {k: v[0] for k, v in outputs.items()}, "", None, "<empty caption>")
     return len(stale)
-
-
-def text_fingerprint(item: Item | None, settings: Mapping[str, Any] | None, *, controls: bool = False) -> str:
-    """The ``kern.settings`` of a text cache: the encoder settings, plus the item's control files when
-    the encoder reads them. ``item=None``: the empty caption's."""
-    extra = {"controls": [_file_stamp(p) for p in item.control_paths]} if controls and item is not None else {}
-    return settings_fingerprint({**dict(settings or {}), **extra})
 
 
 def _encode_texts(encode: TextEncode, prompts: list[str], *images: list) -> dict[str, Any]:
@@ -348,42 +278,47 @@ def _encode_texts(encode: TextEncode, prompts: list[str], *images: list) -> dict
 
 
 def _save_text(
-    path: Path, tensors: Mapping[str, torch.Tensor], caption: str, fingerprint: str, arch_name: str, what: str
+    path: Path, tensors: dict[str, torch.Tensor], caption: str, fingerprint: str, arch_name: str, what: str
 ) -> None:
-    out = {f"{name}_{dtype_name(t.dtype)}": t.detach().cpu().clone() for name, t in tensors.items()}
-    _replace_nan(out, what)
+    _replace_nan(tensors, what)
     metadata = {
         "architecture": arch_name,
         "caption1": caption,
         "format_version": FORMAT_VERSION,
         SETTINGS_KEY: fingerprint,
     }
-    save_file(out, path, metadata)
+    save_file(tensors, path, metadata)
 
 
 # --------------------------------------------------------------------------- loading
 
 
 def load_batch(
-    items: Sequence[Item], arch_id: str, generator: torch.Generator | None = None, caption_dropout_rate: float = 0.0
+    items: Sequence[Item],
+    arch_id: str,
+    generator: torch.Generator | None = None,
+    caption_dropout_rate: float = 0.0,
+    *,
+    layout: CacheLayout = NO_LAYOUT,
 ) -> dict[str, Any]:
     """One batch from the caches: ``latents`` (B, C, h, w) float32, ``text`` ``{name: (B, ...)}``,
     ``references`` (one (B, C, h_i, w_i) float32 per control, or ``None``), ``keys``, ``captions``.
 
     With ``caption_dropout_rate`` > 0 each item's text is, with that probability (drawn from
     ``generator``), the empty caption's encoding; its ``captions`` entry is then ``""``. Items must
-    share a ``kern.data.items.batch_key`` (``batch_order`` makes such batches).
+    share a ``kern.data.items.batch_key`` (``batch_order`` makes such batches). ``layout`` is the one
+    the caches were written with: it turns file keys back into the text encoder's output names.
     """
     if not items:
         raise ValueError("load_batch needs at least one item")
     dropped = _dropout(len(items), caption_dropout_rate, generator)
     latents, references, texts = [], [], []
     for item, drop in zip(items, dropped):
-        target, controls = _load_latents(latent_cache_path(item, arch_id))
+        target, controls = _load_latents(latent_cache_path(item, arch_id), layout)
         latents.append(target)
         references.append(controls)
         path = _empty_text(item, arch_id) if drop else text_cache_path(item, arch_id)
-        texts.append(_load_text(*_stamp(path)))
+        texts.append(text_from_file(_load_text(*_stamp(path)), layout))
     n_refs = {len(r) for r in references}
     if len(n_refs) != 1:
         raise KernError(
@@ -392,7 +327,7 @@ def load_batch(
     refs = [_stack([r[c] for r in references], "latents_control", items) for c in range(n_refs.pop())]
     return {
         "latents": _stack(latents, "latents", items),
-        "text": _collate_text(texts, items),
+        "text": _collate_text(texts, items, layout),
         "references": refs or None,
         "keys": [i.key for i in items],
         "captions": ["" if d else i.caption for i, d in zip(items, dropped)],
@@ -419,17 +354,16 @@ def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         ) from None
 
 
-def _load_latents(path: Path) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _load_latents(path: Path, layout: CacheLayout = NO_LAYOUT) -> tuple[torch.Tensor, list[torch.Tensor]]:
     tensors, _ = _load(path)
-    target = [t for k, t in tensors.items() if k.startswith("latents_") and not k.startswith("latents_control_")]
-    controls: dict[int, torch.Tensor] = {}
-    for key, t in tensors.items():
-        m = re.match(r"latents_control_(\d+)_", key)
-        if m:
-            controls[int(m.group(1))] = t
-    if len(target) != 1:
-        raise KernError(f"{path}: expected one latents_* tensor, found {len(target)}; delete the file and cache again")
-    return target[0].float(), [controls[i].float() for i in sorted(controls)]
+    targets, controls = latents_in(tensors)
+    if len(targets) != 1:
+        raise KernError(f"{path}: expected one latents_* tensor, found {len(targets)}; delete the file and cache again")
+
+    def read(key: str) -> torch.Tensor:
+        return latent_from_file(tensors[key], layout).float()
+
+    return read(targets[0]), [read(controls[i]) for i in sorted(controls)]
 
 
 def _stamp(path: Path) -> tuple[str, int]:
@@ -442,20 +376,26 @@ def _stamp(path: Path) -> tuple[str, int]:
 @lru_cache(maxsize=64)
 def _load_text(path: str, mtime_ns: int) -> dict[str, torch.Tensor]:
     # Cached by (path, mtime): the empty-caption file is read once, not once per dropped item.
-    tensors, _ = _load(Path(path))
-    return {strip_dtype(k): t for k, t in tensors.items()}
+    return _load(Path(path))[0]
 
 
-def _collate_text(texts: Sequence[Mapping[str, torch.Tensor]], items: Sequence[Item]) -> dict[str, Any]:
+def _collate_text(
+    texts: Sequence[Mapping[str, torch.Tensor]], items: Sequence[Item], layout: CacheLayout
+) -> dict[str, Any]:
     names = set(texts[0])
     if any(set(t) != names for t in texts):
         raise KernError(
             f"text caches of batch {[i.key for i in items]} have different tensors; re-run text caching with one encoder"
         )
-    return {
-        n: [t[n] for t in texts] if n.startswith("varlen_") else _stack(pad_sequences([t[n] for t in texts]), n, items)
-        for n in sorted(names)
-    }
+    out: dict[str, Any] = {}
+    for n in sorted(names):
+        rows = [t[n] for t in texts]
+        out[n] = rows if n.startswith(VARLEN) else _stack(pad_sequences(rows), n, items)
+    for spec in layout.text:  # unpadded rows: padded above; their mask rebuilt, ones over each row's tokens
+        if spec.mask and spec.name in names:
+            masks = [torch.ones(t[spec.name].shape[0], dtype=torch.int64) for t in texts]
+            out[spec.mask] = _stack(pad_sequences(masks), spec.mask, items)
+    return out
 
 
 def pad_sequences(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:

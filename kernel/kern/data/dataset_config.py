@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
-from kern.errors import DatasetError
+from kern.errors import ConfigError, DatasetError
 from kern.log import get_logger
 
 log = get_logger(__name__)
@@ -69,6 +69,11 @@ VIDEO_KEYS = (
     "max_frames",
     "source_fps",
 )
+
+
+class AmbiguousPathError(DatasetError, ConfigError):
+    """A relative path of a dataset config that exists both from the config's folder and from the working
+    directory, as two places (``locate_path``)."""
 
 
 @attrs.frozen
@@ -242,7 +247,7 @@ def _check_value(value: Any, kind: str, where: str) -> Any:
         if "\x00" in value:
             raise DatasetError(f"{where}: contains a NUL character; remove it")
         if kind == "path" and not value.strip():
-            raise DatasetError(f"{where}: is empty; give a path (relative paths start at the config's folder)")
+            raise DatasetError(f"{where}: is empty; give a path ({PATH_HINT})")
         return value
     if kind == "size":
         if isinstance(value, int) and not isinstance(value, bool):
@@ -275,11 +280,16 @@ def _dataset_spec(index: int, table: Mapping[str, Any], shared: Mapping[str, Any
     where = f"{path}: {name}"
     own = _read_section(table, path, name, {**SHARED_KEYS, **DATASET_KEYS})
     values = {key: own.get(key, shared.get(key, default)) for key, (_, default) in SHARED_KEYS.items()}
-    base = path.parent
-    paths = {
-        key: resolve_path(own[key], base) if key in own else None
-        for key in ("image_directory", "image_jsonl_file", "cache_directory", "control_directory")
-    }
+    paths, found_from = {}, None
+    for key in ("image_directory", "image_jsonl_file", "control_directory", "cache_directory"):
+        if key not in own:
+            paths[key] = None
+            continue
+        # A cache folder found nowhere is made where the dataset's images were found (see locate_path).
+        prefer = found_from if key == "cache_directory" else None
+        paths[key], origin = locate_path(own[key], path.parent, f"{where} key {key!r}", "the config's folder", prefer)
+        if key in ("image_directory", "image_jsonl_file"):
+            found_from = origin
     if own.get("multiple_target"):
         raise DatasetError(
             f"{where} key 'multiple_target': layered (multiple-target) datasets are not supported by kern; remove the key"
@@ -306,10 +316,42 @@ def _dataset_spec(index: int, table: Mapping[str, Any], shared: Mapping[str, Any
     )
 
 
-def resolve_path(value: str, base: Path) -> Path:
-    """Relative paths are relative to the config file's folder, so a config works from any cwd."""
+# The hint of "does not exist" errors (docs/datasets.md §1, Paths).
+PATH_HINT = "relative paths are looked up from the config's folder and from the working directory"
+
+
+def locate_path(value: str, base: Path, what: str, base_name: str, prefer: str | None = None) -> tuple[Path, str]:
+    """Where a path of a dataset config (or of a JSONL line) is, and where it was found: ``"base"``, ``"cwd"``
+    or ``"either"`` (absolute, or both lookups name one place).
+
+    kern used to resolve relative paths from the config's folder (``base``), musubi-tuner from the working
+    directory; both are tried, so a config written for either works. Found in one place: that one. In both,
+    as two different places: ambiguous, an error naming ``what`` and both, saying to write an absolute path.
+    In neither: from ``base`` (then the caller's "does not exist" error names it), or from the working
+    directory when ``prefer`` is ``"cwd"`` (a cache folder not made yet goes beside the images found there).
+    """
     p = Path(value).expanduser()
-    return (p if p.is_absolute() else base / p).resolve()
+    if p.is_absolute():
+        return p.resolve(), "either"
+    here, there = (base / p).resolve(), p.resolve()
+    if here == there:
+        return here, "either"
+    here_exists, there_exists = _exists(here), _exists(there)
+    if here_exists and there_exists:
+        raise AmbiguousPathError(
+            f"{what}: the relative path {value!r} names two places: {here} (from {base_name}) and {there} "
+            "(from the working directory); write an absolute path"
+        )
+    if here_exists or (not there_exists and prefer != "cwd"):
+        return here, "base"
+    return there, "cwd"
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long for the file system ...: the scan that opens it reports it, naming the key
+        return False
 
 
 def _check_ranges(values: Mapping[str, Any], where: str) -> None:

@@ -21,7 +21,7 @@ import attrs
 
 from kern.core.io import ensure_writable_dir
 from kern.data.buckets import control_bucket, make_buckets, target_bucket
-from kern.data.dataset_config import DatasetSpec, Size, read_text_file, resolve_path, short_repr
+from kern.data.dataset_config import PATH_HINT, DatasetSpec, Size, locate_path, read_text_file, short_repr
 from kern.data.images import IMAGE_EXTENSIONS, probe
 from kern.errors import DatasetError, UsageError
 from kern.log import get_logger
@@ -132,7 +132,7 @@ def _os_errors_named(specs: Sequence[DatasetSpec]) -> Iterator[None]:
 def _check_paths(spec: DatasetSpec) -> None:
     """The image folder or JSONL file and the control folder exist as such, and the cache folder is writable
     (created if missing), so a typo is an error before any work and caching cannot fail half-way."""
-    hint = "check the path (relative paths start at the config's folder)"
+    hint = f"check the path ({PATH_HINT})"
     for key, folder in (("image_directory", spec.image_directory), ("control_directory", spec.control_directory)):
         if folder is None:
             continue
@@ -231,9 +231,7 @@ def _is_image(path: Path) -> bool:
 
 def _list_images(folder: Path, spec: DatasetSpec, key: str) -> list[Path]:
     if not folder.is_dir():
-        raise DatasetError(
-            f"{spec.where} key {key!r}: folder {folder} does not exist; check the path (relative paths start at the config's folder)"
-        )
+        raise DatasetError(f"{spec.where} key {key!r}: folder {folder} does not exist; check the path ({PATH_HINT})")
     return sorted(p for p in folder.iterdir() if _is_image(p))
 
 
@@ -311,9 +309,7 @@ def _control_index(path: Path, stem: str, where: str) -> int:
 def _jsonl_entries(spec: DatasetSpec, skips: _Skips) -> list[_Entry]:
     path = spec.image_jsonl_file
     if not path.is_file():
-        raise DatasetError(
-            f"{spec.where} key 'image_jsonl_file': {path} does not exist; check the path (relative paths start at the config's folder)"
-        )
+        raise DatasetError(f"{spec.where} key 'image_jsonl_file': {path} does not exist; check the path ({PATH_HINT})")
     entries, ignored = [], set()
     for lineno, line in enumerate(read_text_file(path).split("\n"), 1):
         if not line.strip():
@@ -365,12 +361,14 @@ def _jsonl_path(value: Any, jsonl: Path, where: str, key: str) -> Path:
     naming the line (a wrong path is a mistake in the file to fix, unlike a corrupt image, which is skipped)."""
     if not isinstance(value, str) or not value.strip() or "\x00" in value:
         raise DatasetError(f"{where} key {key!r}: expected a path string, got {short_repr(value)}")
-    p = resolve_path(value, jsonl.parent)
+    # As the config's paths: from the JSONL file's folder and from the working directory (musubi's).
+    p, _ = locate_path(value, jsonl.parent, f"{where} key {key!r}", "the JSONL file's folder")
     if p.is_dir():
         raise DatasetError(f"{where} key {key!r}: {p} is a folder, not an image file")
     if not p.is_file():
         raise DatasetError(
-            f"{where} key {key!r}: {p} does not exist; check the path (relative paths start at the JSONL file's folder)"
+            f"{where} key {key!r}: {p} does not exist; check the path (relative paths are looked up from the "
+            "JSONL file's folder and from the working directory)"
         )
     return p
 

@@ -26,7 +26,7 @@ from kern.errors import AdapterError, KernError, UsageError
 from kern.generate.denoise import euler_denoise, seeded_noise, to_pil
 from kern.generate.outputs import contact_sheet, next_index, save_png
 from kern.generate.plan import Image, Planner, collate_texts, text_shapes
-from kern.generate.setup import DTYPES, PART_OPTIONS, SETUP_NUMBERS, Setup, _device, _same_arch
+from kern.generate.setup import DTYPES, PART_OPTIONS, SETUP_NUMBERS, Setup, _device, _same_arch, resolve_files
 from kern.log import get_logger
 from kern.records import Architecture, Variant
 
@@ -45,6 +45,7 @@ class Generator:
         self._check_setup()
         if setup.variant:
             variant = self._variant(setup.variant).name
+        resolve_files(setup, arch.name, variant, self.hook)  # paths, repo ids, bundles: local files, checked
         if variant is None and setup.transformer:
             variant = self.hook.detect_variant(arch=arch.name, path=setup.transformer)
         self.variant: Variant = self._variant(variant)
@@ -75,10 +76,6 @@ class Generator:
             value = getattr(s, field)
             if value is not None:
                 setattr(s, field, check_value(field, value, option))
-        for part, option in PART_OPTIONS.items():
-            path = getattr(s, part)
-            if path and not os.path.exists(path):
-                raise UsageError(f"{option} {path}: no such file or folder")
         if s.wildcards and not os.path.isdir(s.wildcards):
             raise UsageError(
                 f"--wildcards {s.wildcards}: no such folder; give the folder that holds the NAME.txt files"
@@ -98,7 +95,8 @@ class Generator:
         for part in self.arch.required_files:
             if not getattr(self.setup, part):
                 raise UsageError(
-                    f"{self.arch.name} needs its {part.replace('_', ' ')} checkpoint: give {PART_OPTIONS.get(part, part)}"
+                    f"{self.arch.name} needs its {part.replace('_', ' ')} checkpoint: give {PART_OPTIONS.get(part, part)} "
+                    "(or --model with a diffusers or ComfyUI folder or a repo id holding it)"
                 )
 
     @contextlib.contextmanager

@@ -4,6 +4,7 @@ device, the numbers' options, whether an adapter was made for this architecture.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import attrs
 import torch
@@ -12,7 +13,7 @@ from kern.errors import UsageError
 from kern.records import Architecture
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PART_OPTIONS = {"transformer": "--transformer", "vae": "--vae", "text_encoder": "--text-encoder"}
+PART_OPTIONS = {"transformer": "--transformer", "vae": "--vae", "text_encoder": "--text-encoder", "path": "--model"}
 # The run's defaults, each checked with kern.data.prompts.check_value, and the option that sets it.
 SETUP_NUMBERS = {
     "width": "--width",
@@ -32,6 +33,7 @@ class Setup:
 
     arch: str
     variant: str | None = None
+    path: str | None = None  # --model: one diffusers / ComfyUI folder or repo id for every part (kern.models.sources)
     transformer: str | None = None
     vae: str | None = None
     text_encoder: str | None = None
@@ -74,6 +76,20 @@ def _device(name: str | None) -> torch.device:
     elif device.type not in ("cpu", "mps", "xpu"):
         raise UsageError(f"--device {name}: kern generates on cpu or cuda (or mps / xpu), not {device.type}")
     return device
+
+
+def resolve_files(setup: Setup, arch: str, variant: str | None, hook: Any) -> None:
+    """Each part named by its option or by ``--model``, resolved once to local files (a path, a Hugging Face repo id
+    through its cache, a ComfyUI or diffusers folder) and identified by its keys (``kern.models.sources``); the
+    setup then holds the local paths."""
+    from kern.models import sources
+
+    given = {part: getattr(setup, part) for part in sources.PARTS}
+    resolved = sources.resolve_parts(
+        given, setup.path, sources.PARTS, arch=arch, variant=variant, hook=hook, options=PART_OPTIONS
+    )
+    for part, path in resolved.items():
+        setattr(setup, part, path)
 
 
 def _same_arch(made_for: str, arch: Architecture) -> bool:

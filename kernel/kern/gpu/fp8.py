@@ -42,6 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kern.errors import UsageError
+from kern.log import get_logger
+
+log = get_logger(__name__)
 
 __all__ = [
     "E4M3_MAX",
@@ -54,6 +57,7 @@ __all__ = [
     "quantize_linears_",
     "quantize_rows",
     "quantize_weight",
+    "to_float8_matmul",
 ]
 
 # Largest finite float8_e4m3fn value. Casting a larger value to e4m3fn gives NaN (no saturation), hence the clamp.
@@ -269,6 +273,19 @@ class Float8StorageLinear(_Float8Weight, nn.Module):
             new.bias = nn.Parameter(bias if device is None else bias.to(device), requires_grad=False)
         return new
 
+    @classmethod
+    def from_quantized(
+        cls, q: torch.Tensor, scale: torch.Tensor, bias: bool, compute_dtype: torch.dtype = torch.bfloat16
+    ) -> Float8StorageLinear:
+        """A layer holding ``q`` (e4m3, (out, in)) and ``scale`` (float32, one per output row or one for all) as they
+        are, e.g. a checkpoint's fp8 weight; its bias (if any) is left on the meta device, for ``load_state_dict``
+        with ``assign=True``."""
+        out_features, in_features = q.shape
+        with torch.device("meta"):
+            new = cls(in_features, out_features, bias, compute_dtype)
+        new.weight, new.weight_scale = _checked(q, scale, out_features, in_features)
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The matmul layer's dequantising path: it saves the fp8 weight, not a dequantised copy, for backward.
         y = _Float8LinearFn.apply(x, self.weight, self.weight_scale, self.bias, self.compute_dtype, False, False)
@@ -339,25 +356,67 @@ class Float8MatmulLinear(_Float8Weight, nn.Linear):
         )
 
 
+def _checked(q: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` in the layers' format: e4m3 (rows, cols) and float32 (rows,), a single scale broadcast."""
+    if q.dtype != float8_dtype() or tuple(q.shape) != (rows, cols):
+        raise ValueError(f"expected a float8_e4m3fn weight of shape {(rows, cols)}, got {q.dtype} {tuple(q.shape)}")
+    scale = scale.to(device=q.device, dtype=torch.float32).reshape(-1)
+    if scale.numel() == 1:
+        scale = scale.expand(rows).contiguous()
+    elif scale.numel() != rows:
+        raise ValueError(f"expected one scale or {rows} (one per output row), got {scale.numel()}")
+    return q, scale
+
+
+def _set_matmul_flags(m: Float8MatmulLinear, backward: str, fast_on_cuda: bool) -> None:
+    m.fast = fast_on_cuda and m.compute_dtype == torch.bfloat16
+    m.fp8_backward = backward == "fp8"
+
+
+def to_float8_matmul(
+    linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor, *, compute_dtype: torch.dtype, backward: str = "bf16"
+) -> Float8MatmulLinear:
+    """Switch ``linear`` in place into a :class:`Float8MatmulLinear` holding ``q`` (float8_e4m3fn, the Linear's
+    shape) and ``scale`` (float32, one per output row, or one for the whole weight); its old weight is dropped
+    (never read: it may be on the meta device), the bias kept and frozen. :func:`quantize_base` quantises a bf16
+    weight and calls this; ``kern.models.quantized.load_into`` hands it a checkpoint's fp8 bytes."""
+    q, scale = _checked(q, scale, linear.out_features, linear.in_features)
+    del linear._parameters["weight"]
+    linear.register_buffer("weight", q)
+    linear.register_buffer("weight_scale", scale)
+    if linear.bias is not None:
+        linear.bias.requires_grad_(False)
+    linear.__class__ = Float8MatmulLinear
+    linear.compute_dtype = compute_dtype
+    _set_matmul_flags(linear, backward, fp8_matmul_supported())
+    return linear
+
+
 def quantize_base(
     model: nn.Module, *, skip: Iterable[str] = (), backward: str = "bf16", device: torch.device | str | None = None
 ) -> int:
-    """Turn the frozen ``nn.Linear`` layers of ``model`` into :class:`Float8MatmulLinear` in place; return how many.
+    """Turn the frozen ``nn.Linear`` layers of ``model`` into :class:`Float8MatmulLinear` in place; return how many
+    fp8 layers the model then has (those converted plus those already fp8).
 
     A layer is left as it is when its path matches a ``skip`` regex (``re.search``; the architecture's
     ``keep_high_precision``, typically embedders, modulation, final layer), when its weight requires grad (it is trained, not base), when it is a
     subclass of ``nn.Linear`` (its owner may read the weight itself), or when its in or out features are not
     multiples of 16 (what ``_scaled_mm`` takes; such layers are tiny). ``backward`` is ``"bf16"`` (dequantised
     input-gradient matmul, the default) or ``"fp8"``. With ``device`` set, each weight is quantised there (a GPU is
-    much faster than the CPU for a big model) and the result goes back where the weight was.
+    much faster than the CPU for a big model) and the result goes back where the weight was. Layers that are already
+    :class:`Float8MatmulLinear` (loaded from an fp8 checkpoint) keep their weights and get the same matmul settings.
     """
     if backward not in ("bf16", "fp8"):
         raise UsageError(f"fp8 backward must be 'bf16' or 'fp8', not {backward!r}")
     float8_dtype()
     patterns = [re.compile(p) for p in skip]
-    done = 0
+    done = already = 0
     fast_on_cuda = fp8_matmul_supported()
     for name, m in model.named_modules():
+        if type(m) is Float8MatmulLinear:
+            _set_matmul_flags(m, backward, fast_on_cuda)
+            already += 1
+            continue
         if type(m) is not nn.Linear or not name or any(p.search(name) for p in patterns):
             continue
         if m.weight.requires_grad or m.in_features % 16 or m.out_features % 16:
@@ -369,17 +428,11 @@ def quantize_base(
         w = m.weight.detach()
         home, dtype = w.device, w.dtype
         q, scale = quantize_weight(w if device is None else w.to(device))
-        del m._parameters["weight"]
-        m.register_buffer("weight", q.to(home))
-        m.register_buffer("weight_scale", scale.to(home))
-        if m.bias is not None:
-            m.bias.requires_grad_(False)
-        m.__class__ = Float8MatmulLinear
-        m.compute_dtype = dtype
-        m.fast = fast_on_cuda and dtype == torch.bfloat16
-        m.fp8_backward = backward == "fp8"
+        to_float8_matmul(m, q.to(home), scale.to(home), compute_dtype=dtype, backward=backward)
         done += 1
-    return done
+    if already:
+        log.info("fp8 base", quantised=done, from_file=already, backward=backward)
+    return done + already
 
 
 def dequantize_base(model: nn.Module) -> int:

@@ -1,5 +1,6 @@
-"""Loading Hugging Face ``transformers`` model folders (the architectures' text encoders): the pieces every
-architecture plugin needs the same way. Errors name the folder or file and say what is wrong."""
+"""Loading Hugging Face ``transformers`` models (the architectures' text encoders) from model folders, and from single
+files (a model built on the meta device from a known config, then filled): the pieces every architecture plugin needs
+the same way. Errors name the folder or file and say what is wrong."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import logging
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import attrs
 
 from kern.errors import ModelFileError
 from kern.log import get_logger
@@ -118,3 +121,137 @@ def load_pretrained(
         raise ModelFileError(f"{path}: cannot load the {label} ({e})") from e
     check_loading_info(info, path, fits, layers_from(first_layers))
     return model
+
+
+# ---- single files: a transformers model built from a known config and filled from a checkpoint's tensors ----------
+
+
+def empty_model(model_cls, config, dtype):
+    """``model_cls`` built from ``config`` on the meta device (no memory, no random init), the way
+    ``from_pretrained`` builds it (``_from_config``: same attention implementation, parameters in ``dtype``).
+    Fill it (``kern.models.quantized.load_into``), then :func:`restore_buffers`."""
+    import torch
+
+    with torch.device("meta"):
+        return model_cls._from_config(config, dtype=dtype)
+
+
+def restore_buffers(model, device) -> None:
+    """Recompute the non-persistent buffers (RoPE frequencies) a model built on the meta device still lacks: they are
+    not in any checkpoint. transformers' own loader does the same (empty buffer on the device, then the model's
+    ``_init_weights`` on its module)."""
+    import torch
+
+    for name, buf in list(model.named_buffers()):
+        if not buf.is_meta:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        persistent = attr not in owner._non_persistent_buffers_set
+        owner.register_buffer(attr, torch.empty_like(buf, device=device), persistent=persistent)
+        model._init_weights(owner)
+
+
+def still_meta(model) -> list[str]:
+    """Parameters and buffers of ``model`` that nothing filled (still on the meta device)."""
+    return [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+
+
+def config_from_dict(values: dict, where: Path, what: str):
+    """A transformers config from a plain dict (``model_type`` picks the class); a dict transformers cannot read is a
+    ``ModelFileError`` naming ``where``."""
+    from transformers import AutoConfig
+
+    try:
+        values = dict(values)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelFileError(f"{where}: {what} is not a transformers config ({e})") from None
+
+
+def companion_dir(file: Path, name: str, marker: str | None = None) -> Path | None:
+    """A ``name/`` folder (``tokenizer``, ``processor``) beside a single-file checkpoint or in its parent folder
+    (a diffusers-style layout around it) that holds the file ``marker`` (default: tokenizer files); None if none."""
+    for cand in (file.parent / name, file.parent.parent / name):
+        if (cand / marker).exists() if marker else has_tokenizer(cand):
+            return cand
+    return None
+
+
+SINGLE_FILE = "single file"
+FOLDER = "transformers folder"
+METADATA_CONFIG = "kern.config"  # a non-standard (tiny test) single file's transformers config, as JSON
+# Full ComfyUI checkpoints hold each text encoder's keys under this prefix.
+CHECKPOINT_PREFIX = re.compile(r"^text_encoders\.[^.]+\.transformer\.")
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+@attrs.frozen
+class TextEncoderFile:
+    """What a text-encoder checkpoint is, from its keys (an architecture plugin's ``te_files.identify``): ``kind``
+    (the plugin's name for the model family), ``size`` ("4B", or "non-standard (hidden 16)"), the plugin's
+    ``variants`` it fits, ``what`` (a phrase for messages) and ``layout`` (:data:`SINGLE_FILE` / :data:`FOLDER`)."""
+
+    kind: str
+    size: str
+    variants: tuple[str, ...]
+    what: str
+    layout: str
+
+
+def count_layers(keys) -> int:
+    """How many decoder layers (``model.layers.N.``) the keys hold."""
+    return len({int(m.group(1)) for k in keys if (m := _LAYER_INDEX.match(k))})
+
+
+def metadata_config(metadata: dict, where: Path):
+    """The transformers config in a file's ``kern.config`` metadata, or None when it has none."""
+    if METADATA_CONFIG not in metadata:
+        return None
+    try:
+        values = json.loads(metadata[METADATA_CONFIG])
+    except ValueError as e:
+        raise ModelFileError(f"{where}: metadata {METADATA_CONFIG} is not JSON ({e})") from None
+    return config_from_dict(values, where, f"metadata {METADATA_CONFIG}")
+
+
+def unknown_size(where: Path, what: str, width: int, layers: int, known: str) -> ModelFileError:
+    """The error for a single file of a size no stored config describes (and no ``kern.config``)."""
+    return ModelFileError(
+        f"{where}: {what}: hidden width {width}, {layers} layers, a size kern has no config for (it knows {known}); "
+        "use the official file, or a Hugging Face folder of the model (config.json and weights)"
+    )
+
+
+def companion(file: Path, name: str, given, spec: str, marker: str | None = None) -> Path:
+    """A single file's tokenizer or processor folder: ``given`` (a path or repo spec), else a ``name/`` folder beside
+    the file or in its parent folder (:func:`companion_dir`), else the hub ``spec`` (fetched once, then cached)."""
+    from kern.models import hub
+
+    if given is not None:
+        return hub.resolve(str(given), option=f"{name}_path")
+    beside = companion_dir(file, name, marker)
+    return beside or hub.resolve(spec, option=f"the {name} of {file.name} (none beside it)")
+
+
+def other_family(shapes, note: str) -> str | None:
+    """What a checkpoint of another model family is (``kern.models.identify.foreign``), with ``note`` after a text
+    encoder's name; None if unknown."""
+    from kern.models.identify import foreign
+
+    other = foreign(dict(shapes))
+    if other is None:
+        return None
+    return f"{other.what} {note}" if "text encoder" in other.what else other.what
+
+
+def fill_single_file(model, path: Path, what: str, dtype, device, fp8: bool, rename, keep=()) -> None:
+    """Fill ``model`` (built by :func:`empty_model`) from the single file ``path`` through ``rename`` (the file's
+    state dict -> the model's names), fp8 layers kept fp8 with ``fp8`` (``Float8StorageLinear``, except ``keep``
+    regexes), then set its RoPE buffers (:func:`restore_buffers`)."""
+    from kern.models.quantized import load_into
+
+    fp8_mode = "storage" if fp8 else None
+    load_into(model, [path], dtype=dtype, device=device, fp8=fp8_mode, keep=keep, what=what, where=path, rename=rename)
+    restore_buffers(model, device)
+    log.info("text encoder from a single file", path=str(path), what=what, fp8=fp8)

@@ -40,6 +40,11 @@ def cache_id(plan: Plan, variant: Variant) -> str:
     return variant.cache_id or f"{plan.arch.name}-{variant.name}"
 
 
+def cache_name(plan: Plan, variant: Variant) -> str:
+    """The ``architecture`` written in (and expected of) the variant's cache files."""
+    return variant.cache_name or cache_id(plan, variant)
+
+
 def load_items(plan: Plan) -> tuple[list[Any], list[Any]]:
     """The dataset's specs and items: every image probed and every caption read (no model yet)."""
     import kern.data as data
@@ -112,7 +117,14 @@ def text_phase(
     if write:
         controls = (lambda item: [open_picture(p) for p in item.control_paths]) if variant.text_images else None
         encoded = cache.ensure_text_cache(
-            items, cache_id(plan, variant), encode, settings=settings, images=controls, empty_per_item=caption_dropout
+            items,
+            cache_id(plan, variant),
+            encode,
+            settings=settings,
+            arch_name=cache_name(plan, variant),
+            images=controls,
+            caption_dropout=caption_dropout,
+            layout=plan.arch.cache_layout,
         )
         log.info("text cache ready", encoded=encoded, reused=len(items) - encoded)
     if with_encoder is not None:
@@ -156,7 +168,14 @@ def latent_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, wr
                 ).cpu()
 
         encoded = cache.ensure_latent_cache(
-            items, cache_id(plan, variant), encode, dtype=torch.float32, settings={"vae": _abs(job.model.vae)}
+            items,
+            cache_id(plan, variant),
+            encode,
+            dtype=torch.float32,
+            settings={"vae": _abs(job.model.vae)},
+            arch_name=cache_name(plan, variant),
+            layout=plan.arch.cache_layout,
+            grid=(plan.arch.latent_channels, plan.arch.latent_downscale),
         )
         log.info("latent cache ready", encoded=encoded, reused=len(items) - encoded)
     if isinstance(vae, nn.Module):

@@ -144,7 +144,7 @@ def setup_model(plan: Plan, variant: Variant, acc: Any, ddp: Any) -> tuple[nn.Mo
         path=job.model.transformer,
         dtype=DTYPES[job.model.dtype],
         device="cpu" if sharded else accel.base_device(job.train, device),
-        options={},
+        options={"fp8": job.train.base_precision == "fp8"},
     )
     if transformer is None:
         raise KernError(f"no installed plugin loads the {arch.name} transformer (see `kern plugins`)")
@@ -212,6 +212,7 @@ def loop(
                 cache_key,
                 generator=pos.generator,
                 caption_dropout_rate=specs[picked[0].dataset_index].caption_dropout_rate,
+                layout=plan.arch.cache_layout,
             )
             pos.batch_pos += 1
             x0 = batch["latents"].to(device, torch.float32)

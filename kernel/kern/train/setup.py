@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import torch
 
-from kern.core.config import PATH_KEYS, JobConfig, dump_toml
+from kern.core.config import MODEL_KEYS, PATH_KEYS, JobConfig, dump_toml
 from kern.core.plugins import KernPluginManager, get_manager
 from kern.errors import ConfigError, UsageError
 from kern.log import get_logger
@@ -106,20 +106,28 @@ def _check_timesteps(manager: KernPluginManager, arch: Architecture, method: str
 
 
 def check_files(plan: Plan, needed: tuple[str, ...] = ("transformer", "vae", "text_encoder")) -> None:
-    """Before any work: every model file among ``needed`` that the architecture requires is set, and every one that
-    is set exists. Errors name the key and the job file."""
+    """Before any work: every model part among ``needed`` that the architecture requires is named (by its own key
+    or by the bundle ``model.path``), and every part named is resolved to local files once (a path, a Hugging Face
+    repo id fetched through its cache, a ComfyUI or diffusers folder) and identified by its keys
+    (``kern.models.sources``). The job's model keys then hold the local paths. Errors name the key and the file."""
+    from kern.models import sources
+
     job = plan.job
-    for part in ("transformer", "vae", "text_encoder"):
-        path = getattr(job.model, part)
-        if not path:
-            if part in needed and part in plan.arch.required_files:
-                raise ConfigError(
-                    f"{job.source}: model.{part} is not set; {plan.arch.name} needs its {part.replace('_', ' ')} "
-                    f"(set [model] {part}, or --set model.{part}=PATH)"
-                )
-            continue
-        if not Path(path).expanduser().exists():
-            raise ConfigError(f"{job.source}: model.{part} = {path!r}: no such file or folder")
+    given = {part: getattr(job.model, part) for part in sources.PARTS}
+    wanted = [p for p in sources.PARTS if p in needed or given[p]]
+    options = {part: f"{job.source}: model.{part}" for part in (*sources.PARTS, "path")}
+    resolved = sources.resolve_parts(
+        given, job.model.path, wanted, arch=plan.arch.name, variant=plan.variant, hook=plan.hook, options=options
+    )
+    for part, path in resolved.items():
+        setattr(job.model, part, path)
+    for part in sources.PARTS:
+        if part in needed and part in plan.arch.required_files and not getattr(job.model, part):
+            raise ConfigError(
+                f"{job.source}: model.{part} is not set; {plan.arch.name} needs its {part.replace('_', ' ')} "
+                f"(set [model] {part} or --set model.{part}=PATH, or model.path / --model to a diffusers or ComfyUI "
+                "folder or a Hugging Face repo id holding it)"
+            )
 
 
 def check_trainable(plan: Plan, variant: Variant) -> None:
@@ -167,6 +175,7 @@ def write_config(plan: Plan, variant: Variant) -> None:
     resolved["model"]["variant"] = variant.name
     for dotted in PATH_KEYS:
         section, key = dotted.split(".")
-        if resolved.get(section, {}).get(key):
-            resolved[section][key] = str(Path(resolved[section][key]).resolve())
+        value = resolved.get(section, {}).get(key)
+        if value and (dotted not in MODEL_KEYS or Path(value).expanduser().exists()):  # a repo id stays one
+            resolved[section][key] = str(Path(value).expanduser().resolve())
     write_text(plan.out / "config.toml", dump_toml(resolved))

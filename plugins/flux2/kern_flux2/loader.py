@@ -15,13 +15,10 @@ import torch
 from kern.errors import ModelFileError, UsageError
 from kern.models.files import (
     assign_checked,
-    check_shapes,
-    load_tensors,
     read_shapes,
     read_state,
     require_path,
     safetensors_files,
-    state_shapes,
     strip_prefixes,
 )
 
@@ -114,7 +111,19 @@ def detect_variant(path: str | Path) -> str:
     return variant
 
 
-def load_transformer(path: str | Path, variant: str | None, dtype: torch.dtype, device: Any) -> torch.nn.Module:
+def load_transformer(
+    path: str | Path, variant: str | None, dtype: torch.dtype, device: Any, fp8: bool = False
+) -> torch.nn.Module:
+    """The transformer of a BFL / ComfyUI single file or diffusers folder, bf16 or fp8 (``kern.models.files``).
+
+    With ``fp8`` (training with an fp8 base) the Linears a BFL-layout file holds in fp8 stay fp8, as the file's
+    bytes (``kern.models.quantized.load_into``); every other weight is dequantised exactly into ``dtype``. A
+    diffusers-layout fp8 file's q / k / v are fused from three tensors with their own scales, so those fused
+    weights are dequantised (and quantised per row later by ``quantize_base``, like any bf16 layer).
+    """
+    from kern.models.quantized import load_into
+
+    from kern_flux2.plugin import KEEP_HIGH_PRECISION
     from kern_flux2.transformer import Flux2Transformer
 
     p = Path(path)
@@ -128,14 +137,17 @@ def load_transformer(path: str | Path, variant: str | None, dtype: torch.dtype, 
         params = PARAMS_BY_VARIANT[variant]  # a standard-size file is checked against the real shapes of the variant
     with torch.device("meta"):
         model = Flux2Transformer(params)
-    check_shapes(state_shapes(model.state_dict()), bfl_shapes, f"FLUX.2 {variant}", p)
-
-    state = load_tensors(files, dtype, device)
-    if _is_diffusers(shapes):
-        state = keys.diffusers_to_bfl(state)
-    else:
-        state = keys.strip_prefix(state)
-    model.load_state_dict(state, assign=True, strict=True)
+    load_into(
+        model,
+        files,
+        dtype=dtype,
+        device=device,
+        fp8="matmul" if fp8 else None,
+        keep=KEEP_HIGH_PRECISION,
+        what=f"FLUX.2 {variant}",
+        where=p,
+        rename=keys.diffusers_to_bfl if _is_diffusers(shapes) else keys.strip_prefix,
+    )
     model.variant = variant
     return model
 
@@ -145,7 +157,8 @@ def load_vae(path: str | Path, dtype: torch.dtype, device: Any) -> torch.nn.Modu
     from kern_flux2.vae_keys import diffusers_to_bfl_vae, vae_params_from_state_dict
 
     p = Path(path)
-    state = read_state(p, "vae")
+    # A full checkpoint's VAE keys carry a prefix; ComfyUI's flux2-vae.safetensors is diffusers-named (converted below).
+    state = strip_prefixes(read_state(p, "vae"), ("vae.", "first_stage_model."))
     if not any(k.startswith(("encoder.", "decoder.")) for k in state):
         raise ModelFileError(
             f"{p}: not a VAE (no encoder.* / decoder.* keys); pass FLUX.2's ae.safetensors or its diffusers vae/ folder"
@@ -178,10 +191,12 @@ def load_part(part: str, path: str, variant: str | None, dtype: torch.dtype, dev
         raise UsageError(f"FLUX.2 has no model part {part!r}")
     where = require_path(path, part, "FLUX.2")
     if part == "transformer":
-        return load_transformer(where, variant, dtype, device)
+        return load_transformer(where, variant, dtype, device, fp8=fp8)
     if part == "vae":
         return load_vae(where, dtype, device)
     if part == "text_encoder":
         from kern_flux2.text_encoder import load_text_encoder
 
-        return load_text_encoder(text_encoder_kind(variant or "dev"), where, dtype=dtype, device=device, fp8=fp8)
+        return load_text_encoder(
+            text_encoder_kind(variant or "dev"), where, dtype=dtype, device=device, fp8=fp8, variant=variant
+        )

@@ -28,6 +28,10 @@ KEEP_HIGH_PRECISION = (
     r"(^|\.)final_layer(\.|$)",
 )
 
+# musubi-tuner's cache files (its dataset/cache_io.py): the text context as ctx_vec_<dtype> (512 tokens, fixed).
+# Base and distilled klein of one size share an id (f2k4b / f2k9b) and so their caches, as in musubi.
+CACHE_LAYOUT = kern.CacheLayout(text=(kern.TextCacheKey(name="ctx", key="ctx_vec"),))
+
 VARIANTS = (
     kern.Variant(
         name="dev",
@@ -37,6 +41,7 @@ VARIANTS = (
         guidance=4.0,
         guidance_mode="embedded",
         cache_id="f2d",
+        cache_name="flux_2_dev",
         modelspec="Flux.2-dev",
     ),
     kern.Variant(
@@ -47,6 +52,7 @@ VARIANTS = (
         guidance=1.0,
         guidance_mode="none",
         cache_id="f2k4b",
+        cache_name="flux_2_klein_4b",
         modelspec="Flux.2-klein-4b",
     ),
     kern.Variant(
@@ -57,6 +63,7 @@ VARIANTS = (
         guidance=1.0,
         guidance_mode="none",
         cache_id="f2k9b",
+        cache_name="flux_2_klein_9b",
         modelspec="Flux.2-klein-9b",
     ),
     kern.Variant(
@@ -67,6 +74,7 @@ VARIANTS = (
         guidance=4.0,
         guidance_mode="cfg",
         cache_id="f2k4b",
+        cache_name="flux_2_klein_4b",
         modelspec="Flux.2-klein-4b",
     ),
     kern.Variant(
@@ -77,6 +85,7 @@ VARIANTS = (
         guidance=4.0,
         guidance_mode="cfg",
         cache_id="f2k9b",
+        cache_name="flux_2_klein_9b",
         modelspec="Flux.2-klein-9b",
     ),
 )
@@ -99,6 +108,7 @@ def register_architectures(register):
             timestep_method="flux2_shift",
             required_files=("transformer", "vae", "text_encoder"),
             implementation="https://github.com/black-forest-labs/flux2",
+            cache_layout=CACHE_LAYOUT,
         )
     )
 
@@ -189,3 +199,10 @@ def reference_sizes(arch, variant, sizes):
         scale = min(1.0, (cap / (w * h)) ** 0.5)
         out.append((max(16, int(w * scale) // 16 * 16), max(16, int(h * scale) // 16 * 16)))
     return out
+
+
+@kern.hookimpl
+def identify_model_file(path, shapes, metadata):
+    from kern_flux2 import identify
+
+    return identify.identify(path, shapes, metadata)

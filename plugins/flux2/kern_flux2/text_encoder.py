@@ -253,16 +253,25 @@ def load_text_encoder(
     max_length: int = MAX_LENGTH,
     layers: tuple[int, ...] | None = None,
     drop_unused_layers: bool = True,
+    variant: str | None = None,
 ) -> Flux2TextEncoder:
-    """Load a FLUX.2 text encoder from a local Hugging Face folder (config.json, safetensors, tokenizer files).
+    """Load a FLUX.2 text encoder from a local Hugging Face folder (config.json, safetensors, tokenizer files) or a
+    ComfyUI single file (``qwen_3_4b.safetensors``, ``mistral_3_small_flux2_bf16.safetensors``, ...: ``te_files``).
 
-    ``kind`` is "mistral3" (dev), "qwen3" (klein) or None to read it from config.json. The tokenizer is read
-    from ``tokenizer_path``, else from ``path``, else from a sibling ``tokenizer/`` folder (diffusers layout).
-    With ``fp8`` every linear layer of the LLM is stored as float8_e4m3fn and computes in ``dtype``.
+    ``kind`` is "mistral3" (dev), "qwen3" (klein) or None to read it from config.json (or the file's keys). The
+    tokenizer is read from ``tokenizer_path``, else from ``path``, else from a sibling ``tokenizer/`` folder
+    (diffusers layout); a single file's from ``tokenizer_path``, a ``tokenizer/`` folder beside it, else the
+    default Hugging Face repo (``te_files.tokenizer_specs``). ``variant`` (a single file only): the FLUX.2 variant
+    the file must fit (a Qwen3 8B file is refused for klein 4B). With ``fp8`` every linear layer of the LLM is
+    stored as float8_e4m3fn and computes in ``dtype``; an fp8 file's layers are taken as they are.
     """
     from transformers import AutoConfig, AutoTokenizer, Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
     path = Path(path)
+    if path.is_file():
+        return _load_single_file(
+            kind, path, dtype, device, fp8, tokenizer_path, max_length, layers, drop_unused_layers, variant
+        )
     detected = detect_text_encoder_kind(path)
     if kind is None or kind == "auto":
         kind = detected
@@ -307,4 +316,32 @@ def load_text_encoder(
     if fp8:
         n = quantize_linears_(encoder.backbone, compute_dtype=dtype, device=device)
         log.info("text encoder linear layers stored as fp8", kind=kind, layers=n)
+    return encoder.to(device)
+
+
+def _load_single_file(kind, path, dtype, device, fp8, tokenizer_path, max_length, layers, drop_unused_layers, variant):
+    from transformers import AutoTokenizer
+
+    from kern_flux2 import te_files
+
+    if kind not in (None, "auto") and kind not in TEXT_ENCODER_KINDS:
+        raise UsageError(f"unknown text encoder kind {kind!r}; expected one of {sorted(TEXT_ENCODER_KINDS)}")
+    found, shapes, metadata = te_files.check_file(path, kind, variant)
+    cls = TEXT_ENCODER_KINDS[found.kind]
+    out_layers = tuple(layers or cls.default_layers)
+    model = te_files.load_decoder(
+        path, found, shapes, metadata, dtype, device, fp8, out_layers=out_layers, drop_unused_layers=drop_unused_layers
+    )
+    tok_dir = te_files.tokenizer_folder(found.kind, path, tokenizer_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{tok_dir}: cannot load the tokenizer of {found.what} ({e})") from e
+    extra = {"chat_template": _legacy_processor_chat_template(tok_dir)} if found.kind == "mistral3" else {}
+    encoder = cls(
+        model, tokenizer, layers=out_layers, max_length=max_length, drop_unused_layers=drop_unused_layers, **extra
+    )
+    if fp8:  # layers the file held in bf16 / fp32; its fp8 ones are already Float8StorageLinear
+        n = quantize_linears_(encoder.backbone, compute_dtype=dtype, device=device)
+        log.info("text encoder linear layers stored as fp8", kind=found.kind, layers=n)
     return encoder.to(device)

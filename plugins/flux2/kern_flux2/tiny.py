@@ -107,6 +107,42 @@ def write_text_encoder(folder: Path, seed: int = 2) -> Path:
     return save_seeded_pretrained(Qwen3ForCausalLM, config, folder, seed, tokenizer)
 
 
+def write_comfy_text_encoder(folder: Path, path: Path, *, tekken: bytes | None = None) -> Path:
+    """A transformers text-encoder folder (Qwen3 or Mistral3) rewritten as ComfyUI's single file: ``model.*`` decoder
+    keys only (no lm_head, no vision tower); a Mistral one pruned to the 30 layers FLUX.2 reads, without its final
+    norm, with ``tekken`` as its ``tekken_model`` (uint8). Tiny sizes cannot be looked up, so the transformers
+    (text) config goes into the ``kern.config`` metadata, as only tiny test files have it."""
+    import json
+
+    from kern.core.io import save_file
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    mistral = config.model_type == "mistral3"
+    text = config.get_text_config()
+    state = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        for k, v in load_file(f).items():
+            for prefix in ("model.language_model.", "language_model.model."):
+                if k.startswith(prefix):
+                    k = "model." + k[len(prefix) :]
+            if not k.startswith("model.") or k.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
+                continue  # lm_head, the vision tower
+            if mistral and (
+                k.startswith("model.norm.") or k.startswith("model.layers.") and int(k.split(".")[2]) >= 30
+            ):
+                continue
+            state[k] = v
+    if mistral:
+        text.num_hidden_layers = 30
+        if getattr(text, "layer_types", None) is not None:
+            text.layer_types = list(text.layer_types)[:30]
+        state["tekken_model"] = torch.frombuffer(bytearray(tekken or b"{}"), dtype=torch.uint8)
+    save_file(state, Path(path), metadata={"kern.config": json.dumps(text.to_dict())})
+    return Path(path)
+
+
 # The bundle: part -> (file or folder name, writer).
 FILES = {
     "transformer": ("flux-2-klein-4b-tiny.safetensors", write_transformer),

@@ -17,13 +17,10 @@ import torch
 from kern.errors import ModelFileError, UsageError
 from kern.models.files import (
     assign_checked,
-    check_shapes,
-    load_tensors,
     read_shapes,
     read_state,
     require_path,
     safetensors_files,
-    state_shapes,
     strip_prefixes,
 )
 
@@ -33,6 +30,11 @@ SIGNATURE = "transformer_blocks.0.img_mod.1.weight"
 LAYERED_KEY = "time_text_embed.addition_t_embedding.weight"
 REAL_HEAD_DIM, REAL_AXES = 128, (16, 56, 56)
 VARIANTS = ("t2i", "edit", "edit-2509", "edit-2511", "layered")
+
+
+# ComfyUI's Edit 2511 files carry this empty tensor (it selects the "index_timestep_zero" reference method, which
+# is the variant's zero_cond_t); no weight, so it is dropped on load.
+EDIT_2511_MARKER = "__index_timestep_zero__"
 
 
 def _native_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], list[Path]]:
@@ -51,6 +53,11 @@ def _native_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, st
     return shapes, metadata, files
 
 
+def _native_names(state: dict[str, Any]) -> dict[str, Any]:
+    """A file's state in the model's names: prefix stripped, the Edit 2511 marker dropped."""
+    return {k: v for k, v in strip_prefixes(state).items() if k != EDIT_2511_MARKER}
+
+
 def detect_variant(path: str | Path) -> str:
     p = Path(path)
     shapes, metadata, _ = _native_shapes(p)
@@ -58,6 +65,8 @@ def detect_variant(path: str | Path) -> str:
         return metadata["kern.variant"]
     if LAYERED_KEY in shapes:
         return "layered"
+    if EDIT_2511_MARKER in shapes:
+        return "edit-2511"
     name = p.name.lower() if p.is_file() else str(p).lower()
     if re.search(r"2511", name):
         return "edit-2511"
@@ -95,7 +104,15 @@ def params_from_shapes(shapes: dict[str, tuple[int, ...]], metadata: dict[str, s
     )
 
 
-def load_transformer(path: str | Path, variant: str | None, dtype: torch.dtype, device: Any) -> torch.nn.Module:
+def load_transformer(
+    path: str | Path, variant: str | None, dtype: torch.dtype, device: Any, fp8: bool = False
+) -> torch.nn.Module:
+    """The transformer of a diffusers / ComfyUI file or folder, bf16 or fp8 (plain, scaled or mixed): with ``fp8``
+    (an fp8 base being trained) the Linears held in fp8 keep the file's bytes, everything else is dequantised
+    exactly into ``dtype`` (``kern.models.quantized.load_into``)."""
+    from kern.models.quantized import load_into
+
+    from kern_qwen_image.plugin import KEEP_HIGH_PRECISION
     from kern_qwen_image.transformer import QwenImageTransformer
 
     p = Path(path)
@@ -108,9 +125,18 @@ def load_transformer(path: str | Path, variant: str | None, dtype: torch.dtype, 
     params = params_from_shapes(shapes, metadata, variant)
     with torch.device("meta"):
         model = QwenImageTransformer(params)
-    check_shapes(state_shapes(model.state_dict()), shapes, f"Qwen-Image {variant}", p)
-    state = strip_prefixes(load_tensors(files, dtype, device))
-    model.load_state_dict(state, assign=True, strict=True)
+    what, mode = f"Qwen-Image {variant}", "matmul" if fp8 else None
+    load_into(
+        model,
+        files,
+        dtype=dtype,
+        device=device,
+        fp8=mode,
+        keep=KEEP_HIGH_PRECISION,
+        what=what,
+        where=p,
+        rename=_native_names,
+    )
     model.variant = variant
     return model
 
@@ -153,4 +179,4 @@ def load_part(
         return load_text_encoder(where, dtype=dtype, device=device, fp8=fp8, need_vision=need_vision)
     if part == "vae":
         return load_vae(where, dtype, device)
-    return load_transformer(where, variant, dtype, device)
+    return load_transformer(where, variant, dtype, device, fp8=fp8)

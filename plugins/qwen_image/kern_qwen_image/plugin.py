@@ -24,6 +24,14 @@ KEEP_HIGH_PRECISION = (
     r"(^|\.)(norm_out|proj_out)(\.|$)",
 )
 
+# musubi-tuner's cache files (its dataset/cache_io.py): "architecture" is qwen_image for every variant (ids qi, qie,
+# qil); latents (16, F, h, w) with F = 1 for an image; the text as varlen_vl_embed_<dtype>, each caption's tokens
+# without padding (the mask is rebuilt at load).
+CACHE_NAME = "qwen_image"
+CACHE_LAYOUT = kern.CacheLayout(
+    text=(kern.TextCacheKey(name="ctx", key="vl_embed", mask="mask"),),
+    latent_frames=True,
+)
 _EDIT = {"references": "required", "text_images": True}  # the VLM reads the control images with the prompt
 VARIANTS = (
     kern.Variant(
@@ -37,6 +45,7 @@ VARIANTS = (
         width=1328,
         height=1328,
         cache_id="qi",
+        cache_name=CACHE_NAME,
         modelspec="Qwen-Image",
         references="none",
     ),
@@ -49,6 +58,7 @@ VARIANTS = (
         guidance_mode="cfg",
         negative_prompt=" ",
         cache_id="qie",
+        cache_name=CACHE_NAME,
         modelspec="Qwen-Image-Edit",
         **_EDIT,
     ),
@@ -61,6 +71,7 @@ VARIANTS = (
         guidance_mode="cfg",
         negative_prompt=" ",
         cache_id="qie",
+        cache_name=CACHE_NAME,
         modelspec="Qwen-Image-Edit-Plus",
         **_EDIT,
     ),
@@ -73,6 +84,7 @@ VARIANTS = (
         guidance_mode="cfg",
         negative_prompt=" ",
         cache_id="qie",
+        cache_name=CACHE_NAME,
         modelspec="Qwen-Image-Edit-2511",
         **_EDIT,
     ),
@@ -87,6 +99,7 @@ VARIANTS = (
         width=640,
         height=640,
         cache_id="qil",
+        cache_name=CACHE_NAME,
         modelspec="Qwen-Image-Layered",
         references="required",
         image_mode="RGBA",
@@ -115,6 +128,7 @@ def register_architectures(register):
             timestep_method="qwen_shift",
             required_files=("transformer", "vae", "text_encoder"),
             implementation="https://github.com/QwenLM/Qwen-Image",
+            cache_layout=CACHE_LAYOUT,
         )
     )
 
@@ -265,3 +279,10 @@ def combine_guidance(arch, variant, cond, uncond, scale, options):
 
     # Layered's pipeline defaults cfg_normalize to False; every other variant rescales.
     return schedule.true_cfg(cond, uncond, scale, normalize=bool(options.get("cfg_normalize", variant != "layered")))
+
+
+@kern.hookimpl
+def identify_model_file(path, shapes, metadata):
+    from kern_qwen_image import identify
+
+    return identify.identify(path, shapes, metadata)

@@ -470,10 +470,12 @@ def load_text_encoder(
     max_sequence_length: int = TOKENIZER_MAX_LENGTH,
     multimodal_positions: bool = True,
 ) -> QwenImageTextEncoder:
-    """Load Qwen2.5-VL from a local Hugging Face folder (config.json, safetensors, tokenizer files).
+    """Load Qwen2.5-VL from a local Hugging Face folder (config.json, safetensors, tokenizer files) or a ComfyUI
+    single file (``qwen_2.5_vl_7b.safetensors``, its fp8-scaled variant: ``te_files``).
 
     The tokenizer is read from ``tokenizer_path``, else ``path``, else the sibling ``tokenizer/`` folder
-    (diffusers layout). With ``need_vision`` (edit modes, Layered captioning) the image processor is read from
+    (diffusers layout); a single file's from ``tokenizer_path``, a ``tokenizer/`` folder beside it (``processor/``
+    likewise), else the default Hugging Face repo (``te_files.tokenizer_specs``). With ``need_vision`` (edit modes, Layered captioning) the image processor is read from
     ``processor_path``, else ``path``, else the sibling ``processor/`` folder, and that folder's tokenizer, if
     it has one, tokenises the image prompts as in diffusers; without it the vision tower and the lm_head are
     dropped after loading. With ``fp8`` the language model's linear layers are stored as float8_e4m3fn
@@ -482,10 +484,20 @@ def load_text_encoder(
     from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     path = Path(path)
-    _check_is_qwen25vl(path)
-    tok_dir = hf.tokenizer_dir(path, tokenizer_path)
-    proc_dir = _processor_dir(path, processor_path) if need_vision else None
-    model = hf.load_pretrained(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL text encoder", "Qwen2.5-VL")
+    if path.is_file():
+        from kern_qwen_image import te_files
+
+        te_files.check_file(path)  # a wrong file is named before any tokenizer is looked for
+        tok_dir = te_files.tokenizer_folder(path, tokenizer_path)
+        proc_dir = te_files.processor_folder(path, processor_path) if need_vision else None
+        model = te_files.load_model(path, dtype, device, fp8, need_vision)
+    else:
+        _check_is_qwen25vl(path)
+        tok_dir = hf.tokenizer_dir(path, tokenizer_path)
+        proc_dir = _processor_dir(path, processor_path) if need_vision else None
+        model = hf.load_pretrained(
+            Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL text encoder", "Qwen2.5-VL"
+        )
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)

@@ -129,6 +129,30 @@ def write_text_encoder(folder: str | Path, seed: int = 0, padding_side: str = "r
     return save_seeded_pretrained(Qwen2_5_VLForConditionalGeneration, te_config(tok), folder, seed, tok, processor)
 
 
+def write_comfy_text_encoder(folder: str | Path, path: str | Path, *, lm_head: bool = True) -> Path:
+    """A transformers Qwen2.5-VL folder rewritten as ComfyUI's single file (``qwen_2.5_vl_7b.safetensors`` layout):
+    ``model.*`` language model, ``visual.*`` vision tower, ``lm_head`` (unless ``lm_head=False``). Tiny sizes cannot
+    be looked up, so the transformers config goes into the ``kern.config`` metadata, as only tiny test files have it."""
+    import json
+
+    from kern.core.io import save_file
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    state = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        for k, v in load_file(f).items():
+            if k.startswith("model.language_model."):
+                k = "model." + k[len("model.language_model.") :]
+            elif k.startswith("model.visual."):
+                k = k[len("model.") :]
+            if lm_head or not k.startswith("lm_head."):
+                state[k] = v
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    save_file(state, Path(path), metadata={"kern.config": json.dumps(config.to_dict())})
+    return Path(path)
+
+
 def is_gain(name: str, p: torch.Tensor) -> bool:
     """RMSNorm gains: the 1-D ``weight`` of a module named ``*norm*``."""
     parts = name.split(".")
