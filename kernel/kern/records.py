@@ -158,6 +158,7 @@ class Variant:
     cache_id: str = ""  # id in cache file names; variants that share latents and text share it (musubi's f2k4b ...)
     cache_name: str = ""  # "architecture" in cache files' metadata (musubi's full name); default: cache_id
     modelspec: str = ""  # modelspec.architecture name in adapter metadata, e.g. "Toy-DiT-large"
+    base_model_version: str = ""  # ss_base_model_version in adapter metadata (musubi's name); default: cache_name
     negative_prompt: str = ""  # the unconditional prompt of true CFG when the user gives none
     references: str = attrs.field(default="optional", validator=attrs.validators.in_(("none", "optional", "required")))
     text_images: bool = False

@@ -111,8 +111,12 @@ def test_convert_cli(files):
         str(bad),
         pythonpath=[dist],
     )
-    assert proc.returncode == 1
-    assert "loha.safetensors: a LoHa (hada_*) adapter cannot be written in the diffusers layout" in proc.stderr
+    # A usage error (exit 2), before anything is written, naming what to do instead (issue 16).
+    assert proc.returncode == 2, proc.stderr
+    assert "loha.safetensors: a LoHa adapter cannot be written in the diffusers layout: diffusers cannot load LoHa" in (
+        proc.stderr
+    )
+    assert "use --to comfyui for ComfyUI" in proc.stderr and "kern merge" in proc.stderr
     assert not bad.exists()
 
     proc = run_kern("convert", str(tmp / "lora.safetensors"), "--to", "a1111", "--arch", "tinyflux", "--out", str(bad))

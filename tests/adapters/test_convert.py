@@ -27,6 +27,7 @@ from tests.adapters.helpers import (
     random_lora,
     write,
 )
+from tests.adapters.test_metadata import file_data_sha256, kohya_hashes
 
 NATIVE = ALL_PATHS
 FLAT = {p.replace(".", "_"): p for p in NATIVE}
@@ -115,6 +116,8 @@ def test_kohya_to_comfyui_folds_alpha(tmp_path, manager):
     assert "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight" in out
     assert "diffusion_model.final_layer.adaLN_modulation.1.lora_B.weight" in out
     assert md["kern.converted_from"] == "kohya"
+    assert md["sshs_model_hash"] == file_data_sha256(tmp_path / "c.safetensors")  # its own hashes, as kohya's
+    assert (md["sshs_model_hash"], md["sshs_legacy_hash"]) == kohya_hashes(out, md)
     assert_same_deltas(src, out)
     # and back: α = r (scale 1) in kohya
     convert(tmp_path / "c.safetensors", tmp_path / "k2.safetensors", "kohya", ARCH, manager=manager)
@@ -232,10 +235,122 @@ def test_usage_errors(tmp_path, manager):
         convert(tmp_path / "k.safetensors", tmp_path / "o.safetensors", "comfyui", "nope", manager=manager)
     with pytest.raises(UsageError, match="unknown layout"):
         convert(tmp_path / "k.safetensors", tmp_path / "o.safetensors", "a1111", ARCH, manager=manager)
-    with pytest.raises(AdapterError, match=r"does not fit tinyflux.*wide"):
-        big = random_lora(LayerTree(), ["double_blocks.0.img_attn.qkv"])
-        write(tmp_path / "q.safetensors", big)
+    # Issue 16: row counts no longer decide (they are read off the file); a module the map lacks still does.
+    with pytest.raises(AdapterError, match=r"does not fit tinyflux.*wide.*not in the module map"):
+        write(tmp_path / "q.safetensors", random_lora(LayerTree(), ["double_blocks.0.img_attn.qkv"]) | extra_module())
         convert(
             tmp_path / "q.safetensors", tmp_path / "o.safetensors", "diffusers", ARCH, variant="wide", manager=manager
         )
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def extra_module() -> dict[str, torch.Tensor]:
+    """A LoRA module the FLUX.2 module map does not have."""
+    return {
+        "lora_unet_double_blocks_0_img_attn_extra.lora_down.weight": torch.randn(2, D),
+        "lora_unet_double_blocks_0_img_attn_extra.lora_up.weight": torch.randn(D, 2),
+    }
+
+
+def test_rows_are_read_from_the_file(tmp_path, manager):
+    """A variant of another hidden size still converts: the fused qkv's slices come from the file's rows."""
+    src = random_lora(LayerTree(), BLOCK_PATHS, rank=2, alpha=1.0, seed=5)
+    write(tmp_path / "k.safetensors", src)
+    result = convert(
+        tmp_path / "k.safetensors", tmp_path / "d.safetensors", "diffusers", ARCH, variant="wide", manager=manager
+    )
+    assert result["variant"] == "wide"
+    out, _ = load_file(tmp_path / "d.safetensors")
+    assert out["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].shape == (D, 2)
+    assert_same_deltas(src, out)
+    convert(tmp_path / "d.safetensors", tmp_path / "k2.safetensors", "kohya", ARCH, variant="wide", manager=manager)
+    back, _ = load_file(tmp_path / "k2.safetensors")
+    assert back["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].shape == (3 * D, 2)
+    assert_same_deltas(src, back)
+
+
+# --------------------------------------------------------------------------- the real plugins on tiny models
+
+
+def _tiny_flux2():
+    from kern_flux2.params import tiny_params
+    from kern_flux2.transformer import Flux2Transformer
+
+    return Flux2Transformer(tiny_params(False, depth=2, depth_single=2))
+
+
+def _tiny_qwen():
+    from kern_qwen_image.params import tiny_params
+    from kern_qwen_image.transformer import QwenImageTransformer
+
+    return QwenImageTransformer(tiny_params(num_layers=2))
+
+
+TINY = {"flux2": _tiny_flux2, "qwen-image": _tiny_qwen}
+
+
+@pytest.fixture(scope="module")
+def tiny_adapters(tmp_path_factory):
+    """Adapters on every Linear of the tiny FLUX.2 / Qwen-Image models (the tiny bundles' shapes), kohya layout."""
+    from kern.core.plugins import get_manager
+    from kern.records import TargetSpec
+
+    tmp = tmp_path_factory.mktemp("tiny-convert")
+    manager = get_manager()
+    out = {}
+    for arch, make in TINY.items():
+        model = make()
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for network in ("lora", "loha"):
+            opts = {o.name: o.default for o in manager.resolve_network(network).options} | {"rank": 2, "alpha": 0.75}
+            net = manager.hook.make_network(
+                network_type=network, model=model, targets=TargetSpec(targets=(".*",)), options=opts
+            )
+            g = torch.Generator().manual_seed(11)
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            out[arch, network] = (net.save(tmp / f"{arch}-{network}.safetensors"), shapes)
+            net.remove()
+    return tmp, manager, out
+
+
+@pytest.mark.parametrize("network", ["lora", "loha"])
+@pytest.mark.parametrize("arch", ["flux2", "qwen-image"])
+def test_tiny_model_adapters_convert_every_way_and_back(tiny_adapters, arch, network):
+    """kern convert on adapters of the tiny models (not a real variant's sizes) with the real plugins' maps:
+    kohya → comfyui / diffusers → kohya, ΔW of every weight preserved (read with the ComfyUI oracle)."""
+    from tests.adapters import comfyui_oracle as comfy
+
+    tmp, manager, files = tiny_adapters
+    src, shapes = files[arch, network]
+    family = {"flux2": comfy.FLUX, "qwen-image": comfy.QWEN_IMAGE}[arch]
+    want = comfy.weight_deltas(load_file(src)[0], shapes, family)
+    layouts = ["comfyui", "diffusers"] if network == "lora" else ["comfyui"]
+    for layout in layouts:
+        mid = tmp / f"{arch}-{network}-{layout}.safetensors"
+        stem = src
+        if (
+            arch == "flux2" and layout == "diffusers"
+        ):  # diffusers has no counterpart for the final adaLN (swapped halves)
+            tensors, md = load_file(src)
+            stem = write(
+                tmp / f"{arch}-{network}-nofinal.safetensors",
+                {k: v for k, v in tensors.items() if "final_layer_adaLN" not in k},
+                md,
+            )
+        convert(stem, mid, layout, arch, manager=manager, overwrite=True)
+        back = tmp / f"{arch}-{network}-{layout}-back.safetensors"
+        convert(mid, back, "kohya", arch, manager=manager, overwrite=True)
+        expected = comfy.weight_deltas(load_file(stem)[0], shapes, family) if stem != src else want
+        got = comfy.weight_deltas(load_file(back)[0], shapes, family)
+        assert got.keys() == expected.keys()
+        for k in got:
+            assert torch.allclose(got[k], expected[k], atol=1e-6, rtol=1e-5), (layout, k)
+        if layout == "comfyui":  # and ComfyUI reads the converted file as it is, to the same ΔW
+            direct = comfy.weight_deltas(load_file(mid)[0], shapes, family)
+            assert all(torch.allclose(direct[k], want[k], atol=1e-6, rtol=1e-5) for k in want)
+    if network == "loha":
+        with pytest.raises(UsageError, match="diffusers cannot load LoHa.*--to comfyui.*kern merge"):
+            convert(src, tmp / "never.safetensors", "diffusers", arch, manager=manager)
+        assert not (tmp / "never.safetensors").exists()

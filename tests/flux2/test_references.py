@@ -53,4 +53,4 @@ def test_generation_with_reference_images(tmp_path, tiny_bundle, monkeypatch):
     assert seen[0] == [(1, 128, 2, 3), (1, 128, 2, 4)]  # (40 x 48) and (40 x 64) pixels at 16 px per token
     assert seen[-1] == []
     assert Image.open(with_refs[0]).tobytes() != Image.open(plain[0]).tobytes()
-    assert json.loads(Image.open(with_refs[0]).text["references"]) == refs
+    assert json.loads(Image.open(with_refs[0]).text["kern"])["references"] == refs

@@ -31,7 +31,7 @@ def setup(tmp_path, **kw):
 
 
 def meta(path):
-    return Image.open(path).text
+    return json.loads(Image.open(path).text["kern"])
 
 
 def test_same_seed_same_image_and_different_seeds_differ(tmp_path, toy):
@@ -41,8 +41,8 @@ def test_same_seed_same_image_and_different_seeds_differ(tmp_path, toy):
     pix = [Image.open(p[0]).tobytes() for p in (a, b, c)]
     assert pix[0] == pix[1] and pix[0] != pix[2]
     info = meta(a[0])
-    assert info["prompt"] == "a red cube" and info["seed"] == "7" and info["model"] == "toy/base"
-    assert json.loads(info["parameters"])["steps"] == 8
+    assert info["prompt"] == "a red cube" and info["seed"] == 7 and (info["arch"], info["variant"]) == ("toy", "base")
+    assert info["steps"] == 8
 
 
 def test_prompt_file_with_options_and_wildcards(tmp_path, toy):
@@ -69,7 +69,7 @@ def test_prompt_file_with_options_and_wildcards(tmp_path, toy):
         assert "__" not in info["prompt"] and "__" not in info["negative_prompt"]
     assert infos[0]["prompt"].startswith("a ") and infos[0]["prompt"].endswith(" ball")
     assert infos[1]["prompt"].startswith("a plain ") and infos[1]["source"].endswith("prompts.txt:4")
-    assert infos[3]["negative_prompt"].endswith(" shadows") and infos[3]["steps"] == "3"
+    assert infos[3]["negative_prompt"].endswith(" shadows") and infos[3]["steps"] == 3
     assert infos[1]["seed"] != infos[2]["seed"]
 
 

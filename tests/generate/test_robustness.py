@@ -5,6 +5,7 @@ are in tests/qwen_image/test_generate_robustness.py and tests/flux2/test_generat
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -393,7 +394,7 @@ def test_cli_second_run_into_the_same_folder_replaces_nothing(toy_site, tmp_path
     assert sorted(after) == ["00000_0.png", "00001_1.png", "00002_0.png", "00003_1.png", "grid-1.png", "grid.png"]
     assert {k: after[k] for k in before} == before  # the first run's files, byte for byte
     assert second.stdout.split() == [str(out / n) for n in ("00002_0.png", "00003_1.png", "grid-1.png")]
-    assert Image.open(out / "00002_0.png").text["prompt"] == "a dog"
+    assert json.loads(Image.open(out / "00002_0.png").text["kern"])["prompt"] == "a dog"
 
 
 def test_numbering_continues_after_the_highest_index_and_keeps_foreign_files(tmp_path, toy):

@@ -101,7 +101,7 @@ def test_edit_training_then_batch_generation(tiny_variants, tmp_path, monkeypatc
     )
     # The in-training sample takes its control image like `kern generate` does.
     sample = Image.open(tmp_path / "run" / "samples" / "step-000003_00.png")
-    assert sample.size == (32, 32) and json.loads(sample.text["references"]) == [str(sample_control)]
+    assert sample.size == (32, 32) and json.loads(sample.text["kern"])["references"] == [str(sample_control)]
 
     # Training: the variant is detected from the file, each caption is encoded with its control image, and
     # the transformer sees the control latents as references.
@@ -157,9 +157,9 @@ def test_edit_training_then_batch_generation(tiny_variants, tmp_path, monkeypatc
     )
     paths = run_batch(setup, read_prompt_file(prompts, base_prompt="turn it __color__"))
     assert len(paths) == 2 and [Image.open(p).size for p in paths] == [(32, 32)] * 2
-    infos = [Image.open(p).text for p in paths]
-    assert infos[0]["prompt"] in ("make it red", "make it blue") and infos[0]["model"] == "qwen-image/edit-2511"
-    assert infos[1]["prompt"] in ("turn it red", "turn it blue") and json.loads(infos[1]["references"]) == [str(other)]
+    infos = [json.loads(Image.open(p).text["kern"]) for p in paths]
+    assert infos[0]["prompt"] in ("make it red", "make it blue") and infos[0]["variant"] == "edit-2511"
+    assert infos[1]["prompt"] in ("turn it red", "turn it blue") and infos[1]["references"] == [str(other)]
     # Prompt and negative prompt are both encoded with the image's control, one set per distinct (prompt, controls).
     assert all(len(c["options"]["images"]) == 1 and len(c["options"]["images"][0]) == 1 for c in encodes)
     assert {c["options"]["images"][0][0].size for c in encodes} == {(32, 32), (48, 32)}
@@ -288,9 +288,9 @@ def test_layered_generation_with_automatic_caption(tiny_variants, tmp_path, monk
     assert [p.name for p in paths] == ["00000_0_layer0.png", "00000_0_layer1.png", "00000_0_layer2.png"]
     pictures = [Image.open(p) for p in paths]
     assert all(p.mode == "RGBA" and p.size == (64, 64) for p in pictures)
-    info = pictures[0].text
-    assert [json.loads(p.text["layer"]) for p in pictures] == [0, 1, 2]
-    assert info["auto_caption"] == "en" and info["model"] == "qwen-image/layered"
+    info = json.loads(pictures[0].text["kern"])
+    assert [json.loads(p.text["kern"])["layer"] for p in pictures] == [0, 1, 2]
+    assert info["auto_caption"] == "en" and info["variant"] == "layered"
     # The caption was asked once, of the input sized as the model sees it (64² area at 3:2 -> 64x64, multiples
     # of 32), in RGBA, and became the prompt.
     assert len(captions) == 1 and captions[0]["language"] == "en"
@@ -319,7 +319,7 @@ def test_layered_prompt_file_sets_layers_per_line(tiny_variants, tmp_path):
         references=[str(source)],
     )
     paths = run_batch(setup, read_prompt_file(prompts))
-    assert len(paths) == 2 and Image.open(paths[0]).text["prompt"] == "a green square"
+    assert len(paths) == 2 and json.loads(Image.open(paths[0]).text["kern"])["prompt"] == "a green square"
 
 
 def test_layered_errors(tiny_variants, tmp_path):

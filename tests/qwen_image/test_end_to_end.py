@@ -199,11 +199,11 @@ def test_generation_with_true_cfg_prompt_file_and_wildcards(tiny_qwen, tmp_path,
     assert len(first) == 2
     assert len(calls) == 2 * 2 * 2  # 2 images x 2 steps x (cond + uncond)
     assert combined == [4.0] * 4  # the variant's true-CFG scale, once per step
-    infos = [Image.open(p).text for p in first]
+    infos = [json.loads(Image.open(p).text["kern"]) for p in first]
     assert [Image.open(p).size for p in first] == [(32, 32)] * 2
-    assert infos[0]["prompt"] in ("a red square", "a blue square") and infos[0]["seed"] == "5"
-    assert infos[1]["prompt"] in ("a red circle", "a blue circle") and infos[1]["seed"] == "9"
-    assert infos[0]["negative_prompt"] == " " and infos[0]["model"] == "qwen-image/t2i"
+    assert infos[0]["prompt"] in ("a red square", "a blue square") and infos[0]["seed"] == 5
+    assert infos[1]["prompt"] in ("a red circle", "a blue circle") and infos[1]["seed"] == 9
+    assert infos[0]["negative_prompt"] == " " and (infos[0]["arch"], infos[0]["variant"]) == ("qwen-image", "t2i")
 
     # Same seeds, same images.
     import attrs

@@ -4,6 +4,7 @@ the Qwen2.5-VL processor files only to caption; missing model options fail befor
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -181,7 +182,7 @@ def test_layered_with_a_prompt_needs_no_processor_files(layered, tmp_path):
     )
     paths = run_batch(setup, read_prompt_file(_write(tmp_path / "p.txt", "a green square\n")))
     assert [p.name for p in paths] == ["00000_0_layer0.png", "00000_0_layer1.png"]
-    assert Image.open(paths[0]).text["prompt"] == "a green square"
+    assert json.loads(Image.open(paths[0]).text["kern"])["prompt"] == "a green square"
 
 
 def test_layered_captioning_without_processor_files_fails_before_denoising(layered, tmp_path, monkeypatch):

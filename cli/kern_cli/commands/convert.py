@@ -26,8 +26,10 @@ def command(in_path, to_layout, arch, variant, out, overwrite) -> None:
 
     kohya: lora_unet_* with lora_down/lora_up and alpha (musubi-tuner; ComfyUI and diffusers load it).
     comfyui: diffusion_model.<native name>.lora_A/lora_B with alpha folded in (the safest export).
-    diffusers: transformer.<diffusers name>.lora_A/lora_B (FLUX.2 qkv split into q/k/v). LoHa cannot go to
-    diffusers. --out is written atomically; an existing one is replaced only with --overwrite. Example:
+    diffusers: transformer.<diffusers name>.lora_A/lora_B (FLUX.2 qkv split into q/k/v). diffusers cannot load
+    LoHa: that is a usage error (exit 2; use --to comfyui, or kern merge). Adapters of any size convert (row
+    counts are read from the file, e.g. a tiny model's). --out is written atomically; an existing one is replaced
+    only with --overwrite. Example:
 
         kern convert my_lora.safetensors --to comfyui --arch flux2-klein-4b --out my_lora_comfy.safetensors
     """

@@ -49,7 +49,7 @@ def bounded(field: str) -> click.IntRange:
 
 
 @click.command(name="generate")
-@click.option("--arch", required=True, help="Architecture or variant alias, e.g. flux2-klein-4b.")
+@click.option("--arch", help="Architecture or variant alias, e.g. flux2-klein-4b (required unless --from-png).")
 @click.option("--variant", help="Force a variant instead of detecting it from the checkpoint.")
 @click.option(
     "--model",
@@ -117,6 +117,11 @@ def bounded(field: str) -> click.IntRange:
     help="Prompt file: one prompt per line with --w --h --d --s --g --n --f options.",
 )
 @click.option(
+    "--from-png",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Make an image kern generated again, from the settings in its metadata; options given here override them.",
+)
+@click.option(
     "--wildcards",
     type=click.Path(file_okay=False, exists=True),
     help="Folder of NAME.txt files for __NAME__ in prompts.",
@@ -169,6 +174,7 @@ def command(
     weights,
     merge,
     from_file,
+    from_png,
     wildcards,
     interactive,
     grid,
@@ -192,11 +198,7 @@ def command(
 
     if from_file and interactive:
         raise UsageError("use either --from-file or --interactive, not both")
-    if prompt is None and auto_caption_lang:
-        prompt = ""  # every prompt is written from its image
-    if prompt is None and not (from_file or interactive):
-        raise UsageError("give --prompt, --from-file, --interactive or --auto-caption-lang")
-    setup = generate.Setup(
+    values = dict(
         arch=arch,
         variant=variant,
         path=model_path,
@@ -204,23 +206,40 @@ def command(
         vae=vae,
         text_encoder=text_encoder,
         dtype=dtype,
-        device=device,
-        weights=parse_weights(weights),
+        weights=weights,
         merge=merge,
-        out=Path(out),
-        wildcards=wildcards,
-        grid=grid,
-        batch_size=batch_size,
         width=width,
         height=height,
         steps=steps,
         guidance=guidance,
         seed=seed,
-        count=count,
         negative=negative_prompt,
         fp8_text_encoder=fp8_text_encoder,
         references=list(references),
         layers=layers,
+        prompt=prompt,
+    )
+    if from_png:
+        if from_file or interactive:
+            raise UsageError("--from-png makes one image's settings again: drop --from-file / --interactive")
+        values = _from_png(from_png, values)
+    else:
+        values["weights"] = parse_weights(weights)
+    prompt = values.pop("prompt")
+    if not values["arch"]:
+        raise UsageError("give --arch (or --from-png IMAGE made by kern)")
+    if prompt is None and auto_caption_lang:
+        prompt = ""  # every prompt is written from its image
+    if prompt is None and not (from_file or interactive):
+        raise UsageError("give --prompt, --from-file, --interactive, --from-png or --auto-caption-lang")
+    setup = generate.Setup(
+        **values,
+        device=device,
+        out=Path(out),
+        wildcards=wildcards,
+        grid=grid,
+        batch_size=batch_size,
+        count=count,
         auto_caption=auto_caption_lang,
         compile="blocks" if compile_blocks else "off",
     )
@@ -235,3 +254,45 @@ def command(
     paths = generate.run_batch(setup, requests)
     for p in paths:
         click.echo(str(p))
+
+
+# The command's parameter that overrides each setting read from an image (--from-png).
+FROM_PNG_PARAMS = {
+    "arch": "arch",
+    "variant": "variant",
+    "path": "model_path",
+    "transformer": "transformer",
+    "vae": "vae",
+    "text_encoder": "text_encoder",
+    "dtype": "dtype",
+    "weights": "weights",
+    "merge": "merge",
+    "width": "width",
+    "height": "height",
+    "steps": "steps",
+    "guidance": "guidance",
+    "seed": "seed",
+    "negative": "negative_prompt",
+    "fp8_text_encoder": "fp8_text_encoder",
+    "references": "references",
+    "layers": "layers",
+    "prompt": "prompt",
+}
+
+
+def _from_png(png: str, given: dict) -> dict:
+    """The settings stored in ``png`` (``kern.generate.pnginfo``), each replaced by its option when that was
+    given on the command line (or in the environment), not left at its default."""
+    from click.core import ParameterSource
+    from kern.generate import pnginfo
+
+    ctx = click.get_current_context()
+    given_now = lambda param: ctx.get_parameter_source(param) not in (None, ParameterSource.DEFAULT)  # noqa: E731
+    values = pnginfo.rerun_settings(pnginfo.read_meta(png))
+    for field, param in FROM_PNG_PARAMS.items():
+        if given_now(param):
+            values[field] = parse_weights(given[field]) if field == "weights" else given[field]
+    if given_now("model_path"):  # --model now supplies every part not named on the command line
+        for part in ("transformer", "vae", "text_encoder"):
+            values[part] = given[part]
+    return values

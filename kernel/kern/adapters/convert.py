@@ -17,7 +17,9 @@ chunked; back as one rank-3r module with a block-diagonal B, or rank r when the 
 both ways). LoHa cannot be written for diffusers (it has no LoHa loader); that is an ``AdapterError``.
 
 ``variant`` may be left out: the variants of the architecture are tried in order and the first whose module
-map holds every module of the file with fitting row counts is used.
+map holds every module of the file with fitting row counts is used. When none has the file's row counts (an
+adapter of a tiny or custom model of the architecture), the row slices of fused modules are read off the file
+(``kern.adapters.weights.fit_rows``: e.g. a fused qkv of 3h rows splits into three of h), so any shape converts.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any
 import torch
 
 from kern.adapters.network import ModuleMap, group_by_module
-from kern.adapters.weights import detect, read_adapter
+from kern.adapters.network.metadata import safetensors_hashes
+from kern.adapters.weights import detect, fit_rows, read_adapter
 from kern.core.io import check_output_file, describe_nonfinite, save_file
 from kern.errors import AdapterError, PluginError, UsageError
 from kern.log import get_logger
@@ -42,11 +45,12 @@ LAYOUTS = ("kohya", "comfyui", "diffusers")
 def _fits(module_map: ModuleMap, modules: dict[str, dict[str, torch.Tensor]]) -> tuple[bool, str]:
     """Whether every module resolves in the map and row-sliced modules have a tensor with that many rows."""
     table = module_map.table()
+    hits = {name: table.resolve(name) for name in sorted(modules)}
+    missing = [name for name, hit in hits.items() if hit is None]
+    if missing:  # names first: a name no row count can fix is the reason to report
+        return False, f"{missing[0]!r} is not in the module map"
     for name, tensors in modules.items():
-        hit = table.resolve(name)
-        if hit is None:
-            return False, f"{name!r} is not in the module map"
-        naming, path = hit
+        naming, path = hits[name]
         rows = None
         if naming == "native" and path in module_map.native_rows:
             rows = module_map.native_rows[path]
@@ -99,17 +103,26 @@ def convert(
     tensors, metadata = read_adapter(in_path)
     claim = detect(tensors.keys(), metadata, manager, path=in_path)
     modules = group_by_module(tensors, claim.modules)
-    chosen, raw, reasons = None, None, []
+    chosen, raw, reasons, maps = None, None, [], {}
     for v in candidates:
         entries = manager.hook.adapter_module_map(arch=architecture.name, variant=v, layout="diffusers")
         if entries is None:
             reasons.append(f"{v}: no module map")
             continue
-        ok, why = _fits(ModuleMap(entries), modules)
+        maps[v] = ModuleMap(entries)
+        ok, why = _fits(maps[v], modules)
         if ok:
             chosen, raw = v, entries
             break
         reasons.append(f"{v}: {why}")
+    if chosen is None:
+        # No variant has the file's row counts (a tiny or custom model): read the fused modules' rows off the file.
+        for v, mm in maps.items():
+            fitted = fit_rows(mm, modules)
+            if fitted is not None and _fits(fitted, modules)[0]:
+                chosen, raw = v, list(fitted.to_other.items())
+                log.info("module map rows read from the adapter", file=str(in_path), variant=v)
+                break
     if chosen is None:
         if all(r.endswith("no module map") for r in reasons):
             raise PluginError(
@@ -127,8 +140,8 @@ def convert(
             to_layout=to_layout,
             module_map=raw,
         )
-    except AdapterError as exc:
-        raise AdapterError(f"{in_path}: {exc}") from None
+    except AdapterError as exc:  # keeps the class: a refused layout is a usage error (exit code 2)
+        raise type(exc)(f"{in_path}: {exc}") from None
     if result is None:
         raise PluginError(f"no plugin converts {claim.network_type!r} adapters (convert_weights)")
     out_tensors, out_metadata = result
@@ -140,6 +153,8 @@ def convert(
             raise AdapterError(
                 f"{in_path}: converting gives {bad} in {key!r} (the adapter's values overflow {t.dtype}); nothing was written"
             )
+    # The converted tensors are another file: Civitai / A1111 read its own hashes (as kohya computes them).
+    out_metadata.update(safetensors_hashes(out_tensors, out_metadata))
     save_file(out_tensors, out_path, out_metadata, overwrite=overwrite)
     log.info(
         "converted adapter",

@@ -17,7 +17,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from kern.adapters.network import CHECKPOINT_PREFIXES, ModuleMap, NameTable, Network, candidate_paths
+from kern.adapters.network import (
+    CHECKPOINT_PREFIXES,
+    ModuleMap,
+    NameTable,
+    Network,
+    candidate_paths,
+    group_by_module,
+)
 from kern.errors import AdapterError, KernError, PluginError, UsageError
 from kern.log import get_logger
 from kern.records import WeightsClaim
@@ -127,6 +134,58 @@ def module_map_for(manager: Any, arch: str, variant: str | None, layout: str = "
     return None if raw is None else ModuleMap(raw, source=f"{architecture.name}/{variant} adapter_module_map")
 
 
+def _out_rows(tensors: Mapping[str, torch.Tensor]) -> int | None:
+    """A module's output rows as its file holds them: the most rows of its matrices (LoRA up ``[out, r]`` vs down
+    ``[r, in]``, LoHa ``w1a``/``w2a`` ``[out, r]``: the rank is below the output rows of any useful adapter)."""
+    rows = [int(t.shape[0]) for t in tensors.values() if t.dim() >= 2]
+    return max(rows) if rows else None
+
+
+def fit_rows(module_map: ModuleMap, modules: Mapping[str, Mapping[str, torch.Tensor]]) -> ModuleMap | None:
+    """``module_map`` with its row slices scaled to the row counts the adapter's own tensors have, or ``None``.
+
+    A map's slices (a fused ``qkv`` of 3·hidden rows ↔ three modules of hidden rows) come from a real model's sizes;
+    an adapter of a smaller or custom model of the same architecture has the same layout at other sizes. Each sliced
+    module of the file gives a factor (its rows / the map's rows), all slices of that module scale by it; ``None``
+    when a name is not in the map, two modules of one fused module disagree, or a scaled slice is not whole rows.
+    """
+    from fractions import Fraction
+
+    table = module_map.table()
+    factor: dict[str, Fraction] = {}
+    for name, tensors in modules.items():
+        hit = table.resolve(name)
+        if hit is None:
+            return None
+        naming, path = hit
+        rows = _out_rows(tensors)
+        if rows is None:
+            continue
+        if naming == "native" and path in module_map.native_rows:
+            native, want = path, module_map.native_rows[path]
+        elif naming == "other" and module_map.to_native[path][1] is not None:
+            native, (start, stop) = module_map.to_native[path]
+            want = stop - start
+        else:
+            continue
+        f = Fraction(rows, want)
+        if factor.setdefault(native, f) != f:
+            return None
+    entries = []
+    for native, others in module_map.to_other.items():
+        f = factor.get(native)
+        scaled = []
+        for other, r in others:
+            if f is not None and r is not None:
+                start, stop = Fraction(r[0]) * f, Fraction(r[1]) * f
+                if start.denominator != 1 or stop.denominator != 1:
+                    return None
+                r = (int(start), int(stop))
+            scaled.append((other, r))
+        entries.append((native, scaled))
+    return ModuleMap(entries, source="adapter_module_map fitted to the file's rows")
+
+
 def to_kohya(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str],
@@ -134,10 +193,14 @@ def to_kohya(
     manager: Any,
     module_map: ModuleMap | list | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The adapter rewritten in kohya naming by its plugin (``convert_weights``), mapped to native names if a map is given."""
+    """The adapter rewritten in kohya naming by its plugin (``convert_weights``), mapped to native names if a map is
+    given; the map's row slices are read off the file's tensors (:func:`fit_rows`), so adapters of smaller or custom
+    models of the architecture map too."""
     raw = None
     if module_map is not None:
-        raw = [(n, o) for n, o in module_map.to_other.items()] if isinstance(module_map, ModuleMap) else module_map
+        mm = module_map if isinstance(module_map, ModuleMap) else ModuleMap(module_map)
+        mm = fit_rows(mm, group_by_module(tensors, claim.modules)) or mm
+        raw = list(mm.to_other.items())
     result = manager.hook.convert_weights(
         network_type=claim.network_type,
         state_dict=tensors,

@@ -23,6 +23,7 @@ import torch
 from kern.core.plugins import KernPluginManager, get_manager
 from kern.data.prompts import Request, Wildcards, check_value
 from kern.errors import AdapterError, KernError, UsageError
+from kern.generate import pnginfo
 from kern.generate.denoise import euler_denoise, seeded_noise, to_pil
 from kern.generate.outputs import contact_sheet, next_index, save_png
 from kern.generate.plan import Image, Planner, collate_texts, text_shapes
@@ -384,26 +385,8 @@ class Generator:
         return paths
 
     def _save(self, picture: Any, im: Image, layer: int | None, stem: str) -> Path:
-        meta = {
-            "prompt": im.prompt,
-            "negative_prompt": self._negative(im) if self.variant.guidance_mode == "cfg" else (im.negative or ""),
-            "seed": im.seed,
-            "steps": im.steps,
-            "guidance": im.guidance,
-            "width": im.width,
-            "height": im.height,
-            "model": f"{self.arch.name}/{self.variant.name}",
-            "transformer": self.setup.transformer or "",
-            "adapters": [f"{p}:{m}" for p, m in self.setup.weights],
-            "references": list(im.references),
-            "source": im.source,
-        }
-        if im.caption:
-            meta["auto_caption"] = im.caption
-        if layer is not None:
-            meta["layer"] = layer  # 0: the composite (the input's reconstruction), then the layers
-        meta.update({k: v for k, v in im.options.items() if k not in meta})
-        path = save_png(picture, self.setup.out, stem, meta)
+        meta = pnginfo.image_meta(self.setup, self.arch.name, self.variant, im, layer)
+        path = save_png(picture, self.setup.out, stem, pnginfo.png_text(meta))
         log.info("image saved", path=str(path), source=im.source)
         return path
 

@@ -1,9 +1,9 @@
 """The files of a generation run: PNGs published under fresh names (nothing in the output folder is ever
-replaced), with the image's settings in their text chunks, and the contact sheet of ``--grid``."""
+replaced), with the image's settings in their text chunks (``kern.generate.pnginfo``), and the contact sheet of
+``--grid``."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -16,15 +16,14 @@ NUMBERED = re.compile(r"(\d+)_.*\.png")  # default image names, NNNNN_SEED[_laye
 MAX_NAME_TRIES = 10000
 
 
-def save_png(picture: Any, folder: Path, stem: str, meta: Mapping[str, Any]) -> Path:
-    """Publish ``picture`` as a new ``folder/STEM.png`` (see :func:`publish`) with ``meta`` in its text chunks: each
-    key on its own (strings as they are, other values as JSON) and all of them as JSON under ``parameters``."""
+def save_png(picture: Any, folder: Path, stem: str, text: Mapping[str, str]) -> Path:
+    """Publish ``picture`` as a new ``folder/STEM.png`` (see :func:`publish`) with ``text`` in its text chunks
+    (tEXt, or iTXt for text Latin-1 cannot hold): ``kern.generate.pnginfo.png_text`` makes them."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    for key, value in meta.items():
-        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
-    info.add_text("parameters", json.dumps(meta))
+    for key, value in text.items():
+        info.add_text(key, value)
     return publish(folder, stem, lambda tmp: picture.save(tmp, format="PNG", pnginfo=info))
 
 

@@ -3,14 +3,17 @@
 A checkpoint holds the adapter (``adapter.safetensors``, usable as it is) and the full state in the format of
 :mod:`kern.train.state` (no pickle): the network's weights, the optimizer's and the scheduler's state, the loop's
 :class:`Position` and every process's RNG states. Resuming from it continues the run bit for bit.
+Every adapter a run saves, the final one included, is written by :class:`AdapterSaver`, with the run's metadata.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -188,3 +191,79 @@ class Checkpoints:
     def newest(self) -> Path | None:
         found = checkpoint_dirs(self.out)
         return found[-1] if found else None
+
+
+@attrs.define
+class AdapterSaver:
+    """Saves the run's adapter (the final one and each checkpoint's) with the run's metadata: the facts known at
+    the start (:meth:`for_run`), the step and the time of each save added. The keys themselves are
+    :mod:`kern.adapters.network.metadata`'s."""
+
+    plan: Any  # kern.train.setup.Plan
+    variant: Any  # kern.records.Variant
+    network: nn.Module
+    facts: Any  # kern.adapters.network.metadata.TrainingFacts, at step 0
+
+    @classmethod
+    def for_run(
+        cls,
+        plan: Any,
+        variant: Any,
+        network: nn.Module,
+        started: float,
+        data: tuple[list[Any], list[Any]],
+        processes: int,
+    ) -> AdapterSaver:
+        """``data``: the dataset's specs and items; ``processes``: the data-parallel processes of the run."""
+        from kern.adapters.network.metadata import TrainingFacts, base_model_version, dataset_facts
+        from kern.data import batch_order
+
+        job, (specs, items) = plan.job, data
+        batches = len(batch_order(items, specs, job.train.seed, 0))  # the count is the same every epoch
+        facts = TrainingFacts(
+            arch=plan.arch.name,
+            variant=variant.name,
+            base_model_version=base_model_version(plan.arch.name, variant),
+            learning_rate=job.train.learning_rate,
+            lr_scheduler=job.train.lr_scheduler,
+            warmup_steps=job.train.warmup_steps,
+            max_train_steps=job.train.steps,
+            steps=0,
+            seed=job.train.seed,
+            optimizer=job.train.optimizer,
+            mixed_precision=job.train.mixed_precision,
+            gradient_checkpointing=job.train.gradient_checkpointing,
+            gradient_accumulation_steps=job.train.gradient_accumulation,
+            max_grad_norm=job.train.max_grad_norm,
+            timestep_sampling=plan.timestep_method,
+            timestep_options=attrs.asdict(plan.timestep_options),
+            started_at=started,
+            output_name=job.save.name,
+            num_batches_per_epoch=math.ceil(batches / processes),  # the main process's share
+            num_processes=processes,
+            datasets=dataset_facts(specs, items),
+            fp8_base=job.train.base_precision == "fp8",
+            sd_model_name=Path(str(job.model.transformer)).name if job.model.transformer else None,
+            vae_name=Path(str(job.model.vae)).name if job.model.vae else None,
+            session_id=int.from_bytes(os.urandom(4), "little"),  # sd-scripts: a random id per training session
+        )
+        return cls(plan, variant, network, facts)
+
+    def __call__(self, path: Path, step: int) -> None:
+        from kern.train.setup import DTYPES
+
+        self.network.save(path, dtype=DTYPES[self.plan.job.save.precision], metadata=self.metadata(step))
+
+    def metadata(self, step: int) -> dict[str, str]:
+        from kern.adapters.network.metadata import adapter_metadata, modelspec_metadata
+
+        plan, v = self.plan, self.variant
+        facts = attrs.evolve(self.facts, steps=step, saved_at=time.time())
+        spec = modelspec_metadata(
+            architecture=v.modelspec or f"{plan.arch.name}-{v.name}",
+            implementation=plan.arch.implementation,
+            title=plan.job.save.name,
+            # the training resolution, as sd-scripts writes it (the first dataset's)
+            resolution=facts.datasets[0].resolution if facts.datasets else (v.width, v.height),
+        )
+        return adapter_metadata(plan.network.name, plan.network_options, modelspec=spec, training=facts)

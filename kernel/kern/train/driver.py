@@ -38,7 +38,7 @@ from kern.train.caching import (
     load_items,
     text_phase,
 )
-from kern.train.checkpoints import Checkpoints, Position
+from kern.train.checkpoints import AdapterSaver, Checkpoints, Position
 from kern.train.metrics import Metrics
 from kern.train.optim import make_optimizer, make_scheduler
 from kern.train.previews import Previews
@@ -94,7 +94,7 @@ def run(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Path:
         trainee, optimizer, scheduler = setup_model(plan, variant, acc, ddp)
         model, started = acc.unwrap_model(trainee), time.time()
         pos = Position(generator=torch.Generator().manual_seed(job.train.seed + acc.process_index))
-        save_adapter = functools.partial(_save_adapter, plan, variant, model.network, started)
+        save_adapter = AdapterSaver.for_run(plan, variant, model.network, started, (specs, items), acc.num_processes)
         checkpoints = Checkpoints(acc, plan.out, job.save.keep_last, model.network, optimizer, scheduler, save_adapter)
         if resume_from is not None:
             checkpoints.resume(resume_from, pos)
@@ -286,10 +286,6 @@ def _finish(
     return final
 
 
-def _save_adapter(plan: Plan, variant: Variant, network: nn.Module, started: float, path: Path, step: int) -> None:
-    network.save(path, dtype=DTYPES[plan.job.save.precision], metadata=_metadata(plan, variant.name, step, started))
-
-
 def _make_previews(
     previews: Previews | None, acc: Any, transformer: nn.Module, vae: Any, folder: Path, step: int
 ) -> None:
@@ -412,38 +408,3 @@ def draw_noise(x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         g = _device_generators[x0.device] = torch.Generator(x0.device)
     g.manual_seed(seed)
     return torch.randn(x0.shape, generator=g, device=x0.device)
-
-
-# --------------------------------------------------------------------------- metadata
-
-
-def _metadata(plan: Plan, variant: str, step: int, started: float) -> dict[str, str]:
-    from kern.adapters.network.metadata import TrainingFacts, adapter_metadata, modelspec_metadata
-
-    job = plan.job
-    v = plan.arch.variant(variant)
-    spec = modelspec_metadata(
-        architecture=v.modelspec or f"{plan.arch.name}-{variant}",
-        implementation=plan.arch.implementation,
-        title=job.save.name,
-        resolution=(job.sample.width or v.width, job.sample.height or v.height),
-    )
-    facts = TrainingFacts(
-        arch=plan.arch.name,
-        variant=variant,
-        learning_rate=job.train.learning_rate,
-        lr_scheduler=job.train.lr_scheduler,
-        warmup_steps=job.train.warmup_steps,
-        max_train_steps=job.train.steps,
-        steps=step,
-        seed=job.train.seed,
-        optimizer=job.train.optimizer,
-        mixed_precision=job.train.mixed_precision,
-        gradient_checkpointing=job.train.gradient_checkpointing,
-        gradient_accumulation_steps=job.train.gradient_accumulation,
-        max_grad_norm=job.train.max_grad_norm,
-        timestep_sampling=plan.timestep_method,
-        started_at=started,
-        output_name=job.save.name,
-    )
-    return adapter_metadata(plan.network.name, plan.network_options, modelspec=spec, training=facts)

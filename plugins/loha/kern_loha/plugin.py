@@ -39,8 +39,9 @@ class LoHa(RankAdapter):
     suffixes = SUFFIXES
     markers = (W1A,)
     refused_layouts = {
-        "diffusers": "a LoHa (hada_*) adapter cannot be written in the diffusers layout: diffusers and PEFT's diffusers "
-        "loader only load LoRA (lora_A/lora_B) and LoKr; use --to comfyui (ComfyUI loads LoHa) or --to kohya",
+        "diffusers": "a LoHa adapter cannot be written in the diffusers layout: diffusers cannot load LoHa (hada_*; "
+        "its LoRA loaders read lora_A/lora_B only); use --to comfyui for ComfyUI (or --to kohya), or merge it into "
+        "the base model: kern merge --model BASE --weights FILE --out MERGED",
     }
 
     def normalise(self, state_dict: Tensors, metadata: Mapping[str, str] | None, modules: Modules) -> Grouped:

@@ -32,7 +32,8 @@ CACHE_LAYOUT = kern.CacheLayout(
     text=(kern.TextCacheKey(name="ctx", key="vl_embed", mask="mask"),),
     latent_frames=True,
 )
-_EDIT = {"references": "required", "text_images": True}  # the VLM reads the control images with the prompt
+# The VLM reads the control images with the prompt; musubi's ss_base_model_version is qwen_image_edit for every Edit.
+_EDIT = {"references": "required", "text_images": True, "base_model_version": "qwen_image_edit"}
 VARIANTS = (
     kern.Variant(
         name="t2i",
@@ -101,6 +102,7 @@ VARIANTS = (
         cache_id="qil",
         cache_name=CACHE_NAME,
         modelspec="Qwen-Image-Layered",
+        base_model_version="qwen_image_layered",
         references="required",
         image_mode="RGBA",
         untrainable="Qwen-Image-Layered training (musubi's multiple_target datasets) is not built yet; "

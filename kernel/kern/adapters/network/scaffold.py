@@ -44,6 +44,10 @@ log = get_logger(__name__)
 ALPHA = "alpha"
 
 
+class LayoutRefused(AdapterError, UsageError):
+    """A network type asked for in a layout its readers cannot load (``refused_layouts``): the user picks another."""
+
+
 # --------------------------------------------------------------------------- rank and scale
 
 
@@ -399,7 +403,7 @@ class RankAdapter:
         module_map: list | None,
     ) -> Any:
         if to_layout in self.refused_layouts:
-            raise AdapterError(self.refused_layouts[to_layout])
+            raise LayoutRefused(self.refused_layouts[to_layout])
         if to_layout not in LAYOUTS:
             raise UsageError(f"unknown adapter layout {to_layout!r}; choose kohya, comfyui or diffusers")
         modules = self.normalise(state_dict, metadata, claim.modules)
