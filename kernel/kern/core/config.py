@@ -12,13 +12,12 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-import types
-import typing
 from pathlib import Path
 from typing import Any, Mapping
 
 import attrs
 
+from kern.core.schema import _build, apply_override, parse_value  # noqa: F401 - parse_value: re-exported
 from kern.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,6 +53,8 @@ class ModelConfig:
     text_encoder: str | None = None
     dtype: str = attrs.field(default="bfloat16", validator=_choice(*DTYPES))
     fp8_text_encoder: bool = False
+    # "FILE[:MULT]": adapters merged into the base before training (musubi's --base_weights); MULT defaults to 1
+    base_weights: list[str] = attrs.Factory(list)
 
 
 @attrs.define(kw_only=True)
@@ -62,6 +63,8 @@ class NetworkConfig:
     targets: list[str] = attrs.Factory(list)  # regexes replacing the architecture's default targets
     include: list[str] = attrs.Factory(list)  # regexes (fullmatch on dotted module paths) that override exclude
     exclude: list[str] = attrs.Factory(list)
+    # an adapter file (any layout kern reads) the network starts from; its rank is used when rank is not given
+    init_weights: str | None = None
     options: dict[str, Any] = attrs.Factory(dict)  # rank, alpha, dropout ...: checked against the network type
 
     EXTRA = "options"
@@ -76,8 +79,14 @@ class DatasetConfig:
 class TrainConfig:
     steps: int = 1000
     learning_rate: float = 1e-4
-    optimizer: str = "adamw"
-    lr_scheduler: str = attrs.field(default="constant", validator=_choice("constant", "linear", "cosine"))
+    optimizer: str = "adamw"  # a built-in name or a dotted class path (kern.train.optim)
+    optimizer_args: dict[str, Any] = attrs.Factory(dict)  # keyword arguments of the optimizer
+    weight_decay: float = 0.01
+    lr_scheduler: str = "constant"  # any transformers.get_scheduler name (kern.train.optim)
+    lr_scheduler_num_cycles: float | None = None  # cosine restarts (cosine_with_restarts) or cycles; musubi's name
+    lr_scheduler_min_lr_ratio: float | None = None  # the LR the decay ends at, as a fraction of learning_rate
+    lr_scheduler_power: float | None = None  # polynomial decay's power
+    lr_scheduler_args: dict[str, Any] = attrs.Factory(dict)  # more keyword arguments of the schedule
     warmup_steps: int = 0
     gradient_accumulation: int = 1
     max_grad_norm: float = 1.0
@@ -102,6 +111,10 @@ class TrainConfig:
         False  # checkpointed blocks' inputs wait for backward in pinned CPU memory (kern.gpu.offload)
     )
     shard_base: bool = False  # several processes: FSDP2-shard the frozen base across them (kern.gpu.distributed)
+    ema_decay: float | None = None  # an EMA of the adapter weights, saved beside the plain one (kern.train.ema)
+    validate_every_n_steps: int = 0  # validation loss on the held-out dataset (kern.train.validation); 0: never
+    log_with: list[str] = attrs.Factory(lambda: ["tensorboard"])  # accelerate trackers (kern.train.metrics)
+    tracker_project: str | None = None  # the trackers' project name; default: save.name
     seed: int = 42
     device: str | None = None  # default: what accelerate picks
 
@@ -117,6 +130,8 @@ class TimestepConfig:
 @attrs.define(kw_only=True)
 class SampleConfig:
     prompts: list[str] = attrs.Factory(list)
+    prompt_file: str | None = None  # a prompt file in kern generate's syntax (docs/generate.md), added to prompts
+    wildcards: str | None = None  # the folder __name__ wildcards are read from
     every_n_steps: int = 0  # 0: only at the end
     steps: int | None = None
     width: int | None = None
@@ -145,6 +160,7 @@ class JobConfig:
     timesteps: TimestepConfig = attrs.Factory(TimestepConfig)
     sample: SampleConfig = attrs.Factory(SampleConfig)
     save: SaveConfig = attrs.Factory(SaveConfig)
+    preset: str | None = None  # the preset (examples/presets) the job starts from; the job's keys override it
     source: str = "<defaults>"  # where the values came from, for error messages
     given: frozenset[str] = frozenset()  # the dotted keys the job file or the command line set (the rest are defaults)
 
@@ -164,94 +180,19 @@ def _drop_none(d: Any) -> Any:
 # --------------------------------------------------------------------------- loading
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "none")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against annotation ``tp``; ints are accepted for floats, nothing else is converted."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise errors[0]
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {value!r}")
-        return dict(value)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float) and isinstance(value, bool):
-        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build(cls: type, data: Mapping[str, Any], where: str, prefix: str) -> Any:
-    attrs.resolve_types(cls)
-    fields = {f.name: f for f in attrs.fields(cls) if f.name not in ("source", "given")}
-    extra = getattr(cls, "EXTRA", None)
-    kwargs: dict[str, Any] = {}
-    if extra:
-        kwargs[extra] = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields or key == extra:
-            if extra:
-                kwargs[extra][key] = value  # checked later against the plugin's schema
-                continue
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{where}: unknown key {dotted!r}; known keys here: {known}")
-        f = fields[key]
-        if attrs.has(f.type):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}: {dotted!r} must be a table ([{dotted}])")
-            kwargs[key] = _build(f.type, value, where, f"{dotted}.")
-        else:
-            kwargs[key] = _coerce(value, f.type, f"{where}: {dotted}")
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}: bad value in [{prefix.rstrip('.') or 'top level'}]: {exc}") from None
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value as TOML would read it (``3``, ``1e-4``, ``true``, ``[1, 2]``), else the plain string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``section.key`` (or deeper) in nested ``data``."""
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-    node[parts[-1]] = value
-
-
 # Keys holding paths: relative values in a job file are taken relative to that file's folder,
 # so a job file works from any working directory; command-line values stay relative to the cwd.
-PATH_KEYS = ("model.path", "model.transformer", "model.vae", "model.text_encoder", "dataset.config", "save.out")
+PATH_KEYS = (
+    "model.path",
+    "model.transformer",
+    "model.vae",
+    "model.text_encoder",
+    "network.init_weights",
+    "dataset.config",
+    "sample.prompt_file",
+    "sample.wildcards",
+    "save.out",
+)
 # Of those, the ones that may also be a Hugging Face repo id: a relative value is made absolute only where it exists.
 MODEL_KEYS = ("model.path", "model.transformer", "model.vae", "model.text_encoder")
 
@@ -266,6 +207,30 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             # or a path relative to the working directory, which kern.models.hub tries first).
             if dotted not in MODEL_KEYS or local.exists() or not _could_be_elsewhere(value):
                 data[section][key] = str(local)
+
+
+def split_weight(entry: str) -> tuple[str, float]:
+    """``"FILE[:MULT]"`` (``model.base_weights``) as (file, multiplier); a suffix that is no number is part of the
+    file name (``C:\\x.safetensors`` stays whole)."""
+    head, sep, tail = entry.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return entry, 1.0
+
+
+def _resolve_weight_paths(data: dict[str, Any], base: Path) -> None:
+    model = data.get("model")
+    entries = model.get("base_weights") if isinstance(model, dict) else None
+    if not isinstance(entries, list):
+        return
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str) and entry:
+            file, mult = split_weight(entry)
+            if not Path(file).expanduser().is_absolute() and (base / file).exists():
+                entries[i] = f"{(base / file).resolve()}:{mult:g}" if file != entry else str((base / file).resolve())
 
 
 def _could_be_elsewhere(value: str) -> bool:
@@ -286,6 +251,7 @@ def load_job(path: str | Path | None = None, overrides: Mapping[str, Any] | None
         where = str(p)
         data = _read_toml(p)
         _resolve_paths(data, p.parent)
+        _resolve_weight_paths(data, p.parent)
     for dotted, value in (overrides or {}).items():
         apply_override(data, dotted, value)
     where_all = where if not overrides else f"{where} (with command-line overrides {sorted(overrides)})"
@@ -381,19 +347,34 @@ def check_job(job: JobConfig) -> None:
                 "is 'cuda' but this machine has no usable CUDA device; set it to 'cpu' or leave it unset",
             )
 
+    finite("train.weight_decay", t.weight_decay, low=0.0)
+    finite("train.lr_scheduler_num_cycles", t.lr_scheduler_num_cycles, positive=True)
+    finite("train.lr_scheduler_power", t.lr_scheduler_power, positive=True)
+    finite("train.lr_scheduler_min_lr_ratio", t.lr_scheduler_min_lr_ratio, low=0.0)
+    if t.lr_scheduler_min_lr_ratio is not None and t.lr_scheduler_min_lr_ratio > 1:
+        fail("train.lr_scheduler_min_lr_ratio", f"must be between 0 and 1, got {t.lr_scheduler_min_lr_ratio}")
+    if t.ema_decay is not None and not (math.isfinite(t.ema_decay) and 0 < t.ema_decay < 1):
+        fail(
+            "train.ema_decay",
+            f"must be between 0 and 1 (exclusive; e.g. 0.999), or unset for no EMA, got {t.ema_decay}",
+        )
+    count("train.validate_every_n_steps", t.validate_every_n_steps, 0)
+
     count("sample.every_n_steps", s.every_n_steps, 0)
     count("sample.steps", s.steps, 1, MAX_SAMPLE_STEPS)
     count("sample.width", s.width, 1, MAX_SIDE)
     count("sample.height", s.height, 1, MAX_SIDE)
     finite("sample.guidance", s.guidance)
     count("sample.seed", s.seed, 0, MAX_SEED)
-    if not s.prompts:  # a sample setting other than its default, with nothing to sample, would be silently ignored
+    if (
+        not s.prompts and not s.prompt_file
+    ):  # a sample setting other than its default, with nothing to sample, would be silently ignored
         default = SampleConfig()
         unused = sorted(
             k
             for k in job.given
             if k.startswith("sample.")
-            and k != "sample.prompts"
+            and k not in ("sample.prompts", "sample.prompt_file")
             and getattr(s, k.split(".")[1], None) != getattr(default, k.split(".")[1], None)
         )
         if unused:
