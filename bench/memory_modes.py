@@ -19,15 +19,28 @@ Modes (``--modes``): ``bf16``, ``fp8`` (``kern.gpu.fp8.quantize_base``, dequanti
 cap, bf16 / fp8 base). The number of resident blocks of a swap mode is planned from the same config's unswapped
 run (what it used beside the blocks' weights) unless ``--resident`` gives it; an OOM retries with fewer.
 
+Settings (``--runs``): instead of ``--configs`` x ``--modes``, name each run as ``CONFIG:key=value,...`` with
+``base`` (fp8 | bf16, default fp8), ``swap`` (N: ``train.blocks_to_swap``, the first N blocks streamed from pinned
+CPU memory, set up by ``kern.gpu.accel.apply`` as ``kern train`` does), ``act`` (``train.offload_activations``),
+``cap`` (GiB: ``set_per_process_memory_fraction`` from the build to the last step) and ``compile`` (default ``off``),
+e.g. ``dev:swap=56,act,cap=8``. A run that runs out of memory is reported and the next one starts.
+
+Configs: train_step.py's, plus ``qwen_edit``: Qwen-Image-Edit-2511 (``zero_cond_t``; 2509 has the same shapes
+without the t = 0 modulation) trained on one control image at 1024², what the edit model sees in training: the
+control's 4096 reference tokens after the 4096 target tokens in every block, and 336 text tokens (the protocol's 128
+plus the 196 vision tokens of the control at the 384² area the VLM reads it, and the "Picture 1:" label, rounded up).
+
 Loss: every run records the loss of each step; with the same seed bf16 and fp8 runs see the same timesteps and
 noise, so their curves are compared step by step (max |Δ| and max |Δ| / loss).
 
     python3 bench/memory_modes.py --configs klein4b klein9b --modes bf16 fp8 fp8swap --json-out $OUT/mm.jsonl
+    python3 bench/memory_modes.py --runs qwen_edit:swap=46,cap=16 dev:swap=56,act,cap=8 --json-out $OUT/mm.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -42,8 +55,26 @@ import train_step as ts
 from torch import nn
 
 # Issue 8's memory-mode caps (GiB): the step must fit there at no more than 3x the unconstrained kern step time.
-CAPS = {"klein4b": 8.0, "klein9b": 12.0, "dev": 24.0, "qwen_image": 12.0}
+CAPS = {"klein4b": 8.0, "klein9b": 12.0, "dev": 24.0, "qwen_image": 12.0, "qwen_edit": 24.0}
 GIB = 2**30
+EDIT_TEXT_TOKENS = 336  # 128 prompt tokens + 196 vision tokens of one 384² control + "Picture 1:" and markers
+
+
+def _edit_params(variant: str, tiny: bool):
+    from kern_qwen_image.params import QWEN_IMAGE_EDIT_2511, tiny_params
+
+    return tiny_params(zero_cond_t=True) if tiny else QWEN_IMAGE_EDIT_2511
+
+
+CONFIGS: dict[str, ts.Config] = {
+    **ts.CONFIGS,
+    "qwen_edit": ts.Config(
+        dataclasses.replace(ts.QWEN, name="qwen_edit", n_txt=EDIT_TEXT_TOKENS, params=_edit_params),
+        "qwen-image-edit-2511",
+        "edit-2511",
+    ),
+}
+CONTROLS = {"qwen_edit": 1}  # control images per item: reference latents at the target's size (1024² area)
 
 
 @dataclass
@@ -58,6 +89,9 @@ class Run:
     cap_gib: float | None = None
     resident: int | None = None  # swap modes: blocks kept on the GPU
     tiny: bool = False  # toy sizes on the CPU: tests this script, measures nothing
+    blocks_to_swap: int | None = None  # --runs: swapped blocks (overrides resident)
+    offload: bool = False  # --runs: train.offload_activations
+    label: str | None = None  # --runs: the run's name in the output (mode otherwise)
 
 
 def _init_(module: nn.Module) -> None:
@@ -109,17 +143,24 @@ def run(r: Run, dev: torch.device) -> dict:
     from accelerate import Accelerator
     from kern.core.config import JobConfig, ModelConfig, NetworkConfig, TrainConfig
     from kern.gpu.accel import blocks as repeated_blocks
-    from kern.gpu.offload import BlockSwap
     from kern.records import TargetSpec
     from kern.train import driver as train
     from kern.train import optim
 
-    cfg = ts.CONFIGS[r.config]
+    cfg = CONFIGS[r.config]
     family = cfg.family
     ts.free_memory(dev)
     _cap(dev, r.cap_gib)
-    swap = r.mode in ("swap", "fp8swap")
     fp8 = r.mode.startswith("fp8")
+    p = family.params(cfg.variant, r.tiny)
+    n_blocks = len(repeated_blocks(_meta(cfg, p)))
+    if r.blocks_to_swap is not None:
+        resident = n_blocks - min(n_blocks, r.blocks_to_swap)
+        compile_ = r.compile
+    else:
+        resident = min(n_blocks, r.resident) if r.mode in ("swap", "fp8swap") else n_blocks
+        compile_ = "off" if resident < n_blocks else r.compile
+    swapped = n_blocks - resident
     manager = ts.kern_manager(family)
     job = JobConfig(
         model=ModelConfig(arch=cfg.arch, dtype="bfloat16"),
@@ -133,26 +174,27 @@ def run(r: Run, dev: torch.device) -> dict:
             gradient_checkpointing=True,
             seed=0,
             device=dev.type,
-            compile="off" if swap else r.compile,
+            compile=compile_,
+            # kern.gpu.accel.apply sets up BlockSwap and ActivationOffload from these, as kern train does; the
+            # fp8 base is quantised block by block in build() (kern train: prepare_base, layer by layer)
+            base_precision="fp8" if fp8 else "bf16",
+            blocks_to_swap=swapped,
+            offload_activations=r.offload,
         ),
     )
     job.source = "bench/memory_modes.py"
     plan = train.prepare(job, manager)
     variant = plan.arch.variant(plan.variant)
     acc = Accelerator(mixed_precision="bf16", gradient_accumulation_steps=1, cpu=dev.type == "cpu")
-    p = family.params(variant.name, r.tiny)
     t0 = time.perf_counter()
-    n_blocks = len(repeated_blocks(_meta(cfg, p)))
     torch.manual_seed(1)  # every mode of a config gets the same random weights, so their losses compare
-    resident = min(n_blocks, r.resident) if swap else n_blocks
-    transformer, block_bytes = build(cfg, p, dev, fp8, n_blocks - resident, keep=plan.arch.keep_high_precision)
+    transformer, block_bytes = build(cfg, p, dev, fp8, swapped, keep=plan.arch.keep_high_precision)
     if r.mode == "fp8g":
         for m in transformer.modules():
             if hasattr(m, "fp8_backward"):
                 m.fp8_backward = True
-    swapper = BlockSwap(repeated_blocks(transformer), resident, dev) if swap else None
-    transformer.to(dev)  # the non-block parts; swapped blocks stay where BlockSwap keeps them
-    build_s = time.perf_counter() - t0
+    if not swapped:  # build() put everything on dev; with swap the first blocks wait on the CPU for BlockSwap
+        transformer.to(dev)
     arch = plan.arch
     targets = TargetSpec(targets=arch.default_targets, exclude=tuple(arch.default_excludes))
     network = plan.hook.make_network(
@@ -168,6 +210,8 @@ def run(r: Run, dev: torch.device) -> dict:
     except ImportError:  # a checkout before kern.gpu.accel: the model's own checkpointing switch
         transformer.gradient_checkpointing = True
         fast = {"checkpointing": "full", "compile": "off"}
+    swapper = transformer.__dict__.get("_kern_block_swap")  # accel.apply's BlockSwap (pins the swapped blocks)
+    build_s = time.perf_counter() - t0
     groups = network.optimizer_param_groups(job.train.learning_rate)
     optimizer = optim.make_optimizer("adamw", groups, job.train.learning_rate)
     scheduler = optim.make_scheduler(optimizer, job.train)  # the job's default: constant, no warmup
@@ -178,12 +222,14 @@ def run(r: Run, dev: torch.device) -> dict:
     h = w = r.res // 16
     torch.manual_seed(2)  # inputs too: adapters built on the CPU (swapped blocks) draw from another generator
     x0, text = family.kern_inputs(p, 1, h, w, 32 if r.tiny else family.n_txt, dev, torch.bfloat16)
+    # Edit: the control images' latents, as the cache gives them (the driver casts them to the base dtype)
+    refs = [torch.randn(1, *x0.shape[1:], device=dev) for _ in range(CONTROLS.get(r.config, 0))] or None
     generator = torch.Generator().manual_seed(0)
     timer, times, losses = ts.Timer(dev), [], []
     warm_peak = 0.0
     for i in range(r.warmup + r.steps):
         timer.start()
-        loss, _ = train.train_step(acc, trainee, optimizer, scheduler, plan, x0, text, None, generator, torch.bfloat16)
+        loss, _ = train.train_step(acc, trainee, optimizer, scheduler, plan, x0, text, refs, generator, torch.bfloat16)
         dt = timer.stop()
         losses.append(loss.item())
         if i >= r.warmup:
@@ -194,12 +240,20 @@ def run(r: Run, dev: torch.device) -> dict:
     out = {
         "kind": "result",
         "config": r.config,
-        "mode": r.mode,
+        "mode": r.label or r.mode,
         "cap_gib": r.cap_gib,
         "step_s": round(statistics.median(times), 4),
         "step_min_s": round(min(times), 4),
+        "step_max_s": round(max(times), 4),
+        "step_times": [round(t, 4) for t in times],
         "peak_gib": _peak(dev, warm_peak),
         "steady_peak_gib": ts.peak_gib(dev),
+        "steady_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 2) if dev.type == "cuda" else None,
+        "host_rss_gib": _rss_gib(),
+        "blocks_to_swap": swapped,
+        "offload_activations": fast.get("activations") == "offloaded",
+        "controls": len(refs or ()),
+        "text_tokens": text["ctx"].shape[1],
         "build_s": round(build_s, 1),
         "blocks": n_blocks,
         "resident": resident,
@@ -215,8 +269,11 @@ def run(r: Run, dev: torch.device) -> dict:
     }
     if swapper:
         swapper.remove()
+    offload = transformer.__dict__.get("_kern_activation_offload")
+    if offload:
+        offload.remove()
     acc.free_memory()
-    del trainee, optimizer, scheduler, network, transformer, swapper, groups, loss, acc
+    del trainee, optimizer, scheduler, network, transformer, swapper, offload, groups, loss, acc, refs
     try:
         from kern.gpu import accel
 
@@ -228,6 +285,15 @@ def run(r: Run, dev: torch.device) -> dict:
     ts.free_memory(dev)
     _cap(dev, None)
     return out
+
+
+def _rss_gib() -> float | None:
+    """Host memory of the process (pinned swapped blocks included), GiB; None without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return round(psutil.Process().memory_info().rss / GIB, 1)
 
 
 def _peak(dev: torch.device, before: float) -> float | None:
@@ -359,14 +425,57 @@ def compare_losses(results: list[dict]) -> list[dict]:
     return out
 
 
+def parse_run(spec: str, a: argparse.Namespace) -> Run:
+    """``CONFIG:key=value,...`` (see the module's docstring) as a Run; ValueError naming what is wrong."""
+    config, _, settings = spec.partition(":")
+    if config not in CONFIGS:
+        raise ValueError(f"--runs {spec}: no config {config!r}; configs: {', '.join(sorted(CONFIGS))}")
+    r = Run(config, "fp8", a.steps, a.warmup, a.res, a.rank, "off", tiny=a.tiny, blocks_to_swap=0)
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        if key == "base" and value in ("fp8", "bf16"):
+            r.mode = value
+        elif key == "swap" and value.isdigit():
+            r.blocks_to_swap = int(value)
+        elif key == "act" and value in ("", "true"):
+            r.offload = True
+        elif key == "cap" and value:
+            r.cap_gib = None if a.tiny else float(value)
+        elif key == "compile" and value in ("auto", "blocks", "off"):
+            r.compile = value
+        else:
+            raise ValueError(
+                f"--runs {spec}: cannot read {item!r}; settings: base=fp8|bf16, swap=N, act, cap=GiB,"
+                " compile=auto|blocks|off"
+            )
+    r.label = settings or r.mode
+    return r
+
+
+def _failed(r: Run, error: str, detail: str) -> dict:
+    return {
+        "kind": "error",
+        "error": error,
+        "config": r.config,
+        "mode": r.label or r.mode,
+        "cap_gib": r.cap_gib,
+        "resident": r.resident,
+        "blocks_to_swap": r.blocks_to_swap,
+        "detail": detail,
+    }
+
+
 def table(results: list[dict], losses: list[dict]) -> str:
-    head = f"{'config':<10} {'mode':<8} {'cap GiB':>7} {'resident':>9} {'step s':>8} {'peak GiB':>9} {'x bf16':>7} {'anchor/kern':>11}"
+    head = (
+        f"{'config':<10} {'mode':<20} {'cap GiB':>7} {'resident':>9} {'step s':>8} {'min-max s':>13} {'peak GiB':>9}"
+        f" {'steady':>7} {'x bf16':>7} {'anchor/kern':>11}"
+    )
     lines = [head, "-" * len(head)]
     base = {x["config"]: x for x in results if x.get("kind") == "result" and x["mode"] == "bf16"}
     for x in results:
         if x.get("kind") == "error":
             lines.append(
-                f"{x['config']:<10} {x['mode']:<8} {ts._fmt(x.get('cap_gib'), 'g'):>7} {ts._fmt(x.get('resident'), 'd'):>9} "
+                f"{x['config']:<10} {x['mode']:<20} {ts._fmt(x.get('cap_gib'), 'g'):>7} {ts._fmt(x.get('resident'), 'd'):>9} "
                 f"{x['error']}: {x.get('detail', '')[:70]}"
             )
         if x.get("kind") != "result":
@@ -374,8 +483,9 @@ def table(results: list[dict], losses: list[dict]) -> str:
         b = base.get(x["config"])
         anchor = ts.ISSUE_ANCHOR.get((x["config"], True))
         lines.append(
-            f"{x['config']:<10} {x['mode']:<8} {ts._fmt(x['cap_gib'], 'g'):>7} {x['resident']:>4}/{x['blocks']:<4} "
-            f"{x['step_s']:>8.3f} {ts._fmt(x['peak_gib'], '.2f'):>9} "
+            f"{x['config']:<10} {x['mode']:<20} {ts._fmt(x['cap_gib'], 'g'):>7} {x['resident']:>4}/{x['blocks']:<4} "
+            f"{x['step_s']:>8.3f} {x['step_min_s']:>6.3f}-{x['step_max_s']:<6.3f} {ts._fmt(x['peak_gib'], '.2f'):>9} "
+            f"{ts._fmt(x['steady_peak_gib'], '.2f'):>7} "
             f"{ts._fmt(x['step_s'] / b['step_s'] if b else None, '.2f'):>7} {ts._fmt(anchor[0] / x['step_s'] if anchor else None, '.2f'):>11}"
         )
     for q in losses:
@@ -388,7 +498,7 @@ def table(results: list[dict], losses: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--configs", nargs="+", default=["klein4b"], choices=sorted(ts.CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=["klein4b"], choices=sorted(CONFIGS))
     ap.add_argument(
         "--modes", nargs="+", default=["bf16", "fp8", "fp8swap"], choices=["bf16", "fp8", "fp8g", "swap", "fp8swap"]
     )
@@ -409,6 +519,14 @@ def main(argv: list[str] | None = None) -> int:
         help="GiB caps for the swap modes, one per config (default: issue 8's: klein4b 8, klein9b 12, dev 24, qwen 12)",
     )
     ap.add_argument("--resident", type=int, default=None, help="resident blocks in swap modes (default: planned)")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="CONFIG:SETTINGS",
+        help="runs by their settings instead of --configs x --modes: CONFIG:key=value,... over base (fp8 | bf16),"
+        " swap (N blocks), act, cap (GiB), compile; e.g. dev:swap=56,act,cap=8",
+    )
     ap.add_argument(
         "--cap-all", action="store_true", help="also run the unswapped modes under the cap (after the uncapped run)"
     )
@@ -453,10 +571,29 @@ def main(argv: list[str] | None = None) -> int:
     if a.microbench and cuda:
         for row in linear_microbench(dev):
             emit(row)
+    if a.runs:
+        try:
+            specs = [parse_run(spec, a) for spec in a.runs]
+        except ValueError as err:
+            ap.error(str(err))
+        for r in specs:
+            try:
+                x = run(r, dev)
+            except torch.OutOfMemoryError as err:
+                x = {**_failed(r, "OOM", str(err)[:200]), "peak_gib": ts.peak_gib(dev)}
+            except Exception as err:  # noqa: BLE001 - report and go on with the next run
+                if a.tiny:
+                    raise
+                import traceback
+
+                x = _failed(r, type(err).__name__, traceback.format_exc()[-1500:])
+            emit(x)  # outside the except: its traceback held the failed run's tensors
+            ts.free_memory(dev)
+            _cap(dev, None)
     caps = dict(CAPS)
     if a.cap:
         caps.update(zip(a.configs, a.cap))
-    for config in a.configs:
+    for config in [] if a.runs else a.configs:
         done: dict[str, dict] = {}
         for mode in a.modes:
             swap = mode in ("swap", "fp8swap")

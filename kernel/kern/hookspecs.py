@@ -189,8 +189,9 @@ def reference_sizes(arch: str, variant: str, sizes: list, target: tuple) -> list
     """The (width, height) each reference/control image is resized to before ``encode_latents``, given
     their original sizes and the (width, height) asked for the output, for generation. Sizes must be
     multiples of the architecture's resolution step. The kernel resizes to cover and centre-crops;
-    without an answer it only crops to the step. When the variant requires references and the request
-    sets no size, the output takes the last reference's size from here (as the edit pipelines do)."""
+    without an answer it only crops to the step. When the variant requires references (or its text encoder reads
+    them) and the request sets no size, the output takes the last reference's size from here (as the edit
+    pipelines do)."""
 
 
 @hookspec(firstresult=True)

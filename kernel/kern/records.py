@@ -145,6 +145,10 @@ class Variant:
     ``text_images``: the text encoder reads the control images too (a vision-language encoder of an edit model),
     so the kernel passes each prompt's images to ``encode_text`` as ``options["images"]`` and keys text caches on them.
     ``image_mode`` is the pixel format the VAE takes: ``"RGB"`` or ``"RGBA"`` (layers with alpha).
+    ``multiple_targets``: the variant trains on items with several target images (musubi-tuner's
+    ``multiple_target`` datasets: the captioned image first, then its numbered siblings). They are cached as the
+    frames of one latent, (F, C, h, w), denoised together at one timestep, and the first target is also given
+    clean, as the one reference the model conditions on. Only such datasets train it, and only it trains on them.
     """
 
     name: str
@@ -163,7 +167,9 @@ class Variant:
     references: str = attrs.field(default="optional", validator=attrs.validators.in_(("none", "optional", "required")))
     text_images: bool = False
     image_mode: str = attrs.field(default="RGB", validator=attrs.validators.in_(("RGB", "RGBA")))
+    multiple_targets: bool = False
     untrainable: str = ""  # why kern cannot train this variant yet ("" = it can); `kern train` refuses it at start
+    musubi_version: str = ""  # musubi-tuner's --model_version for this variant (`kern import musubi`); default: name
 
 
 @attrs.frozen
@@ -201,6 +207,9 @@ class Architecture:
     implementation: str = ""  # modelspec.implementation: where the reference implementation lives
     options: tuple[Option, ...] = ()
     cache_layout: CacheLayout = attrs.field(factory=CacheLayout)  # names and shapes in the cache files
+    # musubi-tuner's LoRA training script for it, without ".py" (`kern import musubi`); its default --model_version is
+    # default_variant's
+    musubi_script: str = ""
 
     def variant(self, name: str | None) -> Variant:
         """The variant called ``name`` (or one of its aliases); the default one when ``name`` is None."""

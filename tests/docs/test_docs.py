@@ -274,6 +274,9 @@ def parse_args(command: click.Command, args: list[str], label: str, problems: li
     subcommand). Unknown options, missing and unconvertible values go to ``problems``; prose (``inline``) may name
     an option without its value (`kern train --config`)."""
     table = option_table(command)
+    # a command that passes another program's options through (`kern import musubi`): its own options come first
+    settings = command.context_settings
+    passthrough = settings.get("ignore_unknown_options") and not settings.get("allow_interspersed_args", True)
     values: list[tuple[click.Option, Any]] = []
     positionals: list[str] = []
     i = 0
@@ -283,6 +286,9 @@ def parse_args(command: click.Command, args: list[str], label: str, problems: li
         if not tok.startswith("-") or tok == "-" or re.fullmatch(r"-[\d.]+", tok):
             if isinstance(command, click.Group):
                 return values, [tok], args[i:]
+            if passthrough:
+                positionals += args[i - 1 :]
+                break
             positionals.append(tok)
             continue
         name, eq, attached = tok.partition("=") if tok.startswith("--") else (tok, "", "")
@@ -291,6 +297,9 @@ def parse_args(command: click.Command, args: list[str], label: str, problems: li
         param = table.get(name)
         if param is None and re.fullmatch(r"-(\w)\1+", name) and getattr(table.get(name[:2]), "count", False):
             continue  # -vv
+        if param is None and passthrough:
+            positionals += args[i - 1 :]
+            break
         if param is None:
             problems.append(f"{label}: no option {name}; it takes {', '.join(sorted(table))}")
             continue
@@ -345,6 +354,12 @@ def check_command(args: list[str], label: str, inline: bool = False) -> list[str
     command = group.commands.get(sub[0])
     if command is None:
         return problems + [f"{label}: no subcommand `kern {sub[0]}` (kern has: {', '.join(group.commands)})"]
+    while isinstance(command, click.Group) and rest:  # a group of subcommands: `kern import musubi`
+        _, sub, rest = parse_args(command, rest, f"{label}: kern {command.name}", problems)
+        inner = command.commands.get(sub[0]) if sub else None
+        if inner is None:
+            return problems + [f"{label}: no subcommand {sub[:1]} of `kern {command.name}`"] if sub else problems
+        command = inner
     name = f"{label}: kern {command.name}"
     values, positionals, _ = parse_args(command, rest, name, problems, inline)
     arguments = [p for p in command.params if isinstance(p, click.Argument)]
@@ -546,9 +561,8 @@ def check_dataset_block(block: Block) -> list[str]:
     k = kernel()
     problems = []
     for n, table, key in toml_keys(block):
-        allowed = {"general": k.dataset_general_keys, "datasets": k.dataset_general_keys | k.dataset_own_keys}.get(
-            table
-        )
+        every = k.dataset_general_keys | k.dataset_own_keys
+        allowed = {"general": k.dataset_general_keys, "datasets": every, "validation.datasets": every}.get(table)
         if allowed is None:
             problems.append(
                 f"{where(block.path, n)}: [{table}] is not a dataset config table ([general], [[datasets]])"

@@ -230,7 +230,7 @@ def test_mixed_reference_counts_never_share_a_batch(tmp_path):
         tmp_path,
         names=("a", "c", "e"),
         controls={"a": 2, "c": 1},
-        extra='control_directory = "controls"\nbatch_size = 4',
+        extra='control_directory = "controls"\nbatch_size = 4\nallow_missing_control = true',
     )
     items, _, _ = build(specs)
     batches = batch_order(items, specs, seed=0, epoch=0)

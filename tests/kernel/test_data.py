@@ -228,7 +228,6 @@ def test_video_keys_are_rejected(tmp_path, key_line):
         ("dataset", "num_repeats = 0", "num_repeats", "at least 1"),
         ("dataset", "caption_dropout_rate = 1.5", "caption_dropout_rate", "between 0 and 1"),
         ("general", 'cache_directory = "c"', "cache_directory", "per dataset"),
-        ("dataset", "multiple_target = true", "multiple_target", "not supported"),
     ],
 )
 def test_bad_keys_and_types_name_file_and_key(tmp_path, where, line, key, what):
@@ -516,7 +515,8 @@ def _items_with_controls(tmp_path, counts: dict[str, int], batch_size=2, repeats
             image(tmp_path / "controls" / f"{stem}_{c}.png", (48, 80))
     specs = one_dataset(
         tmp_path,
-        extra=f'control_directory = "controls"\nbatch_size = {batch_size}\nnum_repeats = {repeats}\ncontrol_resolution = 64',
+        extra=f'control_directory = "controls"\nbatch_size = {batch_size}\nnum_repeats = {repeats}\ncontrol_resolution = 64'
+        "\nallow_missing_control = true",  # some items have no control
     )
     return scan_items(specs, STEP), specs
 

@@ -218,13 +218,13 @@ def test_resume_skips_a_damaged_checkpoint_and_tolerates_a_torn_metrics_line(tmp
     assert train_cli(dataset, full, "--steps", "6").returncode == 0
     out = tmp_path / "run"
     assert train_cli(dataset, out, "--steps", "6", "--set", "save.every_n_steps=2").returncode == 0
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002", "step-000004"] or sorted(
-        p.name for p in (out / "checkpoints").iterdir()
-    ) == ["step-000002", "step-000004"]
-    damaged = out / "checkpoints" / "step-000004" / "state.safetensors"
-    data = bytearray(damaged.read_bytes())
-    data[-5] ^= 0xFF  # one byte of tensor data: the header still reads, only the digest can tell
-    damaged.write_bytes(bytes(data))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    (out / "adapter.safetensors").unlink()  # unfinished (killed before its final save): a finished one is not redone
+    for step in ("step-000006", "step-000004"):  # the last step has a checkpoint too (issue 17): damage both
+        damaged = out / "checkpoints" / step / "state.safetensors"
+        data = bytearray(damaged.read_bytes())
+        data[-5] ^= 0xFF  # one byte of tensor data: the header still reads, only the digest can tell
+        damaged.write_bytes(bytes(data))
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "lo')  # a write torn by kill -9
     # Debris of a killed process: temporary files of atomic writes, a half-written checkpoint folder.
@@ -253,7 +253,8 @@ def test_resume_skips_a_damaged_checkpoint_and_tolerates_a_torn_metrics_line(tmp
 def test_resume_with_no_intact_checkpoint_names_them(tmp_path, dataset):
     out = tmp_path / "run"
     assert train_cli(dataset, out, "--steps", "4", "--set", "save.every_n_steps=2").returncode == 0
-    (out / "checkpoints" / "step-000002" / "state.json").write_text("{not json")
+    for step in ("step-000002", "step-000004"):  # the last step has a checkpoint too (issue 17)
+        (out / "checkpoints" / step / "state.json").write_text("{not json")
     proc = train_cli(dataset, out, "--steps", "4", "--resume")
     assert proc.returncode == 2
     assert "no intact checkpoint" in proc.stderr and "step-000002" in proc.stderr and "state.json" in proc.stderr
@@ -262,7 +263,7 @@ def test_resume_with_no_intact_checkpoint_names_them(tmp_path, dataset):
 def test_resume_with_another_network_is_a_clear_error(tmp_path, dataset):
     out = tmp_path / "run"
     assert train_cli(dataset, out, "--steps", "4", "--set", "save.every_n_steps=2").returncode == 0
-    proc = train_cli(dataset, out, "--steps", "4", "--resume", "--network-opt", "rank=8")
+    proc = train_cli(dataset, out, "--steps", "6", "--resume", "--network-opt", "rank=8")  # 6: continue it
     assert proc.returncode == 2, proc.stderr
     assert "does not fit this job" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -40,7 +40,9 @@ def command(what, config_path, arch, dataset, model_path, vae, text_encoder, tra
         )
         if v
     }
-    job = kconfig.load_job(config_path, overrides)
+    from kern.train.presets import read_preset
+
+    job = kconfig.load_job(config_path, overrides, read_preset)  # a job file may start from a preset
     from kern.train.caching import cache_only
 
     counts = cache_only(job, text=what in ("text", "all"), latents=what in ("latents", "all"))

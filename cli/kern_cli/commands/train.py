@@ -26,6 +26,12 @@ def _pairs(values: tuple[str, ...], option: str) -> list[tuple[str, Any]]:
     type=click.Path(dir_okay=False),
     help="Job TOML ([model], [network], [dataset], [train], ...).",
 )
+@click.option(
+    "--preset",
+    metavar="NAME",
+    help="Start from a preset per card, e.g. flux2-klein-4b-12gb (docs/training.md lists them); the job file's "
+    "keys and the other options override it.",
+)
 @click.option("--arch", help="Architecture or variant alias, e.g. flux2-klein-4b (overrides model.arch).")
 @click.option(
     "--model",
@@ -49,25 +55,32 @@ def _pairs(values: tuple[str, ...], option: str) -> list[tuple[str, Any]]:
 @click.option(
     "--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any config key, e.g. train.seed=1 (repeatable)."
 )
-@click.option("--resume", is_flag=True, help="Continue from the newest intact checkpoint in the run folder.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from the newest intact checkpoint in the run folder; with --steps N above its steps, a finished "
+    "run trains on to N.",
+)
 @click.option(
     "--overwrite",
     is_flag=True,
     help="Replace an earlier run in the run folder (its adapter, checkpoints, samples, logs).",
 )
 def command(
-    config_path, arch, model_path, network, dataset, out, steps, lr, network_opts, sets, resume, overwrite
+    config_path, preset, arch, model_path, network, dataset, out, steps, lr, network_opts, sets, resume, overwrite
 ) -> None:
     """Train a LoRA / LoHa adapter.
 
-    Values come from the job file, then command-line options override them. Everything is checked before any
-    work; a folder holding an earlier run needs --resume or --overwrite. Ctrl-C (SIGINT) or SIGTERM finishes the
-    step, writes a checkpoint and exits (130 / 143); --resume continues from it. Example:
+    Values come from the preset (--preset), then the job file, then command-line options override them. Everything
+    is checked before any work; a folder holding an earlier run needs --resume or --overwrite. Ctrl-C (SIGINT) or
+    SIGTERM finishes the step, writes a checkpoint and exits (130 / 143); --resume continues from it. Examples:
 
         kern train --arch flux2-klein-4b --network loha --dataset dataset.toml --out runs/x
+        kern train --preset flux2-klein-4b-12gb --model black-forest-labs/FLUX.2-klein-base-4B --dataset d.toml
     """
     overrides: dict[str, Any] = {}
     for key, value in (
+        ("preset", preset),
         ("model.arch", arch),
         ("model.path", model_path),
         ("network.type", network),
@@ -80,7 +93,9 @@ def command(
             overrides[key] = value
     overrides.update({f"network.{k}": v for k, v in _pairs(network_opts, "--network-opt")})
     overrides.update(dict(_pairs(sets, "--set")))
-    job = kconfig.load_job(config_path, overrides)
+    from kern.train.presets import read_preset
+
+    job = kconfig.load_job(config_path, overrides, read_preset)
 
     from kern.train import driver as train
 

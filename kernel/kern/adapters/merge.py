@@ -215,7 +215,7 @@ def merge(
                     f"{model_path}: tensor {key!r} holds {bad}; the checkpoint is corrupt: re-download or re-export it. Nothing was written"
                 )
             if key in contributions:
-                t = _merged(t, contributions[key], shape, key, manager, out_path)
+                t = merged_weight(t, contributions[key], shape, key, manager, out_path)
             out = _cast(t, dst)
             if out.dtype != t.dtype and out.is_floating_point() and not _is_fp8(out.dtype):
                 bad = describe_nonfinite(out)
@@ -244,7 +244,7 @@ def _module_map(manager: Any, arch: str | None, variant: str | None) -> Any:
         raise UsageError(str(exc.args[0])) from None
 
 
-def _merged(
+def merged_weight(
     base: torch.Tensor, parts: list, shape: tuple[int, ...], key: str, manager: Any, out_path: Path
 ) -> torch.Tensor:
     """``base + Σ m · ΔW`` in float32; ``AdapterError`` when a ΔW does not fit or the sum is not finite."""

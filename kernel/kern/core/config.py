@@ -13,7 +13,7 @@ import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 
@@ -241,9 +241,14 @@ def _could_be_elsewhere(value: str) -> bool:
     return Path(value).expanduser().exists() or parse(value) is not None
 
 
-def load_job(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> JobConfig:
+def load_job(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    read_preset: Callable[[str], dict[str, Any]] | None = None,
+) -> JobConfig:
     """Read a job TOML (or start from defaults), apply ``overrides`` (dotted key → value) and check every value
-    that needs no plugin to judge (:func:`check_job`)."""
+    that needs no plugin to judge (:func:`check_job`). A ``preset`` (the job's top-level key or an override) is read
+    with ``read_preset`` (``kern.train.presets.read_preset``); its keys go under the job file's and the overrides'."""
     data: dict[str, Any] = {}
     where = "<defaults>"
     if path is not None:
@@ -254,12 +259,26 @@ def load_job(path: str | Path | None = None, overrides: Mapping[str, Any] | None
         _resolve_weight_paths(data, p.parent)
     for dotted, value in (overrides or {}).items():
         apply_override(data, dotted, value)
+    if data.get("preset") is not None:
+        if not isinstance(data["preset"], str):
+            raise ConfigError(f"{where}: preset must be a preset's name (kern train --preset), got {data['preset']!r}")
+        if read_preset is None:  # kern.core reads no presets itself: they are kern.train's (a higher layer)
+            raise ConfigError(f"{where}: preset = {data['preset']!r}: presets are read by `kern train` only")
+        data = _under(read_preset(data["preset"]), data)
     where_all = where if not overrides else f"{where} (with command-line overrides {sorted(overrides)})"
     job = _build(JobConfig, data, where_all, "")
     job.source = where
     job.given = frozenset(_dotted_keys(data))
     check_job(job)
     return job
+
+
+def _under(preset: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` over ``preset``, section by section (a job's ``[train]`` keys replace only those keys of the preset)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in preset.items()}
+    for key, value in data.items():
+        out[key] = {**out[key], **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _read_toml(p: Path) -> dict[str, Any]:

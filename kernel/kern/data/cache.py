@@ -94,12 +94,14 @@ def ensure_latent_cache(
     arch_name: str | None = None,
     layout: CacheLayout = NO_LAYOUT,
     grid: tuple[int, int] | None = None,
+    mode: str = "RGB",
 ) -> int:
     """Encode the latents of every item whose cache is missing, stale or corrupt; return how many.
 
-    ``encode(images)`` takes (B, 3, H, W) in [-1, 1] and returns (B, C, h, w) (or (B, F, C, h, w));
-    it is called with up to ``batch_size`` images of one bucket at a time (targets, then each control
-    index). ``settings`` (JSON-able: the VAE file, its dtype ...) is part of the fingerprint, so
+    ``encode(images)`` takes (B, 3, H, W) in [-1, 1] (B, 4, H, W with ``mode="RGBA"``) and returns (B, C, h, w)
+    (or (B, F, C, h, w)); it is called with up to ``batch_size`` images of one bucket at a time (targets, then
+    each further target index, then each control index). An item with further targets (``Item.target_paths``)
+    is stored as frames (F, C, h, w), its first target first. ``settings`` (JSON-able: the VAE file, its dtype ...) is part of the fingerprint, so
     changing it rebuilds every cache. ``arch_name`` is written as ``architecture`` (default ``arch_id``).
     ``layout`` says how latents are stored; ``grid`` = (latent channels, pixels per latent cell) lets a file
     without kern's fingerprint be checked, and reused when it fits (without it such a file is rebuilt).
@@ -107,7 +109,7 @@ def ensure_latent_cache(
     dtype = _as_dtype(dtype)
     name = arch_name or arch_id
     items = list({item.key: item for item in items}.values())
-    prints = {item.key: latent_fingerprint(item, dtype, settings, layout) for item in items}
+    prints = {item.key: latent_fingerprint(item, dtype, settings, layout, mode) for item in items}
     states = {
         i.key: latent_state(latent_cache_path(i, arch_id), i, prints[i.key], arch_name=name, layout=layout, grid=grid)
         for i in items
@@ -119,10 +121,10 @@ def ensure_latent_cache(
     _remove_old_sizes(items, arch_id)
     groups: dict[tuple, list[Item]] = {}
     for item in stale:
-        groups.setdefault((item.bucket, item.control_buckets), []).append(item)
+        groups.setdefault((item.bucket, item.control_buckets, len(item.target_paths)), []).append(item)
     for group in groups.values():
         for chunk in _chunks(group, max(1, batch_size)):
-            _encode_latents(chunk, arch_id, encode, dtype, prints, name, layout)
+            _encode_latents(chunk, arch_id, encode, dtype, prints, name, layout, mode)
     return len(stale)
 
 
@@ -134,8 +136,15 @@ def _encode_latents(
     prints: Mapping[str, str],
     arch_name: str,
     layout: CacheLayout,
+    mode: str = "RGB",
 ) -> None:
-    targets = _encode_images(encode, [(i.image_path, i.bucket, i.step) for i in chunk], dtype)
+    targets = _encode_images(encode, [(i.image_path, i.bucket, i.step) for i in chunk], dtype, mode)
+    if chunk[0].target_paths:  # several targets: one encode per target index, stacked as frames (F, C, h, w)
+        layers = [
+            _encode_images(encode, [(i.target_paths[n], i.bucket, i.step) for i in chunk], dtype, mode)
+            for n in range(len(chunk[0].target_paths))
+        ]
+        targets = torch.stack([targets, *layers], dim=1)
     controls = [
         _encode_images(encode, [(i.control_paths[c], i.control_buckets[c], i.step) for i in chunk], dtype)
         for c in range(len(chunk[0].control_paths))
@@ -158,9 +167,9 @@ def _encode_latents(
 
 
 def _encode_images(
-    encode: LatentEncode, images: Sequence[tuple[Path, tuple[int, int], int]], dtype: torch.dtype
+    encode: LatentEncode, images: Sequence[tuple[Path, tuple[int, int], int]], dtype: torch.dtype, mode: str = "RGB"
 ) -> torch.Tensor:
-    batch = torch.stack([load_image(path, size, crop_below=step) for path, size, step in images])
+    batch = torch.stack([load_image(path, size, crop_below=step, mode=mode) for path, size, step in images])
     with torch.no_grad():
         out = encode(batch)
     if not isinstance(out, torch.Tensor) or out.ndim < 3 or out.shape[0] != len(images):
@@ -302,7 +311,9 @@ def load_batch(
     layout: CacheLayout = NO_LAYOUT,
 ) -> dict[str, Any]:
     """One batch from the caches: ``latents`` (B, C, h, w) float32, ``text`` ``{name: (B, ...)}``,
-    ``references`` (one (B, C, h_i, w_i) float32 per control, or ``None``), ``keys``, ``captions``.
+    ``references`` (one (B, C, h_i, w_i) float32 per control, or ``None``), ``keys``, ``captions``. Items with
+    several targets (``Item.target_paths``) give ``latents`` (B, F, C, h, w) and their first target as the one
+    reference (``kern.records.Variant.multiple_targets``).
 
     With ``caption_dropout_rate`` > 0 each item's text is, with that probability (drawn from
     ``generator``), the empty caption's encoding; its ``captions`` entry is then ``""``. Items must
@@ -325,8 +336,11 @@ def load_batch(
             f"batch {[i.key for i in items]} mixes items with different numbers of control images; build batches with kern.data.items.batch_order"
         )
     refs = [_stack([r[c] for r in references], "latents_control", items) for c in range(n_refs.pop())]
+    stacked = _stack(latents, "latents", items)
+    if items[0].target_paths:  # several targets (B, F, C, h, w): the first, clean, is the one reference
+        refs = [stacked[:, 0]]
     return {
-        "latents": _stack(latents, "latents", items),
+        "latents": stacked,
         "text": _collate_text(texts, items, layout),
         "references": refs or None,
         "keys": [i.key for i in items],

@@ -174,9 +174,14 @@ def _file_stamp(path: Path) -> dict[str, Any]:
 
 
 def latent_fingerprint(
-    item: Item, dtype: torch.dtype, settings: Mapping[str, Any] | None, layout: CacheLayout = NO_LAYOUT
+    item: Item,
+    dtype: torch.dtype,
+    settings: Mapping[str, Any] | None,
+    layout: CacheLayout = NO_LAYOUT,
+    mode: str = "RGB",
 ) -> str:
-    """What the item's latents depend on; a different value means the cache is stale."""
+    """What the item's latents depend on (its images, their sizes, the pixel ``mode`` the VAE reads ...); a
+    different value means the cache is stale."""
     controls = [{**_file_stamp(p), "bucket": list(b)} for p, b in zip(item.control_paths, item.control_buckets)]
     return _json(
         {
@@ -190,6 +195,8 @@ def latent_fingerprint(
             "settings": dict(settings or {}),
             # Only when set, so that files written before layouts existed stay current where nothing changed.
             **({"frames": True} if layout.latent_frames else {}),
+            **({"targets": [_file_stamp(p) for p in item.target_paths]} if item.target_paths else {}),
+            **({"mode": mode} if mode != "RGB" else {}),
         }
     )
 
@@ -260,10 +267,12 @@ def latent_state(
     ):
         return None
     channels, cell = grid
-    sizes = [("latents", targets[0], item.bucket)]
-    sizes += [(f"latents_control_{i}", controls[i], b) for i, b in enumerate(item.control_buckets)]
-    for prefix, key, (w, h) in sizes:
-        shape = [channels, *([1] if layout.latent_frames else []), h // cell, w // cell]
+    if item.target_paths and not layout.latent_frames:
+        return None  # several targets are stored as frames; without that layout only kern's own files are known
+    sizes = [("latents", targets[0], item.bucket, 1 + len(item.target_paths))]
+    sizes += [(f"latents_control_{i}", controls[i], b, 1) for i, b in enumerate(item.control_buckets)]
+    for prefix, key, (w, h), frames in sizes:
+        shape = [channels, *([frames] if layout.latent_frames else []), h // cell, w // cell]
         entry = tensors[key]
         dtype = _FLOAT_DTYPES.get(entry.get("dtype", ""))
         if list(entry.get("shape", ())) != shape or key != f"{prefix}_{'x'.join(map(str, shape[1:]))}_{dtype}":

@@ -44,6 +44,10 @@ SHARED_KEYS: dict[str, tuple[str, Any]] = {
     # kern's own additions.
     "caption_dropout_rate": ("float", 0.0),
     "default_caption": ("str", None),
+    # sd-scripts' validation keys: hold out this share of a [[datasets]] table's items, split with this seed
+    # (default: train.seed); the seed also fixes the validation noise (kern.train.validation).
+    "validation_split": ("float", 0.0),
+    "validation_seed": ("int", None),
 }
 # Keys allowed per dataset only (they name folders, or would clash if shared).
 DATASET_KEYS: dict[str, tuple[str, Any]] = {
@@ -52,6 +56,8 @@ DATASET_KEYS: dict[str, tuple[str, Any]] = {
     "cache_directory": ("path", None),
     "control_directory": ("path", None),
     "multiple_target": ("bool", False),
+    # kern's own: images that match no file of control_directory train without controls instead of being an error.
+    "allow_missing_control": ("bool", False),
 }
 # musubi names some keys after an architecture ("<prefix>_no_resize_control", "<prefix>_control_resolution"); kern
 # reads each as the plain key, with a warning to rename it, whatever the prefix.
@@ -96,10 +102,15 @@ class DatasetSpec:
     control_resolution: Size | None = None
     caption_dropout_rate: float = 0.0
     default_caption: str | None = None
+    multiple_target: bool = False  # musubi's: each image comes with numbered target images (RGBA layers)
+    allow_missing_control: bool = False
+    validation_split: float = 0.0
+    validation_seed: int | None = None
+    label: str | None = None  # the table, for messages: "validation.datasets[0]"; default "datasets[<index>]"
 
     @property
     def where(self) -> str:
-        return f"{self.source}: datasets[{self.index}]"
+        return f"{self.source}: {self.label or f'datasets[{self.index}]'}"
 
 
 def load_dataset_config(path: str | os.PathLike) -> list[DatasetSpec]:
@@ -110,9 +121,10 @@ def load_dataset_config(path: str | os.PathLike) -> list[DatasetSpec]:
     except OSError as exc:  # e.g. a name too long for the file system
         raise DatasetError(f"{path}: cannot read the dataset config ({exc.strerror or exc})") from None
     for key in raw:
-        if key not in ("general", "datasets"):
+        if key not in ("general", "datasets", "validation"):
             raise DatasetError(
-                f"{path}: unknown top-level key {key!r}; a dataset config has [general] and [[datasets]]"
+                f"{path}: unknown top-level key {key!r}; a dataset config has [general], [[datasets]] and "
+                "[[validation.datasets]]"
             )
     general = raw.get("general", {})
     if not isinstance(general, dict):
@@ -128,6 +140,32 @@ def load_dataset_config(path: str | os.PathLike) -> list[DatasetSpec]:
     shared = _read_section(general, path, "[general]", SHARED_KEYS)
     specs = [_dataset_spec(i, d, shared, path) for i, d in enumerate(datasets)]
     _check_unique_cache_dirs(specs)
+    return specs
+
+
+def load_validation_config(path: str | os.PathLike, first_index: int = 0) -> list[DatasetSpec]:
+    """The config's ``[[validation.datasets]]`` tables (held-out data: the keys of ``[[datasets]]``, ``[general]``
+    applying, ``validation_split`` excepted), indexed from ``first_index`` (after the training datasets, so item keys
+    stay unique); ``[]`` when it has none. Call after :func:`load_dataset_config` has checked the file."""
+    path = Path(path)
+    raw = _read_config(path)
+    section = raw.get("validation")
+    if section is None:
+        return []
+    tables = section.get("datasets") if isinstance(section, dict) and set(section) == {"datasets"} else None
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+        raise DatasetError(f"{path}: 'validation' holds only [[validation.datasets]] tables (one or more)")
+    shared = _read_section(raw.get("general", {}), path, "[general]", SHARED_KEYS)
+    specs = []
+    for j, table in enumerate(tables):
+        name = f"validation.datasets[{j}]"
+        if "validation_split" in table:
+            raise DatasetError(
+                f"{path}: {name} key 'validation_split': a validation dataset is held out whole; remove the key "
+                "(validation_split splits a [[datasets]] table)"
+            )
+        spec = _dataset_spec(first_index + j, table, shared, path, name)
+        specs.append(attrs.evolve(spec, validation_split=0.0))  # [general]'s split is for the training tables
     return specs
 
 
@@ -275,8 +313,10 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _dataset_spec(index: int, table: Mapping[str, Any], shared: Mapping[str, Any], path: Path) -> DatasetSpec:
-    name = f"datasets[{index}]"
+def _dataset_spec(
+    index: int, table: Mapping[str, Any], shared: Mapping[str, Any], path: Path, name: str | None = None
+) -> DatasetSpec:
+    name = name or f"datasets[{index}]"
     where = f"{path}: {name}"
     own = _read_section(table, path, name, {**SHARED_KEYS, **DATASET_KEYS})
     values = {key: own.get(key, shared.get(key, default)) for key, (_, default) in SHARED_KEYS.items()}
@@ -290,9 +330,10 @@ def _dataset_spec(index: int, table: Mapping[str, Any], shared: Mapping[str, Any
         paths[key], origin = locate_path(own[key], path.parent, f"{where} key {key!r}", "the config's folder", prefer)
         if key in ("image_directory", "image_jsonl_file"):
             found_from = origin
-    if own.get("multiple_target"):
+    if own.get("multiple_target") and paths["control_directory"]:
         raise DatasetError(
-            f"{where} key 'multiple_target': layered (multiple-target) datasets are not supported by kern; remove the key"
+            f"{where} key 'control_directory': a multiple_target dataset has no control images (its captioned "
+            "image is the condition); remove control_directory"
         )
     if paths["image_directory"] and paths["image_jsonl_file"]:
         raise DatasetError(f"{where}: set image_directory or image_jsonl_file, not both")
@@ -312,6 +353,9 @@ def _dataset_spec(index: int, table: Mapping[str, Any], shared: Mapping[str, Any
         image_directory=paths["image_directory"],
         image_jsonl_file=paths["image_jsonl_file"],
         control_directory=paths["control_directory"],
+        multiple_target=own.get("multiple_target", False),
+        allow_missing_control=own.get("allow_missing_control", False),
+        label=name,
         **values,
     )
 
@@ -360,6 +404,13 @@ def _check_ranges(values: Mapping[str, Any], where: str) -> None:
             raise DatasetError(f"{where} key {key!r}: must be at least 1, got {short_repr(values[key])}")
         if values[key] > top:
             raise DatasetError(f"{where} key {key!r}: must be at most {top}, got {short_repr(values[key])}")
+    if not 0.0 <= values["validation_split"] < 1.0:
+        raise DatasetError(
+            f"{where} key 'validation_split': must be at least 0 and below 1, got {values['validation_split']}; "
+            "to hold out a whole folder, give it a [[validation.datasets]] table"
+        )
+    if values["validation_seed"] is not None and not 0 <= values["validation_seed"] < 2**63:
+        raise DatasetError(f"{where} key 'validation_seed': must be between 0 and 2**63 - 1")
     if not 0.0 <= values["caption_dropout_rate"] <= 1.0:
         raise DatasetError(
             f"{where} key 'caption_dropout_rate': must be between 0 and 1, got {values['caption_dropout_rate']}"

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import attrs
 
 from kern.core.io import ensure_writable_dir
+from kern.data import targets
 from kern.data.buckets import control_bucket, make_buckets, target_bucket
 from kern.data.dataset_config import PATH_HINT, DatasetSpec, Size, locate_path, read_text_file, short_repr
 from kern.data.images import IMAGE_EXTENSIONS, probe
@@ -50,6 +51,8 @@ class Item:
     cache_dir: Path
     stem: str
     step: int  # the resolution step; load_image crops (never resamples) a trim smaller than this
+    # multiple_target datasets: the further target images (layers), trained at ``bucket`` (kern.data.targets)
+    target_paths: tuple[Path, ...] = ()
 
 
 # --------------------------------------------------------------------------- scanning
@@ -62,6 +65,7 @@ class _Entry:
     image_path: Path
     caption: str | None
     control_paths: tuple[Path, ...]
+    target_paths: tuple[Path, ...] = ()
 
 
 @attrs.define
@@ -161,7 +165,7 @@ def _scan_dataset(spec: DatasetSpec, step: int) -> list[Item]:
     buckets = _buckets_of(spec, step)
     entries = _directory_entries(spec, skips) if spec.image_directory else _jsonl_entries(spec, skips)
     _check_unique_stems(spec, entries)
-    paths = {p for e in entries for p in (e.image_path, *e.control_paths)}
+    paths = {p for e in entries for p in (e.image_path, *e.control_paths, *e.target_paths)}
     sizes = _probe_all(sorted(paths))
     items = []
     for entry in entries:
@@ -169,6 +173,7 @@ def _scan_dataset(spec: DatasetSpec, step: int) -> list[Item]:
         if item is not None:
             items.append(item)
     skips.summary()
+    targets.check_counts(spec, items)
     return items
 
 
@@ -209,6 +214,11 @@ def _make_item(
             skips.add(f"control image smaller than one resolution step ({step} px)", path, image=str(entry.image_path))
             return None
         control_buckets.append(cbucket)
+    for path in entry.target_paths:
+        if isinstance(sizes[path], str):
+            skips.add("unreadable or truncated layer image", path, error=sizes[path], image=str(entry.image_path))
+            return None
+        targets.check_alpha(path, entry.image_path, spec)
     stem = entry.image_path.stem
     return Item(
         key=f"{spec.index}/{stem}",
@@ -222,6 +232,7 @@ def _make_item(
         cache_dir=spec.cache_directory,
         stem=stem,
         step=step,
+        target_paths=entry.target_paths,
     )
 
 
@@ -242,13 +253,33 @@ def _directory_entries(spec: DatasetSpec, skips: _Skips) -> list[_Entry]:
         if spec.control_directory
         else {}
     )
+    layers: dict[Path, tuple[Path, ...]] = {}
+    if spec.multiple_target:
+        images, layers = targets.split_targets(images, spec)
     entries = []
     for image in images:
         caption = _read_caption(image, spec, skips)
         if caption is None:
             continue
-        entries.append(_Entry(image, caption, controls.get(image.stem, ())))
+        entries.append(_Entry(image, caption, controls.get(image.stem, ()), layers.get(image, ())))
+    if spec.control_directory:
+        _check_missing_controls(spec, [e.image_path for e in entries if not e.control_paths])
     return entries
+
+
+def _check_missing_controls(spec: DatasetSpec, missing: Sequence[Path]) -> None:
+    """Images that no file of ``control_directory`` matches: an error (as in musubi-tuner; a file missing from a
+    control folder is more likely a mistake), or, with ``allow_missing_control``, items without controls."""
+    if not missing:
+        return
+    names = ", ".join(p.name for p in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    if not spec.allow_missing_control:
+        raise DatasetError(
+            f"{spec.where} key 'control_directory': {len(missing)} image(s) have no control image in "
+            f"{spec.control_directory} ({names}); add them (<stem>.<ext> or <stem>_<n>.<ext>), or set "
+            "allow_missing_control = true in this [[datasets]] table to train those images without controls"
+        )
+    log.info("images without control images", dataset=spec.where, items=len(missing), first=names)
 
 
 def _read_caption(image: Path, spec: DatasetSpec, skips: _Skips) -> str | None:
@@ -336,15 +367,16 @@ def _jsonl_entry(
         raise DatasetError(f"{where}: each line must be a JSON object with image_path and caption")
     if "video_path" in record:
         raise DatasetError(f"{where} key 'video_path': kern trains images; video datasets are not supported")
-    if not isinstance(record.get("image_path"), str):
+    named = targets.jsonl_targets(record, where) if spec.multiple_target else [("image_path", record.get("image_path"))]
+    if not isinstance(named[0][1], str):
         raise DatasetError(f"{where} key 'image_path': missing or not a string; every line needs the image's path")
-    image_path = _jsonl_path(record["image_path"], path, where, "image_path")
+    image_path, *layers = (_jsonl_path(value, path, where, key) for key, value in named)
     controls: list[tuple[int, Path]] = []
     for key, value in record.items():
         m = _CONTROL_KEY.fullmatch(key)
         if key == "control_path" or m:
             controls.append((int(m.group(1)) if m else -1, _jsonl_path(value, path, where, key)))
-        elif key not in JSONL_KEYS:
+        elif key not in JSONL_KEYS and key not in {k for k, _ in named}:
             ignored.add(key)
     caption = record.get("caption")
     if caption is not None and not isinstance(caption, str):
@@ -353,7 +385,8 @@ def _jsonl_entry(
     if caption is None:
         skips.add("no caption", image_path, line=lineno)
         return None
-    return _Entry(image_path, caption.strip(), tuple(p for _, p in sorted(controls, key=lambda c: c[0])))
+    controls_sorted = tuple(p for _, p in sorted(controls, key=lambda c: c[0]))
+    return _Entry(image_path, caption.strip(), controls_sorted, tuple(layers))
 
 
 def _jsonl_path(value: Any, jsonl: Path, where: str, key: str) -> Path:
@@ -404,7 +437,7 @@ def _probe_all(paths: Sequence[Path]) -> dict[Path, Size | str]:
 
 def batch_key(item: Item) -> tuple:
     """Items with equal keys stack into one batch: same dataset, target size, and control count and sizes."""
-    return (item.dataset_index, item.bucket, len(item.control_buckets), item.control_buckets)
+    return (item.dataset_index, item.bucket, len(item.control_buckets), item.control_buckets, len(item.target_paths))
 
 
 def batch_order(items: Sequence[Item], specs: Sequence[DatasetSpec], seed: int, epoch: int) -> list[list[int]]:

@@ -27,7 +27,7 @@ from kern.generate import pnginfo
 from kern.generate.denoise import euler_denoise, seeded_noise, to_pil
 from kern.generate.outputs import contact_sheet, next_index, save_png
 from kern.generate.plan import Image, Planner, collate_texts, text_shapes
-from kern.generate.setup import DTYPES, PART_OPTIONS, SETUP_NUMBERS, Setup, _device, _same_arch, resolve_files
+from kern.generate.setup import DTYPES, PART_OPTIONS, SETUP_NUMBERS, Setup, _device, resolve_files
 from kern.log import get_logger
 from kern.records import Architecture, Variant
 
@@ -118,6 +118,7 @@ class Generator:
 
     def _check_adapters(self) -> None:
         """An adapter trained for another architecture fails here, before any model loads."""
+        from kern.adapters.network.metadata import is_for, made_for
         from kern.core.io import read_header
 
         for path, _ in self.setup.weights:
@@ -125,10 +126,10 @@ class Generator:
                 _, metadata = read_header(path)
             except Exception as exc:
                 raise AdapterError(str(exc)) from None
-            made_for = metadata.get("kern.arch") or metadata.get("modelspec.architecture", "").split("/")[0]
-            if made_for and not _same_arch(made_for, self.arch):
+            made = made_for(metadata)
+            if made and not is_for(made, self.arch):
                 raise AdapterError(
-                    f"{path}: adapter made for {made_for!r}, not for {self.arch.name!r}; pick the matching --arch"
+                    f"{path}: adapter made for {made!r}, not for {self.arch.name!r}; pick the matching --arch"
                 )
 
     # ------------------------------------------------------------------ models

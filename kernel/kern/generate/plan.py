@@ -68,7 +68,7 @@ class Planner:
                 expanded = expand_request(request, self.wildcards, seed)
                 width, height = first(expanded.width, s.width), first(expanded.height, s.height)
                 sizes = self._reference_sizes(references, (width or v.width, height or v.height), where, sizes_of)
-                if sizes and v.references == "required" and width is None and height is None:
+                if sizes and (v.references == "required" or v.text_images) and width is None and height is None:
                     width, height = sizes[-1]  # the edit pipelines' default: the last control's size
                 width, height = first(width, v.width), first(height, v.height)
                 if width is None or height is None:

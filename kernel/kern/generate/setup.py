@@ -10,7 +10,6 @@ import attrs
 import torch
 
 from kern.errors import UsageError
-from kern.records import Architecture
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PART_OPTIONS = {"transformer": "--transformer", "vae": "--vae", "text_encoder": "--text-encoder", "path": "--model"}
@@ -90,10 +89,3 @@ def resolve_files(setup: Setup, arch: str, variant: str | None, hook: Any) -> No
     )
     for part, path in resolved.items():
         setattr(setup, part, path)
-
-
-def _same_arch(made_for: str, arch: Architecture) -> bool:
-    names = {arch.name, *arch.aliases, *(a for v in arch.variants for a in v.aliases)}
-    norm = lambda s: s.lower().replace(".", "").replace("-", "").replace("_", "")  # noqa: E731
-    made = norm(made_for)
-    return any(made == norm(n) or made.startswith(norm(arch.name)) for n in names)

@@ -359,8 +359,7 @@ def apply(transformer: nn.Module, train: Any, device: torch.device | str) -> dic
             (compile_inner if inner else compile_block)(block)
         done["compile"] = "blocks (inner forward)" if inner else "blocks"
     done["blocks"] = len(repeated)
-    log.info("training fast paths", **done)
-    return done
+    return done  # the trainer logs it with the rest of the run's set-up (kern.train.presets.summary)
 
 
 def apply_inference(transformer: nn.Module, compile: str, attention: str, device: torch.device | str) -> dict[str, Any]:

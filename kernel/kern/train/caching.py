@@ -49,11 +49,13 @@ def load_items(plan: Plan) -> tuple[list[Any], list[Any]]:
     """The dataset's specs and items: every image probed and every caption read (no model yet)."""
     import kern.data as data
     from kern.core.io import remove_orphans
+    from kern.data import targets
 
     job = plan.job
     if not job.dataset.config:
         raise UsageError(f"{job.source}: dataset.config is not set; pass --dataset dataset.toml")
     specs = data.load_dataset_config(job.dataset.config)
+    targets.check_variant(specs, plan.arch.name, plan.arch.variant(plan.variant), job.source)
     items = data.scan_items(specs, plan.arch.resolution_step)
     for folder in sorted({s.cache_directory for s in specs}):  # shared folders: only temp files over an hour old
         remove_orphans(folder)
@@ -74,7 +76,7 @@ def text_phase(
     loading the text encoder only when something is to be encoded, and freeing it afterwards.
 
     Returns the number of items encoded. For a variant whose text encoder reads the control images
-    (``Variant.text_images``), each item is encoded with its controls, and with ``caption_dropout`` its
+    (``Variant.text_images``), each item is encoded with its controls (an item without any: text-only), and with ``caption_dropout`` its
     empty caption too (with the same controls).
     """
     from kern.data import cache
@@ -87,7 +89,7 @@ def text_phase(
         "fp8": job.model.fp8_text_encoder,
     }
     if variant.text_images:
-        _check_text_images(variant, items)
+        _log_text_only(variant, items)
     loaded: list[Any] = []
 
     def encoder() -> Any:
@@ -134,13 +136,16 @@ def text_phase(
     return encoded
 
 
-def _check_text_images(variant: Variant, items: list[Any]) -> None:
-    """Edit variants encode every caption with its control images: a target without any cannot be trained."""
-    missing = [i for i in items if not i.control_paths]
-    if missing:
-        raise UsageError(
-            f"{variant.name} trains on target images with control images, but {len(missing)} item(s) have none, e.g. "
-            f"{missing[0].image_path}; set control_directory (or control_path in the JSONL) in the dataset config"
+def _log_text_only(variant: Variant, items: list[Any]) -> None:
+    """Items without control images train an edit variant text-only (docs/training.md): say how many."""
+    text_only = [i for i in items if not i.control_paths]
+    if text_only:
+        log.info(
+            "items without control images: trained text-only, as the edit model generates without references",
+            variant=variant.name,
+            items=len(text_only),
+            of=len(items),
+            first=str(text_only[0].image_path),
         )
 
 
@@ -176,6 +181,7 @@ def latent_phase(plan: Plan, variant: Variant, items: list[Any], device: Any, wr
             arch_name=cache_name(plan, variant),
             layout=plan.arch.cache_layout,
             grid=(plan.arch.latent_channels, plan.arch.latent_downscale),
+            mode=variant.image_mode,
         )
         log.info("latent cache ready", encoded=encoded, reused=len(items) - encoded)
     if isinstance(vae, nn.Module):
@@ -190,6 +196,10 @@ def cache_only(job: JobConfig, text: bool = True, latents: bool = True) -> dict[
     variant = resolve_variant(plan)
     check_trainable(plan, variant)
     specs, items = load_items(plan)
+    from kern.train.validation import hold_out
+
+    train, held = hold_out(plan, specs, items)
+    items = [*train, *held.items]  # the validation items are cached with the training ones
     device = torch.device(job.train.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = {}
     if text:

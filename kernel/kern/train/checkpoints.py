@@ -1,9 +1,11 @@
 """A run's checkpoints: ``checkpoints/step-NNNNNN/`` written during the loop, and read back by ``--resume``.
 
-A checkpoint holds the adapter (``adapter.safetensors``, usable as it is) and the full state in the format of
-:mod:`kern.train.state` (no pickle): the network's weights, the optimizer's and the scheduler's state, the loop's
-:class:`Position` and every process's RNG states. Resuming from it continues the run bit for bit.
-Every adapter a run saves, the final one included, is written by :class:`AdapterSaver`, with the run's metadata.
+A checkpoint holds the adapter (``adapter.safetensors``, usable as it is; with ``train.ema_decay`` also
+``adapter_ema.safetensors``) and the full state in the format of :mod:`kern.train.state` (no pickle): the network's
+weights, the optimizer's and the scheduler's state, the loop's :class:`Position`, every process's RNG states and the
+EMA's tensors. Resuming from it continues the run bit for bit. The last step of a run always has one, so a finished
+run can be continued to more steps (:func:`kern.train.runs.check_continuation`). Every adapter a run saves, the final
+one included, is written by :class:`AdapterSaver`, with the run's metadata.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Position:
     epoch: int = 0
     batch_pos: int = 0  # batches of this epoch already trained on
     history: list[float] = attrs.Factory(list)  # the loss of every step so far
+    validation: list[tuple[int, float]] = attrs.Factory(list)  # (step, validation loss) so far (kern.train.validation)
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -74,7 +77,8 @@ def save_checkpoint(
     save_adapter: Callable[[Path], None],
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN/`` (the adapter, and the full state as safetensors + JSON, no pickle) into a
-    temporary folder and rename it into place, then prune to the newest ``keep_last`` (0 keeps all)."""
+    temporary folder and rename it into place, then prune to the newest ``keep_last`` (0 keeps all). The digests in
+    the state cover every file ``save_adapter`` wrote into the folder (the EMA adapter beside the plain one)."""
     root = out / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -83,7 +87,8 @@ def save_checkpoint(
     tmp.mkdir()
     try:
         save_adapter(tmp / "adapter.safetensors")
-        save_state(tmp, {**state, "network": network.state_dict()}, also=("adapter.safetensors",))
+        written = tuple(sorted(p.name for p in tmp.iterdir() if p.is_file()))
+        save_state(tmp, {**state, "network": network.state_dict()}, also=written)
         if final.exists():  # the same step again (a resumed run): move the old one aside, never leave none
             old = root / f".step-{step:06d}.old.tmp"
             shutil.rmtree(old, ignore_errors=True)
@@ -126,7 +131,10 @@ def newest_intact_checkpoint(out: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def restore(checkpoint: Path, state: dict[str, Any], network: nn.Module, optimizer: Any, scheduler: Any) -> None:
-    """Load a checkpoint's state into the run; a checkpoint of another network or optimizer is a clear error."""
+    """Load a checkpoint's state into the run; a checkpoint of another network or optimizer is a clear error.
+
+    The schedule is this job's (its ``train.steps``), from the checkpoint's step on: the optimizer's LR is set to
+    the schedule's value there, which is the stored one unless the total changed (a finished run continued)."""
     try:
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
@@ -139,6 +147,19 @@ def restore(checkpoint: Path, state: dict[str, Any], network: nn.Module, optimiz
             f"--resume: {checkpoint} does not fit this job ({first[:300]}); resume with the [network] and "
             "[train] optimizer settings the run was started with (its config.toml)"
         ) from None
+    reschedule(scheduler)
+
+
+def reschedule(scheduler: Any) -> None:
+    """Set the optimizer's LR to what ``scheduler`` (a ``LambdaLR``, perhaps inside accelerate's wrapper) gives at
+    its current count: the same computation as its own ``step``, so the same number when the curve is the same."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
+        return
+    lrs = [base * f(inner.last_epoch) for f, base in zip(inner.lr_lambdas, inner.base_lrs, strict=True)]
+    for group, lr in zip(inner.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    inner._last_lr = [group["lr"] for group in inner.optimizer.param_groups]
 
 
 @attrs.define
@@ -153,6 +174,7 @@ class Checkpoints:
     optimizer: Any
     scheduler: Any
     save_adapter: Callable[[Path, int], None]  # (path, step): the adapter with the run's metadata
+    ema: Any = None  # kern.train.ema.EMA with train.ema_decay: the loop updates it; saved and restored with the rest
 
     def save(self, pos: Position) -> Path | None:
         acc = self.acc
@@ -170,8 +192,11 @@ class Checkpoints:
                 "epoch": pos.epoch,
                 "batch_pos": pos.batch_pos,
                 "history": pos.history,
+                "validation": pos.validation,
                 "rng": states,
             }
+            if self.ema is not None:
+                state["ema"] = self.ema.state_dict()
             path = save_checkpoint(
                 self.out, pos.step, self.network, state, self.keep_last, lambda p: self.save_adapter(p, pos.step)
             )
@@ -185,8 +210,21 @@ class Checkpoints:
         restore(checkpoint, state, self.network, self.optimizer, self.scheduler)
         pos.step, pos.epoch, pos.batch_pos = state["step"], state["epoch"], state["batch_pos"]
         pos.history = list(state["history"])
+        pos.validation = [tuple(v) for v in state.get("validation", [])]  # older checkpoints have none
         set_rng_state(pos.generator, state["rng"][self.acc.process_index])
+        self._resume_ema(checkpoint, state)
         log.info("resumed", checkpoint=str(checkpoint), step=pos.step, epoch=pos.epoch, batch=pos.batch_pos)
+
+    def _resume_ema(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in state:
+            self.ema.load_state_dict(state["ema"], str(checkpoint))
+        elif self.ema is not None:  # the run had no EMA until now: it starts here, from the restored weights
+            self.ema.reset()
+            log.warning(
+                "the checkpoint has no EMA (train.ema_decay was unset); the EMA starts here", step=state["step"]
+            )
+        elif "ema" in state:
+            log.warning("the checkpoint's EMA is not continued: train.ema_decay is unset now", step=state["step"])
 
     def newest(self) -> Path | None:
         found = checkpoint_dirs(self.out)
@@ -203,6 +241,7 @@ class AdapterSaver:
     variant: Any  # kern.records.Variant
     network: nn.Module
     facts: Any  # kern.adapters.network.metadata.TrainingFacts, at step 0
+    ema: Any = None  # kern.train.ema.EMA: then each save also writes the EMA adapter beside the plain one
 
     @classmethod
     def for_run(
@@ -250,9 +289,16 @@ class AdapterSaver:
         return cls(plan, variant, network, facts)
 
     def __call__(self, path: Path, step: int) -> None:
+        """The adapter at ``path`` and, with an EMA, the EMA adapter beside it (:func:`kern.train.ema.ema_path`)."""
         from kern.train.setup import DTYPES
 
-        self.network.save(path, dtype=DTYPES[self.plan.job.save.precision], metadata=self.metadata(step))
+        dtype, metadata = DTYPES[self.plan.job.save.precision], self.metadata(step)
+        self.network.save(path, dtype=dtype, metadata=metadata)
+        if self.ema is not None:
+            from kern.train.ema import METADATA_KEY, ema_path
+
+            with self.ema.swapped():
+                self.network.save(ema_path(path), dtype=dtype, metadata={**metadata, METADATA_KEY: str(self.ema.decay)})
 
     def metadata(self, step: int) -> dict[str, str]:
         from kern.adapters.network.metadata import adapter_metadata, modelspec_metadata

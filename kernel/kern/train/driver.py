@@ -30,7 +30,7 @@ from kern.core.config import JobConfig
 from kern.errors import KernError, UsageError
 from kern.log import get_logger
 from kern.records import TargetSpec, Variant
-from kern.train import runs
+from kern.train import presets, runs, warm_start
 from kern.train.caching import (
     cache_id,
     cache_only,  # noqa: F401 - kept importable from here (tests call it through the driver)
@@ -39,6 +39,7 @@ from kern.train.caching import (
     text_phase,
 )
 from kern.train.checkpoints import AdapterSaver, Checkpoints, Position
+from kern.train.ema import EMA
 from kern.train.metrics import Metrics
 from kern.train.optim import make_optimizer, make_scheduler
 from kern.train.previews import Previews
@@ -52,6 +53,7 @@ from kern.train.setup import (
     resolve_variant,
     write_config,
 )
+from kern.train.validation import HeldOut, Validator, evaluating, hold_out
 
 log = get_logger(__name__)
 
@@ -64,14 +66,14 @@ def run(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Path:
     SIGINT / SIGTERM during the loop finish the step, write a checkpoint and raise ``kern.errors.Interrupted``."""
     if resume and overwrite:
         raise UsageError("--resume continues the run in the folder and --overwrite replaces it: give one of them")
-    plan, variant, specs, items, previews = check_job(job)
+    plan, variant, specs, items, held, previews = check_job(job)
 
     acc, ddp = make_accelerator(plan)
     with contextlib.ExitStack() as stack:
         stop = stack.enter_context(runs.StopSignals())
         if acc.is_main_process:
             stack.enter_context(runs.RunLock(plan.out))
-        resume_from = runs.open_run_folder(plan.out, job.save.name, acc, resume, overwrite)
+        resume_from = runs.open_run_folder(plan.out, job.save.name, acc, resume, overwrite, job.train.steps)
         if acc.is_main_process:
             write_config(plan, variant)
         # A sharded base needs every process in each forward, so then every process makes the previews.
@@ -81,13 +83,13 @@ def run(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Path:
         text_phase(
             plan,
             variant,
-            items,
+            [*items, *held.items],  # the validation items are cached with the training ones
             acc.device,
             previews.encode if previews else None,
             write=acc.is_main_process,
             caption_dropout=any(s.caption_dropout_rate > 0 for s in specs),
         )
-        _, vae = latent_phase(plan, variant, items, acc.device, write=acc.is_main_process)
+        _, vae = latent_phase(plan, variant, [*items, *held.items], acc.device, write=acc.is_main_process)
         acc.wait_for_everyone()
 
         # Phase 3: the transformer, the network, the optimizer; the checkpoint to resume from, if asked; the loop.
@@ -96,24 +98,27 @@ def run(job: JobConfig, resume: bool = False, overwrite: bool = False) -> Path:
         pos = Position(generator=torch.Generator().manual_seed(job.train.seed + acc.process_index))
         save_adapter = AdapterSaver.for_run(plan, variant, model.network, started, (specs, items), acc.num_processes)
         checkpoints = Checkpoints(acc, plan.out, job.save.keep_last, model.network, optimizer, scheduler, save_adapter)
+        ema = checkpoints.ema = save_adapter.ema = EMA.maybe(model.network, job.train.ema_decay)  # saved by both
         if resume_from is not None:
             checkpoints.resume(resume_from, pos)
         metrics = stack.enter_context(
-            Metrics(plan.out, job.train.steps, pos.step, resumed=resume_from is not None, enabled=acc.is_main_process)
+            Metrics(plan.out, job.train.steps, pos.step, resume_from is not None, acc.is_main_process, acc, job)
         )
-        make_previews = functools.partial(_make_previews, previews, acc, model.transformer, vae, plan.out / "samples")
+        make_previews = functools.partial(_make_previews, previews, acc, model, vae, plan.out / "samples", ema)
         data = (specs, items, cache_id(plan, variant))
-        loop(plan, acc, trainee, optimizer, scheduler, pos, data, checkpoints, metrics, stop, make_previews)
+        validate = Validator(plan, acc, trainee, held, data[2])
+        loop(plan, acc, trainee, optimizer, scheduler, pos, data, checkpoints, metrics, stop, make_previews, validate)
 
         # The end: the final adapter, the last previews, the loss plot.
         metrics.close()
         return _finish(plan, acc, model.network, pos, save_adapter, make_previews, started)
 
 
-def check_job(job: JobConfig) -> tuple[Plan, Variant, list[Any], list[Any], Previews | None]:
+def check_job(job: JobConfig) -> tuple[Plan, Variant, list[Any], list[Any], HeldOut, Previews | None]:
     """Everything a run needs, checked before any work: names and options (:func:`prepare`), the model files, the
     variant, the dataset (every image probed, every caption read), the preview prompts (parsed and sized, no model
-    yet), a writable run folder. Returns the plan, the variant, the dataset's specs and items, and the previews."""
+    yet), a writable run folder. Returns the plan, the variant, the dataset's specs, its training items, the held-out
+    validation data (:func:`kern.train.validation.hold_out`) and the previews."""
     from kern.core.io import ensure_writable_dir
 
     plan = prepare(job)
@@ -122,10 +127,13 @@ def check_job(job: JobConfig) -> tuple[Plan, Variant, list[Any], list[Any], Prev
     check_files(plan)
     variant = resolve_variant(plan)
     check_trainable(plan, variant)
+    warm_start.check(plan, variant)  # network.init_weights, model.base_weights: files, types, ranks
     specs, items = load_items(plan)
-    previews = Previews(plan, variant, torch.device("cpu"), DTYPES[job.model.dtype]) if job.sample.prompts else None
+    items, held = hold_out(plan, specs, items)
+    wanted = job.sample.prompts or job.sample.prompt_file
+    previews = Previews(plan, variant, torch.device("cpu"), DTYPES[job.model.dtype]) if wanted else None
     ensure_writable_dir(plan.out, "save.out (--out)")
-    return plan, variant, specs, items, previews
+    return plan, variant, specs, items, held, previews
 
 
 def setup_model(plan: Plan, variant: Variant, acc: Any, ddp: Any) -> tuple[nn.Module, Any, Any]:
@@ -150,7 +158,8 @@ def setup_model(plan: Plan, variant: Variant, acc: Any, ddp: Any) -> tuple[nn.Mo
         raise KernError(f"no installed plugin loads the {arch.name} transformer (see `kern plugins`)")
     transformer.requires_grad_(False)
     transformer.eval()  # the frozen base never uses dropout; the network's own modules go to train mode below
-    accel.prepare_base(transformer, job.train, device, keep=arch.keep_high_precision)  # fp8 base: before the adapters
+    init = warm_start.before_network(plan, variant, transformer)  # base_weights merged (before fp8); init file read
+    base = accel.prepare_base(transformer, job.train, device, keep=arch.keep_high_precision)  # fp8: before adapters
     targets = TargetSpec(
         targets=tuple(job.network.targets) or arch.default_targets,
         exclude=tuple(arch.default_excludes) + tuple(job.network.exclude),
@@ -162,11 +171,14 @@ def setup_model(plan: Plan, variant: Variant, acc: Any, ddp: Any) -> tuple[nn.Mo
     )
     if network is None:
         raise KernError(f"no plugin built a {plan.network.name!r} network (see `kern plugins`)")
+    warm_start.load_into(init, network)
     network.to(device)
     network.train()
-    accel.apply(transformer, job.train, device)  # checkpointing, attention backend, compiled blocks: after the network
+    applied = accel.apply(transformer, job.train, device)  # checkpointing, attention, compile: after the network
+    log.info("training with", **presets.summary(job, variant, base, applied))  # the run says what it does
     groups = network.optimizer_param_groups(job.train.learning_rate)
-    optimizer = make_optimizer(job.train.optimizer, groups, job.train.learning_rate)
+    t = job.train
+    optimizer = make_optimizer(t.optimizer, groups, t.learning_rate, t.optimizer_args, t.weight_decay)
     scheduler = make_scheduler(optimizer, job.train)
     trainee = Trainee(plan, variant.name, transformer, network)
     if sharded:
@@ -189,10 +201,12 @@ def loop(
     metrics: Metrics,
     stop: runs.StopSignals,
     make_previews: Callable[[int], None],
+    validate: Callable[[Position], dict[str, float]] = lambda pos: {},
 ) -> None:
     """Train from ``pos`` to ``train.steps``: one cached batch per micro-step, its loss, learning rate and timesteps
-    logged once per optimizer step, checkpoints and previews when due. ``data``: the dataset's specs, its items and
-    their cache id. A stop signal ends the loop after its step, with a checkpoint (``kern.errors.Interrupted``)."""
+    logged once per optimizer step (with the validation loss when ``validate`` gives one), the EMA updated,
+    checkpoints (always at the last step) and previews when due. ``data``: the dataset's specs, its items and their
+    cache id. A stop signal ends the loop after its step, with a checkpoint (``kern.errors.Interrupted``)."""
     from kern.data import batch_order, cache
 
     job, steps, device, base_dtype = plan.job, plan.job.train.steps, acc.device, DTYPES[plan.job.model.dtype]
@@ -232,8 +246,10 @@ def loop(
             pos.step += 1
             loss_value = acc.gather(loss.detach()).mean().item()
             pos.history.append(loss_value)
-            metrics.log(pos.step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "t": t})
-            saved = _due(job.save.every_n_steps, pos.step, steps)
+            if checkpoints.ema is not None:
+                checkpoints.ema.update()
+            metrics.log(pos.step, {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "t": t, **validate(pos)})
+            saved = _due(job.save.every_n_steps, pos.step, steps) or pos.step == steps  # the last step: continuable
             if saved:
                 checkpoints.save(pos)
             if stop.requested_anywhere(acc):
@@ -273,7 +289,7 @@ def _finish(
     if acc.is_main_process:
         from kern.train.plot import loss_plot
 
-        loss_plot(pos.history, plan.out / "loss.png")
+        loss_plot(pos.history, plan.out / "loss.png", pos.validation)
         log.info(
             "training done",
             adapter=str(final),
@@ -283,15 +299,22 @@ def _finish(
         )
     acc.wait_for_everyone()
     acc.end_training()
+    if acc.num_processes > 1:
+        # DDP's reducer holds the last reference to the gloo group; its destructor (GIL held) waits for gloo's worker
+        # thread, which may still be freeing the last collective's tensors and need the GIL: a hang at exit, seen
+        # under load. Sleeping frees the GIL so the worker can finish first.
+        time.sleep(0.5)
     return final
 
 
 def _make_previews(
-    previews: Previews | None, acc: Any, transformer: nn.Module, vae: Any, folder: Path, step: int
+    previews: Previews | None, acc: Any, model: nn.Module, vae: Any, folder: Path, ema: EMA | None, step: int
 ) -> None:
+    """The preview images with the adapter in eval mode (no dropout, no draw from the training's random state) and,
+    with ``train.ema_decay``, the EMA weights swapped in; the training weights and modes are exactly as before."""
     if previews is not None:
-        with acc.autocast():
-            previews.run(transformer, vae, folder, step, save=acc.is_main_process)
+        with acc.autocast(), evaluating(model.network), ema.swapped() if ema else contextlib.nullcontext():
+            previews.run(model.transformer, vae, folder, step, save=acc.is_main_process)
 
 
 def _check_replicas_agree(network: nn.Module) -> None:

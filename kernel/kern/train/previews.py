@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kern.errors import UsageError
 from kern.records import Variant
 from kern.train.setup import DTYPES, Plan
 
@@ -16,18 +17,26 @@ from kern.train.setup import DTYPES, Plan
 class Previews:
     """The ``[sample]`` images of a run, made by ``kern.generate.driver.Generator`` with the models the run holds.
 
-    Preview prompts are prompt lines (``--w --h --d --s --g --n --ci``, wildcards not expanded): parsed and
-    checked when the run starts, encoded while the text encoder is loaded for the cache, and denoised
-    with the training transformer (adapters active) whenever previews are due.
+    Preview prompts are prompt lines (``--w --h --d --s --g --n --ci``) from ``sample.prompts`` and the lines of
+    ``sample.prompt_file`` (``kern generate --from-file``'s syntax), with ``__name__`` wildcards from the
+    ``sample.wildcards`` folder: parsed, expanded and checked when the run starts (an error names the job key or
+    ``file:line``), encoded while the text encoder is loaded for the cache, and denoised with the training
+    transformer (adapters active) whenever previews are due. Wildcards are expanded once, seeded by each image's
+    seed (``sample.seed``, or the line's ``--d``), so every step's previews show the same prompts.
     """
 
     def __init__(self, plan: Plan, variant: Variant, device: Any, dtype: torch.dtype) -> None:
         # The generation driver, a sideways import between the two drivers: only when a run has previews.
-        from kern.data.prompts import parse_line
+        from kern.data.prompts import parse_line, read_prompt_file
         from kern.generate.driver import Generator, Setup
 
         job = plan.job
         s = job.sample
+        if s.wildcards and not Path(s.wildcards).is_dir():
+            raise UsageError(
+                f"{job.source}: sample.wildcards = {s.wildcards}: no such folder; name the folder that holds the"
+                " NAME.txt wildcard files"
+            )
         names = {v: k for k, v in DTYPES.items()}
         setup = Setup(
             arch=plan.arch.name,
@@ -42,10 +51,13 @@ class Previews:
             guidance=s.guidance,
             seed=s.seed,
             fp8_text_encoder=job.model.fp8_text_encoder,
+            wildcards=s.wildcards,
         )
         self.generator = Generator(setup, plan.manager)
         requests = [parse_line(p, f"{job.source}: sample.prompts[{i}]") for i, p in enumerate(job.sample.prompts)]
-        self.images = self.generator.plan([r for r in requests if r is not None])
+        if s.prompt_file:
+            requests += read_prompt_file(s.prompt_file)  # the same reader as kern generate --from-file
+        self.images = self.generator.plan([r for r in requests if r is not None])  # wildcards expanded here, once
         self.texts: dict[Any, Any] = {}
         self.references: dict[Any, Any] | None = None
 

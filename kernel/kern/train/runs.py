@@ -7,6 +7,7 @@
   ``--overwrite`` (only the files kern writes; anything else in the folder is left alone).
 * :func:`remove_orphans` — temporary files and folders of atomic writes that a killed process left behind.
 * :func:`open_run_folder` — all of the above at the start of a run, under the lock, and the checkpoint to resume.
+* :func:`check_continuation` — ``--resume`` of a finished run goes on only to more steps than it has.
 * :class:`StopSignals` — SIGINT / SIGTERM during training: finish the step, checkpoint, exit 130 / 143.
 """
 
@@ -94,8 +95,18 @@ def _describe(raw: bytes) -> str:
 
 
 def output_names(name: str) -> tuple[str, ...]:
-    """The files and folders a run writes into its folder (``name`` is ``save.name``)."""
-    return (f"{name}.safetensors", "config.toml", "metrics.jsonl", "loss.png", "checkpoints", "samples", "tensorboard")
+    """The files and folders a run writes into its folder (``name`` is ``save.name``; ``<name>_ema.safetensors``
+    with ``train.ema_decay``)."""
+    return (
+        f"{name}.safetensors",
+        f"{name}_ema.safetensors",
+        "config.toml",
+        "metrics.jsonl",
+        "loss.png",
+        "checkpoints",
+        "samples",
+        "tensorboard",
+    )
 
 
 def earlier_outputs(folder: str | Path, name: str) -> list[str]:
@@ -137,12 +148,15 @@ def remove_orphans(folder: str | Path) -> int:
 
 
 def open_run_folder(
-    out: Path, name: str, acc: Any, resume: bool, overwrite: bool
+    out: Path, name: str, acc: Any, resume: bool, overwrite: bool, steps: int | None = None
 ) -> tuple[Path, dict[str, Any]] | None:
     """Under the lock: refuse to replace an earlier run unasked, pick the checkpoint to resume from, clear debris.
-    Returns the checkpoint (its folder and state) when ``resume``."""
+    Returns the checkpoint (its folder and state) when ``resume``; ``steps`` (``train.steps``) is checked against
+    it (:func:`check_continuation`)."""
     earlier = earlier_outputs(out, name)
     resume_from = newest_intact_checkpoint(out) if resume else None
+    if resume_from is not None and steps is not None:
+        check_continuation(out, name, resume_from, steps)
     if earlier and not (resume or overwrite):
         raise UsageError(
             f"{out} holds an earlier run ({', '.join(earlier)}): continue it with --resume, replace it "
@@ -154,6 +168,38 @@ def open_run_folder(
             clear_outputs(out, name)
         remove_orphans(out)
     return resume_from
+
+
+def check_continuation(out: Path, name: str, found: tuple[Path, dict[str, Any]], steps: int) -> None:
+    """``--resume`` to ``steps`` from the checkpoint ``found``: a run never goes back, and a finished one (its final
+    adapter saved) goes on only to more steps than it has. A run whose last checkpoint is at ``steps`` but whose
+    final adapter was not written yet (killed in between) is finished: the loop has nothing left to do."""
+    checkpoint, state = found
+    done = int(state["step"])
+    finished = _saved_steps(out / f"{name}.safetensors")
+    if done > steps or (finished is not None and finished >= steps):
+        have = max(done, finished or 0)
+        raise UsageError(
+            f"--resume: the run in {out} already has {have} steps (train.steps is {steps}; newest checkpoint "
+            f"{checkpoint.name}); to train it further pass --steps N (or --set train.steps=N) with N above {have}"
+        )
+    if finished is not None:
+        log.info("continuing a finished run", folder=str(out), finished=finished, checkpoint=done, steps=steps)
+
+
+def _saved_steps(adapter: Path) -> int | None:
+    """The steps a final adapter kern saved records; None when there is none (or it does not say)."""
+    from kern.adapters.network.metadata import saved_steps
+    from kern.core.safetensors_read import read_header
+    from kern.errors import KernError
+
+    if not adapter.is_file():
+        return None
+    try:
+        _, metadata = read_header(adapter)
+    except KernError:
+        return None
+    return saved_steps(metadata)
 
 
 class StopSignals:

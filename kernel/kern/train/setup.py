@@ -17,7 +17,8 @@ from kern.core.plugins import KernPluginManager, get_manager
 from kern.errors import ConfigError, UsageError
 from kern.log import get_logger
 from kern.records import Architecture, NetworkType, Variant, resolve_options
-from kern.train.optim import check_optimizer
+from kern.train.metrics import active_trackers, check_trackers
+from kern.train.optim import check_optimizer, check_schedule
 
 log = get_logger(__name__)
 
@@ -73,7 +74,9 @@ def prepare(job: JobConfig, manager: KernPluginManager | None = None) -> Plan:
     if job.train.steps < 1:
         raise ConfigError(f"{job.source}: train.steps must be at least 1, got {job.train.steps}")
     _check_timesteps(manager, arch, method, ts_options, job.source)
-    check_optimizer(job.train.optimizer, job.source)
+    check_optimizer(job.train, job.source, job.given)
+    check_schedule(job.train, job.source)
+    check_trackers(job)
     return Plan(
         job=job,
         arch=arch,
@@ -150,7 +153,7 @@ def resolve_variant(plan: Plan) -> Variant:
 def make_accelerator(plan: Plan) -> tuple[Any, Any]:
     """The ``Accelerator`` (one process, or each of ``accelerate launch``'s) and its DDP settings, checked."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     from kern.gpu import distributed
 
@@ -162,6 +165,9 @@ def make_accelerator(plan: Plan) -> tuple[Any, Any]:
         gradient_accumulation_steps=job.train.gradient_accumulation,
         cpu=job.train.device == "cpu" or not torch.cuda.is_available(),  # CPU-only: gloo DDP under torchrun
         kwargs_handlers=[ddp],
+        # trackers (kern.train.metrics), started on the main process only; TensorBoard in <run>/tensorboard/<project>
+        log_with=active_trackers(job) or None,  # None: accelerate warns of an empty list
+        project_config=ProjectConfiguration(project_dir=str(plan.out), logging_dir=str(plan.out / "tensorboard")),
     )
     distributed.check_launch(acc)
     return acc, ddp

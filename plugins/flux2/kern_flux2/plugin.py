@@ -109,6 +109,7 @@ def register_architectures(register):
             required_files=("transformer", "vae", "text_encoder"),
             implementation="https://github.com/black-forest-labs/flux2",
             cache_layout=CACHE_LAYOUT,
+            musubi_script="flux_2_train_network",
         )
     )
 

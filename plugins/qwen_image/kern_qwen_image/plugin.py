@@ -33,7 +33,8 @@ CACHE_LAYOUT = kern.CacheLayout(
     latent_frames=True,
 )
 # The VLM reads the control images with the prompt; musubi's ss_base_model_version is qwen_image_edit for every Edit.
-_EDIT = {"references": "required", "text_images": True, "base_model_version": "qwen_image_edit"}
+# Controls are optional: without any, the edit model generates from text alone (see encode_text, docs/training.md).
+_EDIT = {"references": "optional", "text_images": True, "base_model_version": "qwen_image_edit"}
 VARIANTS = (
     kern.Variant(
         name="t2i",
@@ -49,6 +50,7 @@ VARIANTS = (
         cache_name=CACHE_NAME,
         modelspec="Qwen-Image",
         references="none",
+        musubi_version="original",
     ),
     kern.Variant(
         name="edit",
@@ -105,8 +107,9 @@ VARIANTS = (
         base_model_version="qwen_image_layered",
         references="required",
         image_mode="RGBA",
-        untrainable="Qwen-Image-Layered training (musubi's multiple_target datasets) is not built yet; "
-        "train T2I or an Edit variant, or generate with Layered",
+        # musubi's multiple_target datasets: the composite, then its RGBA layers; the composite is also the
+        # condition image (see predict_velocity and docs/qwen_image.md).
+        multiple_targets=True,
     ),
 )
 DEFAULT_LAYERS = 4  # Layered: output layers besides the composite (the pipelines' default)
@@ -131,6 +134,7 @@ def register_architectures(register):
             required_files=("transformer", "vae", "text_encoder"),
             implementation="https://github.com/QwenLM/Qwen-Image",
             cache_layout=CACHE_LAYOUT,
+            musubi_script="qwen_image_train_network",
         )
     )
 
@@ -161,20 +165,13 @@ def encode_text(arch, variant, encoder, prompts, options):
     mode = _mode(variant)
     if not mode.startswith("edit"):
         return encoder(list(prompts), mode=mode)
-    images = options.get("images")  # one list of control images per prompt
-    if not images or any(not i for i in images):
-        raise kern.UsageError(
-            f"Qwen-Image {variant} encodes each prompt together with its control images; give them"
-            " (--ref / --ci when generating, control_directory when training)"
-        )
-    if mode == "edit":
-        if any(len(i) != 1 for i in images):
-            raise kern.UsageError(
-                f"Qwen-Image-Edit (2508) takes one control image per prompt, got {max(len(i) for i in images)};"
-                " for several use the Edit-Plus variants (edit-2509, edit-2511)"
-            )
-        images = [i[0] for i in images]
-    return encoder(list(prompts), images=list(images), mode=mode)
+    from kern_qwen_image import edit_text
+
+    # One list of control images per prompt; an empty list (or none at all) is a text-only prompt.
+    images = options.get("images") or [[] for _ in prompts]
+    if len(images) != len(prompts):
+        raise kern.UsageError(f"Qwen-Image {variant}: {len(prompts)} prompts but {len(images)} control image lists")
+    return edit_text.encode(encoder, list(prompts), [list(i or ()) for i in images], mode)
 
 
 @kern.hookimpl

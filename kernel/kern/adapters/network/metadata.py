@@ -394,3 +394,29 @@ def _alpha(options: Mapping[str, Any]) -> str:
     if (alpha is None or float(alpha) == 0) and rank:
         alpha = float(rank)
     return str(alpha)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def made_for(metadata: Mapping[str, str]) -> str:
+    """The architecture an adapter's metadata says it was trained for (``kern.arch``, else the first part of
+    ``modelspec.architecture``); ``""`` when it does not say."""
+    return metadata.get("kern.arch") or metadata.get("modelspec.architecture", "").split("/")[0]
+
+
+def is_for(made: str, arch: Any) -> bool:
+    """Whether ``made`` (:func:`made_for`) names ``arch`` (a ``kern.Architecture``): its name, an alias, a variant's
+    alias or modelspec name, spelled with any case, dots, dashes or underscores."""
+    names = {arch.name, *arch.aliases, *(a for v in arch.variants for a in (*v.aliases, v.modelspec) if a)}
+    norm = lambda s: s.lower().replace(".", "").replace("-", "").replace("_", "")  # noqa: E731
+    made = norm(made)
+    return any(made == norm(n) or made.startswith(norm(arch.name)) for n in names)
+
+
+def saved_steps(metadata: Mapping[str, str]) -> int | None:
+    """The optimizer steps a trained adapter's metadata records (``ss_steps``); None when it does not say."""
+    try:
+        return int(metadata["ss_steps"])
+    except (KeyError, ValueError, TypeError):
+        return None
