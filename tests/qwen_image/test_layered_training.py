@@ -324,3 +324,18 @@ def test_multiple_target_needs_a_layered_variant_and_layered_needs_it(layered_mo
 
     with pytest.raises(DatasetError, match="a multiple_target dataset has no control images"):
         load_dataset_config(make_layered(tmp_path / "ctl", n=1, extra=f'control_directory = "{tmp_path}"\n'))
+
+
+def test_a_validation_dataset_of_a_layered_run_needs_multiple_target_too(layered_models, tmp_path, capsys):
+    dataset = make_layered(tmp_path / "data", n=1)
+    held = make_layered(tmp_path / "held", n=1)  # its images, but in a table without multiple_target
+    dataset.write_text(
+        dataset.read_text()
+        + f'\n[[validation.datasets]]\nimage_directory = "{held.parent / "images"}"\n'
+        + f'cache_directory = "{tmp_path / "vcache"}"\n'
+    )
+    job = job_file(layered_models, tmp_path / "job.toml")
+    code = kern("train", "--config", str(job), "--dataset", str(dataset), "--out", str(tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert code == 2 and "layered cannot be trained on" in err and "validation.datasets[0]" in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "vcache").exists()

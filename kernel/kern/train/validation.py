@@ -81,12 +81,14 @@ def hold_out(plan: Any, specs: Sequence[Any], items: Sequence[Any]) -> tuple[lis
     with no usable image, a shared cache folder or a bad split is an error here). Checked against
     ``train.validate_every_n_steps`` (:func:`check`)."""
     from kern.core.io import remove_orphans
+    from kern.data import targets
     from kern.data.dataset_config import load_validation_config
     from kern.data.items import scan_items
 
     job = plan.job
     extra = load_validation_config(job.dataset.config, first_index=max((s.index for s in specs), default=-1) + 1)
     _check_cache_dirs([*specs, *extra])
+    targets.check_variant(extra, plan.arch.name, plan.arch.variant(plan.variant), job.source)  # as the training ones
     extra_items = scan_items(extra, plan.arch.resolution_step) if extra else []
     for folder in sorted({s.cache_directory for s in extra}):
         remove_orphans(folder)
