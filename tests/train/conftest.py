@@ -23,6 +23,26 @@ def toy_plugin(monkeypatch):
     return manager
 
 
+@pytest.fixture
+def kern_main(toy_plugin, capsys):
+    """``kern ARGS`` in this process (no interpreter start-up): returns (exit code, stderr). Logging is put back after."""
+    import logging
+
+    from kern_cli.main import main
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+
+    def call(*args: str) -> tuple[int, str]:
+        with pytest.raises(SystemExit) as exit_:
+            main(list(args))
+        return exit_.value.code, capsys.readouterr().err
+
+    yield call
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

@@ -43,26 +43,6 @@ def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data"), n=3)
 
 
-@pytest.fixture
-def kern_main(toy_plugin, capsys):
-    """``kern ARGS`` in this process: returns (exit code, stderr). Logging is put back after."""
-    import logging
-
-    from kern_cli.main import main
-
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-
-    def call(*args: str) -> tuple[int, str]:
-        with pytest.raises(SystemExit) as exit_:
-            main(list(args))
-        return exit_.value.code, capsys.readouterr().err
-
-    yield call
-    root.handlers[:], level = saved
-    root.setLevel(level)
-
-
 def train(kern_main, dataset: Path, out: Path, steps: int, *extra: str) -> None:
     code, err = kern_main("train", *BASE, "--dataset", str(dataset), "--out", str(out), "--steps", str(steps), *extra)
     assert code == 0, err

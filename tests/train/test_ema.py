@@ -18,7 +18,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tests.train import test_continue
 from tests.train.test_continue import assert_same_tensors, cont, metrics, train
 
-dataset, kern_main = test_continue.dataset, test_continue.kern_main  # the fixtures, shared
+dataset = test_continue.dataset  # the fixture, shared
 
 DECAY = 0.75  # a short memory, so a few toy steps move the average visibly
 

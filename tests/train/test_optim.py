@@ -429,7 +429,7 @@ def test_adamw_is_built_as_before_on_the_cpu():
 from tests.train import test_run_folder as run_folder  # noqa: E402
 
 BASE = run_folder.BASE
-dataset, kern_main = run_folder.dataset, run_folder.kern_main  # the CLI fixtures, shared
+dataset = run_folder.dataset  # the CLI fixture, shared
 
 
 def train_at_cli(kern_main, dataset, out, *args):

@@ -50,26 +50,6 @@ def train_cli(dataset, out, *extra, **kw):
     return run_kern("train", *BASE, "--dataset", str(dataset), "--out", str(out), *extra, pythonpath=TOY, **kw)
 
 
-@pytest.fixture
-def kern_main(toy_plugin, capsys):
-    """``kern ARGS`` in this process (no interpreter start-up): returns (exit code, stderr). Logging is put back after."""
-    import logging
-
-    from kern_cli.main import main
-
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-
-    def call(*args: str) -> tuple[int, str]:
-        with pytest.raises(SystemExit) as exit_:
-            main(list(args))
-        return exit_.value.code, capsys.readouterr().err
-
-    yield call
-    root.handlers[:], level = saved
-    root.setLevel(level)
-
-
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {
         str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())

@@ -22,7 +22,7 @@ from tests.train import test_run_folder as run_folder
 from tests.train.test_train_toy import job as toy_job
 
 BASE = run_folder.BASE
-dataset, kern_main = run_folder.dataset, run_folder.kern_main  # the CLI fixtures, shared
+dataset = run_folder.dataset  # the CLI fixture, shared
 
 
 def losses_of(out: Path) -> dict[int, float]:

@@ -5,7 +5,6 @@ it, exact resume, the checks before any work, and ``loss.png``'s second series."
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -37,24 +36,6 @@ BASE = (
     "--lr",
     "0.003",
 )
-
-
-@pytest.fixture
-def kern_main(toy_plugin, capsys):
-    """``kern ARGS`` in this process: returns (exit code, stderr). Logging is put back after."""
-    from kern_cli.main import main
-
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-
-    def call(*args: str) -> tuple[int, str]:
-        with pytest.raises(SystemExit) as exit_:
-            main(list(args))
-        return exit_.value.code, capsys.readouterr().err
-
-    yield call
-    root.handlers[:], level = saved
-    root.setLevel(level)
 
 
 def train(kern_main, dataset: Path, out: Path, steps: int, *extra: str) -> tuple[int, str]:
