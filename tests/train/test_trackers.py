@@ -204,3 +204,15 @@ def test_a_missing_default_tensorboard_is_a_warning_and_an_asked_for_one_an_erro
     asked = load_job(None, {"train.log_with": ["tensorboard"]})
     with pytest.raises(ConfigError, match=r"tracker 'tensorboard' is not installed: pip install tensorboard"):
         metrics.check_trackers(asked)
+
+
+def test_overwrite_clears_the_trackers_files_and_a_fresh_run_refuses_them(tmp_path):
+    from kern.train import runs
+
+    out = tmp_path / "run"
+    (out / "wandb" / "offline-run-1").mkdir(parents=True)
+    (out / "trackers.json").write_text('{"wandb": "abcd1234"}\n')
+    (out / "mine.txt").write_text("not kern's")
+    assert runs.earlier_outputs(out, "adapter") == ["trackers.json", "wandb"]
+    runs.clear_outputs(out, "adapter")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]

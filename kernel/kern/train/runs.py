@@ -106,6 +106,8 @@ def output_names(name: str) -> tuple[str, ...]:
         "checkpoints",
         "samples",
         "tensorboard",
+        "trackers.json",  # the trackers' run ids (kern.train.metrics)
+        "wandb",  # wandb's files, when it logs into the run folder
     )
 
 
