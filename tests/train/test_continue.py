@@ -13,24 +13,12 @@ from kern.core.io import load_file
 from kern.train import checkpoints
 
 from tests.helpers import make_dataset
+from tests.train import test_run_folder as run_folder
 
 BASE = (
-    "--arch",
-    "toy",
-    "--network-opt",
-    "rank=4",
+    *run_folder.BASE,
     "--network-opt",
     "dropout=0.1",  # the global RNG is part of what resume restores
-    "--lr",
-    "0.003",
-    "--set",
-    "model.dtype=float32",
-    "--set",
-    "train.mixed_precision=no",
-    "--set",
-    "train.device=cpu",
-    "--set",
-    "train.gradient_checkpointing=false",
     "--set",
     "train.warmup_steps=2",
     "--set",

@@ -17,24 +17,12 @@ from kern.train import checkpoints, plot, validation
 from PIL import Image
 
 from tests.helpers import make_dataset
+from tests.train import test_run_folder as run_folder
 
 BASE = (
-    "--arch",
-    "toy",
-    "--network-opt",
-    "rank=4",
+    *run_folder.BASE,
     "--network-opt",
     "dropout=0.1",  # the training draws from torch's global generator too: validation must not
-    "--set",
-    "model.dtype=float32",
-    "--set",
-    "train.mixed_precision=no",
-    "--set",
-    "train.device=cpu",
-    "--set",
-    "train.gradient_checkpointing=false",
-    "--lr",
-    "0.003",
 )
 
 

@@ -302,6 +302,15 @@ def _save_text(
 # --------------------------------------------------------------------------- loading
 
 
+def batch_on(
+    batch: dict[str, Any], device: Any, dtype: torch.dtype
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor] | None]:
+    """A :func:`load_batch` batch as the model takes it on ``device``: the latents in float32, the text tensors as
+    cached, the references (or None) in ``dtype``, the model's."""
+    refs = [r.to(device, dtype) for r in batch["references"]] if batch["references"] else None
+    return batch["latents"].to(device, torch.float32), {k: v.to(device) for k, v in batch["text"].items()}, refs
+
+
 def load_batch(
     items: Sequence[Item],
     arch_id: str,

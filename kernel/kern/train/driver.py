@@ -229,9 +229,7 @@ def loop(
                 layout=plan.arch.cache_layout,
             )
             pos.batch_pos += 1
-            x0 = batch["latents"].to(device, torch.float32)
-            text = {k: v.to(device) for k, v in batch["text"].items()}
-            refs = [r.to(device, base_dtype) for r in batch["references"]] if batch["references"] else None
+            x0, text, refs = cache.batch_on(batch, device, base_dtype)
             try:
                 loss, t = train_step(
                     acc, trainee, optimizer, scheduler, plan, x0, text, refs, pos.generator, base_dtype

@@ -188,9 +188,7 @@ def validation_loss(plan: Any, acc: Any, trainee: nn.Module, data: HeldOut, cach
     with torch.no_grad(), evaluating(model):
         for item, seed in pairs:
             batch = cache.load_batch([item], cache_key, layout=plan.arch.cache_layout)
-            x0 = batch["latents"].to(device, torch.float32)
-            text = {k: v.to(device) for k, v in batch["text"].items()}
-            refs = [r.to(device, base_dtype) for r in batch["references"]] if batch["references"] else None
+            x0, text, refs = cache.batch_on(batch, device, base_dtype)
             generator = torch.Generator().manual_seed(seed)
             for t_value in TIMESTEPS:
                 noise = torch.randn(x0.shape, generator=generator).to(device)
