@@ -29,20 +29,6 @@ def _threads():
     torch.set_num_threads(2)
 
 
-@pytest.fixture(scope="session")
-def tiny_variants(tiny_qwen, tmp_path_factory):
-    """An Edit-2511 and a Layered transformer plus the RGBA VAE, next to the T2I bundle's text encoder."""
-    from kern_qwen_image import tiny
-
-    folder = tmp_path_factory.mktemp("tiny-qwen-variants")
-    return {
-        **tiny_qwen,
-        "edit": tiny.write_transformer(folder / "qwen-image-edit-tiny.safetensors", variant="edit-2511"),
-        "layered": tiny.write_transformer(folder / "qwen-image-layered-tiny.safetensors", variant="layered"),
-        "rgba_vae": tiny.write_vae(folder / "vae-rgba.safetensors", rgba=True),
-    }
-
-
 def _spy(monkeypatch, name):
     hook = get_manager().hook
     real = getattr(hook, name)

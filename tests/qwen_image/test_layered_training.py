@@ -29,16 +29,14 @@ def _threads():
 
 
 @pytest.fixture(scope="module")
-def layered_models(tiny_qwen, tmp_path_factory):
+def layered_models(tiny_variants):
     """A Layered transformer and the RGBA VAE, next to the T2I bundle's text encoder."""
-    from kern_qwen_image import tiny
-
-    folder = tmp_path_factory.mktemp("tiny-qwen-layered")
+    v = tiny_variants
     return {
-        "text_encoder": tiny_qwen["text_encoder"],
-        "transformer": tiny.write_transformer(folder / "layered.safetensors", variant="layered"),
-        "t2i": tiny_qwen["transformer"],
-        "vae": tiny.write_vae(folder / "vae-rgba.safetensors", rgba=True),
+        "text_encoder": v["text_encoder"],
+        "transformer": v["layered"],
+        "t2i": v["transformer"],
+        "vae": v["rgba_vae"],
     }
 
 
