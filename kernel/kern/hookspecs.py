@@ -272,10 +272,12 @@ def load_network(
 
 
 @hookspec(firstresult=True)
-def weight_delta(network_type: str, tensors: Mapping[str, Any], base_shape: tuple) -> Any:
+def weight_delta(network_type: str, tensors: Mapping[str, Any], base_shape: tuple, base: Any) -> Any:
     """Return the full-size weight update ``ΔW`` (float32, ``base_shape``) of one module, from its
     tensors in kohya naming (suffix → tensor, e.g. ``{"lora_down.weight": A, "lora_up.weight": B,
-    "alpha": a}``), without the user multiplier. Used by the streaming merge."""
+    "alpha": a}``), without the user multiplier. Used by the streaming merge. ``base`` is the base weight the
+    update applies to (float32, dequantised, read-only), for types whose ΔW depends on it (DoRA's ``W' − W``
+    normalises ``W + BA``); an implementation that does not need it leaves the argument out."""
 
 
 @hookspec(firstresult=True)

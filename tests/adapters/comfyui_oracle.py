@@ -300,7 +300,31 @@ def delta_shape(patch: Patch) -> tuple[int, int]:
         return int(t["up"].shape[0]), int(math.prod(t["down"].shape[1:]))
     if patch.kind == "loha":
         return int(t["w1a"].shape[0]), int(t["w1b"].shape[1])
+    if patch.kind == "lokr":
+        diff, _ = _lokr(patch)
+        return int(diff.shape[0]), int(math.prod(diff.shape[1:]))
     raise NotImplementedError(f"ΔW of {patch.kind} is not modelled by this oracle")
+
+
+def _lokr(patch: Patch) -> tuple[torch.Tensor, int | None]:
+    """ComfyUI's ``LoKrAdapter.calculate_weight``: ``kron(w1, w2)`` (before its reshape to the weight) and the ``dim``
+    α is divided by: the rank of the last low-rank half, None when both halves are full (then α is ignored)."""
+    t = {k.rsplit(".", 1)[1]: v.to(torch.float32) for k, v in patch.tensors.items()}
+    dim = None
+    w1 = t.get("lokr_w1")
+    if w1 is None:
+        dim = t["lokr_w1_b"].shape[0]
+        w1 = t["lokr_w1_a"] @ t["lokr_w1_b"]
+    w2 = t.get("lokr_w2")
+    if w2 is None:
+        dim = t["lokr_w2_b"].shape[0]
+        if "lokr_t2" in t:
+            w2 = torch.einsum("i j k l, j r, i p -> p r k l", t["lokr_t2"], t["lokr_w2_b"], t["lokr_w2_a"])
+        else:
+            w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    return torch.kron(w1, w2.contiguous()), dim
 
 
 def delta(patch: Patch) -> torch.Tensor:
@@ -312,6 +336,9 @@ def delta(patch: Patch) -> torch.Tensor:
     elif patch.kind == "loha":
         diff = (t["w1a"] @ t["w1b"]) * (t["w2a"] @ t["w2b"])
         rank = t["w1b"].shape[0]
+    elif patch.kind == "lokr":
+        diff, rank = _lokr(patch)
+        return diff * (1.0 if patch.alpha is None or rank is None else patch.alpha / rank)
     else:
         raise NotImplementedError(f"ΔW of {patch.kind} is not modelled by this oracle")
     scale = 1.0 if patch.alpha is None else patch.alpha / rank

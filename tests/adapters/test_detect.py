@@ -42,6 +42,28 @@ POSITIVE = [
     ("kohya loha", _loha("lora_unet_" + M.replace(".", "_")), "loha", "kohya"),
     ("comfyui loha", _loha(f"diffusion_model.{M}"), "loha", "comfyui"),
     ("lycoris_ loha", _loha("lycoris_" + Q.replace(".", "_")), "loha", "lycoris"),
+    # DoRA was refused until issue 18; it is a LoRA with a magnitude, claimed by the lora plugin (note "DoRA ...").
+    ("kohya dora", _lora("lora_unet_a") | {"lora_unet_a.dora_scale"}, "lora", "kohya"),
+    (
+        "peft dora",
+        _lora(Q, "lora_A.weight", "lora_B.weight", alpha=False) | {f"{Q}.lora_magnitude_vector"},
+        "lora",
+        "peft",
+    ),
+    # LoKr was refused until issue 18; the lokr plugin claims it (tests/adapters/test_lokr.py has the maths).
+    ("kohya lokr", {"lora_unet_x.lokr_w1", "lora_unet_x.lokr_w2", "lora_unet_x.alpha"}, "lokr", "kohya"),
+    (
+        "lycoris_ lokr",
+        {f"lycoris_x.{s}" for s in ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b")},
+        "lokr",
+        "lycoris",
+    ),
+    (
+        "comfyui lokr",
+        {f"diffusion_model.{M}.{s}" for s in ("lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha")},
+        "lokr",
+        "comfyui",
+    ),
 ]
 
 
@@ -52,14 +74,14 @@ def test_detects_layout(label, keys, network, layout):
     assert len(claim.modules) == 1
     (module_keys,) = claim.modules.values()
     assert set(module_keys) == keys
+    assert claim.note.startswith("DoRA") == ("dora" in label)
 
 
 NEGATIVE = [
-    ("lokr", {"lora_unet_x.lokr_w1", "lora_unet_x.lokr_w2", "lora_unet_x.alpha"}, "LoKr"),
+    ("lokr + dora_scale", {"lora_unet_x.lokr_w1", "lora_unet_x.lokr_w2", "lora_unet_x.dora_scale"}, "DoRA"),
     ("full checkpoint", {f"{M}.weight", f"{M}.bias", "img_in.weight"}, "full model checkpoint"),
     ("mixed lora+loha", _lora("lora_unet_a") | _loha("lora_unet_b"), "mixed adapter file holding LoRA and LoHa"),
     ("lora + stray tensor", _lora("lora_unet_a") | {"img_in.weight"}, "mixed with 1 non-adapter tensors"),
-    ("dora", _lora("lora_unet_a") | {"lora_unet_a.dora_scale"}, "DoRA"),
     ("garbage", {"foo", "bar.baz", "qux"}, "not an adapter format kern knows"),
 ]
 

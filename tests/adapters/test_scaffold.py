@@ -81,7 +81,7 @@ def test_a_trained_adapter_keeps_its_metadata_values():
         "ss_network_alpha": "4.0",
         "ss_network_dropout": "0",
         "ss_network_args": '{"dropout": 0.0, "rank_dropout": 0.0, "module_dropout": 0.0, "loraplus_lr_ratio": null, '
-        '"use_rslora": false, "rank_pattern": []}',
+        '"dora": false, "use_rslora": false, "rank_pattern": []}',  # dora: issue 18
     }
     loha = adapter_metadata("loha", resolved("loha", dropout=0.1))
     assert loha["ss_network_module"] == "loha" and loha["ss_network_alpha"] == "16.0" and loha["ss_network_dim"] == "16"

@@ -248,10 +248,11 @@ def merged_weight(
     base: torch.Tensor, parts: list, shape: tuple[int, ...], key: str, manager: Any, out_path: Path
 ) -> torch.Tensor:
     """``base + Σ m · ΔW`` in float32; ``AdapterError`` when a ΔW does not fit or the sum is not finite."""
-    acc = base.to(torch.float32)
+    base = base.to(torch.float32)
+    acc = base.clone()  # every ΔW sees the unmerged base (a DoRA's depends on it), as PEFT merges in turn
     for network_type, tensors, multiplier, label in parts:
         try:
-            delta = manager.hook.weight_delta(network_type=network_type, tensors=tensors, base_shape=shape)
+            delta = manager.hook.weight_delta(network_type=network_type, tensors=tensors, base_shape=shape, base=base)
         except AdapterError as exc:
             raise AdapterError(f"{label}: {exc}") from None
         if delta is None:

@@ -77,10 +77,16 @@ def describe_unclaimed(keys: Iterable[str], metadata: Mapping[str, str] | None =
     if len(kinds) > 1:
         return f"a mixed adapter file holding {' and '.join(kinds)} modules; kern applies one network type per file: split it"
     if dora:
-        return f"a DoRA adapter ({len(dora)} dora_scale keys, e.g. {dora[0]!r}); kern has no DoRA support"
+        return (
+            f"a DoRA adapter ({len(dora)} dora_scale keys, e.g. {dora[0]!r}) on modules no installed plugin reads "
+            "with a magnitude (kern's lora plugin reads DoRA on LoRA modules)"
+        )
     if kinds == ["LoKr"]:
         lk = [k for k in keys if ".lokr_" in k]
-        return f"a LoKr adapter (keys like {lk[0]!r}); no installed kern plugin handles LoKr (ComfyUI loads it)"
+        return (
+            f"a LoKr adapter (keys like {lk[0]!r}), but no loaded plugin claims it: install the lokr plugin "
+            "(pip install -e plugins/lokr) or re-enable it (KERN_DISABLE_PLUGINS)"
+        )
     if kinds and plain:
         return f"an adapter ({kinds[0]}) mixed with {len(plain)} non-adapter tensors such as {plain[:3]}; remove those"
     if plain and len(plain) == len(keys):

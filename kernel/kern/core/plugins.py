@@ -60,7 +60,7 @@ ENV_DENY = "KERN_DISABLE_PLUGINS"
 ENV_NO_AUTOLOAD = "KERN_DISABLE_PLUGIN_AUTOLOAD"
 
 # The distributions shipped with kern: they load first, so they keep their names against any other plugin.
-BUILTIN_DISTRIBUTIONS = ("kern-tuner", "kern-lora", "kern-loha", "kern-flux2", "kern-qwen-image")
+BUILTIN_DISTRIBUTIONS = ("kern-tuner", "kern-lora", "kern-loha", "kern-lokr", "kern-flux2", "kern-qwen-image")
 MAX_ERROR_CHARS = 500
 # What still stops kern while a plugin's code runs: Ctrl-C, and kern's own stop signal where this kern has one.
 STOP = tuple(c for c in (KeyboardInterrupt, getattr(errors, "Interrupted", None)) if c is not None)

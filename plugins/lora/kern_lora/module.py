@@ -34,9 +34,14 @@ from torch import nn
 log = get_logger(__name__)
 
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
+DORA = "dora_scale"  # DoRA's magnitude (kern_lora.dora), one per output row
 
 # Suffixes of LoRA keys in the files kern reads, and the kohya suffix each means.
 SUFFIX_ALIASES: dict[str, str] = {
+    "dora_scale": DORA,  # kohya / LyCORIS / ComfyUI
+    "lora_magnitude_vector": DORA,  # PEFT / diffusers
+    "lora_magnitude_vector.weight": DORA,
+    "lora_magnitude_vector.default.weight": DORA,
     "lora_down.weight": DOWN,
     "lora_up.weight": UP,
     "lora_A.weight": DOWN,
@@ -47,7 +52,7 @@ SUFFIX_ALIASES: dict[str, str] = {
     "lora.up.weight": UP,
     "alpha": ALPHA,
 }
-FACTOR_SUFFIXES = tuple(k for k, v in SUFFIX_ALIASES.items() if v != ALPHA)
+FACTOR_SUFFIXES = tuple(k for k, v in SUFFIX_ALIASES.items() if v not in (ALPHA, DORA))
 
 
 def lora_delta(tensors: Mapping[str, torch.Tensor], base_shape: Sequence[int], where: str = "") -> torch.Tensor:
@@ -170,6 +175,7 @@ class LoRAOps(FactorOps):
         rank = down.shape[0]
         alpha = float(tensors[ALPHA]) if ALPHA in tensors else float(rank)
         b = up[start:stop]
+        dora = {DORA: tensors[DORA][start:stop].contiguous()} if DORA in tensors else {}  # each row's norm is its own
         # A rank-3r block-diagonal B (from a split → fused conversion) splits back to rank r exactly.
         used = (b != 0).any(dim=0)
         if 0 < int(used.sum()) < rank:
@@ -178,13 +184,15 @@ class LoRAOps(FactorOps):
                 DOWN: down[used].contiguous(),
                 UP: b[:, used].contiguous(),
                 ALPHA: torch.tensor(alpha * keep / rank),
+                **dora,
             }
-        return {DOWN: down.clone(), UP: b.contiguous(), ALPHA: torch.tensor(alpha)}
+        return {DOWN: down.clone(), UP: b.contiguous(), ALPHA: torch.tensor(alpha), **dora}
 
     def fuse(
         self, parts: Sequence[tuple[tuple[int, int], Mapping[str, torch.Tensor]]], total_rows: int
     ) -> dict[str, torch.Tensor]:
         parts = sorted(parts, key=lambda p: p[0][0])
+        dora = _fuse_dora(parts)
         downs = [t[DOWN] for _, t in parts]
         ups = [t[UP] for _, t in parts]
         if any(u.dim() != 2 for u in ups):
@@ -202,6 +210,7 @@ class LoRAOps(FactorOps):
                 DOWN: downs[0].clone(),
                 UP: torch.cat(ups, dim=0),
                 ALPHA: torch.tensor(scales[0] * downs[0].shape[0]),
+                **dora,
             }
         # General case: A stacked (rank Σr), B block-diagonal, each block carrying its own scale; α = Σr (scale 1).
         dtype = torch.promote_types(downs[0].dtype, ups[0].dtype)
@@ -213,7 +222,17 @@ class LoRAOps(FactorOps):
             r = t[DOWN].shape[0]
             b[start:stop, col : col + r] = t[UP].to(torch.float32).mul(s).to(dtype)
             col += r
-        return {DOWN: a, UP: b, ALPHA: torch.tensor(float(total_rank))}
+        return {DOWN: a, UP: b, ALPHA: torch.tensor(float(total_rank)), **dora}
+
+
+def _fuse_dora(parts: Sequence[tuple[tuple[int, int], Mapping[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """The DoRA magnitudes of row slices (in row order) stacked; ``{}`` for plain LoRA modules."""
+    has = [DORA in t for _, t in parts]
+    if not any(has):
+        return {}
+    if not all(has):
+        raise AdapterError("cannot fuse DoRA and plain LoRA modules into one module")
+    return {DORA: torch.cat([t[DORA].reshape(-1, 1) for _, t in parts], dim=0)}
 
 
 # --------------------------------------------------------------------------- reading files
@@ -275,6 +294,16 @@ def normalise(
             raise AdapterError(
                 f"module {name!r}: lora_up {tuple(t[UP].shape)} and lora_down {tuple(t[DOWN].shape)} have different ranks"
             )
+        if DORA in t:
+            rows = t[UP].shape[0]
+            m = t[DORA]
+            if m.numel() != rows or (m.dim() > 0 and m.shape[0] != rows):
+                raise AdapterError(
+                    f"module {name!r}: DoRA magnitude of shape {tuple(m.shape)} is not one value per output row ({rows}); "
+                    "kern reads per-output-row magnitudes (PEFT, LyCORIS wd_on_out=True), not per-input-column ones "
+                    "([1, in], LyCORIS wd_on_out=False): re-export the adapter with wd_on_out=True"
+                )
+            t[DORA] = m.reshape(rows, 1)  # the kohya / ComfyUI shape
         if ALPHA in t:
             t[ALPHA] = t[ALPHA].detach().to(torch.float32).reshape(())
         elif cfg is not None:

@@ -7,14 +7,17 @@ says what is LoRA's own: its options, its file keys, and how its modules look in
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import kern
 import torch
-from kern.adapters.network import RankAdapter, rank_options
+from kern.adapters.network import RankAdapter, build_network, load_network_modules, rank_options
+from torch import nn
 
+from kern_lora.dora import DoRAModule, dora_delta
 from kern_lora.module import (
     ALPHA,
+    DORA,
     DOWN,
     FACTOR_SUFFIXES,
     SUFFIX_ALIASES,
@@ -22,6 +25,7 @@ from kern_lora.module import (
     LoRAModule,
     LoRAOps,
     fold_alpha,
+    lora_delta,
     normalise,
 )
 
@@ -41,6 +45,13 @@ OPTIONS = rank_options(
             None,
             "LoRA+: train lora_up (B) at lr × this ratio (paper: 16; musubi suggests ~4)",
             minimum=0.0,
+        ),
+        kern.Option(
+            "dora",
+            "bool",
+            False,
+            "DoRA (weight-decomposed LoRA, PEFT use_dora): a trained magnitude per output row rescales the "
+            "row-normalised W + ΔW; saved as dora_scale (kohya, ComfyUI) / lora_magnitude_vector (diffusers)",
         ),
     ),
 )
@@ -68,14 +79,75 @@ class LoRA(RankAdapter):
     def claim_note(self, metadata: Mapping[str, str] | None) -> str:
         return "alpha from lora_adapter_metadata" if metadata and "lora_adapter_metadata" in metadata else ""
 
+    @kern.hookimpl
+    def detect_weights(self, keys: frozenset, metadata: Mapping[str, str]) -> Any:
+        claim = super().detect_weights(keys, metadata)
+        if claim is not None and any(k.endswith(DORA_KEYS) for k in keys):
+            # A DoRA file is a LoRA file with a magnitude per module: same plugin, told apart by the note.
+            note = "DoRA (magnitude per output row)" + (f"; {claim.note}" if claim.note else "")
+            claim = kern.WeightsClaim(claim.network_type, claim.layout, claim.modules, note)
+        return claim
+
+    @kern.hookimpl
+    def make_network(self, model: nn.Module, targets: kern.TargetSpec, options: Mapping[str, Any]) -> Any:
+        module = DoRAModule if options.get("dora") else LoRAModule
+        return build_network(
+            self.name, model, targets, options, module, loraplus_lr_ratio=options.get("loraplus_lr_ratio")
+        )
+
+    @kern.hookimpl
+    def load_network(
+        self,
+        model: nn.Module,
+        state_dict: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, str],
+        claim: Any,
+        multiplier: float,
+    ) -> Any:
+        modules = self.normalise(state_dict, metadata, claim.modules)
+        module = DoRAModule if is_dora(modules) else LoRAModule
+        net = load_network_modules(self.name, model, modules, module, multiplier)
+        if module is DoRAModule:
+            net.options["dora"] = True
+        return net
+
+    @kern.hookimpl
+    def weight_delta(self, tensors: Mapping[str, torch.Tensor], base_shape: tuple, base: Any) -> Any:
+        if DORA in tensors:
+            return dora_delta(tensors, tuple(base_shape), base)
+        return lora_delta(tensors, tuple(base_shape))
+
     def layout_tensors(self, tensors: Mapping[str, torch.Tensor], layout: str) -> Mapping[str, torch.Tensor]:
+        dora = tensors.get(DORA)
         if layout == "kohya":
-            return {DOWN: tensors[DOWN], UP: tensors[UP], ALPHA: tensors[ALPHA]}
+            out = {DOWN: tensors[DOWN], UP: tensors[UP], ALPHA: tensors[ALPHA]}
+            return out if dora is None else {**out, DORA: dora.reshape(-1, 1)}
         a, b = fold_alpha(tensors)  # ComfyUI and diffusers: no alpha key, the scale lives in the factors
-        return {"lora_A.weight": a, "lora_B.weight": b}
+        out = {"lora_A.weight": a, "lora_B.weight": b}
+        if dora is not None:  # ComfyUI reads dora_scale [out, 1]; PEFT lora_magnitude_vector [out]
+            out.update(
+                {DORA: dora.reshape(-1, 1)} if layout == "comfyui" else {"lora_magnitude_vector": dora.reshape(-1)}
+            )
+        return out
 
     def layout_metadata(self, resolved: Mapping[str, Mapping[str, torch.Tensor]], layout: str) -> dict[str, str]:
         return {"lora_adapter_metadata": _peft_metadata(resolved)} if layout == "diffusers" else {}
+
+
+DORA_KEYS = tuple("." + k for k, v in SUFFIX_ALIASES.items() if v == DORA)
+
+
+def is_dora(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:
+    """Whether a file's modules are DoRA; ``AdapterError`` when only some carry a magnitude."""
+    from kern.errors import AdapterError
+
+    plain = [n for n, t in modules.items() if DORA not in t]
+    if plain and len(plain) != len(modules):
+        raise AdapterError(
+            f"{len(modules) - len(plain)} of {len(modules)} modules carry a DoRA magnitude and {len(plain)} do not "
+            f"(e.g. {plain[:3]}); a file is DoRA in every module or in none: re-export it"
+        )
+    return not plain and bool(modules)
 
 
 LORA = LoRA()
@@ -98,7 +170,7 @@ def _peft_metadata(resolved: Mapping[str, Mapping[str, torch.Tensor]]) -> str:
         "rank_pattern": pattern,
         "alpha_pattern": dict(pattern),
         "target_modules": sorted(ranks),
-        "use_dora": False,
+        "use_dora": any(DORA in t for t in resolved.values()),
         "lora_bias": False,
     }
     return json.dumps({f"transformer.{k}": v for k, v in cfg.items()}, sort_keys=True)

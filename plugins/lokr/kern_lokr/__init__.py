@@ -1,0 +1,1 @@
+"""kern plugin: lokr."""
