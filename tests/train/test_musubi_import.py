@@ -134,7 +134,7 @@ def test_untranslatable_options_are_refused_by_name(here, dataset):
     r = kern(
         "import", "musubi", "--out", "job.toml",
         "accelerate", "launch", "src/musubi_tuner/flux_2_train_network.py",
-        "--dit", "d.safetensors", "--dataset_config", str(dataset), "--network_module", "networks.lokr",
+        "--dit", "d.safetensors", "--dataset_config", str(dataset), "--network_module", "networks.oft",
         "--xformers", "--resume", "old_state", "--full_bf16", "--made_up", "3",
         "--network_args", "algo=lokr", "--max_data_loader_n_workers", "2",
     )  # fmt: skip
@@ -223,3 +223,62 @@ def test_every_kern_key_in_the_migration_table_exists():
     assert len(keys) > 30
     problems = [why for k in sorted(keys) if (why := key_problem(k))]
     assert not problems, problems
+
+
+# LoKr and DoRA as musubi's own networks.lokr and LyCORIS (lycoris.kohya) write them.
+FLUX2 = ["flux_2_train_network.py", "--model_version", "klein-4b", "--max_train_steps", "10"]
+
+
+def imported(here, dataset, module: str, *args: str) -> tuple[Result, JobConfig | None]:
+    r = kern("import", "musubi", "--out", "job.toml", *FLUX2, "--dataset_config", str(dataset),
+             "--network_module", module, "--network_args", *args)  # fmt: skip
+    return r, (load_job(here / "job.toml") if r.exit_code == 0 else None)
+
+
+def test_lycoris_lokr_with_its_options(here, dataset):
+    r, job = imported(here, dataset, "lycoris.kohya", "algo=lokr", "factor=16", "decompose_both=True",
+                      "rank_dropout=0.1", "rs_lora=True", "conv_dim=4")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    assert job.network.type == "lokr" and prepare(job).network.name == "lokr"
+    assert job.network.options == {
+        "rank": 4, "alpha": 1.0, "factor": 16, "decompose_both": True, "use_rslora": True, "rank_dropout": 0.1,
+    }  # fmt: skip
+    assert "ignored --network_args conv_dim" in r.stderr
+
+
+def test_musubis_own_lokr(here, dataset):
+    # musubi's networks.lokr (30c658c) is LyCORIS' LoKr with W1 always full: it reads factor, not decompose_both
+    r, job = imported(here, dataset, "networks.lokr", "factor=-4", "decompose_both=True")
+    assert r.exit_code == 0, r.stderr
+    assert job.network.type == "lokr" and job.network.options["factor"] == -1  # any negative factor is -1 there
+    assert "decompose_both" not in job.network.options and "ignored --network_args decompose_both" in r.stderr
+
+
+@pytest.mark.parametrize("algo", ["lora", "locon"])
+def test_lycoris_dora_is_kerns_lora_with_dora(here, dataset, algo):
+    r, job = imported(here, dataset, "lycoris.kohya", f"algo={algo}", "dora_wd=True", "wd_on_output=True")
+    assert r.exit_code == 0, r.stderr
+    assert job.network.type == "lora" and job.network.options["dora"] is True
+    assert prepare(job).network.name == "lora" and "note: dora_wd" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "named", "says"),
+    [
+        ("lycoris.kohya", ["algo=lora", "dora_wd=True", "wd_on_output=False"], " wd_on_output", "per input column"),
+        ("lycoris.kohya", ["algo=lokr", "dora_wd=True"], " dora_wd", "option of the lora network"),
+        ("lycoris.kohya", ["algo=loha", "dora_wd=True"], " dora_wd", "option of the lora network"),
+        ("networks.lora_flux_2", ["dora_wd=True"], " dora_wd", "has no DoRA"),
+        ("lycoris.kohya", ["algo=lokr", "decompose_both=False"], " decompose_both", "reads as true"),
+        ("lycoris.kohya", ["algo=lokr", "factor=0"], " factor", "splits nothing"),
+        ("lycoris.kohya", ["algo=lokr", "unbalanced_factorization=True"], " unbalanced_factorization", "no such"),
+        ("networks.lokr", ["loraplus_lr_ratio=4"], " loraplus_lr_ratio", "LoRA+"),
+        ("lycoris.kohya", ["algo=ia3"], ": algo=ia3", "no ia3 network type"),
+    ],
+)
+def test_lokr_and_dora_arguments_kern_lacks_are_refused_by_name(here, dataset, module, args, named, says):
+    r, _ = imported(here, dataset, module, *args)
+    assert r.exit_code == 2, r.stderr
+    line = next(x for x in r.stderr.splitlines() if x.startswith(f"cannot translate --network_args{named}"))
+    assert says in line, line
+    assert not (here / "job.toml").exists()

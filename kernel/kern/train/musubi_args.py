@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 import attrs
 
-from kern.train.musubi_options import IGNORED, OPTIONS, REFUSED, Command
+from kern.train.musubi_options import IGNORED, LYCORIS, LYCORIS_ALGOS, OPTIONS, REFUSED, Command, adapter_args
 
 # musubi's defaults where kern's differ, written when the option is absent (parser_common.py; lora.py: rank 4).
 MUSUBI_DEFAULTS = {
@@ -34,6 +34,7 @@ MUSUBI_DEFAULTS = {
     "network.rank": 4,
     "save.keep_last": 0,
 }
+ARG_NAMES = {"dora": "dora_wd", "use_rslora": "rs_lora"}  # kern network key -> LyCORIS network_args name
 # A path the job reads: made absolute by the caller (musubi's were relative to where it ran).
 LAUNCHER_KEEPS = (
     "launcher option: keep it on the line that launches kern (accelerate launch ... -m kern_cli.main train)"
@@ -157,7 +158,7 @@ def _arch_of(script: str, architectures: list[Any], t: _Builder) -> Any:
     if not script:
         t.refuse("(script)", f"the command names no training script; give one of {known} (or kern's --arch)")
     elif script.endswith("_train"):
-        t.refuse("(script)", f"{script}.py is a full fine-tune; kern trains adapters (LoRA, LoHa): use {known}")
+        t.refuse("(script)", f"{script}.py is a full fine-tune; kern trains adapters (LoRA, LoHa, LoKr): use {known}")
     else:
         t.refuse("(script)", f"{script}.py: kern trains no architecture with it; known: {known}")
     return None
@@ -223,36 +224,43 @@ def _network(t: _Builder, networks: set[str]) -> None:
         t.simple("network_alpha", "network.alpha", float)
     t.simple("network_dropout", "network.dropout", float)
     t.simple("network_weights", "network.init_weights")
+    keys, ignored, refused = adapter_args(module or "", kind or "", pairs)
+    for key, value in keys.items():
+        t.put(f"network_args {ARG_NAMES.get(key, key)}", f"network.{key}", value)
+    t.ignored += ignored
+    t.refused += refused
+    if keys.get("dora"):
+        t.notes.append("dora_wd: LyCORIS lets the gradient flow through the row norm; kern detaches it (as PEFT)")
     for key, value in pairs.items():
-        _network_arg(t, key, value)
+        _network_arg(t, key, value, kind)
 
 
 def _network_type(module: str | None, algo: str | None, t: _Builder) -> str | None:
     if module is None:
         t.refuse("network_module", "musubi needs it (networks.lora_<arch>, networks.loha); give it")
         return None
-    if module == "lycoris.kohya":  # LyCORIS: the algorithm is a network argument; its default is LoRA (LoCon)
+    if module == LYCORIS:  # LyCORIS: the algorithm is a network argument; its default is LoRA (LoCon)
         algo = (algo or "lora").lower()
-        if algo in ("lora", "locon", "loha"):
-            return "loha" if algo == "loha" else "lora"
-        t.refuse("network_args", f"algo={algo}: kern has no {algo} network type (it trains lora and loha)")
+        if algo in LYCORIS_ALGOS:
+            return LYCORIS_ALGOS[algo]
+        t.refuse("network_args", f"algo={algo}: kern has no {algo} network type (it trains lora, loha, lokr)")
         return None
     if algo is not None:
         t.refuse("network_args", f"algo={algo} belongs to lycoris.kohya, not {module}")
     name = module.rsplit(".", 1)[-1]
     if module.startswith("networks.") and (name == "lora" or name.startswith("lora_")):
         return "lora"
-    if module == "networks.loha":
-        return "loha"
-    if module == "networks.lokr":
-        t.refuse("network_module", "kern has no LoKr network type yet; train lora or loha")
-        return None
-    t.refuse("network_module", f"{module}: kern translates networks.lora*, networks.loha and lycoris.kohya")
+    if module in ("networks.loha", "networks.lokr"):
+        return name
+    t.refuse("network_module", f"{module}: kern translates networks.lora*, networks.loha, networks.lokr, {LYCORIS}")
     return None
 
 
-def _network_arg(t: _Builder, key: str, value: str) -> None:
+def _network_arg(t: _Builder, key: str, value: str, kind: str | None) -> None:
     option = f"network_args {key}"
+    if key == "loraplus_lr_ratio" and kind not in ("lora", None):
+        t.refuse(option, f"LoRA+ needs a LoRA's up matrix; a {kind} has none (musubi: not supported with LoHa/LoKr)")
+        return
     if key in ("exclude_patterns", "include_patterns"):
         try:
             patterns = ast.literal_eval(value)

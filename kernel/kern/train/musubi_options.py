@@ -210,3 +210,82 @@ def command_tokens(text: str) -> list[str]:
         return shlex.split(text.replace("\\\r\n", " ").replace("\\\n", " "), comments=True)
     except ValueError as exc:
         raise UsageError(f"musubi command: cannot split it as a shell would: {exc}") from None
+
+
+# --------------------------------------------------------------------------- LoKr, LyCORIS and DoRA network_args
+
+LYCORIS = "lycoris.kohya"
+# LyCORIS' algo= values kern trains (lycoris/kohya.py create_network; its default algo is lora, i.e. LoCon).
+LYCORIS_ALGOS = {"lora": "lora", "locon": "lora", "loha": "loha", "lokr": "lokr"}
+
+
+def _lycoris_bool(value: str) -> bool:
+    return str(value).strip().lower() != "false"  # lycoris.utils.str_bool: anything but "false" is true
+
+
+def adapter_args(module: str, kind: str, pairs: dict[str, str]) -> tuple[dict[str, Any], list, list]:
+    """The LoKr / LyCORIS / DoRA entries of ``--network_args`` as kern network keys: (keys, ignored, refused), each
+    list of (argument, why). The entries it reads are removed from ``pairs``. Sources: LyCORIS ``lycoris/kohya.py``
+    ``create_network`` and ``modules/lokr.py``, ``modules/locon.py`` (commit f49d30d); musubi ``networks/lokr.py``
+    (30c658c), which reads ``factor`` only."""
+    keys: dict[str, Any] = {}
+    ignored: list[tuple[str, str]] = []
+    refused: list[tuple[str, str]] = []
+    lycoris = module == LYCORIS
+    if "factor" in pairs:
+        raw = pairs.pop("factor")
+        try:
+            factor = int(raw)
+        except ValueError:
+            refused.append(("network_args factor", f"wants an integer, got {raw!r}"))
+        else:
+            if kind != "lokr":
+                ignored.append(("network_args factor", "only LoKr reads it"))
+            elif factor == 0:
+                refused.append(
+                    ("network_args factor", "0 splits nothing; give -1 (most balanced) or a positive factor")
+                )
+            else:  # LyCORIS and musubi treat every negative factor as -1
+                keys["factor"] = max(factor, -1)
+    for key, option in (("decompose_both", "decompose_both"), ("full_matrix", "full_matrix")):
+        if key not in pairs:
+            continue
+        raw = pairs.pop(key)
+        if kind != "lokr" or not lycoris:
+            ignored.append((f"network_args {key}", f"{module} reads it only for algo=lokr" if lycoris else
+                            f"{module} does not read it" if kind == "lokr" else "only LoKr reads it"))  # fmt: skip
+        elif key == "decompose_both" and raw.strip().lower() in ("false", "0", "no", ""):
+            refused.append((
+                "network_args decompose_both",
+                f"LyCORIS passes decompose_both={raw!r} to LokrModule as a string, which Python reads as true unless "
+                "empty: LyCORIS decomposed both sides. Write decompose_both=True to train that, or remove the entry",
+            ))  # fmt: skip
+        else:
+            keys[option] = True if key == "decompose_both" else _lycoris_bool(raw)
+    if "rs_lora" in pairs:
+        raw = pairs.pop("rs_lora")
+        if lycoris:
+            keys["use_rslora"] = _lycoris_bool(raw)
+        else:
+            refused.append(("network_args rs_lora", f"{module} does not read it (LyCORIS does); kern: use_rslora"))
+    dora = _lycoris_bool(pairs.pop("dora_wd")) if "dora_wd" in pairs else False
+    if dora and not lycoris:
+        refused.append(("network_args dora_wd", f"{module} has no DoRA; LyCORIS' is --network_module {LYCORIS} "
+                        "with dora_wd=True"))  # fmt: skip
+    elif dora and kind != "lora":
+        refused.append(("network_args dora_wd", f"kern's DoRA is an option of the lora network; a DoRA {kind} "
+                        "(LyCORIS weight decomposition on LoHa / LoKr) has no kern counterpart"))  # fmt: skip
+    elif dora:
+        keys["dora"] = True
+    if "wd_on_output" in pairs:
+        on_out = _lycoris_bool(pairs.pop("wd_on_output"))
+        if dora and not on_out:
+            refused.append(("network_args wd_on_output", "wd_on_output=False keeps one magnitude per input column; "
+                            "kern's DoRA (as PEFT and the DoRA paper) keeps one per output row, LyCORIS' default "
+                            "wd_on_output=True: remove the entry"))  # fmt: skip
+        elif not dora:
+            ignored.append(("network_args wd_on_output", "only DoRA (dora_wd=True) reads it"))
+    if "wd_on_out" in pairs:
+        pairs.pop("wd_on_out")
+        ignored.append(("network_args wd_on_out", "LyCORIS does not read it (its argument is wd_on_output)"))
+    return keys, ignored, refused
