@@ -281,6 +281,16 @@ def weight_delta(network_type: str, tensors: Mapping[str, Any], base_shape: tupl
 
 
 @hookspec(firstresult=True)
+def weight_shape(network_type: str, tensors: Mapping[str, Any]) -> tuple | None:
+    """The shape of the base weight one module's ``tensors`` update, read off the tensors alone: ``(out, in)``, or
+    ``(out, in, kh, kw)`` for a conv (``(out, in · kh · kw)`` when the file stores the kernel flattened into a factor).
+    ``tensors`` are one module's tensors by suffix as its file holds them (kohya suffixes or another spelling your
+    type reads). ``None`` when the tensors do not tell. Used where no model is at hand: ``kern convert`` and the
+    module-map mapping read a module's output rows (``shape[0]``) from it to match fused modules' row slices;
+    without an answer they take the largest first dimension of the tensors."""
+
+
+@hookspec(firstresult=True)
 def convert_weights(
     network_type: str,
     state_dict: Mapping[str, Any],
@@ -288,7 +298,16 @@ def convert_weights(
     claim: Any,
     to_layout: str,
     module_map: list | None,
+    base: Any,
 ) -> Any:
     """Rewrite an adapter into ``to_layout`` (``kohya``, ``diffusers``, ``comfyui``); return
     ``(state_dict, metadata)``. ``module_map`` comes from ``adapter_module_map``. Convert losslessly
-    or raise ``kern.errors.AdapterError`` saying why the target layout cannot hold this adapter."""
+    or raise ``kern.errors.AdapterError`` saying why the target layout cannot hold this adapter.
+
+    ``base`` is None or a function ``name → base weight`` (float32, dequantised, read-only; ``name`` a native
+    module path or a module name as the file writes it, layout prefix and kohya flattening included;
+    ``kern.errors.ModelFileError`` when the base has no such weight): the base checkpoint of ``kern convert
+    --model`` or ``kern merge``, for types whose files in some layout depend on the base weights (DoRA for
+    ComfyUI, which normalises by ``‖W‖``, not ``‖W + BA‖``). Such a type raises an error that is also a
+    ``kern.errors.UsageError`` when it needs ``base`` and got None; an implementation that never needs it
+    leaves the argument out."""

@@ -28,13 +28,21 @@ What ComfyUI does with an adapter file on a diffusion model, step by step (``com
 
    A reshape that fails is logged ``ERROR`` and the patch is skipped (a same-size, wrong-shape ΔW would be
    silently misapplied; this oracle reports it as an error too).
+5. DoRA (``x.dora_scale`` present: ``weight_adapter/base.py::weight_decompose``, called by the LoRA adapter instead
+   of the addition, on the weight as patched so far, narrowed to the target's slice): ``W_c = W + function(α/r · ΔW)``;
+   with ``dora_scale`` of ``shape[0] == W.shape[0]`` (output axis) ``n`` = the L2 norm of each output row of ``W``
+   (the weight *before* this patch), otherwise that of each input column of ``W_c``; ``n += finfo(W.dtype).eps``;
+   ``W_c *= dora_scale / n``; strength 1: ``W = W_c``, else ``W += s · (W_c − W)``. ComfyUI patches a float32 copy
+   of the weight (``ModelPatcher.patch_weight_to_device``; newer versions use ``lora_compute_dtype``, float32
+   unless the device runs the model in fp16), so ``eps = finfo(float32).eps`` here (:func:`patched_weights`).
 
 Sources (github.com/comfyanonymous/ComfyUI, read through the search index): ``comfy/lora.py`` (``load_lora`` and
 ``model_lora_keys_unet`` of a recent version with the Flux ``linear1_qkv`` and QwenImage sections; the version at
 41444b5 for ``calculate_weight``'s ``narrow`` / ``function`` handling), ``comfy/utils.py::flux_to_diffusers`` (with
 the Flux 2 ``attn.to_qkv_mlp_proj`` / ``attn.to_out`` entries and ``swap_scale_shift`` for ``norm_out.linear``),
 ``comfy/weight_adapter/lora.py`` @6fd406f (suffixes incl. ``lora_B.default.weight``, ``alpha / mat2.shape[0]``),
-``comfy/weight_adapter/loha.py`` @183b377 (``alpha / w1b.shape[0]``), ``comfy/sd.py::load_lora_for_models``
+``comfy/weight_adapter/loha.py`` @183b377 (``alpha / w1b.shape[0]``), ``comfy/weight_adapter/base.py`` @9c0cf36
+(``weight_decompose`` with the output-axis branch and ``eps``), ``comfy/sd.py::load_lora_for_models``
 ("NOT LOADED"). ``comfy/ldm/qwen_image/model.py`` @c708d0a uses diffusers' module names (``img_mlp.net.0.proj``,
 ``img_mod.1``, ``norm_out.linear``), so Qwen-Image model keys are diffusers names; ComfyUI's Flux2 uses BFL names.
 """
@@ -201,6 +209,7 @@ class Patch:
     tensors: dict[str, torch.Tensor]  # "up"/"down" (LoRA), "w1a"/"w1b"/"w2a"/"w2b" (LoHa), raw keys otherwise
     alpha: float | None
     source: str  # the spelling x the patch was read under
+    dora_scale: torch.Tensor | None = None  # x.dora_scale, handed to every adapter class (used by LoRA)
 
 
 @attrs.frozen
@@ -224,7 +233,8 @@ def load_lora(lora: Mapping[str, torch.Tensor], key_map: Mapping[str, Target]) -
         if f"{x}.alpha" in lora:
             alpha = float(lora[f"{x}.alpha"].item())
             loaded.add(f"{x}.alpha")
-        if f"{x}.dora_scale" in lora:
+        dora = lora.get(f"{x}.dora_scale")
+        if dora is not None:
             loaded.add(f"{x}.dora_scale")
         # LoRA
         for up, down, mid in LORA_SUFFIXES:
@@ -239,7 +249,7 @@ def load_lora(lora: Mapping[str, torch.Tensor], key_map: Mapping[str, Target]) -
                     loaded.add(_name(x, mid))
                 if f"{x}.reshape_weight" in lora:
                     loaded.add(f"{x}.reshape_weight")
-                patches[target] = Patch("lora", {"up": lora[up_key], "down": lora[down_key]}, alpha, x)
+                patches[target] = Patch("lora", {"up": lora[up_key], "down": lora[down_key]}, alpha, x, dora)
                 break
         # LoHa
         if f"{x}.hada_w1_a" in lora:
@@ -251,7 +261,7 @@ def load_lora(lora: Mapping[str, torch.Tensor], key_map: Mapping[str, Target]) -
                 if f"{x}.hada_t1" in lora:
                     loaded.update((f"{x}.hada_t1", f"{x}.hada_t2"))
                 loaded.update(f"{x}.{n}" for n in names.values())
-                patches[target] = Patch("loha", {k: lora[f"{x}.{n}"] for k, n in names.items()}, alpha, x)
+                patches[target] = Patch("loha", {k: lora[f"{x}.{n}"] for k, n in names.items()}, alpha, x, dora)
         # LoKr: each factor is read if present
         lokr = [
             f"{x}.{n}" for n in ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
@@ -259,7 +269,7 @@ def load_lora(lora: Mapping[str, torch.Tensor], key_map: Mapping[str, Target]) -
         present = [k for k in lokr if k in lora]
         loaded.update(present)
         if any(k in lora for k in (lokr[0], lokr[1], lokr[2], lokr[4])):
-            patches[target] = Patch("lokr", {k: lora[k] for k in present}, alpha, x)
+            patches[target] = Patch("lokr", {k: lora[k] for k in present}, alpha, x, dora)
         # GLoRA
         if f"{x}.a1.weight" in lora:
             glora = [f"{x}.{n}.weight" for n in ("a1", "a2", "b1", "b2")]
@@ -328,7 +338,9 @@ def _lokr(patch: Patch) -> tuple[torch.Tensor, int | None]:
 
 
 def delta(patch: Patch) -> torch.Tensor:
-    """ΔW · scale in float32 (strength 1), before the target's slice / function."""
+    """ΔW · scale in float32 (strength 1), before the target's slice / function; not for DoRA (:func:`patched_weights`)."""
+    if patch.dora_scale is not None:
+        raise NotImplementedError(f"{patch.source}: a DoRA patch depends on the weight; use patched_weights")
     t = {k: v.to(torch.float32) for k, v in patch.tensors.items()}
     if patch.kind == "lora":
         diff = t["up"].flatten(start_dim=1) @ t["down"].flatten(start_dim=1)
@@ -402,4 +414,83 @@ def weight_deltas(
                     function = target[2]
             view += function(delta(patch).reshape(view.shape))
         out[own] = total
+    return out
+
+
+def weight_decompose(
+    dora_scale: torch.Tensor,
+    weight: torch.Tensor,
+    lora_diff: torch.Tensor,
+    alpha: float,
+    strength: float,
+    function: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """comfy/weight_adapter/base.py::weight_decompose (intermediate dtype float32): ``weight`` (a view of the model
+    weight, narrowed to the target's slice) is updated in place and returned."""
+    dora_scale = dora_scale.to(torch.float32)
+    lora_diff = lora_diff * alpha
+    weight_calc = weight + function(lora_diff).type(weight.dtype)
+    if dora_scale.shape[0] == weight_calc.shape[0]:  # wd_on_output_axis: the norms of the weight before the patch
+        weight_norm = (
+            weight.reshape(weight.shape[0], -1)
+            .norm(dim=1, keepdim=True)
+            .reshape(weight.shape[0], *[1] * (weight.dim() - 1))
+        )
+    else:
+        weight_norm = (
+            weight_calc.transpose(0, 1)
+            .reshape(weight_calc.shape[1], -1)
+            .norm(dim=1, keepdim=True)
+            .reshape(weight_calc.shape[1], *[1] * (weight_calc.dim() - 1))
+            .transpose(0, 1)
+        )
+    weight_norm = weight_norm + torch.finfo(weight.dtype).eps
+    weight_calc *= (dora_scale / weight_norm).type(weight.dtype)
+    if strength != 1.0:
+        weight_calc -= weight
+        weight += strength * weight_calc
+    else:
+        weight[:] = weight_calc
+    return weight
+
+
+def patched_weights(
+    lora: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor],
+    family: str | None,
+    strength: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """The model weights (keys without prefix) ComfyUI patches with ``lora`` at ``strength`` (float32; only the
+    patched ones), DoRA included: each target's patch in turn on the weight as patched so far (comfy/lora.py::
+    calculate_weight). Raises on anything ComfyUI would complain about or log as ``ERROR``."""
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    report = check(lora, shapes, family)
+    if not report.clean:
+        raise AssertionError(f"ComfyUI would complain: {report}")
+    loaded = load_lora(lora, model_lora_keys_unet(shapes, family))
+    out: dict[str, torch.Tensor] = {}
+    for own, targets in report.targets.items():
+        weight = weights[own].to(torch.float32).clone()  # patch_weight_to_device: a float32 copy
+        for target in targets:
+            patch = loaded.patches[target]
+            view = weight
+            function: Callable[[torch.Tensor], torch.Tensor] = lambda a: a  # noqa: E731
+            if not isinstance(target, str):
+                if target[1] is not None:
+                    view = weight.narrow(*target[1])
+                if len(target) > 2:
+                    function = target[2]
+            if patch.dora_scale is None:
+                view += function((strength * delta(patch)).reshape(view.shape))
+                continue
+            if patch.kind != "lora":
+                raise NotImplementedError(f"{patch.source}: DoRA on {patch.kind} is not modelled by this oracle")
+            t = {k: v.to(torch.float32) for k, v in patch.tensors.items()}
+            alpha = 1.0 if patch.alpha is None else patch.alpha / t["down"].shape[0]
+            diff = (t["up"].flatten(start_dim=1) @ t["down"].flatten(start_dim=1)).reshape(view.shape)
+            try:
+                weight_decompose(patch.dora_scale, view, diff, alpha, strength, function)
+            except RuntimeError as exc:  # ComfyUI logs "ERROR <name> <key> <exc>" and skips the patch
+                raise AssertionError(f"ComfyUI: ERROR lora {target_key(target)} {exc}") from None
+        out[own] = weight
     return out

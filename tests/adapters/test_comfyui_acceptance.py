@@ -97,17 +97,11 @@ def real(tmp_path_factory):
 
 
 CASES = [(a, v, n) for (a, v) in MODELS for n in NETWORKS]
-# Issue 18, left for the next step: kern convert's variant / row check (convert._fits, weights._out_rows) reads a
-# module's output rows off a factor's first dimension; a LoKr's are a·c (W1 rows × W2 rows), so FLUX.2's fused
-# modules do not fit. Needs a general hook for a module's output rows.
-LOKR_CONVERT = "kern convert cannot yet read a LoKr module's output rows (issue 18)"
 
 
 @pytest.mark.parametrize("layout", ["kohya", "comfyui"])
 @pytest.mark.parametrize("arch,variant,network", CASES)
 def test_comfyui_loads_every_key_at_real_shapes(real, arch, variant, network, layout):
-    if network == "lokr" and arch == "flux2":
-        pytest.xfail(LOKR_CONVERT)
     built = real(arch, variant, network)
     tensors, _ = load_file(built["files"][layout])
     report = comfy.check(tensors, built["shapes"], FAMILY[arch])
@@ -210,8 +204,6 @@ def test_comfyui_delta_equals_kern_merge(tiny, arch, network, layout):
         src = tiny["tmp"] / f"{arch}-{network}-nofinal.safetensors"
         save_file({k: v for k, v in tensors.items() if NO_DIFFUSERS not in k}, src, md)
     path = src
-    if network == "lokr" and arch == "flux2" and layout == "comfyui":
-        pytest.xfail(LOKR_CONVERT)
     if layout != "kohya":
         # The tiny model is not a real variant: convert reads the shapes from the file.
         path = tiny["tmp"] / f"{arch}-{network}-{layout}.safetensors"

@@ -380,7 +380,13 @@ def test_peft_file_converts_to_kohya_with_dora_scale_and_merges_the_same(peft_fi
     manager = build_manager()
     claim = detect(tensors.keys(), metadata, manager)
     kohya, _ = manager.hook.convert_weights(
-        network_type="lora", state_dict=tensors, metadata=metadata, claim=claim, to_layout="kohya", module_map=None
+        network_type="lora",
+        state_dict=tensors,
+        metadata=metadata,
+        claim=claim,
+        to_layout="kohya",
+        module_map=None,
+        base=None,
     )
     assert kohya["lora_unet_proj.dora_scale"].shape == (OUT, 1) and "lora_unet_proj.alpha" in kohya
     save_file(kohya, tmp_path / "kohya.safetensors", {})

@@ -164,6 +164,7 @@ def test_a_new_adapter_type_is_small_and_gets_every_hook(tmp_path):
         plugin.load_network,
         plugin.weight_delta,
         plugin.convert_weights,
+        plugin.weight_shape,
     ) = LowRank().hooks()
     manager = build_manager(extra=[("lowrank", plugin)])
     info = manager.infos["lowrank"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 import structlog
 
@@ -21,7 +23,15 @@ log = structlog.get_logger(__name__)
 @click.option(
     "--overwrite", is_flag=True, help="Replace --out if it exists (atomically, once the conversion has succeeded)."
 )
-def command(in_path, to_layout, arch, variant, out, overwrite) -> None:
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    metavar="BASE",
+    help="Base checkpoint the adapter was trained on (as kern merge --model reads it). Needed for a DoRA to or from "
+    "ComfyUI (which normalises DoRA by the base weight); ignored by other conversions.",
+)
+def command(in_path, to_layout, arch, variant, out, overwrite, model) -> None:
     """Convert an adapter between layouts.
 
     kohya: lora_unet_* with lora_down/lora_up and alpha (musubi-tuner; ComfyUI and diffusers load it).
@@ -29,16 +39,22 @@ def command(in_path, to_layout, arch, variant, out, overwrite) -> None:
     diffusers: transformer.<diffusers name>.lora_A/lora_B (FLUX.2 qkv split into q/k/v). diffusers cannot load
     LoHa: that is a usage error (exit 2; use --to comfyui, or kern merge). Adapters of any size convert (row
     counts are read from the file, e.g. a tiny model's). --out is written atomically; an existing one is replaced
-    only with --overwrite. Example:
+    only with --overwrite. A DoRA for ComfyUI needs --model BASE: ComfyUI divides the magnitude by the base weight's
+    norms, so kern writes it from the base weights to give PEFT's result exactly (without --model: exit 2). Example:
 
         kern convert my_lora.safetensors --to comfyui --arch flux2-klein-4b --out my_lora_comfy.safetensors
+        kern convert my_dora.safetensors --to comfyui --arch flux2-klein-4b --model flux2-klein-4b.safetensors --out my_dora_comfy.safetensors
     """
     from kern.adapters.convert import convert
 
-    from kern_cli.commands.merge import input_file
+    from kern_cli.commands.merge import hub_file, input_file
 
     input_file(in_path, "IN")
-    result = convert(in_path, out, to_layout, arch, variant, overwrite=overwrite)
+    if model is not None:
+        model = hub_file(model)
+        if not os.path.isdir(model):  # a diffusers folder's transformer shards are read too
+            input_file(model, "--model")
+    result = convert(in_path, out, to_layout, arch, variant, overwrite=overwrite, model=model)
     click.echo(
         f"converted {result['network_type']} {result['from_layout']} → {result['to_layout']} "
         f"({result['tensors']} tensors, variant {result['variant']}): {result['out']}"

@@ -12,7 +12,7 @@ the checkpoint.
 * Adapters may be in kohya, ComfyUI or PEFT/diffusers layouts; they are brought to kohya naming by their
   plugin (``convert_weights``) and matched against the base's own module paths. A diffusers-named adapter on
   a natively-named base (its reference implementation's names) needs ``arch``, whose ``adapter_module_map``
-  maps the names (fusing q/k/v).
+  maps the names (fusing q/k/v; parts a type cannot fuse, such as LoKr's, each add their ΔW into their rows).
 * fp8 base tensors are upcast for the merge; without ``out_dtype`` they are written as bfloat16 (an fp8
   output would round most of ΔW away). Scaled-fp8 checkpoints (ComfyUI's ``scale_weight`` / ``weight_scale``
   layers) are dequantised exactly first (``kern.models.files.read_layout``); their scale and marker keys are not
@@ -32,11 +32,13 @@ from typing import Any, Sequence
 
 import torch
 
+from kern.adapters.convert import base_weights
 from kern.adapters.network import NameTable
 from kern.adapters.streaming import SafetensorsReader, StreamingWriter, aligned_order
 from kern.adapters.weights import (
     check_multiplier,
     detect,
+    fitted_map,
     module_map_for,
     read_adapter,
     strip_checkpoint_prefix,
@@ -136,6 +138,7 @@ def merge(
             f"{model_path}: no 2-D (or conv) '.weight' tensors; is this a model checkpoint? keys like {keys[:4]}"
         )
     table = NameTable(base)
+    weights_of = base_weights(model_path)  # for adapters whose kohya form depends on the base (convert_weights' base)
 
     contributions: dict[str, list[tuple[str, dict[str, torch.Tensor], float, str]]] = {}
     unmatched: list[str] = []
@@ -144,22 +147,29 @@ def merge(
         tensors, metadata = read_adapter(apath)
         claim = detect(tensors.keys(), metadata, manager, path=apath)
         foreign = any(table.resolve(m) is None for m in claim.modules)
+        mm = fitted_map(module_map, tensors, claim, manager) if foreign and module_map is not None else None
         try:
-            kohya = to_kohya(tensors, metadata, claim, manager, module_map if foreign else None)
+            kohya = to_kohya(tensors, metadata, claim, manager, mm, weights_of)
         except AdapterError as exc:
             raise AdapterError(f"{apath}: {exc}") from None
+        other = mm.table() if mm is not None else None
         grouped: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in kohya.items():
             name, _, suffix = key.partition(".")
             grouped.setdefault(name, {})[suffix] = t
         for name, t in grouped.items():
-            hit = table.resolve(name)
+            hit, rows = table.resolve(name), None
+            if hit is None and other is not None:  # a part of a fused weight its type did not fuse: into its rows
+                part = other.resolve(name)
+                if part is not None and part[0] == "other":
+                    native, rows = mm.to_native[part[1]]
+                    hit = ("native", native) if rows is not None and native in base else None
             if hit is None:
                 unmatched.append(f"{apath}: {name}")
                 unmatched_by_file.setdefault(str(apath), []).append(name)
                 continue
             contributions.setdefault(base[hit[1]], []).append(
-                (claim.network_type, t, float(multiplier), f"{apath}: {name}")
+                (claim.network_type, t, float(multiplier), f"{apath}: {name}", rows)
             )
         log.info(
             "adapter for merge",
@@ -250,17 +260,24 @@ def merged_weight(
     """``base + Σ m · ΔW`` in float32; ``AdapterError`` when a ΔW does not fit or the sum is not finite."""
     base = base.to(torch.float32)
     acc = base.clone()  # every ΔW sees the unmerged base (a DoRA's depends on it), as PEFT merges in turn
-    for network_type, tensors, multiplier, label in parts:
+    for network_type, tensors, multiplier, label, *rows in parts:
+        # rows: a part of a fused weight (a type that cannot fuse its parts), its ΔW goes into those rows
+        start, stop = (rows[0] if rows and rows[0] else None) or (0, shape[0])
+        want = (stop - start, *shape[1:])
+        if stop > shape[0]:
+            raise AdapterError(f"{label}: rows [{start}, {stop}) do not fit {key!r} {tuple(shape)}")
         try:
-            delta = manager.hook.weight_delta(network_type=network_type, tensors=tensors, base_shape=shape, base=base)
+            delta = manager.hook.weight_delta(
+                network_type=network_type, tensors=tensors, base_shape=want, base=base[start:stop]
+            )
         except AdapterError as exc:
             raise AdapterError(f"{label}: {exc}") from None
         if delta is None:
             raise PluginError(f"no plugin computes weight_delta for {network_type!r} adapters")
-        if tuple(delta.shape) != tuple(shape):
-            raise AdapterError(f"{label}: ΔW shape {tuple(delta.shape)} does not fit {key!r} {tuple(shape)}")
+        if tuple(delta.shape) != want:
+            raise AdapterError(f"{label}: ΔW shape {tuple(delta.shape)} does not fit {key!r} {want}")
         # multiply first: add_(alpha=m) refuses an m beyond float32 with a RuntimeError, this overflows to inf (reported below)
-        acc.add_(delta.to(torch.float32).mul_(multiplier))
+        acc[start:stop].add_(delta.to(torch.float32).mul_(multiplier))
         del delta
     bad = describe_nonfinite(acc)
     if bad:

@@ -6,7 +6,9 @@
   kinds) or show a few of its keys.
 * :func:`apply_adapters` — apply several adapter files (LoRA and LoHa mixed) with their multipliers to a model,
   unmerged; diffusers-named files are mapped onto the architecture's native module names through its
-  ``adapter_module_map`` when ``arch`` is given.
+  ``adapter_module_map`` when ``arch`` is given. Parts of a fused layer whose type cannot fuse them into one adapter
+  (LoKr's ``to_q`` / ``to_k`` / ``to_v`` of a fused ``qkv``) sit on row slices of it
+  (``kern.adapters.network.names.RowSlice``): each adds into its own rows of the layer's output.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kern.adapters.network import (
     candidate_paths,
     group_by_module,
 )
+from kern.adapters.network.runtime import merge_networks
 from kern.errors import AdapterError, KernError, PluginError, UsageError
 from kern.log import get_logger
 from kern.records import WeightsClaim
@@ -140,32 +143,44 @@ def module_map_for(manager: Any, arch: str, variant: str | None, layout: str = "
     return None if raw is None else ModuleMap(raw, source=f"{architecture.name}/{variant} adapter_module_map")
 
 
-def _out_rows(tensors: Mapping[str, torch.Tensor]) -> int | None:
-    """A module's output rows as its file holds them: the most rows of its matrices (LoRA up ``[out, r]`` vs down
-    ``[r, in]``, LoHa ``w1a``/``w2a`` ``[out, r]``: the rank is below the output rows of any useful adapter)."""
+def _largest_rows(tensors: Mapping[str, torch.Tensor]) -> int | None:
+    """The most rows of a module's matrices: its output rows for a type without ``weight_shape`` whose up factor is
+    ``[out, r]`` (the rank is below the output rows of any useful adapter)."""
     rows = [int(t.shape[0]) for t in tensors.values() if t.dim() >= 2]
     return max(rows) if rows else None
 
 
-def fit_rows(module_map: ModuleMap, modules: Mapping[str, Mapping[str, torch.Tensor]]) -> ModuleMap | None:
-    """``module_map`` with its row slices scaled to the row counts the adapter's own tensors have, or ``None``.
+def module_rows(
+    modules: Mapping[str, Mapping[str, torch.Tensor]], network_type: str, manager: Any
+) -> dict[str, int | None]:
+    """Each module's output rows as its file holds them, from its network type's ``weight_shape`` hook (a LoKr's are
+    W1 rows × W2 rows); a type without the hook: the largest first dimension of its matrices."""
+    out: dict[str, int | None] = {}
+    for name, tensors in modules.items():
+        shape = manager.hook.weight_shape(network_type=network_type, tensors=tensors)
+        out[name] = int(shape[0]) if shape else _largest_rows(tensors)
+    return out
+
+
+def fit_rows(module_map: ModuleMap, rows: Mapping[str, int | None]) -> ModuleMap | None:
+    """``module_map`` with its row slices scaled to the row counts the adapter's own modules have, or ``None``.
 
     A map's slices (a fused ``qkv`` of 3·hidden rows ↔ three modules of hidden rows) come from a real model's sizes;
     an adapter of a smaller or custom model of the same architecture has the same layout at other sizes. Each sliced
-    module of the file gives a factor (its rows / the map's rows), all slices of that module scale by it; ``None``
-    when a name is not in the map, two modules of one fused module disagree, or a scaled slice is not whole rows.
+    module of the file (``rows``: name → output rows, :func:`module_rows`) gives a factor (its rows / the
+    map's rows), all slices of that module scale by it; ``None`` when a name is not in the map, two modules of one
+    fused module disagree, or a scaled slice is not whole rows.
     """
     from fractions import Fraction
 
     table = module_map.table()
     factor: dict[str, Fraction] = {}
-    for name, tensors in modules.items():
+    for name, have in rows.items():
         hit = table.resolve(name)
         if hit is None:
             return None
         naming, path = hit
-        rows = _out_rows(tensors)
-        if rows is None:
+        if have is None:
             continue
         if naming == "native" and path in module_map.native_rows:
             native, want = path, module_map.native_rows[path]
@@ -174,7 +189,7 @@ def fit_rows(module_map: ModuleMap, modules: Mapping[str, Mapping[str, torch.Ten
             want = stop - start
         else:
             continue
-        f = Fraction(rows, want)
+        f = Fraction(have, want)
         if factor.setdefault(native, f) != f:
             return None
     entries = []
@@ -192,21 +207,46 @@ def fit_rows(module_map: ModuleMap, modules: Mapping[str, Mapping[str, torch.Ten
     return ModuleMap(entries, source="adapter_module_map fitted to the file's rows")
 
 
+def fitted_map(
+    module_map: ModuleMap | list, tensors: Mapping[str, torch.Tensor], claim: WeightsClaim, manager: Any
+) -> ModuleMap:
+    """``module_map`` with its row slices read off the adapter's modules (:func:`fit_rows`), or as it is."""
+    mm = module_map if isinstance(module_map, ModuleMap) else ModuleMap(module_map)
+    return fit_rows(mm, module_rows(group_by_module(tensors, claim.modules), claim.network_type, manager)) or mm
+
+
+def row_slices(names: Iterable[str], layers: Mapping[str, torch.nn.Module], module_map: ModuleMap) -> dict:
+    """``{other path: RowSlice}`` for the module ``names`` (kohya naming, after :func:`to_kohya`) that are not layers
+    of the model but row slices of one (``module_map``): parts of a fused layer their type could not fuse."""
+    from kern.adapters.network.names import RowSlice
+
+    table, other = NameTable(layers), module_map.table()
+    out = {}
+    for name in names:
+        hit = None if table.resolve(name) is not None else other.resolve(name)
+        if hit is None or hit[0] != "other":
+            continue
+        native, rows = module_map.to_native[hit[1]]
+        if rows is not None and native in layers:
+            out[hit[1]] = RowSlice(layers[native], *rows)
+    return out
+
+
 def to_kohya(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str],
     claim: WeightsClaim,
     manager: Any,
     module_map: ModuleMap | list | None = None,
+    base: Any = None,
 ) -> dict[str, torch.Tensor]:
     """The adapter rewritten in kohya naming by its plugin (``convert_weights``), mapped to native names if a map is
     given; the map's row slices are read off the file's tensors (:func:`fit_rows`), so adapters of smaller or custom
-    models of the architecture map too."""
+    models of the architecture map too. ``base``: the base weights by name, for types that need them
+    (``convert_weights``; e.g. a DoRA file kern wrote for ComfyUI)."""
     raw = None
     if module_map is not None:
-        mm = module_map if isinstance(module_map, ModuleMap) else ModuleMap(module_map)
-        mm = fit_rows(mm, group_by_module(tensors, claim.modules)) or mm
-        raw = list(mm.to_other.items())
+        raw = list(fitted_map(module_map, tensors, claim, manager).to_other.items())
     result = manager.hook.convert_weights(
         network_type=claim.network_type,
         state_dict=tensors,
@@ -214,6 +254,7 @@ def to_kohya(
         claim=claim,
         to_layout="kohya",
         module_map=raw,
+        base=base,
     )
     if result is None:
         raise PluginError(f"no plugin converts {claim.network_type!r} adapters (convert_weights)")
@@ -250,9 +291,11 @@ def apply_adapters(
             tensors, metadata = read_adapter(path)
             claim = detect(tensors.keys(), metadata, manager, path=path)
             foreign = [m for m in claim.modules if table.resolve(m) is None]
+            host = model
             if foreign and arch is not None:
                 mm = module_map_for(manager, arch, variant)
                 if mm is not None:
+                    mm = fitted_map(mm, tensors, claim, manager)
                     log.debug(
                         "mapping adapter names through the module map",
                         file=str(path),
@@ -265,10 +308,16 @@ def apply_adapters(
                         raise AdapterError(f"{path}: {exc}") from None
                     claim = detect(tensors.keys(), {}, manager, path=path)
                     metadata = {}
+                    slices = row_slices(claim.modules, layers, mm)
+                    if slices:  # parts of fused layers kept apart: each adapter goes into its rows of the layer
+                        from kern.adapters.network.names import ModelWithSlices
+
+                        host = ModelWithSlices(model, slices)
+                        log.info("adapter modules on row slices of fused layers", file=str(path), count=len(slices))
             try:
                 net = manager.hook.load_network(
                     network_type=claim.network_type,
-                    model=model,
+                    model=host,
                     state_dict=tensors,
                     metadata=metadata,
                     claim=claim,
@@ -295,8 +344,7 @@ def apply_adapters(
             net.remove()
         raise
     if merge:
-        for net in networks:
-            net.merge_into_model()
+        merge_networks(networks)  # every ΔW on the unmerged weights, as unmerged and as `kern merge`
         log.info("merged adapters into the model", count=len(networks))
     return networks
 

@@ -106,6 +106,17 @@ def loha_delta(tensors: Mapping[str, torch.Tensor], base_shape: Sequence[int], w
     return delta.reshape(tuple(base_shape))
 
 
+def loha_shape(tensors: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """The base weight's shape from a module's kohya tensors: hada_w1_a's rows × hada_w1_b's columns (× the Tucker
+    core's kernel); a conv stored flattened gives (out, in · kh · kw)."""
+    if W1A not in tensors or W1B not in tensors:
+        return None
+    out, w1b = int(tensors[W1A].shape[0]), tensors[W1B]
+    if T1 in tensors:  # Tucker: w1_b is r × in, the kernel sits in t1 (r × r × kh × kw)
+        return (out, int(w1b.shape[-1]), *(int(s) for s in tensors[T1].shape[2:]))
+    return (out, *(int(s) for s in w1b.shape[1:]))
+
+
 class LoHaModule(RankAdapterModule):
     """A LoHa on one ``nn.Linear`` / ``Float8StorageLinear`` / ``nn.Conv2d`` (flattened kernel)."""
 
@@ -113,6 +124,7 @@ class LoHaModule(RankAdapterModule):
     rank_factor = W1B
     reshape_loaded = True  # conv factors may come flattened or not
     weight_delta = staticmethod(loha_delta)
+    weight_shape = staticmethod(loha_shape)
 
     def make_factors(self, rank: int, *, dtype: torch.dtype, device: torch.device | str | None) -> None:
         shape = self.geometry["weight_shape"]

@@ -116,6 +116,28 @@ def plan_of(tensors: Mapping[str, torch.Tensor], weight_shape: Sequence[int], wh
     return Plan(int(a), int(b), int(c), in_dim // int(b), W1 not in tensors, W2 not in tensors, tuple(kernel), rank)
 
 
+def lokr_shape(tensors: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """The base weight's shape from a module's kohya tensors: (a·c, b·d [, kh, kw]) for W1 a × b and W2 c × d; a
+    conv W2 stored flattened (``lokr_w2_b`` r × d·kh·kw) gives (out, in · kh · kw)."""
+    if W1 in tensors:
+        a, b = (int(s) for s in tensors[W1].shape[:2])
+    elif W1A in tensors and W1B in tensors:
+        a, b = int(tensors[W1A].shape[0]), int(tensors[W1B].shape[-1])
+    else:
+        return None
+    if W2 in tensors:
+        c, *rest = (int(s) for s in tensors[W2].shape)
+        return (a * c, b * rest[0], *rest[1:]) if rest else None
+    if W2A not in tensors or W2B not in tensors:
+        return None
+    if T2 in tensors:  # Tucker: w2_a is r × c, w2_b r × d, the kernel sits in t2 (r × r × kh × kw)
+        c, d = int(tensors[W2A].shape[1]), int(tensors[W2B].shape[1])
+        return (a * c, b * d, *(int(s) for s in tensors[T2].shape[2:]))
+    w2b = tensors[W2B]
+    c = int(tensors[W2A].shape[0])
+    return (a * c, b * int(w2b.shape[1]), *(int(s) for s in w2b.shape[2:]))
+
+
 def kron_delta(w1: torch.Tensor, w2: torch.Tensor, gamma: float) -> torch.Tensor:
     """``γ · w1 ⊗ w2``; a conv ``w2`` (c × d × kh × kw) keeps its kernel axes."""
     w1 = w1.reshape(*w1.shape, *(1,) * (w2.dim() - 2))
@@ -155,6 +177,7 @@ class LoKrModule(RankAdapterModule):
     rank_factor = W1B  # unused: from_tensors reads the rank off whichever side is low rank
     reshape_loaded = True  # conv lokr_w2_b may come flattened (LyCORIS' module) or not (its functional API)
     weight_delta = staticmethod(lokr_delta)
+    weight_shape = staticmethod(lokr_shape)
 
     def __init__(
         self,
@@ -277,4 +300,14 @@ def normalise(
     return out
 
 
-__all__ = ["LoKrModule", "Plan", "factorization", "kron_delta", "lokr_delta", "normalise", "plan_for", "plan_of"]
+__all__ = [
+    "LoKrModule",
+    "Plan",
+    "factorization",
+    "kron_delta",
+    "lokr_delta",
+    "lokr_shape",
+    "normalise",
+    "plan_for",
+    "plan_of",
+]

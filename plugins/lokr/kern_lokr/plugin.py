@@ -81,4 +81,6 @@ class LoKr(RankAdapter):
 
 LOKR = LoKr()
 # kern finds a plugin's hooks as functions of its module: these are LOKR's, bound to it.
-register_networks, make_network, detect_weights, load_network, weight_delta, convert_weights = LOKR.hooks()
+register_networks, make_network, detect_weights, load_network, weight_delta, convert_weights, weight_shape = (
+    LOKR.hooks()
+)

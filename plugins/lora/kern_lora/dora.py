@@ -13,19 +13,40 @@ scales the bracket, so unmerged output and merged weight agree: ``W + mult·(W' 
 Files: the magnitude is ``dora_scale`` of shape ``[out, 1]`` (LyCORIS ``wd_on_out=True``, which ComfyUI reads by
 its first dimension) in kohya / ComfyUI layouts and ``lora_magnitude_vector`` of shape ``[out]`` in the PEFT /
 diffusers layout. LyCORIS's older per-input-column magnitude (``dora_scale`` ``[1, in]``) is refused.
+
+ComfyUI (``comfy/weight_adapter/base.py::weight_decompose``) divides an ``[out, 1]`` ``dora_scale`` by the row norms of
+the weight *before* the patch plus ``eps`` (``torch.finfo(float32).eps``, it patches in float32), not by ``‖V‖``:
+``W_c = V · dora_scale / (‖W‖ + eps)``. So ``kern convert --to comfyui --model BASE`` writes
+``dora_scale' = m · (‖W‖ + eps) / ‖V‖`` (ComfyUI then gives exactly PEFT's ``W'``) and marks the file with the
+metadata ``kern.dora_norm = "base"``; kern reads such a file back to ``m`` with the base weight it has at hand
+(the layer's weight when applied, ``base`` in ``weight_delta`` / ``convert_weights``). Files without the mark
+(LyCORIS, OneTrainer, ai-toolkit, PEFT, kern's own kohya files) hold ``m``.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from kern.adapters.network import compute_dtype
-from kern.errors import AdapterError
+from kern.errors import AdapterError, UsageError
 from torch import nn
 
-from kern_lora.module import DORA, LoRAModule, lora_delta
+from kern_lora.module import DORA, UP, LoRAModule, lora_delta
+
+NORM_KEY, NORM_BASE = "kern.dora_norm", "base"  # metadata of a file whose magnitudes are divided by ‖W‖ + eps
+DORA_BASE = "dora_scale.base_norm"  # in memory only: such a magnitude, until the base weight turns it into m
+EPS = torch.finfo(torch.float32).eps  # ComfyUI's, for the float32 weight it patches
+
+
+class NeedsBase(AdapterError, UsageError):
+    """A DoRA conversion that needs the base model's weights and was given none: the user passes them (exit 2)."""
+
+
+def base_normed(metadata: Mapping[str, str] | None) -> bool:
+    """Whether a file's DoRA magnitudes are ComfyUI-normalised (``kern.dora_norm = "base"``)."""
+    return bool(metadata) and metadata.get(NORM_KEY) == NORM_BASE
 
 
 def row_norm(w: torch.Tensor) -> torch.Tensor:
@@ -44,9 +65,58 @@ def magnitude(t: torch.Tensor, rows: int, where: str = "") -> torch.Tensor:
     return t.detach().to(torch.float32).reshape(rows)
 
 
+def comfy_factor(tensors: Mapping[str, torch.Tensor], base: torch.Tensor, where: str = "") -> torch.Tensor:
+    """``(‖W‖ + eps) / ‖W + s·B·A‖`` per output row (float32): ComfyUI's ``dora_scale`` is ``m`` times this."""
+    w = base.to(torch.float32)
+    if w.shape[0] != tensors[UP].shape[0]:
+        raise AdapterError(
+            f"{where}: base weight {tuple(w.shape)} does not have the adapter's {tensors[UP].shape[0]} rows"
+        )
+    return (row_norm(w) + EPS) / row_norm(w + lora_delta(tensors, tuple(w.shape), where))
+
+
+def from_base_normed(tensors: Mapping[str, torch.Tensor], base: torch.Tensor, where: str = "") -> dict[str, Any]:
+    """A module read from a ``kern.dora_norm = "base"`` file (magnitude under ``DORA_BASE``) with ``m`` instead."""
+    out = {k: v for k, v in tensors.items() if k != DORA_BASE}
+    rows = tensors[UP].shape[0]
+    out[DORA] = (magnitude(tensors[DORA_BASE], rows, where) / comfy_factor(tensors, base, where)).view(-1, 1)
+    return out
+
+
+def to_base_normed(tensors: Mapping[str, torch.Tensor], base: torch.Tensor, where: str = "") -> dict[str, Any]:
+    """A module for ComfyUI: ``dora_scale = m · (‖W‖ + eps) / ‖W + s·B·A‖`` (float32, ``[out, 1]``)."""
+    rows = tensors[UP].shape[0]
+    return {**tensors, DORA: (magnitude(tensors[DORA], rows, where) * comfy_factor(tensors, base, where)).view(-1, 1)}
+
+
+def needs_base(why: str) -> NeedsBase:
+    return NeedsBase(
+        f"{why}: ComfyUI divides a DoRA magnitude (dora_scale) by the row norms of the base weight W, where PEFT "
+        "and kern divide by those of W + s·B·A, so kern converts it exactly only with the base model's weights: "
+        "pass the base checkpoint the adapter was trained on (kern convert --model BASE)"
+    )
+
+
+def convert_modules(
+    modules: Mapping[str, Mapping[str, torch.Tensor]],
+    base: Callable[[str], torch.Tensor] | None,
+    *,
+    read: bool,
+    why: str,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every module through :func:`from_base_normed` (``read``) or :func:`to_base_normed`, the base weight of each
+    from ``base(name)``; :class:`NeedsBase` (saying ``why``) before any work when ``base`` is None."""
+    if base is None:
+        raise needs_base(why)
+    step = from_base_normed if read else to_base_normed
+    return {name: step(t, base(name), name) for name, t in modules.items()}
+
+
 def dora_weight(tensors: Mapping[str, torch.Tensor], base: torch.Tensor, where: str = "") -> torch.Tensor:
     """``W' = (m / ‖W + s·B·A‖) ⊙ (W + s·B·A)`` in float32 (PEFT's merged weight)."""
     w = base.to(torch.float32)
+    if DORA_BASE in tensors:
+        tensors = from_base_normed(tensors, w, where)
     v = w + lora_delta(tensors, tuple(w.shape), where)
     m = magnitude(tensors[DORA], w.shape[0], where)
     factor = m / row_norm(v)
@@ -93,8 +163,16 @@ class DoRAModule(LoRAModule):
     def factors(self) -> dict[str, torch.Tensor]:
         return {**super().factors(), DORA: self.dora_scale}
 
+    @torch.no_grad()
+    def load_kohya_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if DORA_BASE in tensors:  # a ComfyUI-normalised file: m from this layer's own base weight
+            tensors = from_base_normed(tensors, base_weight(self.org, torch.float32), self.path)
+        super().load_kohya_tensors(tensors)
+
     def delta_weight(self) -> torch.Tensor:
-        return dora_delta(self.kohya_tensors(), self.geometry["weight_shape"], base_weight(self.org), self.path)
+        # A swapped-out block's weight sits in CPU memory, away from the factors (block swap): bring it to them.
+        base = base_weight(self.org).to(self.lora_down.weight.device)
+        return dora_delta(self.kohya_tensors(), self.geometry["weight_shape"], base, self.path)
 
     def _scale_and_lora(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m/n, s·B(A x))``: ``n`` from the current factors without gradient, in float32."""

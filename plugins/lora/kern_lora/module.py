@@ -79,6 +79,13 @@ def lora_delta(tensors: Mapping[str, torch.Tensor], base_shape: Sequence[int], w
     return delta.reshape(tuple(base_shape))
 
 
+def lora_shape(tensors: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """The base weight's shape from a module's kohya tensors: lora_up's rows × lora_down's columns (and kernel)."""
+    if DOWN not in tensors or UP not in tensors:
+        return None
+    return (int(tensors[UP].shape[0]), *(int(s) for s in tensors[DOWN].shape[1:]))
+
+
 class LoRAModule(RankAdapterModule):
     """A LoRA on one ``nn.Linear`` / ``Float8StorageLinear`` / ``nn.Conv2d``.
 
@@ -91,6 +98,7 @@ class LoRAModule(RankAdapterModule):
     rank_factor = DOWN
     up_param_names = ("lora_up",)
     weight_delta = staticmethod(lora_delta)
+    weight_shape = staticmethod(lora_shape)
 
     def make_factors(self, rank: int, *, dtype: torch.dtype, device: torch.device | str | None) -> None:
         org, g = self.org, self.geometry

@@ -14,7 +14,16 @@ import torch
 from kern.adapters.network import RankAdapter, build_network, load_network_modules, rank_options
 from torch import nn
 
-from kern_lora.dora import DoRAModule, dora_delta
+from kern_lora.dora import (
+    DORA_BASE,
+    NORM_BASE,
+    NORM_KEY,
+    DoRAModule,
+    base_normed,
+    convert_modules,
+    dora_delta,
+    needs_base,
+)
 from kern_lora.module import (
     ALPHA,
     DORA,
@@ -65,8 +74,9 @@ class LoRA(RankAdapter):
     ops = LoRAOps()
     suffixes = tuple(SUFFIX_ALIASES)
     markers = FACTOR_SUFFIXES
-    # A PEFT config describes the file it came with; written anew for diffusers (α folded), dropped otherwise.
-    dropped_metadata = RankAdapter.dropped_metadata + ("lora_adapter_metadata",)
+    # A PEFT config describes the file it came with; written anew for diffusers (α folded), dropped otherwise. The
+    # DoRA norm mark describes the magnitudes as written: set anew for ComfyUI, where kern writes them so.
+    dropped_metadata = RankAdapter.dropped_metadata + ("lora_adapter_metadata", NORM_KEY)
 
     def normalise(
         self,
@@ -106,6 +116,8 @@ class LoRA(RankAdapter):
     ) -> Any:
         modules = self.normalise(state_dict, metadata, claim.modules)
         module = DoRAModule if is_dora(modules) else LoRAModule
+        if module is DoRAModule and base_normed(metadata):  # each DoRAModule turns these into m with its layer's W
+            modules = {n: {DORA_BASE if k == DORA else k: v for k, v in t.items()} for n, t in modules.items()}
         net = load_network_modules(self.name, model, modules, module, multiplier)
         if module is DoRAModule:
             net.options["dora"] = True
@@ -113,9 +125,32 @@ class LoRA(RankAdapter):
 
     @kern.hookimpl
     def weight_delta(self, tensors: Mapping[str, torch.Tensor], base_shape: tuple, base: Any) -> Any:
-        if DORA in tensors:
+        if DORA in tensors or DORA_BASE in tensors:
             return dora_delta(tensors, tuple(base_shape), base)
         return lora_delta(tensors, tuple(base_shape))
+
+    def read_modules(
+        self, modules: dict[str, dict[str, torch.Tensor]], metadata: Mapping[str, str] | None, layout: str, base: Any
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """A DoRA file's magnitudes as m: a ComfyUI-normalised file's divided back with the base weights; a DoRA bound
+        for ComfyUI needs them too, so both are refused here without ``base`` (before any work)."""
+        if not is_dora(modules):
+            return modules
+        if base_normed(metadata):
+            why = f"this DoRA file's magnitudes are ComfyUI-normalised ({NORM_KEY} = {NORM_BASE!r})"
+            marked = {n: {DORA_BASE if k == DORA else k: v for k, v in t.items()} for n, t in modules.items()}
+            return convert_modules(marked, base, read=True, why=why)
+        if layout == "comfyui" and base is None:
+            raise needs_base("a DoRA adapter for ComfyUI")
+        return modules
+
+    def write_modules(
+        self, resolved: dict[str, dict[str, torch.Tensor]], layout: str, base: Any
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """For ComfyUI, DoRA magnitudes divided by ‖W + s·B·A‖ / (‖W‖ + eps), so that its rule gives PEFT's W'."""
+        if layout != "comfyui" or not is_dora(resolved):
+            return resolved
+        return convert_modules(resolved, base, read=False, why="a DoRA adapter for ComfyUI")
 
     def layout_tensors(self, tensors: Mapping[str, torch.Tensor], layout: str) -> Mapping[str, torch.Tensor]:
         dora = tensors.get(DORA)
@@ -131,6 +166,8 @@ class LoRA(RankAdapter):
         return out
 
     def layout_metadata(self, resolved: Mapping[str, Mapping[str, torch.Tensor]], layout: str) -> dict[str, str]:
+        if layout == "comfyui" and is_dora(resolved):
+            return {NORM_KEY: NORM_BASE}  # write_modules wrote the magnitudes so
         return {"lora_adapter_metadata": _peft_metadata(resolved)} if layout == "diffusers" else {}
 
 
@@ -152,7 +189,9 @@ def is_dora(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:
 
 LORA = LoRA()
 # kern finds a plugin's hooks as functions of its module: these are LORA's, bound to it.
-register_networks, make_network, detect_weights, load_network, weight_delta, convert_weights = LORA.hooks()
+register_networks, make_network, detect_weights, load_network, weight_delta, convert_weights, weight_shape = (
+    LORA.hooks()
+)
 
 
 def _peft_metadata(resolved: Mapping[str, Mapping[str, torch.Tensor]]) -> str:

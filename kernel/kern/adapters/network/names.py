@@ -3,7 +3,8 @@
 :func:`kohya_name` (``"lora_unet_" + path.replace(".", "_")``), :class:`NameTable` (file module names in any known
 layout → dotted module paths), :class:`ModuleMap` (an architecture's native ↔ diffusers module map, as the
 ``adapter_module_map`` hook returns it), :func:`resolve_modules` (rename, split or fuse an adapter's modules into
-one naming), and the helpers that group a file's keys into modules and tell its layout.
+one naming), :class:`RowSlice` (rows of a fused layer standing in for a layer, for adapters named after one of its
+parts that cannot be fused) and the helpers that group a file's keys into modules and tell its layout.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from collections import Counter
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+from torch import nn
 
+from kern.adapters.network.targets import is_linear
 from kern.errors import AdapterError
 
 KOHYA_PREFIX = "lora_unet_"
@@ -44,9 +47,26 @@ LAYOUTS = ("kohya", "comfyui", "diffusers")
 LAYOUT_PREFIXES = {"comfyui": "diffusion_model.", "diffusers": "transformer."}
 
 
+class SlicePath(str):
+    """A module path in the other (diffusers) naming whose module holds rows ``rows`` of the native module ``native``
+    and stays an adapter of its own (:func:`resolve_modules`: its type cannot fuse it with its siblings).
+    :func:`layout_name` spells it the way ComfyUI reads diffusers names on natively named models (``lycoris_`` +
+    flattened path in kohya files, ``transformer.`` + path otherwise); kern maps it back through the module map."""
+
+    native: str
+    rows: tuple[int, int]
+
+    def __new__(cls, path: str, native: str, rows: tuple[int, int]) -> SlicePath:
+        self = super().__new__(cls, path)
+        self.native, self.rows = native, (int(rows[0]), int(rows[1]))
+        return self
+
+
 def layout_name(path: str, layout: str) -> str:
     """The module name of dotted path ``path`` in ``layout``: kohya flattens it (:func:`kohya_name`), ComfyUI and
-    diffusers prefix it (``diffusion_model.`` / ``transformer.``)."""
+    diffusers prefix it (``diffusion_model.`` / ``transformer.``). A :class:`SlicePath` keeps its diffusers spelling."""
+    if isinstance(path, SlicePath):
+        return "lycoris_" + path.replace(".", "_") if layout == "kohya" else "transformer." + path
     return kohya_name(path) if layout == "kohya" else LAYOUT_PREFIXES[layout] + path
 
 
@@ -145,13 +165,60 @@ class ModuleMap:
         return len(self.to_other)
 
 
+class RowSlice(nn.Linear):
+    """Output rows ``[start, stop)`` of a linear ``layer``, standing in for a layer of its own.
+
+    An adapter trained on one projection that the model computes fused (diffusers' ``to_q`` of a fused ``qkv``)
+    sits on it when its type cannot fuse the parts into one adapter of the whole layer (a Kronecker product).
+    Attaching an adapter to it adds that adapter's output into those rows of the layer's output
+    (:class:`RowsAdapter`); merging adds its ΔW into those rows of the layer's weight (:func:`add_to_weight_`).
+    It is a view: not part of the model, holding no tensors of its own.
+    """
+
+    def __init__(self, layer: nn.Module, start: int, stop: int) -> None:
+        nn.Module.__init__(self)  # not nn.Linear's: the weight is the layer's, not a new parameter
+        if not is_linear(layer) or not 0 <= start < stop <= layer.out_features:
+            raise AdapterError(f"rows [{start}, {stop}) are not a row slice of {type(layer).__name__} {layer}")
+        self.__dict__["layer"] = layer  # not a submodule
+        self.start, self.stop = int(start), int(stop)
+        self.in_features, self.out_features = layer.in_features, self.stop - self.start
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.layer.weight[self.start : self.stop]
+
+    @property
+    def bias(self) -> torch.Tensor | None:  # type: ignore[override]
+        b = self.layer.bias
+        return None if b is None else b[self.start : self.stop]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)[..., self.start : self.stop]
+
+
+class ModelWithSlices(nn.Module):
+    """``model`` with row slices of its layers (``{path: RowSlice}``) as extra modules, for ``load_network``: an
+    adapter file naming a fused layer's parts finds them at their own paths. Only ``named_modules`` (and what walks
+    it) sees the slices; the model itself is not changed."""
+
+    def __init__(self, model: nn.Module, slices: Mapping[str, RowSlice]) -> None:
+        super().__init__()
+        self.__dict__["model"], self.__dict__["slices"] = model, dict(slices)
+
+    def named_modules(self, memo: Any = None, prefix: str = "", remove_duplicate: bool = True):  # type: ignore[override]
+        yield from self.model.named_modules(memo, prefix, remove_duplicate)
+        for path, m in self.slices.items():
+            yield (f"{prefix}.{path}" if prefix else path), m
+
+
 class FactorOps:
     """What :func:`resolve_modules` needs from a network type to move modules between namings.
 
     ``split(tensors, start, stop)`` returns the adapter of the output rows ``[start, stop)`` of a module;
     ``fuse(parts, total_rows)`` builds one module of ``total_rows`` output rows from
-    ``[((start, stop), tensors), ...]`` (rows not covered stay zero). Both work on kohya-suffix tensors and
-    must be exact.
+    ``[((start, stop), tensors), ...]`` (rows not covered stay zero), or returns ``None`` when these parts cannot be
+    fused exactly: each then stays an adapter of its own rows (a :class:`SlicePath`), as for a type without ops.
+    Both work on kohya-suffix tensors and must be exact.
     """
 
     def split(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -177,11 +244,14 @@ def resolve_modules(
     Returns ``({dotted path in the wanted naming: tensors}, [(file module name, why it was left out)])``.
     Modules named in the other naming are renamed through ``module_map``, fused (several other modules
     holding row slices of one native module, e.g. diffusers ``to_q/to_k/to_v`` → a fused ``qkv``) or split
-    (the reverse) with ``ops``. Two file modules landing on the same path raise ``AdapterError``.
+    (the reverse) with ``ops``. Row slices a type cannot fuse (no ``ops``, or ``ops.fuse`` returns ``None``: a
+    Kronecker product) stay modules of their own, keyed by a :class:`SlicePath` (their other path, knowing the native
+    module and rows); kern applies and merges each into its rows. Two file modules landing on the same path raise
+    ``AdapterError``.
     """
     out: dict[str, dict[str, torch.Tensor]] = {}
     sources: dict[str, str] = {}
-    parts: dict[str, list[tuple[tuple[int, int], Mapping[str, torch.Tensor], str]]] = {}
+    parts: dict[str, list[tuple[tuple[int, int], Mapping[str, torch.Tensor], str, str]]] = {}
     unmatched: list[tuple[str, str]] = []
 
     def put(path: str, tensors: Mapping[str, torch.Tensor], name: str) -> None:
@@ -205,7 +275,7 @@ def resolve_modules(
             if rows is None:
                 put(native, tensors, name)
             else:
-                parts.setdefault(native, []).append((rows, tensors, name))
+                parts.setdefault(native, []).append((rows, tensors, name, path))
         else:  # native → other
             targets = module_map.to_other.get(path, [])
             if not targets:
@@ -219,10 +289,13 @@ def resolve_modules(
                         raise AdapterError(f"{name!r}: splitting a module needs the network type's factor operations")
                     put(other, ops.split(tensors, rows[0], rows[1]), name)
     for native, group in parts.items():
-        if ops is None:
-            raise AdapterError(f"{native!r}: fusing modules needs the network type's factor operations")
-        total = module_map.native_rows[native] if module_map else max(r[1] for r, _, _ in group)
-        put(native, ops.fuse([(r, t) for r, t, _ in group], total), "+".join(n for _, _, n in group))
+        total = module_map.native_rows[native] if module_map else max(r[1] for r, _, _, _ in group)
+        fused = None if ops is None else ops.fuse([(r, t) for r, t, _, _ in group], total)
+        if fused is None:  # each part stays an adapter of its own rows of the native module
+            for rows, t, name, path in group:
+                put(SlicePath(path, native, rows), t, name)
+        else:
+            put(native, fused, "+".join(n for _, _, n, _ in group))
     return out, unmatched
 
 

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kern.adapters.network.metadata import network_metadata, safetensors_hashes
+from kern.adapters.network.names import RowSlice
 from kern.adapters.network.targets import is_linear
 from kern.errors import AdapterError, UsageError
 from kern.log import get_logger
@@ -125,7 +127,39 @@ _ATTACHED = "_kern_adapters"
 _PREVIOUS = "_kern_previous_forward"
 
 
+class RowsAdapter(AdapterModule):
+    """The adapters of a layer's :class:`RowSlice` s, as one adapter of the whole layer: each slice adapter's output
+    (times its multiplier) goes into its rows, zero elsewhere."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__("row slices", "", layer)
+        self.__dict__["parts"] = []  # (RowSlice, adapter); plain list: the adapters belong to their networks
+
+    def active(self) -> bool:
+        return any(a.enabled and a.multiplier != 0 for _, a in self.parts)
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = self.geometry["out_features"]
+        total = None
+        for s, a in self.parts:
+            if not a.active():
+                continue
+            y = a.adapter_forward(x)
+            y = F.pad(y * a.multiplier if a.multiplier != 1.0 else y, (s.start, rows - s.stop))
+            total = y if total is None else total + y
+        return x.new_zeros(*x.shape[:-1], rows) if total is None else total
+
+
+_ROWS = "_kern_row_slices"
+
+
 def _attach(org: nn.Module, adapter: AdapterModule) -> None:
+    if isinstance(org, RowSlice):  # the adapter works on the layer's output through the layer's RowsAdapter
+        rows = org.layer.__dict__.setdefault(_ROWS, RowsAdapter(org.layer))
+        if (org, adapter) not in rows.parts:
+            rows.parts.append((org, adapter))
+        _attach(org.layer, rows)
+        return
     d = org.__dict__
     if _ATTACHED not in d:
         adapters: list[AdapterModule] = []
@@ -142,6 +176,14 @@ def _attach(org: nn.Module, adapter: AdapterModule) -> None:
 
 
 def _detach(org: nn.Module, adapter: AdapterModule) -> None:
+    if isinstance(org, RowSlice):
+        rows = org.layer.__dict__.get(_ROWS)
+        if rows is not None:
+            rows.parts[:] = [(s, a) for s, a in rows.parts if not (s is org and a is adapter)]
+            if not rows.parts:
+                _detach(org.layer, rows)
+                org.layer.__dict__.pop(_ROWS, None)
+        return
     d = org.__dict__
     adapters = d.get(_ATTACHED)
     if adapters is None:
@@ -363,19 +405,40 @@ class Network(nn.Module):
         float32 and rounded once to the weight's dtype (an fp8 ``Float8StorageLinear`` is re-quantised). It is not
         undoable without a copy of the original weights; reload the model to unmerge.
         """
-        if self.merged:
-            return
-        for m in self.adapters.values():
-            if not m.enabled or m.multiplier == 0:
-                continue
-            add_to_weight_(m.org, m.delta_weight() * m.multiplier)
-        self.remove()
-        self.merged = True
+        merge_networks([self])
+
+
+@torch.no_grad()
+def merge_networks(networks: Sequence[Network]) -> None:
+    """:meth:`Network.merge_into_model` for several networks at once: a layer's ΔW are all taken on its unmerged
+    weight, then added together (a DoRA's ΔW depends on the weight it is merged into; unmerged, each adapter sees
+    the base layer, and so does ``kern merge``), one layer at a time (one layer's ΔW in memory)."""
+    layers: dict[int, tuple[nn.Module, list[AdapterModule]]] = {}
+    for net in networks:
+        if net.merged:
+            continue
+        for m in net.adapters.values():
+            if m.enabled and m.multiplier != 0:
+                layers.setdefault(id(m.org), (m.org, []))[1].append(m)
+    for org, adapters in layers.values():
+        add_to_weight_(org, sum(m.delta_weight() * m.multiplier for m in adapters))
+    for net in networks:
+        if not net.merged:
+            net.remove()
+            net.merged = True
 
 
 def add_to_weight_(org: nn.Module, delta: torch.Tensor) -> None:
     """``org.weight += delta`` computed in float32 and rounded once (fp8 layers, ``kern.gpu.fp8.Float8StorageLinear``
-    and ``kern.gpu.fp8.Float8MatmulLinear`` alike, are dequantised and re-quantised with a new per-row scale)."""
+    and ``kern.gpu.fp8.Float8MatmulLinear`` alike, are dequantised and re-quantised with a new per-row scale). On a
+    :class:`RowSlice` the update goes into its rows of the layer's weight."""
+    if isinstance(org, RowSlice):
+        layer = org.layer
+        full = torch.zeros(tuple(layer.weight.shape), dtype=torch.float32, device=delta.device)
+        if tuple(delta.shape) != (org.out_features, org.in_features):
+            raise AdapterError(f"ΔW shape {tuple(delta.shape)} does not fit rows [{org.start}, {org.stop}) of {layer}")
+        full[org.start : org.stop] = delta.to(torch.float32)
+        return add_to_weight_(layer, full)
     if hasattr(org, "weight_scale") and hasattr(org, "dequantized_weight"):
         from kern.gpu.fp8 import quantize_weight
 

@@ -3,8 +3,8 @@
 * :func:`rank_options` — the options every such type has (rank, alpha, dropouts, rsLoRA, rank patterns);
 * :class:`RankAdapterModule` — the adapter layer's boilerplate (rank and α/r scale, tensors by kohya suffix,
   loading, ΔW); a type adds its factors and its forward;
-* :class:`RankAdapter` — the six network hooks written once (``register_networks``, ``make_network``,
-  ``detect_weights``, ``load_network``, ``weight_delta``, ``convert_weights``); a type declares its names,
+* :class:`RankAdapter` — the seven network hooks written once (``register_networks``, ``make_network``,
+  ``detect_weights``, ``load_network``, ``weight_delta``, ``convert_weights``, ``weight_shape``); a type declares its names,
   key suffixes and factor algebra and reads its files (``normalise``);
 * :func:`build_network` / :func:`load_network_modules` — the ``make_network`` / ``load_network`` work, open to any
   network plugin; :func:`scale_of` and the ``rank_pattern`` helpers.
@@ -189,6 +189,12 @@ class RankAdapterModule(AdapterModule):
         """ΔW in float32 with the layer weight's shape, from a module's kohya tensors (also the ``weight_delta`` hook)."""
         raise NotImplementedError
 
+    @staticmethod
+    def weight_shape(tensors: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
+        """The shape of the layer weight a module's kohya ``tensors`` update, from their shapes alone (also the
+        ``weight_shape`` hook); ``None`` when they do not tell."""
+        return None
+
     @classmethod
     def from_tensors(
         cls, name: str, path: str, org: nn.Module, tensors: Mapping[str, torch.Tensor]
@@ -296,7 +302,7 @@ def load_network_modules(
 
 
 class RankAdapter:
-    """A rank-based adapter type as a network plugin: its six hooks, written once.
+    """A rank-based adapter type as a network plugin: its seven hooks, written once.
 
     A plugin subclasses it, sets the class attributes and implements :meth:`normalise` (reading its files); the
     other methods are optional refinements. The hooks that take ``network_type`` need no guard: kern calls them
@@ -304,7 +310,8 @@ class RankAdapter:
     of its module, so the plugin module exposes one instance's::
 
         LORA = LoRA()
-        register_networks, make_network, detect_weights, load_network, weight_delta, convert_weights = LORA.hooks()
+        (register_networks, make_network, detect_weights, load_network, weight_delta, convert_weights,
+         weight_shape) = LORA.hooks()
     """
 
     name = ""  # the network type, e.g. "lora"
@@ -341,6 +348,20 @@ class RankAdapter:
         """Metadata a file in ``layout`` needs besides the carried-over keys (e.g. diffusers' PEFT config)."""
         return {}
 
+    def read_modules(
+        self, modules: dict[str, dict[str, torch.Tensor]], metadata: Mapping[str, str] | None, layout: str, base: Any
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """A file's normalised modules (file names) as the type means them, before a conversion to ``layout``;
+        ``base`` as ``convert_weights`` gets it (a type whose files depend on the base weights reads them here)."""
+        return modules
+
+    def write_modules(
+        self, resolved: dict[str, dict[str, torch.Tensor]], layout: str, base: Any
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """The modules (names as written: native paths for kohya / comfyui with a module map) made ready for
+        ``layout``, before :meth:`layout_tensors`; e.g. DoRA's magnitudes rescaled for ComfyUI with ``base``."""
+        return resolved
+
     # ------------------------------------------------------------------ the hooks
 
     def hooks(self) -> tuple[Any, ...]:
@@ -352,6 +373,7 @@ class RankAdapter:
             self.load_network,
             self.weight_delta,
             self.convert_weights,
+            self.weight_shape,
         )
 
     @property
@@ -394,6 +416,16 @@ class RankAdapter:
         return self.module.weight_delta(tensors, tuple(base_shape))
 
     @hookimpl
+    def weight_shape(self, tensors: Mapping[str, torch.Tensor]) -> Any:
+        names = {f"m.{k}": v for k, v in tensors.items()}
+        try:  # the file's suffix spellings (lora_A, ...) become kohya suffixes first
+            (kohya,) = self.normalise(names, None, {"m": tuple(names)}).values()
+        except (AdapterError, KeyError):
+            return None  # an incomplete module: its shape is not known (convert_weights says what is wrong)
+        shape = self.module.weight_shape(kohya)
+        return None if shape is None else tuple(int(s) for s in shape)
+
+    @hookimpl
     def convert_weights(
         self,
         state_dict: Mapping[str, torch.Tensor],
@@ -401,12 +433,13 @@ class RankAdapter:
         claim: Any,
         to_layout: str,
         module_map: list | None,
+        base: Any,
     ) -> Any:
         if to_layout in self.refused_layouts:
             raise LayoutRefused(self.refused_layouts[to_layout])
         if to_layout not in LAYOUTS:
             raise UsageError(f"unknown adapter layout {to_layout!r}; choose kohya, comfyui or diffusers")
-        modules = self.normalise(state_dict, metadata, claim.modules)
+        modules = self.read_modules(self.normalise(state_dict, metadata, claim.modules), metadata, to_layout, base)
         md = {k: v for k, v in (metadata or {}).items() if k not in self.dropped_metadata}
         out: dict[str, torch.Tensor] = {}
         if module_map is None:
@@ -416,7 +449,7 @@ class RankAdapter:
                     "module map (give the architecture)"
                 )
             # Keep every name in its own naming; only flatten it the kohya way.
-            for name, t in modules.items():
+            for name, t in self.write_modules(modules, to_layout, base).items():
                 rest, flat = strip_layout_prefix(name)
                 _emit(out, KOHYA_PREFIX + (rest if flat else rest.replace(".", "_")), self.layout_tensors(t, "kohya"))
             return out, md
@@ -428,6 +461,7 @@ class RankAdapter:
             raise AdapterError(
                 f"{len(unmatched)} {self.label} modules cannot be written in the {to_layout} layout: {listed}"
             )
+        resolved = self.write_modules(resolved, to_layout, base)
         for path, t in resolved.items():
             _emit(out, layout_name(path, to_layout), self.layout_tensors(t, to_layout))
         md.update(self.layout_metadata(resolved, to_layout))
