@@ -35,9 +35,10 @@ class KronLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             h = torch.matmul(x, w2.T)  # recomputed, (…, b, c)
             a = w1.shape[0]
-            gw1 = grad.reshape(-1, a, c).transpose(0, 1).reshape(a, -1) @ h.reshape(-1, b, c).transpose(0, 1).reshape(
-                b, -1
-            ).T
+            gw1 = (
+                grad.reshape(-1, a, c).transpose(0, 1).reshape(a, -1)
+                @ h.reshape(-1, b, c).transpose(0, 1).reshape(b, -1).T
+            )
         return gx, gw1, gw2
 
 

@@ -14,7 +14,8 @@ Initialisation as LyCORIS: W1 (or both its factors) Kaiming-uniform (a = √5); 
 Kaiming-uniform and ``lokr_w2_b = 0``: ΔW = 0 at step 0 and the W2 gradient is not.
 
 Forward on a Linear never builds ΔW: with ``x`` viewed as (…, b, d), ``(W1 ⊗ W2) x = vec(W1 · X · W2ᵀ)``, two
-small matmuls (three with a low-rank W2). Conv layers build ΔW (out × in × kh × kw) and convolve with it.
+small matmuls (``kern_lokr.kron.KronLinear``, which keeps only x and the factors for backward). Conv layers build ΔW
+(out × in × kh × kw) and convolve with it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from kern.adapters.network import RankAdapterModule, compute_dtype, layer_device, layer_geometry
 from kern.errors import AdapterError
 from torch import nn
+
+from kern_lokr.kron import kron_linear
 
 W1, W1A, W1B, W2, W2A, W2B, T2, ALPHA = (
     "lokr_w1",
@@ -254,13 +257,9 @@ class LoKrModule(RankAdapterModule):
         return kron_delta(self.w1(), self.w2(), self.scale)
 
     def kron_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``x · (γ W1 ⊗ W2)ᵀ`` as ``W1 · X · W2ᵀ`` on ``x`` viewed as (…, b, d): ΔW is never built."""
-        p = self.plan
-        lead = x.shape[:-1]
-        h = x.reshape(*lead, p.b, p.d)
-        h = F.linear(F.linear(h, self.lokr_w2_b), self.lokr_w2_a) if p.w2_low else F.linear(h, self.lokr_w2)
-        h = torch.matmul(self.w1(), h)  # (a, b) @ (…, b, c) → (…, a, c)
-        y = h.reshape(*lead, p.a * p.c)
+        """``x · (γ W1 ⊗ W2)ᵀ`` as ``W1 · X · W2ᵀ`` on ``x`` viewed as (…, b, d): ΔW is never built, and backward
+        keeps only ``x`` and the factors (``kern_lokr.kron``; a low-rank W2 is built first, c × d is small)."""
+        y = kron_linear(x, self.w1(), self.w2())
         return y * self.scale if self.scale != 1.0 else y
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:

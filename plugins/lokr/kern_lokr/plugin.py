@@ -55,9 +55,10 @@ class LoKr(RankAdapter):
     suffixes = SUFFIXES
     markers = (W1, W1A)
     refused_layouts = {
-        "diffusers": "a LoKr adapter cannot be written in the diffusers layout: diffusers cannot load LoKr (lokr_*; "
-        "its LoRA loaders read lora_A/lora_B only); use --to comfyui for ComfyUI (or --to kohya), or merge it into "
-        "the base model: kern merge --model BASE --weights FILE --out MERGED",
+        "diffusers": "kern writes a LoKr in the kohya and comfyui layouts only: diffusers (0.42+) loads a FLUX.2 LoKr "
+        "from the comfyui layout (diffusion_model.<name>.lokr_*, as ai-toolkit writes it): use --to comfyui; for other "
+        "architectures diffusers has no LoKr loader: merge it into the base model instead "
+        "(kern merge --model BASE --weights FILE --out MERGED)",
     }
 
     @kern.hookimpl
