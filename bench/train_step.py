@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The checkout's own code, whether or not it is pip-installed: kernel, CLI (logging set-up), the plugins used here.
 for _p in (
     ROOT / "plugins" / "lora",
+    ROOT / "plugins" / "lokr",
     ROOT / "plugins" / "flux2",
     ROOT / "plugins" / "qwen_image",
     ROOT / "cli",
@@ -138,16 +139,35 @@ FLUX2_ANCHOR_TARGETS = (
 )
 
 
-def _flux2_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype):
+# --network: kern's network type and options, and the peft config of the anchor's adapter of the same kind.
+NETWORKS = ("lora", "dora", "lokr")
+
+
+def kern_network(network: str, rank: int) -> tuple[str, dict[str, Any]]:
+    options: dict[str, Any] = {"rank": rank, "alpha": float(rank)}
+    if network == "dora":
+        return "lora", {**options, "dora": True}
+    return network, options
+
+
+def peft_config(network: str, rank: int, targets: str) -> Any:
+    """peft's LoRA (``use_dora`` for DoRA) or LoKr (W2 low rank, factor -1: the layout kern's lokr defaults to)."""
+    from peft import LoKrConfig, LoraConfig
+
+    if network == "lokr":
+        return LoKrConfig(r=rank, alpha=rank, target_modules=targets, init_weights=True)
+    return LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights="gaussian", use_dora=network == "dora"
+    )
+
+
+def _flux2_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype, network="lora"):
     from diffusers import Flux2Transformer2DModel
-    from peft import LoraConfig
 
     with _default_dtype(dtype), torch.device(dev):
         model = Flux2Transformer2DModel(**p.diffusers_config())
     model.requires_grad_(False)
-    model.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, target_modules=FLUX2_ANCHOR_TARGETS, init_lora_weights="gaussian")
-    )
+    model.add_adapter(peft_config(network, rank, FLUX2_ANCHOR_TARGETS))
     for q in model.parameters():
         if q.requires_grad:
             q.data = q.data.float()
@@ -226,9 +246,8 @@ QWEN_ANCHOR_TARGETS = (
 )
 
 
-def _qwen_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype):
+def _qwen_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype, network="lora"):
     from diffusers import QwenImageTransformer2DModel
-    from peft import LoraConfig
 
     with _default_dtype(dtype), torch.device(dev):
         model = QwenImageTransformer2DModel(
@@ -242,9 +261,7 @@ def _qwen_anchor(p, rank, ckpt, batch, h, w, n_txt, dev, dtype):
             axes_dims_rope=tuple(p.axes_dim),
         )
     model.requires_grad_(False)
-    model.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, target_modules=QWEN_ANCHOR_TARGETS, init_lora_weights="gaussian")
-    )
+    model.add_adapter(peft_config(network, rank, QWEN_ANCHOR_TARGETS))
     for q in model.parameters():
         if q.requires_grad:
             q.data = q.data.float()
@@ -381,7 +398,7 @@ def matmul_rate(device: torch.device) -> tuple[float, str]:
 
 
 def kern_manager(family: Family):
-    """kern's plugin manager with the family's plugin and LoRA registered from the checkout, not from entry points.
+    """kern's plugin manager with the family's plugin, LoRA and LoKr registered from the checkout, not from entry points.
 
     Entry points need installed distributions; registering the modules explicitly works the same whether or not
     the repo was pip-installed (and cannot pick up a stale installed copy)."""
@@ -390,7 +407,8 @@ def kern_manager(family: Family):
     from kern.core.plugins import build_manager
 
     extra = [
-        (name, importlib.import_module(module)) for name, module in (*family.plugins, ("lora", "kern_lora.plugin"))
+        (name, importlib.import_module(module))
+        for name, module in (*family.plugins, ("lora", "kern_lora.plugin"), ("lokr", "kern_lokr.plugin"))
     ]
     return build_manager(entry_points=(), extra=extra)
 
@@ -447,6 +465,7 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     max_grad_norm: float
+    network: str = "lora"  # lora | dora | lokr: the adapter both sides train (NETWORKS)
     fast: dict[str, Any] = None  # TrainConfig overrides of this kern run: compile, attention, gradient_checkpointing
     profile: Path | None = None  # append a torch.profiler table of one extra step here
 
@@ -474,6 +493,7 @@ def _result(impl: str, s: Setup, family: Family, p: Any, times: list[float], los
         n_txt=n_txt,
         batch=s.batch,
         rank=s.rank,
+        network=s.network,
         ckpt=s.ckpt,
         dtype=str(s.dtype).removeprefix("torch."),
         steps=len(times),
@@ -578,7 +598,7 @@ def run_kern(s: Setup, cfg: Config) -> dict:
     manager = kern_manager(family)
     job = JobConfig(
         model=ModelConfig(arch=cfg.arch, dtype=str(s.dtype).removeprefix("torch.")),
-        network=NetworkConfig(type="lora", options={"rank": s.rank, "alpha": float(s.rank)}),
+        network=NetworkConfig(**dict(zip(("type", "options"), kern_network(s.network, s.rank)))),
         train=TrainConfig(
             steps=s.warmup + s.steps,
             learning_rate=1e-4,
@@ -685,13 +705,15 @@ def run_kern(s: Setup, cfg: Config) -> dict:
 
 def run_anchor(s: Setup, cfg: Config) -> dict:
     """diffusers' transformer + peft LoRA, the anchor of bench/ANCHOR.md."""
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     family, dev = cfg.family, s.device
     free_memory(dev)
     p = family.params(cfg.variant, s.tiny)
     h, w = s.latent_hw
-    model, forward, target = family.anchor(p, s.rank, s.ckpt, s.batch, h, w, s.n_txt(family), dev, s.dtype)
+    model, forward, target = family.anchor(
+        p, s.rank, s.ckpt, s.batch, h, w, s.n_txt(family), dev, s.dtype, network=s.network
+    )
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     before = [q.detach().clone() for q in params] if s.tiny else None
@@ -709,7 +731,7 @@ def run_anchor(s: Setup, cfg: Config) -> dict:
     if s.profile is not None:
         profile_step(step, dev, f"{s.config} diffusers+peft", s.profile)
     extra: dict[str, Any] = {
-        "lora_modules": sum(isinstance(m, LoraLayer) for m in model.modules()),
+        "lora_modules": sum(isinstance(m, BaseTunerLayer) for m in model.modules()),
         "lora_params": sum(q.numel() for q in params),
         "optimizer": "torch AdamW(fused=True)",
         "max_grad_norm": 0.0,
@@ -750,7 +772,15 @@ def ratio_lines(results: list[dict], tiny: bool) -> list[dict]:
                 }
             )
         ref = ISSUE_ANCHOR.get((config, k["ckpt"]))
-        if ref and not tiny and k["res"] == 1024 and k["rank"] == 16 and k["batch"] == 1 and k["peak_gib"] is not None:
+        if (
+            ref
+            and not tiny
+            and k.get("network", "lora") == "lora"  # issue 8's anchor trained a LoRA
+            and k["res"] == 1024
+            and k["rank"] == 16
+            and k["batch"] == 1
+            and k["peak_gib"] is not None
+        ):
             out.append(
                 {
                     "kind": "ratio",
@@ -793,6 +823,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", nargs="+", default=["klein4b", "klein9b", "dev"], choices=sorted(CONFIGS))
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument(
+        "--network",
+        choices=NETWORKS,
+        default="lora",
+        help="adapter of both sides: lora, dora (kern network.dora / peft use_dora) or lokr (kern lokr / peft LoKr)",
+    )
     ap.add_argument("--res", type=int, default=None, help="square image side in pixels (default 1024; 128 with --tiny)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 8; 2 with --tiny)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 with --tiny)")
@@ -907,6 +943,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=device,
                 dtype=dtype,
                 max_grad_norm=a.max_grad_norm,
+                network=a.network,
                 fast=fast,
                 profile=a.profile,
             )

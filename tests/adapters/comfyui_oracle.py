@@ -310,9 +310,17 @@ def delta_shape(patch: Patch) -> tuple[int, int]:
         return int(t["up"].shape[0]), int(math.prod(t["down"].shape[1:]))
     if patch.kind == "loha":
         return int(t["w1a"].shape[0]), int(t["w1b"].shape[1])
-    if patch.kind == "lokr":
-        diff, _ = _lokr(patch)
-        return int(diff.shape[0]), int(math.prod(diff.shape[1:]))
+    if patch.kind == "lokr":  # kron(w1, w2)'s shape, without building it (real shapes: hundreds of MB each)
+        t = {k.rsplit(".", 1)[1]: v for k, v in t.items()}
+        w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+        if "lokr_w2" in t:
+            w2 = tuple(t["lokr_w2"].shape)
+        elif "lokr_t2" in t:
+            w2 = (t["lokr_w2_a"].shape[1], t["lokr_w2_b"].shape[1], *t["lokr_t2"].shape[2:])
+        else:
+            w2 = (t["lokr_w2_a"].shape[0], t["lokr_w2_b"].shape[1])
+        w1 = tuple(w1) + (1,) * (len(w2) - 2)  # ComfyUI unsqueezes a 2-D w1 for a conv w2
+        return int(w1[0] * w2[0]), int(math.prod(a * b for a, b in zip(w1[1:], w2[1:])))
     raise NotImplementedError(f"ΔW of {patch.kind} is not modelled by this oracle")
 
 

@@ -33,7 +33,7 @@ def saved_bytes(fn, *args) -> tuple[torch.Tensor, int]:
 
 @pytest.mark.parametrize("a,b,c,d", [(96, 96, 32, 32), (16, 16, 192, 192)])
 def test_keeps_only_its_input_and_factors(a, b, c, d):
-    """Plain autograd through W1·(X·W2ᵀ) keeps the (tokens, b, c) intermediate; KronLinear keeps X, W1, W2 only."""
+    """Plain autograd through W1·(X·W2ᵀ) keeps the (tokens, b, c) intermediate; kern_lokr::kron_linear keeps X, W1, W2 only."""
     tokens = 64
     x = torch.randn(tokens, b * d, requires_grad=True)
     w1 = torch.randn(a, b, requires_grad=True)
@@ -56,3 +56,25 @@ def test_keeps_only_its_input_and_factors(a, b, c, d):
     plain.square().sum().backward()
     for g, t in zip(grads, (x, w1, w2)):
         assert torch.allclose(g, t.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_a_lokr_layer_under_autocast_keeps_the_autocast_dtype():
+    """Under mixed precision the adapted layer's output is autocast's dtype, as the base Linear's: fp32 factors must not
+    turn it (and every activation after it) into fp32. Gradients still reach the fp32 factors."""
+    from kern.records import TargetSpec
+    from kern_lokr.plugin import LOKR
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48)).requires_grad_(False)
+    net = LOKR.make_network(model, TargetSpec(targets=("0",)), {"rank": 4, "factor": 4})
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    x = torch.randn(2, 3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    params = list(net.parameters())
+    assert params and all(p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    net.remove()

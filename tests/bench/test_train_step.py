@@ -103,3 +103,25 @@ def test_ratios(run):
         assert q["speedup"] == pytest.approx(expected, rel=1e-2) and q["speedup"] > 0
         assert q["memory_ratio"] is None
     assert "anchor time / kern time" in stdout and "MFU" in stdout  # the table
+
+
+@pytest.mark.parametrize("network", ["dora", "lokr"])
+def test_the_other_networks_train_on_both_sides(network, tmp_path):
+    """--network dora / lokr: kern trains its network type, the anchor peft's use_dora LoRA / LoKr, each updating."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    out = tmp_path / "train_step.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--configs", "klein4b", "--network", network, "--json-out", str(out)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [r for r in map(json.loads, out.read_text().splitlines()) if r.get("kind") == "result"]
+    assert sorted(r["impl"] for r in results) == ["diffusers+peft", "kern"]
+    for r in results:
+        assert r["network"] == network and r["loss_finite"] and r["lora_modules"] > 0
+        assert r["lora_updated"] == 1.0

@@ -268,7 +268,7 @@ def make_network(model, targets, network):
     g = torch.Generator().manual_seed(6)
     with torch.no_grad():
         for p in net.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            p.add_((torch.randn(p.shape, generator=g) * 0.05).to(p.device))
     return net.train()
 
 
@@ -373,3 +373,19 @@ class OneLayer(torch.nn.Module):
 def nn_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return OneLayer().requires_grad_(False)
+
+
+@pytest.mark.parametrize("network", list(NETWORKS))
+def test_adapter_forward_traces_in_one_graph(network):
+    """torch.compile (kern compiles the blocks on CUDA) traces the adapted layer without a graph break: a DoRA norm
+    read off the alpha tensor (float(tensor)) broke it on the GPU; the eager backend shows the same on the CPU."""
+    import torch._dynamo
+
+    model = nn_model()
+    net = make_network(model, ("proj",), network)
+    x = torch.randn(3, 5, model.proj.in_features)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    net.remove()

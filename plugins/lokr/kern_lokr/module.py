@@ -14,7 +14,7 @@ Initialisation as LyCORIS: W1 (or both its factors) Kaiming-uniform (a = √5); 
 Kaiming-uniform and ``lokr_w2_b = 0``: ΔW = 0 at step 0 and the W2 gradient is not.
 
 Forward on a Linear never builds ΔW: with ``x`` viewed as (…, b, d), ``(W1 ⊗ W2) x = vec(W1 · X · W2ᵀ)``, two
-small matmuls (``kern_lokr.kron.KronLinear``, which keeps only x and the factors for backward). Conv layers build ΔW
+small matmuls (``kern_lokr.kron``: a custom op whose backward keeps only x and the factors). Conv layers build ΔW
 (out × in × kh × kw) and convolve with it.
 """
 
@@ -259,7 +259,10 @@ class LoKrModule(RankAdapterModule):
     def kron_linear(self, x: torch.Tensor) -> torch.Tensor:
         """``x · (γ W1 ⊗ W2)ᵀ`` as ``W1 · X · W2ᵀ`` on ``x`` viewed as (…, b, d): ΔW is never built, and backward
         keeps only ``x`` and the factors (``kern_lokr.kron``; a low-rank W2 is built first, c × d is small)."""
-        y = kron_linear(x, self.w1(), self.w2())
+        # The factors in x's dtype (adapter_forward chose it: autocast's under mixed precision), as a Linear's weight
+        # is under autocast: a custom autograd.Function is not autocast, and fp32 factors would make y fp32 and with
+        # it the rest of the block (twice the activation memory on the GPU, measured).
+        y = kron_linear(x, self.w1().to(x.dtype), self.w2().to(x.dtype))
         return y * self.scale if self.scale != 1.0 else y
 
     def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -176,9 +176,12 @@ class DoRAModule(LoRAModule):
 
     def _scale_and_lora(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m/n, s·B(A x))``: ``n`` from the current factors without gradient, in float32."""
-        with torch.no_grad():
-            w = base_weight(self.org, torch.float32)
-            n = row_norm(w + lora_delta(self.kohya_tensors(), tuple(w.shape), self.path))
+        with torch.no_grad():  # s is the module's float scale: reading the alpha tensor would break torch.compile
+            w = base_weight(self.org, torch.float32).reshape(self.lora_up.weight.shape[0], -1)
+            b = self.lora_up.weight.to(torch.float32).reshape(w.shape[0], -1)
+            n = row_norm(
+                torch.addmm(w, b, self.lora_down.weight.to(torch.float32).reshape(b.shape[1], -1), alpha=self.scale)
+            )
         factor = self.dora_scale.reshape(-1).to(torch.float32) / n
         return factor, super().adapter_forward(x)
 
