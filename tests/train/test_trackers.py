@@ -169,8 +169,10 @@ def test_a_resumed_run_continues_its_trackers(tmp_path, toy_plugin, offline_wand
     assert [e.value for e in loss] == pytest.approx(list(losses.values()), rel=1e-6)
 
     run_id = json.loads((out / "trackers.json").read_text())["wandb"]
+    # offline-run-<YYYYMMDD_HHMMSS>-<id>, with "-1" appended when both attempts started in the same second (sorted
+    # after the first, so the killed attempt stays first)
     runs = sorted((out / "wandb").glob("offline-run-*"))
-    assert [r.name.rsplit("-", 1)[1] for r in runs] == [run_id, run_id]
+    assert [r.name.split("-")[3] for r in runs] == [run_id, run_id]
     killed, resumed = (wandb_run(r) for r in runs)
     assert sorted(killed["history"]) == [1, 2, 3, 4, 5, 6] and killed["exit_code"] == 1
     assert {s: row["loss"] for s, row in resumed["history"].items()} == {s: losses[s] for s in (5, 6, 7, 8)}
