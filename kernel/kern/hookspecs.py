@@ -291,6 +291,14 @@ def weight_shape(network_type: str, tensors: Mapping[str, Any]) -> tuple | None:
 
 
 @hookspec(firstresult=True)
+def weight_rank(network_type: str, tensors: Mapping[str, Any]) -> int | None:
+    """The rank one module's ``tensors`` were made at, as your type's ``rank`` option means it (a LoRA's inner
+    dimension, a LoKr's low-rank side), read off the tensors alone; ``None`` when the module has no rank (a LoKr of
+    two full matrices). Used before a model is built: ``network.init_weights`` takes the job's rank (and rank
+    patterns) from the file with it."""
+
+
+@hookspec(firstresult=True)
 def convert_weights(
     network_type: str,
     state_dict: Mapping[str, Any],

@@ -165,6 +165,7 @@ def test_a_new_adapter_type_is_small_and_gets_every_hook(tmp_path):
         plugin.weight_delta,
         plugin.convert_weights,
         plugin.weight_shape,
+        plugin.weight_rank,
     ) = LowRank().hooks()
     manager = build_manager(extra=[("lowrank", plugin)])
     info = manager.infos["lowrank"]

@@ -184,3 +184,69 @@ def test_file_and_network_must_agree_on_modules(setting, capsys):
     assert train(setting, "P", f"network.init_weights={part}") == 0
     err = capsys.readouterr().err
     assert "covers only part of the network" in err and "covered=1" in err
+
+
+# --------------------------------------------------------------------------- LoKr and DoRA (issue 18)
+
+
+@pytest.fixture(scope="module")
+def other_types(setting):
+    """Runs L (LoKr, factor 4) and R (DoRA), one step each from fresh, and each merged into the base by `kern merge`:
+    the first loss of a fresh adapter on that merged base is what a run started from L / R must begin with."""
+    root = setting["root"]
+    made = {"lokr": ["--network", "lokr", "--network-opt", "rank=2", "--network-opt", "factor=4"],
+            "dora": ["--network-opt", "rank=4", "--network-opt", "alpha=2.0", "--network-opt", "dora=true"]}  # fmt: skip
+    out = {}
+    for kind, args in made.items():
+        assert kern("train", "--config", setting["job"], "--out", root / kind, "--steps", 1, *args) == 0
+        adapter = root / kind / "adapter.safetensors"
+        merged = root / f"merged_{kind}.safetensors"
+        assert kern("merge", "--model", setting["bundle"]["transformer"], "--weights", adapter, "--out", merged) == 0
+        assert train(setting, f"ref_{kind}", f"model.transformer={merged}") == 0
+        out[kind] = (adapter, first_loss(root / f"ref_{kind}"))
+    return out
+
+
+def test_warm_start_from_a_lokr_takes_its_rank(setting, other_types):
+    adapter, expected = other_types["lokr"]
+    name = "from_lokr"
+    assert train(setting, name, "network.type=lokr", "network.factor=4", f"network.init_weights={adapter}") == 0
+    assert first_loss(setting["root"] / name) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    tensors, _ = load_file(setting["root"] / name / "adapter.safetensors")
+    source, _ = load_file(adapter)
+    assert {k: v.shape for k, v in tensors.items()} == {k: v.shape for k, v in source.items()}  # rank 2 from the file
+
+
+def test_a_lokr_file_made_with_another_factor_is_refused_naming_the_shapes(setting, other_types, capsys):
+    err = refused(setting, capsys, "R", "network.type=lokr", f"network.init_weights={other_types['lokr'][0]}")
+    assert "network.init_weights" in err and "other [network] options" in err and "lokr_w1" in err
+
+
+def test_warm_start_from_a_dora(setting, other_types):
+    adapter, expected = other_types["dora"]
+    assert train(setting, "from_dora", "network.dora=true", f"network.init_weights={adapter}") == 0
+    assert first_loss(setting["root"] / "from_dora") == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+def test_a_dora_job_from_a_plain_lora_starts_where_the_lora_is(setting, merged_with_a):
+    """Each magnitude starts at ‖W + s·B·A‖, so W' = W + s·B·A: the LoRA's model, the same first loss."""
+    assert train(setting, "dora_from_a", "network.dora=true", f"network.init_weights={setting['A']}") == 0
+    assert first_loss(setting["root"] / "dora_from_a") == pytest.approx(merged_with_a, rel=1e-5, abs=1e-6)
+    tensors, _ = load_file(setting["root"] / "dora_from_a" / "adapter.safetensors")
+    assert any(k.endswith(".dora_scale") for k in tensors)
+
+
+def test_a_plain_lora_job_from_a_dora_file_is_refused(setting, other_types, capsys):
+    err = refused(setting, capsys, "R", f"network.init_weights={other_types['dora'][0]}")
+    assert "dora_scale" in err and "other [network] options" in err
+
+
+@pytest.mark.parametrize("kind", ["lokr", "dora"])
+def test_base_weights_of_other_types_equal_a_merged_base(setting, other_types, kind):
+    root, adapter = setting["root"], other_types[kind][0]
+    merged = root / f"merged_half_{kind}.safetensors"
+    assert kern("merge", "--model", setting["bundle"]["transformer"], "--weights", f"{adapter}:0.5",
+                "--out", merged) == 0  # fmt: skip
+    assert train(setting, f"E_{kind}", f"model.transformer={merged}") == 0
+    assert train(setting, f"D_{kind}", f'model.base_weights=["{adapter}:0.5"]') == 0
+    assert first_loss(root / f"D_{kind}") == first_loss(root / f"E_{kind}")

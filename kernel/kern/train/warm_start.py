@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections import Counter
@@ -43,9 +44,15 @@ class AdapterFile:
     network_type: str
     layout: str
     modules: Modules
+    manager: Any = attrs.field(default=None, repr=False)  # asked for each module's rank (weight_rank)
+
+    def rank(self, tensors: Mapping[str, torch.Tensor], where: str) -> int | None:
+        return module_rank(tensors, where, self.manager, self.network_type)
 
     def ranks(self) -> dict[str, int]:
-        return {name: module_rank(t, f"{self.option}: module {name!r}") for name, t in self.modules.items()}
+        """Each module's rank; modules without one (a LoKr of two full matrices) are left out."""
+        out = {name: self.rank(t, f"{self.option}: module {name!r}") for name, t in self.modules.items()}
+        return {name: r for name, r in out.items() if r is not None}
 
 
 @attrs.define
@@ -56,10 +63,18 @@ class InitWeights:
     by_path: Modules
 
 
-def module_rank(tensors: Mapping[str, torch.Tensor], where: str) -> int:
-    """A rank-based adapter module's rank from its factors: the one size every factor has among its first two
-    dimensions (LoRA ``down [r, in]`` / ``up [out, r]``; LoHa ``w1a [out, r]`` / ``w1b [r, in]`` ...), the
-    smallest when several are shared (a square layer)."""
+def module_rank(
+    tensors: Mapping[str, torch.Tensor], where: str, manager: Any = None, network_type: str | None = None
+) -> int | None:
+    """A module's rank as its network type reads it (``weight_rank`` hook; None: the module has no rank, e.g. a LoKr
+    of two full matrices); for a type without that hook, the one size every factor has among its first two
+    dimensions (LoRA ``down [r, in]`` / ``up [out, r]``; LoHa ``w1a [out, r]`` / ``w1b [r, in]`` ...), the smallest
+    when several are shared (a square layer)."""
+    if manager is not None and network_type is not None:
+        caller = manager.hook.caller_for("weight_rank", "network_type", network_type)
+        if caller.get_hookimpls():  # the type's plugin answers: its None means "no rank"
+            rank = caller(network_type=network_type, tensors=tensors)
+            return None if rank is None else int(rank)
     shared: set[int] | None = None
     for suffix, t in tensors.items():
         if suffix != ALPHA and t.dim() >= 2:
@@ -105,6 +120,55 @@ def check(plan: Any, variant: Any) -> None:
             f"{plan.network.name} file"
         )
     _take_rank_and_alpha(plan, adapter)
+    _check_fit(plan, adapter)
+
+
+def fit_hint(tensors: Mapping[str, torch.Tensor], ours: Mapping[str, torch.Tensor]) -> str:
+    """What to do when a file's module does not fit the job's network: its tensors' shapes against the job's."""
+    return (
+        f"the file was made with other [network] options than this job's (its module holds "
+        f"{ {k: tuple(v.shape) for k, v in tensors.items()} }, the job's "
+        f"{ {k: tuple(v.shape) for k, v in ours.items()} }): set the options it was made with "
+        "(a kern file's ss_network_args metadata lists them)"
+    )
+
+
+def _check_fit(plan: Any, adapter: AdapterFile) -> None:
+    """Before any work: each module of the file has the tensors, of the shapes, that the job's network would make
+    for a layer of that module's shape (a LoKr of another factor, a DoRA file for a plain LoRA job). The job's
+    network is built on a stand-in Linear of each shape on the meta device: no memory, no model needed."""
+    from kern.records import TargetSpec
+
+    made: dict[tuple, Mapping[str, torch.Tensor]] = {}
+    for name, tensors in adapter.modules.items():
+        shape = plan.manager.hook.weight_shape(network_type=adapter.network_type, tensors=tensors)
+        if shape is None or len(shape) != 2:
+            continue  # the type does not tell, or not a Linear: checked when the tensors are loaded
+        rank = adapter.rank(tensors, adapter.option) or plan.network_options.get("rank")
+        key = (tuple(shape), rank)
+        if key not in made:
+            layer = nn.ModuleDict({"m": nn.Linear(shape[1], shape[0], bias=False, device="meta")})
+            options = {**plan.network_options, "rank": rank, "rank_pattern": []}
+            kern_log = logging.getLogger("kern")
+            level = kern_log.level
+            kern_log.setLevel(logging.WARNING)  # the stand-in's "network built" line would read as the job's
+            try:
+                net = plan.manager.hook.make_network(
+                    network_type=adapter.network_type, model=layer, targets=TargetSpec(targets=("m",)), options=options
+                )
+            finally:
+                kern_log.setLevel(level)
+            (module,) = net.adapters.values()
+            made[key] = module.kohya_tensors()
+            net.remove()
+        ours = made[key]
+        fits = set(tensors) <= set(ours) and all(
+            tuple(t.shape) == tuple(ours[k].shape)
+            or (t.numel() == ours[k].numel() and t.dim() and t.shape[0] == ours[k].shape[0])
+            for k, t in tensors.items()
+        )
+        if not fits:
+            raise ConfigError(f"{adapter.option}: module {name!r}: " + fit_hint(tensors, ours))
 
 
 def _existing(file: str, option: str) -> Path:
@@ -151,7 +215,7 @@ def read(plan: Any, variant: Any, path: Path, option: str) -> AdapterFile:
     for key, t in kohya.items():
         name, _, suffix = key.partition(".")
         modules.setdefault(name, {})[suffix] = t
-    return AdapterFile(path, option, claim.network_type, claim.layout, modules)
+    return AdapterFile(path, option, claim.network_type, claim.layout, modules, manager)
 
 
 def _take_rank_and_alpha(plan: Any, adapter: AdapterFile) -> None:
@@ -169,6 +233,8 @@ def _take_rank_and_alpha(plan: Any, adapter: AdapterFile) -> None:
                 f"{sorted(wrong)[:3]}); leave network.rank out to take the file's rank, or set it to "
                 f"{counted[0][0]}"
             )
+    if not counted:  # no module has a rank (a LoKr of two full matrices): the job's own rank stands
+        return
     if "rank" not in given:
         options["rank"] = counted[0][0]  # per-module exceptions become rank patterns once paths are known
     rslora = bool(options.get("use_rslora"))
@@ -176,6 +242,7 @@ def _take_rank_and_alpha(plan: Any, adapter: AdapterFile) -> None:
     alphas = {
         n: module_alpha(t, ranks[n]) / ranks[n] * (math.sqrt(ranks[n]) if rslora else ranks[n])
         for n, t in adapter.modules.items()
+        if n in ranks
     }
     if "alpha" in given:
         want = given["alpha"]
@@ -232,9 +299,8 @@ def before_network(plan: Any, variant: Any, transformer: nn.Module) -> InitWeigh
         )
     if "rank" not in job.network.options:
         rank = int(plan.network_options["rank"])
-        extra = [
-            f"{re.escape(p)}={module_rank(t, option)}" for p, t in by_path.items() if module_rank(t, option) != rank
-        ]
+        ranks = {p: adapter.rank(t, option) for p, t in by_path.items()}
+        extra = [f"{re.escape(p)}={r}" for p, r in ranks.items() if r is not None and r != rank]
         if extra:
             plan.network_options["rank_pattern"] = [*extra, *(plan.network_options.get("rank_pattern") or ())]
     return InitWeights(adapter, by_path)
@@ -256,20 +322,24 @@ def load_into(init: InitWeights | None, network: nn.Module) -> None:
         )
     for path, tensors in init.by_path.items():
         module = mine[path]
-        rank, want = getattr(module, "rank", None), module_rank(tensors, f"{option}: module {path!r}")
-        if rank is not None and rank != want:
+        rank, want = getattr(module, "rank", None), init.file.rank(tensors, f"{option}: module {path!r}")
+        if rank is not None and want is not None and rank != want:
             raise ConfigError(
                 f"{option}: module {path!r} has rank {want} in the file but {rank} in the network "
                 "(network.rank / rank_pattern); leave network.rank out to take the file's ranks"
             )
+        hint = fit_hint(tensors, module.kohya_tensors())
         extra = sorted(set(tensors) - set(module.kohya_tensors()))
         if extra:
-            raise ConfigError(f"{option}: module {path!r}: tensors {extra} have no place in a {network.network_type}")
+            raise ConfigError(
+                f"{option}: module {path!r}: tensors {extra} have no place in this {network.network_type} network; "
+                + hint
+            )
         try:
             module.load_kohya_tensors(tensors)
-        except KernError as exc:
-            raise ConfigError(f"{option}: {exc}") from None
-    ranks = sorted({module_rank(t, option) for t in init.by_path.values()})
+        except (KernError, RuntimeError) as exc:
+            raise ConfigError(f"{option}: module {path!r}: {exc}; {hint}") from None
+    ranks = sorted({r for t in init.by_path.values() if (r := init.file.rank(t, option)) is not None}) or [None]
     fresh = len(mine) - len(init.by_path)
     log.info(
         "network starts from weights",

@@ -50,6 +50,5 @@ class LoHa(RankAdapter):
 
 LOHA = LoHa()
 # kern finds a plugin's hooks as functions of its module: these are LOHA's, bound to it.
-register_networks, make_network, detect_weights, load_network, weight_delta, convert_weights, weight_shape = (
-    LOHA.hooks()
-)
+register_networks, make_network, detect_weights, load_network = LOHA.hooks()[:4]
+weight_delta, convert_weights, weight_shape, weight_rank = LOHA.hooks()[4:]

@@ -177,7 +177,7 @@ class LoKrModule(RankAdapterModule):
     """A LoKr on one ``nn.Linear`` / ``Float8StorageLinear`` / ``nn.Conv2d``."""
 
     label = "LoKr"
-    rank_factor = W1B  # unused: from_tensors reads the rank off whichever side is low rank
+    rank_factor = W1B  # unused: file_rank reads the rank off whichever side is low rank
     reshape_loaded = True  # conv lokr_w2_b may come flattened (LyCORIS' module) or not (its functional API)
     weight_delta = staticmethod(lokr_delta)
     weight_shape = staticmethod(lokr_shape)
@@ -227,6 +227,12 @@ class LoKrModule(RankAdapterModule):
 
     def factors(self) -> dict[str, torch.Tensor]:
         return {s: getattr(self, s) for s in (W1, W1A, W1B, W2, W2A, W2B) if s in self._parameters}
+
+    @classmethod
+    def file_rank(cls, tensors: Mapping[str, torch.Tensor]) -> int | None:
+        """The low-rank side's rank (``lokr_w1_b`` or ``lokr_w2_b`` rows); None when W1 and W2 are full matrices."""
+        low = tensors.get(W1B, tensors.get(W2B))
+        return None if low is None else int(low.shape[0])
 
     @classmethod
     def from_tensors(cls, name: str, path: str, org: nn.Module, tensors: Mapping[str, torch.Tensor]) -> LoKrModule:

@@ -82,6 +82,5 @@ class LoKr(RankAdapter):
 
 LOKR = LoKr()
 # kern finds a plugin's hooks as functions of its module: these are LOKR's, bound to it.
-register_networks, make_network, detect_weights, load_network, weight_delta, convert_weights, weight_shape = (
-    LOKR.hooks()
-)
+register_networks, make_network, detect_weights, load_network = LOKR.hooks()[:4]
+weight_delta, convert_weights, weight_shape, weight_rank = LOKR.hooks()[4:]

@@ -167,6 +167,9 @@ class DoRAModule(LoRAModule):
     def load_kohya_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
         if DORA_BASE in tensors:  # a ComfyUI-normalised file: m from this layer's own base weight
             tensors = from_base_normed(tensors, base_weight(self.org, torch.float32), self.path)
+        elif DORA not in tensors:  # a plain LoRA (a DoRA job started from one): m = ‖W + s·B·A‖, so W' = W + s·B·A
+            w = base_weight(self.org, torch.float32)
+            tensors = {**tensors, DORA: row_norm(w + lora_delta(tensors, tuple(w.shape), self.path)).view(-1, 1)}
         super().load_kohya_tensors(tensors)
 
     def delta_weight(self) -> torch.Tensor:

@@ -189,9 +189,8 @@ def is_dora(modules: Mapping[str, Mapping[str, torch.Tensor]]) -> bool:
 
 LORA = LoRA()
 # kern finds a plugin's hooks as functions of its module: these are LORA's, bound to it.
-register_networks, make_network, detect_weights, load_network, weight_delta, convert_weights, weight_shape = (
-    LORA.hooks()
-)
+register_networks, make_network, detect_weights, load_network = LORA.hooks()[:4]
+weight_delta, convert_weights, weight_shape, weight_rank = LORA.hooks()[4:]
 
 
 def _peft_metadata(resolved: Mapping[str, Mapping[str, torch.Tensor]]) -> str:

@@ -3,9 +3,9 @@
 * :func:`rank_options` — the options every such type has (rank, alpha, dropouts, rsLoRA, rank patterns);
 * :class:`RankAdapterModule` — the adapter layer's boilerplate (rank and α/r scale, tensors by kohya suffix,
   loading, ΔW); a type adds its factors and its forward;
-* :class:`RankAdapter` — the seven network hooks written once (``register_networks``, ``make_network``,
-  ``detect_weights``, ``load_network``, ``weight_delta``, ``convert_weights``, ``weight_shape``); a type declares its names,
-  key suffixes and factor algebra and reads its files (``normalise``);
+* :class:`RankAdapter` — the eight network hooks written once (``register_networks``, ``make_network``,
+  ``detect_weights``, ``load_network``, ``weight_delta``, ``convert_weights``, ``weight_shape``, ``weight_rank``);
+  a type declares its names, key suffixes and factor algebra and reads its files (``normalise``);
 * :func:`build_network` / :func:`load_network_modules` — the ``make_network`` / ``load_network`` work, open to any
   network plugin; :func:`scale_of` and the ``rank_pattern`` helpers.
 """
@@ -196,12 +196,18 @@ class RankAdapterModule(AdapterModule):
         return None
 
     @classmethod
+    def file_rank(cls, tensors: Mapping[str, torch.Tensor]) -> int | None:
+        """The rank a module's kohya ``tensors`` were made at (the ``weight_rank`` hook): ``rank_factor``'s rows."""
+        t = tensors.get(cls.rank_factor)
+        return None if t is None else int(t.shape[0])
+
+    @classmethod
     def from_tensors(
         cls, name: str, path: str, org: nn.Module, tensors: Mapping[str, torch.Tensor]
     ) -> RankAdapterModule:
         """A module holding ``tensors`` (kohya suffixes), in their dtype, on the layer's device."""
         first = tensors[cls.rank_factor]
-        m = cls(name, path, org, int(first.shape[0]), dtype=first.dtype, device=layer_device(org), init=False)
+        m = cls(name, path, org, cls.file_rank(tensors), dtype=first.dtype, device=layer_device(org), init=False)
         m.load_kohya_tensors(tensors)
         return m
 
@@ -302,7 +308,7 @@ def load_network_modules(
 
 
 class RankAdapter:
-    """A rank-based adapter type as a network plugin: its seven hooks, written once.
+    """A rank-based adapter type as a network plugin: its eight hooks, written once.
 
     A plugin subclasses it, sets the class attributes and implements :meth:`normalise` (reading its files); the
     other methods are optional refinements. The hooks that take ``network_type`` need no guard: kern calls them
@@ -310,8 +316,8 @@ class RankAdapter:
     of its module, so the plugin module exposes one instance's::
 
         LORA = LoRA()
-        (register_networks, make_network, detect_weights, load_network, weight_delta, convert_weights,
-         weight_shape) = LORA.hooks()
+        register_networks, make_network, detect_weights, load_network = LORA.hooks()[:4]
+        weight_delta, convert_weights, weight_shape, weight_rank = LORA.hooks()[4:]
     """
 
     name = ""  # the network type, e.g. "lora"
@@ -374,6 +380,7 @@ class RankAdapter:
             self.weight_delta,
             self.convert_weights,
             self.weight_shape,
+            self.weight_rank,
         )
 
     @property
@@ -415,15 +422,25 @@ class RankAdapter:
     def weight_delta(self, tensors: Mapping[str, torch.Tensor], base_shape: tuple) -> Any:
         return self.module.weight_delta(tensors, tuple(base_shape))
 
-    @hookimpl
-    def weight_shape(self, tensors: Mapping[str, torch.Tensor]) -> Any:
+    def _kohya(self, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor] | None:
+        """One module's tensors under kohya suffixes (the file's spellings, lora_A ..., read); None if incomplete."""
         names = {f"m.{k}": v for k, v in tensors.items()}
-        try:  # the file's suffix spellings (lora_A, ...) become kohya suffixes first
+        try:
             (kohya,) = self.normalise(names, None, {"m": tuple(names)}).values()
         except (AdapterError, KeyError):
-            return None  # an incomplete module: its shape is not known (convert_weights says what is wrong)
-        shape = self.module.weight_shape(kohya)
+            return None  # an incomplete module: what is wrong is said where it is loaded or converted
+        return kohya
+
+    @hookimpl
+    def weight_shape(self, tensors: Mapping[str, torch.Tensor]) -> Any:
+        kohya = self._kohya(tensors)
+        shape = None if kohya is None else self.module.weight_shape(kohya)
         return None if shape is None else tuple(int(s) for s in shape)
+
+    @hookimpl
+    def weight_rank(self, tensors: Mapping[str, torch.Tensor]) -> Any:
+        kohya = self._kohya(tensors)
+        return None if kohya is None else self.module.file_rank(kohya)
 
     @hookimpl
     def convert_weights(
