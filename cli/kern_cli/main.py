@@ -33,7 +33,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 @click.option("-q", "--quiet", is_flag=True, help="Errors only.")
 @click.version_option(package_name="kern-tuner", prog_name="kern")
 def cli(log_format: str, verbose: int, quiet: bool) -> None:
-    """kern: train, generate with, merge and convert LoRA / LoHa adapters for diffusion transformers.
+    """kern: train, generate with, merge and convert LoRA, DoRA, LoHa and LoKr adapters for diffusion transformers.
 
     Architectures (FLUX.2, Qwen-Image, ...) and adapter types (LoRA, LoHa, ...) come from plugins;
     `kern plugins` lists what is installed.

@@ -108,7 +108,7 @@ def bounded(field: str) -> click.IntRange:
     "--weights",
     multiple=True,
     metavar="FILE[:MULT]",
-    help="Adapter (LoRA or LoHa, detected) with an optional multiplier; repeatable.",
+    help="Adapter (LoRA, DoRA, LoHa or LoKr, detected) with an optional multiplier; repeatable.",
 )
 @click.option("--merge", is_flag=True, help="Merge adapters into the weights (faster steps, no per-step adapter cost).")
 @click.option(

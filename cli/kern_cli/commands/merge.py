@@ -46,7 +46,7 @@ def hub_file(spec: str) -> str:
     "weights",
     multiple=True,
     metavar="FILE[:MULT]",
-    help="Adapter file with an optional multiplier, e.g. style.safetensors:0.8 (repeatable; LoRA and LoHa mix).",
+    help="Adapter file with an optional multiplier, e.g. style.safetensors:0.8 (repeatable; LoRA, DoRA, LoHa and LoKr mix).",
 )
 @click.option("--out", "out", required=True, help="Merged checkpoint to write (never one of the inputs).")
 @click.option(

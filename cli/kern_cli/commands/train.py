@@ -40,7 +40,9 @@ def _pairs(values: tuple[str, ...], option: str) -> list[tuple[str, Any]]:
     help="Every model part at once: a diffusers folder or Hugging Face repo id, or a ComfyUI models/ folder "
     "(overrides model.path; model.transformer / vae / text_encoder still win).",
 )
-@click.option("--network", help="Adapter type, e.g. lora or loha (overrides network.type).")
+@click.option(
+    "--network", help="Adapter type: lora (network.dora for DoRA), loha, lokr, or a plugin's (overrides network.type)."
+)
 @click.option("--dataset", help="Dataset TOML (overrides dataset.config).")
 @click.option("--out", help="Run folder (overrides save.out).")
 @click.option("--steps", type=int, help="Training steps (overrides train.steps).")
@@ -69,7 +71,7 @@ def _pairs(values: tuple[str, ...], option: str) -> list[tuple[str, Any]]:
 def command(
     config_path, preset, arch, model_path, network, dataset, out, steps, lr, network_opts, sets, resume, overwrite
 ) -> None:
-    """Train a LoRA / LoHa adapter.
+    """Train an adapter (LoRA, DoRA, LoHa, LoKr or a plugin's type).
 
     Values come from the preset (--preset), then the job file, then command-line options override them. Everything
     is checked before any work; a folder holding an earlier run needs --resume or --overwrite. Ctrl-C (SIGINT) or

@@ -170,6 +170,7 @@ def convert(
         file=str(in_path),
         out=str(out_path),
         network=claim.network_type,
+        **({"note": claim.note} if claim.note else {}),  # e.g. DoRA on a LoRA claim
         from_layout=claim.layout,
         to_layout=to_layout,
         variant=chosen,

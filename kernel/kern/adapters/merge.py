@@ -175,6 +175,7 @@ def merge(
             "adapter for merge",
             file=str(apath),
             network=claim.network_type,
+            **({"note": claim.note} if claim.note else {}),  # e.g. DoRA on a LoRA claim
             layout=claim.layout,
             modules=len(grouped),
             multiplier=float(multiplier),

@@ -4,7 +4,7 @@
 * :func:`detect` — ask every network plugin (``detect_weights``) and return the single claim; when no plugin
   claims the file, say what it is if recognisable (LoKr, DoRA, a full model checkpoint, a file mixing adapter
   kinds) or show a few of its keys.
-* :func:`apply_adapters` — apply several adapter files (LoRA and LoHa mixed) with their multipliers to a model,
+* :func:`apply_adapters` — apply several adapter files (any types mixed) with their multipliers to a model,
   unmerged; diffusers-named files are mapped onto the architecture's native module names through its
   ``adapter_module_map`` when ``arch`` is given. Parts of a fused layer whose type cannot fuse them into one adapter
   (LoKr's ``to_q`` / ``to_k`` / ``to_v`` of a fused ``qkv``) sit on row slices of it
@@ -274,7 +274,7 @@ def apply_adapters(
     With ``merge=True`` every network is then baked into the weights (``Network.merge_into_model``: "merged for
     speed" generation; the returned networks are detached and their multipliers fixed).
 
-    Files may be LoRA or LoHa (any layout a plugin detects) and may target the same layers: their outputs add
+    Files may be of any type (LoRA, DoRA, LoHa, LoKr: any layout a plugin detects) and may target the same layers: their outputs add
     up. With ``arch`` set, a file whose module names are not the model's own (e.g. diffusers names on a
     natively named model) is first mapped through the architecture's module map. On any error the networks
     applied so far are removed again.
@@ -334,6 +334,7 @@ def apply_adapters(
                 "applied adapter",
                 file=str(path),
                 network=claim.network_type,
+                **({"note": claim.note} if claim.note else {}),  # e.g. DoRA on a LoRA claim
                 layout=claim.layout,
                 modules=len(net),
                 multiplier=float(multiplier),

@@ -362,7 +362,7 @@ def load_into(init: InitWeights | None, network: nn.Module) -> None:
 @torch.no_grad()
 def merge_base_weights(plan: Any, variant: Any, transformer: nn.Module) -> None:
     """Merge ``model.base_weights`` into ``transformer``'s weights: the files are applied as ``kern generate`` applies
-    them (any layout, LoRA and LoHa mixed), then every adapted weight becomes ``W + Σ m·ΔW`` through ``kern merge``'s
+    them (any layout, any types mixed), then every adapted weight becomes ``W + Σ m·ΔW`` through ``kern merge``'s
     own function (float32 sum, one rounding to the weight's dtype); fp8 layers are re-quantised."""
     from kern.adapters.merge import merged_weight
     from kern.adapters.network import add_to_weight_

@@ -4,7 +4,7 @@ model).
 
 How wrapping works: the target layer is **not replaced**. Its ``forward`` is swapped (an instance attribute) for a
 function that calls the original ``forward`` and adds the outputs of the adapters attached to it, so the layer
-keeps its weights and type, and several adapters (LoRA and LoHa mixed, from several networks) can sit on one
+keeps its weights and type, and several adapters (any types mixed, from several networks) can sit on one
 layer. ``Network.remove()`` detaches; when the last adapter leaves a layer, its original ``forward`` is restored.
 
 Precision: each adapter casts the layer's input to its own dtype (an fp32 adapter on a bf16 model computes in

@@ -251,7 +251,7 @@ def build_network(
 ) -> Network:
     """``make_network`` for a rank-based adapter type: check the common options, wrap every selected layer
     with ``module_cls(kohya_name, path, layer, rank, alpha, use_rslora=, device=, dropout=, rank_dropout=,
-    module_dropout=)`` and attach. Used by the LoRA and LoHa plugins; open to any network plugin."""
+    module_dropout=)`` and attach. Used by the LoRA, LoHa and LoKr plugins; open to any network plugin."""
     rank = options.get("rank")
     rank = 16 if rank is None else int(rank)  # 0 is an error, not the default
     if rank < 1:
@@ -343,7 +343,7 @@ class RankAdapter:
         raise NotImplementedError
 
     def claim_note(self, metadata: Mapping[str, str] | None) -> str:
-        """A note for a file this type claims (shown by ``kern info``)."""
+        """A note for a file this type claims (in the log lines of generate, merge and convert: e.g. "DoRA ...")."""
         return ""
 
     def layout_tensors(self, tensors: Mapping[str, torch.Tensor], layout: str) -> Mapping[str, torch.Tensor]:
