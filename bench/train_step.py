@@ -750,7 +750,35 @@ def run_anchor(s: Setup, cfg: Config) -> dict:
 # --------------------------------------------------------------------------- output
 
 
+def spread_lines(results: list[dict]) -> list[dict]:
+    """Per config and implementation run more than once (``--repeat``): the median step of each run, and their
+    spread (max − min over the median of them): the noise a single run's number carries."""
+    runs: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        if r.get("kind") == "result":
+            runs.setdefault((r["config"], r["impl"]), []).append(r["step_s"])
+    out = []
+    for (config, impl), steps in runs.items():
+        if len(steps) > 1:
+            mid = statistics.median(steps)
+            out.append(
+                {
+                    "kind": "spread",
+                    "config": config,
+                    "impl": impl,
+                    "runs": len(steps),
+                    "step_s": steps,
+                    "min_s": min(steps),
+                    "median_s": mid,
+                    "max_s": max(steps),
+                    "spread": round((max(steps) - min(steps)) / mid, 4),
+                }
+            )
+    return out
+
+
 def ratio_lines(results: list[dict], tiny: bool) -> list[dict]:
+    """kern against the anchor per config (the last run of each when ``--repeat`` ran them several times)."""
     out = []
     by = {(r["config"], r["impl"]): r for r in results if r.get("kind") == "result"}
     for (config, impl), k in by.items():
@@ -843,6 +871,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json-out", type=Path, default=None, help="also write the JSON lines here")
     ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the list of configs this many times in this process; a 'spread' line per config and implementation",
+    )
+    ap.add_argument(
         "--kern",
         nargs="+",
         default=["default"],
@@ -927,7 +961,8 @@ def main(argv: list[str] | None = None) -> int:
 
     kern_runs = [parse_fast(k) for k in a.kern]
     results: list[dict] = []
-    for name in a.configs:
+    # --repeat: the whole list of configs again, in the same order (a second run of the command, in one process)
+    for repeat, name in ((r, n) for r in range(a.repeat) for n in a.configs):
         cfg = CONFIGS[name]
         runs = [(impl, fast) for impl in impls for fast in (kern_runs if impl == "kern" else [None])]
         for impl, fast in runs:
@@ -987,14 +1022,21 @@ def main(argv: list[str] | None = None) -> int:
                     kern.gpu.accel.reset_attention()
                     torch._dynamo.reset()
                     free_memory(device)  # outside the except: its traceback held the failed run's tensors
+            r["repeat"] = repeat
             results.append(r)
             emit(r)
-    ratios = ratio_lines(results, a.tiny)
-    for q in ratios:
+    ratios, spreads = ratio_lines(results, a.tiny), spread_lines(results)
+    for q in ratios + spreads:
         emit(q)
     if sink:
         sink.close()
     print(table(results, ratios), flush=True)
+    for q in spreads:
+        print(
+            f"{q['config']} {q['impl']}: {q['runs']} runs, step {q['min_s']:.4f} / {q['median_s']:.4f} / "
+            f"{q['max_s']:.4f} s (min / median / max), spread {q['spread']:.1%}",
+            flush=True,
+        )
     return 0
 
 

@@ -125,3 +125,21 @@ def test_the_other_networks_train_on_both_sides(network, tmp_path):
     for r in results:
         assert r["network"] == network and r["loss_finite"] and r["lora_modules"] > 0
         assert r["lora_updated"] == 1.0
+
+
+def test_repeat_reruns_every_config_and_reports_the_spread(tmp_path):
+    """--repeat 2: each config runs twice (in order, in one process), and one spread line sums up the two runs."""
+    out = tmp_path / "train_step.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--only", "kern", "--configs", "klein4b", "--repeat", "2",
+         "--json-out", str(out)],
+        check=False, cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    results = [r for r in lines if r.get("kind") == "result"]
+    assert [r["repeat"] for r in results] == [0, 1]
+    (spread,) = [r for r in lines if r.get("kind") == "spread"]
+    assert spread["runs"] == 2 and spread["step_s"] == [r["step_s"] for r in results]
+    assert spread["min_s"] <= spread["median_s"] <= spread["max_s"] and spread["spread"] >= 0
+    assert "2 runs, step" in proc.stdout
