@@ -403,26 +403,12 @@ def check(lora: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]],
 def weight_deltas(
     lora: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int]], family: str | None
 ) -> dict[str, torch.Tensor]:
-    """The ΔW ComfyUI adds to each model weight (key without prefix), strength 1, float32; raises on any complaint."""
-    report = check(lora, shapes, family)
-    if not report.clean:
-        raise AssertionError(f"ComfyUI would complain: {report}")
-    loaded = load_lora(lora, model_lora_keys_unet(shapes, family))
-    out: dict[str, torch.Tensor] = {}
-    for own, targets in report.targets.items():
-        total = torch.zeros(tuple(shapes[own]), dtype=torch.float32)
-        for target in targets:
-            patch = loaded.patches[target]
-            view = total
-            function: Callable[[torch.Tensor], torch.Tensor] = lambda a: a  # noqa: E731
-            if not isinstance(target, str):
-                if target[1] is not None:
-                    view = total.narrow(*target[1])
-                if len(target) > 2:
-                    function = target[2]
-            view += function(delta(patch).reshape(view.shape))
-        out[own] = total
-    return out
+    """The ΔW ComfyUI adds to each model weight (key without prefix), strength 1, float32; raises on any complaint:
+    :func:`patched_weights` on zero weights (a DoRA's update depends on the weight: use that with the real ones)."""
+    dora = [k for k in lora if k.endswith(".dora_scale")]
+    if dora:
+        raise NotImplementedError(f"{dora[0]}: a DoRA patch depends on the weight; use patched_weights")
+    return patched_weights(lora, {k: torch.zeros(tuple(v)) for k, v in shapes.items()}, family)
 
 
 def weight_decompose(
